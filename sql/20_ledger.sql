@@ -1,0 +1,167 @@
+-- The ledger: programs, members, accounts, the append-only journal and lots.
+--
+-- Integrity on the journal tables (transfer, lot, lot_use) is kept by the C
+-- posting routine, which locks the member accounts it touches, and checked by
+-- verify_chain(); they carry no foreign keys, whose per-row checks would cost
+-- more than the posting itself in bulk (see docs/ledger.md).
+
+CREATE SEQUENCE loyalty.program_id_seq;
+CREATE TABLE loyalty.program (
+    id          bigint PRIMARY KEY DEFAULT nextval('loyalty.program_id_seq'),
+    code        text NOT NULL UNIQUE,
+    name        text NOT NULL,
+    time_zone   text NOT NULL DEFAULT 'UTC',
+    options     jsonb NOT NULL DEFAULT '{}',
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+ALTER SEQUENCE loyalty.program_id_seq OWNED BY loyalty.program.id;
+COMMENT ON TABLE loyalty.program IS 'A loyalty program: code, name, time zone and options (point value, expiry policy, ...)';
+
+CREATE SEQUENCE loyalty.member_id_seq;
+CREATE TABLE loyalty.member (
+    id          bigint PRIMARY KEY DEFAULT nextval('loyalty.member_id_seq'),
+    program_id  bigint NOT NULL REFERENCES loyalty.program,
+    member_ref  text NOT NULL,
+    status      text NOT NULL DEFAULT 'active'
+                CHECK (status IN ('active', 'suspended', 'closed', 'merged', 'forgotten')),
+    enrolled_at timestamptz NOT NULL,
+    tier        text,
+    country     text CHECK (country ~ '^[A-Z]{2}$'),
+    language    text,
+    time_zone   text,
+    attrs       jsonb NOT NULL DEFAULT '{}',
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (program_id, member_ref)
+);
+ALTER SEQUENCE loyalty.member_id_seq OWNED BY loyalty.member.id;
+COMMENT ON TABLE loyalty.member IS 'One member of one program, keyed by the application''s customer key (member_ref)';
+
+CREATE TABLE loyalty.member_contact (
+    member_id       bigint PRIMARY KEY REFERENCES loyalty.member,
+    email           text,
+    email_valid     boolean,
+    phone           text,
+    phone_valid     boolean,
+    birthday        date,
+    birthday_valid  boolean,
+    address         jsonb,
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE loyalty.member_contact IS 'Private contact data of a member, apart from everything else, with a validity flag per field';
+
+CREATE SEQUENCE loyalty.account_id_seq;
+CREATE TABLE loyalty.account (
+    id               bigint PRIMARY KEY DEFAULT nextval('loyalty.account_id_seq'),
+    program_id       bigint NOT NULL REFERENCES loyalty.program,
+    kind             text NOT NULL
+                     CHECK (kind IN ('member', 'issuance', 'breakage', 'redemption', 'adjustment', 'donation')),
+    member_id        bigint UNIQUE REFERENCES loyalty.member,
+    name             text NOT NULL DEFAULT '',
+    available        loyalty.points NOT NULL DEFAULT 0,
+    pending          loyalty.points NOT NULL DEFAULT 0,
+    held             loyalty.points NOT NULL DEFAULT 0,
+    last_transfer_id bigint,
+    last_hash        bytea,
+    CHECK ((kind = 'member') = (member_id IS NOT NULL))
+);
+ALTER SEQUENCE loyalty.account_id_seq OWNED BY loyalty.account.id;
+CREATE UNIQUE INDEX account_system_key ON loyalty.account (program_id, kind, name) WHERE kind <> 'member';
+COMMENT ON TABLE loyalty.account IS 'One account per member and one per program system account; member rows hold the posted balances and the head of the member''s hash chain';
+COMMENT ON COLUMN loyalty.account.available IS 'Posted, vested points not yet spent or swept by the expire job (balance() is the truth at a given moment)';
+COMMENT ON COLUMN loyalty.account.pending IS 'Posted points still in their return window, not yet swept by the vest job';
+
+CREATE SEQUENCE loyalty.transfer_id_seq;
+CREATE TABLE loyalty.transfer (
+    id                 bigint PRIMARY KEY DEFAULT nextval('loyalty.transfer_id_seq'),
+    program_id         bigint NOT NULL,
+    debit_account_id   bigint NOT NULL,
+    credit_account_id  bigint NOT NULL,
+    amount             loyalty.points NOT NULL CHECK (amount > 0),
+    kind               text NOT NULL,
+    ref                text NOT NULL,
+    occurred_at        timestamptz NOT NULL,
+    posted_at          timestamptz NOT NULL,
+    rule_version       integer,
+    actor              text NOT NULL,
+    reason             text,
+    debit_prev_hash    bytea,
+    credit_prev_hash   bytea,
+    hash               bytea NOT NULL,
+    CHECK (debit_account_id <> credit_account_id),
+    UNIQUE (program_id, kind, ref)
+);
+ALTER SEQUENCE loyalty.transfer_id_seq OWNED BY loyalty.transfer.id;
+CREATE INDEX transfer_debit_idx ON loyalty.transfer (debit_account_id, id);
+CREATE INDEX transfer_credit_idx ON loyalty.transfer (credit_account_id, id);
+COMMENT ON TABLE loyalty.transfer IS 'The journal: each row moves amount points from the debit account to the credit account; append-only, idempotent on (program, kind, ref), hash-chained per member account';
+
+CREATE SEQUENCE loyalty.lot_id_seq;
+CREATE TABLE loyalty.lot (
+    id           bigint PRIMARY KEY DEFAULT nextval('loyalty.lot_id_seq'),
+    account_id   bigint NOT NULL,
+    transfer_id  bigint NOT NULL,
+    amount       loyalty.points NOT NULL CHECK (amount > 0),
+    remaining    loyalty.points NOT NULL CHECK (remaining >= 0 AND remaining <= amount),
+    occurred_at  timestamptz NOT NULL,
+    vests_at     timestamptz NOT NULL,
+    expires_at   timestamptz,
+    pending      boolean NOT NULL DEFAULT false
+);
+ALTER SEQUENCE loyalty.lot_id_seq OWNED BY loyalty.lot.id;
+CREATE INDEX lot_account_idx ON loyalty.lot (account_id, occurred_at);
+CREATE INDEX lot_open_idx ON loyalty.lot (account_id, expires_at) WHERE remaining > 0;
+COMMENT ON TABLE loyalty.lot IS 'Points credited to a member and not yet all spent: original amount, remaining, when they vest and when they expire';
+COMMENT ON COLUMN loyalty.lot.pending IS 'Counted in account.pending (not yet swept by the vest job) rather than account.available';
+
+CREATE TABLE loyalty.lot_use (
+    transfer_id  bigint NOT NULL,
+    lot_id       bigint NOT NULL,
+    account_id   bigint NOT NULL,
+    amount       loyalty.points NOT NULL CHECK (amount <> 0),
+    occurred_at  timestamptz NOT NULL,
+    PRIMARY KEY (transfer_id, lot_id)
+);
+CREATE INDEX lot_use_lot_idx ON loyalty.lot_use (lot_id);
+CREATE INDEX lot_use_account_idx ON loyalty.lot_use (account_id, occurred_at);
+COMMENT ON TABLE loyalty.lot_use IS 'Which lots each debit consumed (positive amount) or a reversal restored (negative amount); append-only';
+
+SELECT pg_catalog.pg_extension_config_dump('loyalty.program', '');
+SELECT pg_catalog.pg_extension_config_dump('loyalty.program_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('loyalty.member', '');
+SELECT pg_catalog.pg_extension_config_dump('loyalty.member_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('loyalty.member_contact', '');
+SELECT pg_catalog.pg_extension_config_dump('loyalty.account', '');
+SELECT pg_catalog.pg_extension_config_dump('loyalty.account_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('loyalty.transfer', '');
+SELECT pg_catalog.pg_extension_config_dump('loyalty.transfer_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('loyalty.lot', '');
+SELECT pg_catalog.pg_extension_config_dump('loyalty.lot_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('loyalty.lot_use', '');
+
+-- The journal is append-only, for the table owner too: the triggers are
+-- ENABLE ALWAYS so that session_replication_role = replica does not skip them.
+CREATE FUNCTION loyalty.refuse_change() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'ledger_refuse_change' LANGUAGE C;
+COMMENT ON FUNCTION loyalty.refuse_change() IS 'Trigger: refuses UPDATE, DELETE and TRUNCATE on the append-only journal tables';
+
+CREATE TRIGGER transfer_append_only BEFORE UPDATE OR DELETE ON loyalty.transfer
+    FOR EACH ROW EXECUTE FUNCTION loyalty.refuse_change();
+CREATE TRIGGER transfer_no_truncate BEFORE TRUNCATE ON loyalty.transfer
+    FOR EACH STATEMENT EXECUTE FUNCTION loyalty.refuse_change();
+CREATE TRIGGER lot_use_append_only BEFORE UPDATE OR DELETE ON loyalty.lot_use
+    FOR EACH ROW EXECUTE FUNCTION loyalty.refuse_change();
+CREATE TRIGGER lot_use_no_truncate BEFORE TRUNCATE ON loyalty.lot_use
+    FOR EACH STATEMENT EXECUTE FUNCTION loyalty.refuse_change();
+ALTER TABLE loyalty.transfer ENABLE ALWAYS TRIGGER transfer_append_only;
+ALTER TABLE loyalty.transfer ENABLE ALWAYS TRIGGER transfer_no_truncate;
+ALTER TABLE loyalty.lot_use ENABLE ALWAYS TRIGGER lot_use_append_only;
+ALTER TABLE loyalty.lot_use ENABLE ALWAYS TRIGGER lot_use_no_truncate;
+CREATE TRIGGER lot_no_delete BEFORE DELETE ON loyalty.lot
+    FOR EACH ROW EXECUTE FUNCTION loyalty.refuse_change();
+CREATE TRIGGER lot_no_truncate BEFORE TRUNCATE ON loyalty.lot
+    FOR EACH STATEMENT EXECUTE FUNCTION loyalty.refuse_change();
+ALTER TABLE loyalty.lot ENABLE ALWAYS TRIGGER lot_no_delete;
+ALTER TABLE loyalty.lot ENABLE ALWAYS TRIGGER lot_no_truncate;
+
+REVOKE ALL ON ALL TABLES IN SCHEMA loyalty FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA loyalty FROM PUBLIC;

@@ -1,0 +1,473 @@
+-- Programs, members and the ledger API.
+
+-- Every transfer kind the ledger knows: how a statement names it and which
+-- lifetime figure it counts in. Later capabilities add their own kinds here.
+CREATE TABLE loyalty.transfer_kind (
+    kind   text PRIMARY KEY,
+    label  text NOT NULL,
+    class  text NOT NULL CHECK (class IN ('earn', 'redeem', 'expire', 'adjust', 'move'))
+);
+COMMENT ON TABLE loyalty.transfer_kind IS 'Registry of transfer kinds: the label a statement shows and the lifetime figure (class) each counts in';
+INSERT INTO loyalty.transfer_kind VALUES
+    ('earn',    'Points earned',   'earn'),
+    ('welcome', 'Welcome points',  'earn'),
+    ('adjust',  'Adjustment',      'adjust'),
+    ('expire',  'Points expired',  'expire');
+
+-- A bad program option: 22023 with the JSON path.
+CREATE FUNCTION loyalty._bad_option(p_path text, p_problem text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RAISE EXCEPTION 'invalid program options'
+        USING ERRCODE = 'invalid_parameter_value',
+              DETAIL = format('At %s: %s.', p_path, p_problem),
+              HINT = 'See the program options in docs/ledger.md.';
+END $$;
+
+CREATE FUNCTION loyalty._check_interval(p_path text, p_value jsonb) RETURNS interval
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v interval;
+BEGIN
+    IF jsonb_typeof(p_value) IS DISTINCT FROM 'string' THEN
+        PERFORM loyalty._bad_option(p_path, 'expected an interval as a string, such as "12 months"');
+    END IF;
+    BEGIN
+        v := (p_value #>> '{}')::interval;
+    EXCEPTION WHEN others THEN
+        PERFORM loyalty._bad_option(p_path, format('%s is not an interval', p_value));
+    END;
+    IF v <= interval '0' THEN
+        PERFORM loyalty._bad_option(p_path, format('%s must be positive', p_value));
+    END IF;
+    RETURN v;
+END $$;
+
+CREATE FUNCTION loyalty._check_keys(p_path text, p_doc jsonb, p_allowed text[]) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    k text;
+BEGIN
+    IF jsonb_typeof(p_doc) IS DISTINCT FROM 'object' THEN
+        PERFORM loyalty._bad_option(p_path, 'expected a JSON object');
+    END IF;
+    FOR k IN SELECT jsonb_object_keys(p_doc) ORDER BY 1 LOOP
+        IF NOT k = ANY (p_allowed) THEN
+            PERFORM loyalty._bad_option(p_path || '.' || k,
+                format('unknown key; expected one of %s', array_to_string(p_allowed, ', ')));
+        END IF;
+    END LOOP;
+END $$;
+
+-- Validate a program options document (docs/ledger.md), raising 22023 with
+-- the JSON path of the first problem.
+CREATE FUNCTION loyalty._check_options(p jsonb) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    e jsonb := p -> 'expiry';
+    policy text;
+BEGIN
+    PERFORM loyalty._check_keys('$', p, ARRAY['point_value', 'currency', 'expiry',
+                                              'unknown_member', 'shortfall', 'welcome']);
+    IF p ? 'point_value' AND (jsonb_typeof(p -> 'point_value') <> 'number' OR (p ->> 'point_value')::numeric < 0) THEN
+        PERFORM loyalty._bad_option('$.point_value', 'expected a number of at least 0');
+    END IF;
+    IF p ? 'currency' AND (jsonb_typeof(p -> 'currency') <> 'string' OR (p ->> 'currency') !~ '^[A-Z]{3}$') THEN
+        PERFORM loyalty._bad_option('$.currency', 'expected an ISO 4217 code such as "EUR"');
+    END IF;
+    IF p ? 'unknown_member' AND (p -> 'unknown_member') NOT IN ('"quarantine"', '"enroll"') THEN
+        PERFORM loyalty._bad_option('$.unknown_member', 'expected "quarantine" or "enroll"');
+    END IF;
+    IF p ? 'shortfall' AND (p -> 'shortfall') NOT IN ('"debt"', '"negative"') THEN
+        PERFORM loyalty._bad_option('$.shortfall', 'expected "debt" or "negative"');
+    END IF;
+    IF p ? 'welcome' THEN
+        PERFORM loyalty._check_keys('$.welcome', p -> 'welcome', ARRAY['points']);
+        IF jsonb_typeof(p #> '{welcome,points}') IS DISTINCT FROM 'number'
+           OR (p #>> '{welcome,points}') !~ '^[0-9]{1,18}$' OR (p #>> '{welcome,points}')::bigint <= 0 THEN
+            PERFORM loyalty._bad_option('$.welcome.points', 'expected a whole number of points above 0');
+        END IF;
+    END IF;
+    IF e IS NULL THEN
+        RETURN p;
+    END IF;
+    PERFORM loyalty._check_keys('$.expiry', e, ARRAY['policy', 'after', 'period', 'periods',
+                                                     'inactivity', 'activity', 'notice']);
+    policy := e ->> 'policy';
+    IF policy IS NULL OR policy NOT IN ('none', 'fixed', 'calendar', 'rolling') THEN
+        PERFORM loyalty._bad_option('$.expiry.policy', 'expected "none", "fixed", "calendar" or "rolling"');
+    END IF;
+    PERFORM loyalty._check_keys('$.expiry', e, CASE policy
+        WHEN 'none'     THEN ARRAY['policy', 'notice']
+        WHEN 'fixed'    THEN ARRAY['policy', 'after', 'notice']
+        WHEN 'calendar' THEN ARRAY['policy', 'period', 'periods', 'notice']
+        WHEN 'rolling'  THEN ARRAY['policy', 'inactivity', 'activity', 'notice'] END);
+    IF e ? 'notice' THEN
+        PERFORM loyalty._check_interval('$.expiry.notice', e -> 'notice');
+    END IF;
+    IF policy = 'fixed' THEN
+        IF NOT e ? 'after' THEN
+            PERFORM loyalty._bad_option('$.expiry.after', 'required by the fixed policy');
+        END IF;
+        PERFORM loyalty._check_interval('$.expiry.after', e -> 'after');
+    ELSIF policy = 'calendar' THEN
+        IF (e -> 'period') IS NULL OR (e -> 'period') NOT IN ('"month"', '"quarter"', '"year"') THEN
+            PERFORM loyalty._bad_option('$.expiry.period', 'expected "month", "quarter" or "year"');
+        END IF;
+        IF e ? 'periods' AND (jsonb_typeof(e -> 'periods') <> 'number' OR (e ->> 'periods') !~ '^[0-9]{1,4}$') THEN
+            PERFORM loyalty._bad_option('$.expiry.periods', 'expected a whole number of periods, 0 or more');
+        END IF;
+    ELSIF policy = 'rolling' THEN
+        IF NOT e ? 'inactivity' THEN
+            PERFORM loyalty._bad_option('$.expiry.inactivity', 'required by the rolling policy');
+        END IF;
+        PERFORM loyalty._check_interval('$.expiry.inactivity', e -> 'inactivity');
+        IF e ? 'activity' AND (jsonb_typeof(e -> 'activity') <> 'array'
+            OR EXISTS (SELECT FROM jsonb_array_elements(e -> 'activity') a WHERE jsonb_typeof(a) <> 'string')) THEN
+            PERFORM loyalty._bad_option('$.expiry.activity', 'expected an array of transfer kinds');
+        END IF;
+    END IF;
+    RETURN p;
+END $$;
+
+-- When a lot credited at p_at expires under a fixed or calendar policy, in
+-- the program's time zone (so "12 months" and "end of the year" mean the
+-- program's local calendar); NULL for none and rolling.
+CREATE FUNCTION loyalty._lot_expiry(p_expiry jsonb, p_time_zone text, p_at timestamptz)
+RETURNS timestamptz LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT CASE p_expiry ->> 'policy'
+        WHEN 'fixed' THEN
+            ((p_at AT TIME ZONE p_time_zone) + (p_expiry ->> 'after')::interval) AT TIME ZONE p_time_zone
+        WHEN 'calendar' THEN
+            (date_trunc(p_expiry ->> 'period', p_at AT TIME ZONE p_time_zone)
+             + (coalesce((p_expiry ->> 'periods')::int, 1) + 1)
+               * CASE p_expiry ->> 'period' WHEN 'month' THEN interval '1 month'
+                                            WHEN 'quarter' THEN interval '3 months'
+                                            ELSE interval '1 year' END) AT TIME ZONE p_time_zone
+    END
+$$;
+
+-- Under a rolling policy, the moment at which all of an account's points
+-- expire as seen at p_as_of: its last activity up to then plus the allowed
+-- inactivity. NULL when the program has no rolling policy or no activity yet.
+CREATE FUNCTION loyalty._rolling_deadline(p_account bigint, p_as_of timestamptz)
+RETURNS timestamptz LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT ((max(t.occurred_at) AT TIME ZONE p.time_zone) + (p.options #>> '{expiry,inactivity}')::interval)
+           AT TIME ZONE p.time_zone
+    FROM loyalty.account a
+    JOIN loyalty.program p ON p.id = a.program_id AND p.options #>> '{expiry,policy}' = 'rolling'
+    JOIN loyalty.transfer t ON (t.credit_account_id = a.id OR t.debit_account_id = a.id)
+                           AND t.occurred_at <= p_as_of
+                           AND CASE WHEN p.options #> '{expiry,activity}' IS NULL THEN t.kind <> 'expire'
+                                    ELSE p.options #> '{expiry,activity}' ? t.kind END
+    WHERE a.id = p_account
+    GROUP BY p.time_zone, p.options
+$$;
+
+-- A program's id, or a precise error.
+CREATE FUNCTION loyalty._program_id(p_program text) RETURNS bigint
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_id bigint;
+BEGIN
+    SELECT p.id INTO v_id FROM loyalty.program p WHERE p.code = p_program;
+    IF v_id IS NULL THEN
+        RAISE EXCEPTION 'program "%" does not exist', p_program
+            USING ERRCODE = 'LY002', HINT = 'Create it with loyalty.create_program().';
+    END IF;
+    RETURN v_id;
+END $$;
+
+-- The account of a member, or a precise error.
+CREATE FUNCTION loyalty._account_of(p_program text, p_member_ref text) RETURNS bigint
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_program bigint;
+    v_account bigint;
+BEGIN
+    SELECT p.id, a.id INTO v_program, v_account
+    FROM loyalty.program p
+    LEFT JOIN loyalty.member m ON m.program_id = p.id AND m.member_ref = p_member_ref
+    LEFT JOIN loyalty.account a ON a.member_id = m.id
+    WHERE p.code = p_program;
+    IF v_program IS NULL THEN
+        RAISE EXCEPTION 'program "%" does not exist', p_program
+            USING ERRCODE = 'LY002', HINT = 'Create it with loyalty.create_program().';
+    ELSIF v_account IS NULL THEN
+        RAISE EXCEPTION 'member "%" does not exist in program "%"', p_member_ref, p_program
+            USING ERRCODE = 'LY003', HINT = 'Enrol the member with loyalty.enroll().';
+    END IF;
+    RETURN v_account;
+END $$;
+
+-- The lots of an account as they stood at p_as_of (business time): what
+-- remained of each then, and when it vested and expired (a rolling policy's
+-- deadline applies to every lot).
+CREATE FUNCTION loyalty._lots_as_of(p_account bigint, p_as_of timestamptz)
+RETURNS TABLE (lot_id bigint, remaining loyalty.points, vests_at timestamptz, expires_at timestamptz)
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT l.id, l.remaining + coalesce(u.used_after, 0), l.vests_at,
+           CASE WHEN r.deadline IS NULL THEN l.expires_at
+                ELSE least(l.expires_at, r.deadline) END
+    FROM loyalty.lot l
+    LEFT JOIN (SELECT lu.lot_id, loyalty.sum(lu.amount) AS used_after
+               FROM loyalty.lot_use lu
+               WHERE lu.account_id = p_account AND lu.occurred_at > p_as_of
+               GROUP BY lu.lot_id) u ON u.lot_id = l.id
+    CROSS JOIN (SELECT loyalty._rolling_deadline(p_account, p_as_of) AS deadline) r
+    WHERE l.account_id = p_account
+      AND l.occurred_at <= p_as_of
+      AND (l.remaining > 0 OR u.used_after IS NOT NULL)
+$$;
+
+CREATE FUNCTION loyalty.create_program(code text, name text, time_zone text DEFAULT 'UTC',
+                                       options jsonb DEFAULT '{}')
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+#variable_conflict use_column
+DECLARE
+    v_id bigint;
+    v_old loyalty.program;
+BEGIN
+    IF code IS NULL OR name IS NULL OR time_zone IS NULL OR options IS NULL THEN
+        RAISE EXCEPTION 'code, name, time_zone and options must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF code !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$' THEN
+        RAISE EXCEPTION 'invalid program code "%"', code
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'A program code is 1 to 63 letters, digits, "_", "." or "-", starting with a letter or digit.';
+    END IF;
+    IF btrim(name) = '' THEN
+        RAISE EXCEPTION 'program name must not be empty' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM now() AT TIME ZONE create_program.time_zone;   -- 22023 for an unknown zone
+    PERFORM loyalty._check_options(options);
+
+    SELECT * INTO v_old FROM loyalty.program p WHERE p.code = create_program.code;
+    IF FOUND THEN
+        IF (v_old.name, v_old.time_zone, v_old.options) IS DISTINCT FROM (name, time_zone, options) THEN
+            RAISE EXCEPTION 'program "%" already exists with other settings', code
+                USING ERRCODE = 'unique_violation',
+                      DETAIL = format('Existing: name %L, time zone %L, options %s. Asked: name %L, time zone %L, options %s.',
+                                      v_old.name, v_old.time_zone, v_old.options, name, time_zone, options);
+        END IF;
+        RETURN v_old.id;
+    END IF;
+
+    INSERT INTO loyalty.program (code, name, time_zone, options)
+    VALUES (code, name, time_zone, options)
+    ON CONFLICT ON CONSTRAINT program_code_key DO NOTHING
+    RETURNING id INTO v_id;
+    IF v_id IS NULL THEN    -- created concurrently: compare as above
+        RETURN loyalty.create_program(code, name, time_zone, options);
+    END IF;
+    INSERT INTO loyalty.account (program_id, kind)
+    SELECT v_id, k FROM unnest(ARRAY['issuance', 'breakage', 'redemption', 'adjustment', 'donation']) k;
+    RETURN v_id;
+END $$;
+COMMENT ON FUNCTION loyalty.create_program(text, text, text, jsonb) IS 'Creates a program with its system accounts; idempotent on code when the settings are the same';
+
+CREATE FUNCTION loyalty.enroll(program text, member_ref text, email text DEFAULT NULL, phone text DEFAULT NULL,
+                               birthday date DEFAULT NULL, country text DEFAULT NULL, attrs jsonb DEFAULT '{}',
+                               occurred_at timestamptz DEFAULT now())
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+#variable_conflict use_column
+DECLARE
+    v_program loyalty.program;
+    v_member bigint;
+    v_email text := lower(btrim(email));
+    v_phone text := regexp_replace(btrim(phone), '[[:space:]().-]', '', 'g');
+    v_country text := upper(btrim(country));
+    v_at timestamptz := coalesce(occurred_at, now());
+    v_welcome bigint;
+BEGIN
+    IF program IS NULL OR member_ref IS NULL THEN
+        RAISE EXCEPTION 'program and member_ref must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    SELECT * INTO v_program FROM loyalty.program p WHERE p.code = enroll.program;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'program "%" does not exist', program
+            USING ERRCODE = 'LY002', HINT = 'Create it with loyalty.create_program().';
+    END IF;
+    IF btrim(member_ref) = '' OR length(member_ref) > 200 THEN
+        RAISE EXCEPTION 'invalid member_ref "%"', member_ref
+            USING ERRCODE = 'invalid_parameter_value', DETAIL = 'A member_ref is 1 to 200 characters, not all spaces.';
+    END IF;
+    IF v_country IS NOT NULL AND v_country !~ '^[A-Z]{2}$' THEN
+        RAISE EXCEPTION 'invalid country "%"', country
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use an ISO 3166-1 alpha-2 code such as "FR".';
+    END IF;
+    IF attrs IS NOT NULL AND jsonb_typeof(attrs) <> 'object' THEN
+        RAISE EXCEPTION 'member attrs must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    INSERT INTO loyalty.member (program_id, member_ref, enrolled_at, country, attrs)
+    VALUES (v_program.id, member_ref, v_at, v_country, coalesce(attrs, '{}'))
+    ON CONFLICT (program_id, member_ref) DO NOTHING
+    RETURNING id INTO v_member;
+    IF v_member IS NULL THEN    -- already enrolled: the first enrolment stands
+        SELECT m.id INTO v_member FROM loyalty.member m
+        WHERE m.program_id = v_program.id AND m.member_ref = enroll.member_ref;
+        RETURN v_member;
+    END IF;
+    INSERT INTO loyalty.account (program_id, kind, member_id) VALUES (v_program.id, 'member', v_member);
+
+    IF v_phone LIKE '00%' THEN
+        v_phone := '+' || substr(v_phone, 3);
+    END IF;
+    IF email IS NOT NULL OR phone IS NOT NULL OR birthday IS NOT NULL THEN
+        INSERT INTO loyalty.member_contact (member_id, email, email_valid, phone, phone_valid, birthday, birthday_valid)
+        VALUES (v_member,
+                v_email, v_email ~ '^[^@[:space:]]+@[^@[:space:]]+\.[^@[:space:].]+$',
+                CASE WHEN v_phone ~ '^\+[1-9][0-9]{6,14}$' THEN v_phone ELSE phone END,
+                v_phone ~ '^\+[1-9][0-9]{6,14}$',
+                birthday, birthday BETWEEN date '1900-01-01' AND (v_at AT TIME ZONE v_program.time_zone)::date);
+    END IF;
+
+    v_welcome := (v_program.options #>> '{welcome,points}')::bigint;
+    IF v_welcome IS NOT NULL THEN
+        PERFORM loyalty._post_member(program, member_ref, 'issuance', v_welcome, 'welcome', member_ref,
+                                     NULL, v_at);
+    END IF;
+    RETURN v_member;
+END $$;
+COMMENT ON FUNCTION loyalty.enroll(text, text, text, text, date, text, jsonb, timestamptz) IS 'Enrols a member (idempotent on member_ref) with validated contact data and the program''s welcome points';
+
+CREATE FUNCTION loyalty._post_member(program text, member_ref text, system_kind text, delta bigint,
+                                     kind text, ref text, reason text, occurred_at timestamptz)
+RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_post_member' LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION loyalty._post_member(text, text, text, bigint, text, text, text, timestamptz) IS 'Internal: posts delta points between a member and a system account through the posting routine';
+
+CREATE FUNCTION loyalty.earn(program text, member_ref text, points loyalty.points, ref text,
+                             reason text DEFAULT NULL, occurred_at timestamptz DEFAULT now())
+RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_earn'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog;
+COMMENT ON FUNCTION loyalty.earn(text, text, loyalty.points, text, text, timestamptz) IS 'Credits points to a member (a bonus, a goodwill gesture) under the expiry policy; idempotent on ref; returns the transfer id';
+
+CREATE FUNCTION loyalty.adjust(program text, member_ref text, delta bigint, ref text, reason text)
+RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_adjust'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog;
+COMMENT ON FUNCTION loyalty.adjust(text, text, bigint, text, text) IS 'A staff correction of a member''s points, up or down, with a required reason; idempotent on ref; returns the transfer id';
+
+CREATE FUNCTION loyalty.transfer_hash(program_id bigint, debit_account_id bigint, credit_account_id bigint,
+                                      amount loyalty.points, kind text, ref text, occurred_at timestamptz,
+                                      posted_at timestamptz, rule_version integer, actor text, reason text,
+                                      debit_prev_hash bytea, credit_prev_hash bytea)
+RETURNS bytea AS 'MODULE_PATHNAME', 'transfer_hash' LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION loyalty.transfer_hash(bigint, bigint, bigint, loyalty.points, text, text, timestamptz, timestamptz, integer, text, text, bytea, bytea) IS 'SHA-256 of a transfer''s canonical content and the previous hashes of its member accounts';
+
+CREATE FUNCTION loyalty.balance(program text, member_ref text, as_of timestamptz DEFAULT now())
+RETURNS loyalty.points LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+    SELECT coalesce(loyalty.sum(l.remaining), 0)
+    FROM loyalty._lots_as_of(loyalty._account_of(program, member_ref), as_of) l
+    WHERE l.vests_at <= as_of AND (l.expires_at IS NULL OR as_of < l.expires_at)
+$$;
+COMMENT ON FUNCTION loyalty.balance(text, text, timestamptz) IS 'A member''s available points at as_of (business time): vested, unexpired, unspent';
+
+CREATE FUNCTION loyalty.account_summary(program text, member_ref text, as_of timestamptz DEFAULT now())
+RETURNS TABLE (available loyalty.points, pending loyalty.points, held loyalty.points,
+               expiring_soon loyalty.points, next_expiry_at timestamptz,
+               lifetime_earned loyalty.points, lifetime_redeemed loyalty.points,
+               lifetime_expired loyalty.points, lifetime_adjusted bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+    WITH a AS (
+        SELECT acc.id, acc.held,
+               coalesce((p.options #>> '{expiry,notice}')::interval, interval '30 days') AS notice
+        FROM loyalty.account acc JOIN loyalty.program p ON p.id = acc.program_id
+        WHERE acc.id = loyalty._account_of(program, member_ref)
+    ), lots AS (
+        SELECT l.* FROM a, loyalty._lots_as_of(a.id, as_of) l
+        WHERE l.expires_at IS NULL OR as_of < l.expires_at
+    ), moves AS (
+        SELECT k.class,
+               loyalty.sum(t.amount) FILTER (WHERE t.credit_account_id = a.id) AS credited,
+               loyalty.sum(t.amount) FILTER (WHERE t.debit_account_id = a.id) AS debited
+        FROM a JOIN loyalty.transfer t ON (t.credit_account_id = a.id OR t.debit_account_id = a.id)
+                                      AND t.occurred_at <= as_of
+        LEFT JOIN loyalty.transfer_kind k ON k.kind = t.kind
+        GROUP BY k.class
+    )
+    SELECT coalesce((SELECT loyalty.sum(remaining) FROM lots WHERE vests_at <= as_of), 0),
+           coalesce((SELECT loyalty.sum(remaining) FROM lots WHERE vests_at > as_of), 0),
+           a.held,
+           coalesce((SELECT loyalty.sum(remaining) FROM lots
+                     WHERE vests_at <= as_of AND expires_at <= as_of + a.notice), 0),
+           (SELECT min(expires_at) FROM lots WHERE vests_at <= as_of),
+           coalesce((SELECT loyalty.sum(credited) FROM moves WHERE class = 'earn'), 0),
+           coalesce((SELECT loyalty.sum(debited) FROM moves WHERE class IN ('redeem', 'move')), 0),
+           coalesce((SELECT loyalty.sum(debited) FROM moves WHERE class = 'expire'), 0),
+           coalesce((SELECT sum(coalesce(credited::bigint, 0) - coalesce(debited::bigint, 0))
+                     FROM moves WHERE class = 'adjust'), 0)::bigint
+    FROM a
+$$;
+COMMENT ON FUNCTION loyalty.account_summary(text, text, timestamptz) IS 'A member''s figures at as_of: available, pending, held, expiring within the program''s notice period, and lifetime totals';
+
+CREATE FUNCTION loyalty.statement(program text, member_ref text,
+                                  from_ts timestamptz DEFAULT '-infinity', to_ts timestamptz DEFAULT 'infinity')
+RETURNS TABLE (transfer_id bigint, occurred_at timestamptz, posted_at timestamptz, kind text, ref text,
+               points bigint, balance bigint, explanation text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+    WITH a AS (SELECT loyalty._account_of(program, member_ref) AS id),
+    lines AS (
+        SELECT t.id, t.occurred_at, t.posted_at, t.kind, t.ref, t.reason, t.actor, t.rule_version,
+               CASE WHEN t.credit_account_id = a.id THEN t.amount::bigint ELSE -t.amount::bigint END AS delta
+        FROM a JOIN loyalty.transfer t ON t.credit_account_id = a.id OR t.debit_account_id = a.id
+    ), running AS (
+        SELECT l.*, sum(l.delta) OVER (ORDER BY l.occurred_at, l.id) AS balance FROM lines l
+    )
+    SELECT r.id, r.occurred_at, r.posted_at, r.kind, r.ref, r.delta, r.balance::bigint,
+           coalesce(k.label, r.kind)
+           || CASE WHEN k.class = 'adjust' THEN ' by ' || r.actor ELSE '' END
+           || CASE WHEN r.rule_version IS NOT NULL THEN ' (rule version ' || r.rule_version || ')' ELSE '' END
+           || coalesce(': ' || r.reason, '')
+    FROM running r LEFT JOIN loyalty.transfer_kind k ON k.kind = r.kind
+    WHERE r.occurred_at >= from_ts AND r.occurred_at < to_ts
+    ORDER BY r.occurred_at, r.id
+$$;
+COMMENT ON FUNCTION loyalty.statement(text, text, timestamptz, timestamptz) IS 'A member''s journal lines between from_ts and to_ts (business time) with the running balance and an explanation of each';
+
+CREATE FUNCTION loyalty.verify_chain(program text)
+RETURNS TABLE (account_id bigint, member_ref text, transfer_id bigint, problem text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+    WITH p AS (
+        SELECT loyalty._program_id(program) AS id
+    ), sides AS (
+        SELECT t.*, t.debit_account_id AS side, t.debit_prev_hash AS prev
+        FROM p JOIN loyalty.transfer t ON t.program_id = p.id
+        JOIN loyalty.account a ON a.id = t.debit_account_id AND a.kind = 'member'
+        UNION ALL
+        SELECT t.*, t.credit_account_id, t.credit_prev_hash
+        FROM p JOIN loyalty.transfer t ON t.program_id = p.id
+        JOIN loyalty.account a ON a.id = t.credit_account_id AND a.kind = 'member'
+    ), links AS (
+        SELECT s.side, s.id, s.prev, s.hash,
+               lag(s.hash) OVER (PARTITION BY s.side ORDER BY s.id) AS expected_prev,
+               loyalty.transfer_hash(s.program_id, s.debit_account_id, s.credit_account_id, s.amount,
+                                     s.kind, s.ref, s.occurred_at, s.posted_at, s.rule_version,
+                                     s.actor, s.reason, s.debit_prev_hash, s.credit_prev_hash) AS recomputed,
+               row_number() OVER (PARTITION BY s.side ORDER BY s.id DESC) = 1 AS is_last
+        FROM sides s
+    ), broken AS (
+        SELECT DISTINCT ON (l.side) l.side, l.id,
+               CASE WHEN l.prev IS DISTINCT FROM l.expected_prev
+                    THEN 'previous hash does not match the account''s previous transfer'
+                    ELSE 'content does not match its hash' END AS problem
+        FROM links l
+        WHERE l.prev IS DISTINCT FROM l.expected_prev OR l.hash IS DISTINCT FROM l.recomputed
+        ORDER BY l.side, l.id
+    ), heads AS (
+        SELECT a.id AS side, l.id,
+               'account''s last hash does not match its last transfer' AS problem
+        FROM p JOIN loyalty.account a ON a.program_id = p.id AND a.kind = 'member'
+        LEFT JOIN links l ON l.side = a.id AND l.is_last
+        WHERE a.last_hash IS DISTINCT FROM l.hash OR a.last_transfer_id IS DISTINCT FROM l.id
+    )
+    SELECT b.side, m.member_ref, b.id, b.problem
+    FROM (SELECT * FROM broken
+          UNION ALL
+          SELECT * FROM heads h WHERE NOT EXISTS (SELECT FROM broken b WHERE b.side = h.side)) b
+    JOIN loyalty.account a ON a.id = b.side
+    JOIN loyalty.member m ON m.id = a.member_id
+    ORDER BY 1, 3
+$$;
+COMMENT ON FUNCTION loyalty.verify_chain(text) IS 'Recomputes every member account''s hash chain; one row per broken account naming its first broken link (no rows: all verify)';

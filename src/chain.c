@@ -1,0 +1,134 @@
+/*
+ * chain.c: SHA-256 over a transfer's canonical content
+ *
+ * Each member account's transfers form a chain: a transfer records the hash
+ * of the previous transfer of each member account it touches, and its own
+ * hash covers its content and those previous hashes. The content is
+ * serialised unambiguously: integers as 8 big-endian bytes, texts and hashes
+ * as a 4-byte length (-1 for NULL) and their bytes.
+ */
+#include "postgres.h"
+
+#include "common/cryptohash.h"
+#include "fmgr.h"
+#include "lib/stringinfo.h"
+#include "port/pg_bswap.h"
+#include "utils/builtins.h"
+#include "utils/timestamp.h"
+
+#include "chain.h"
+#include "points.h"
+
+PG_FUNCTION_INFO_V1(transfer_hash);
+
+static void
+ChainPutInt64(StringInfo buf, int64 value)
+{
+	uint64		n = pg_hton64((uint64) value);
+
+	appendBinaryStringInfo(buf, (const char *) &n, sizeof(n));
+}
+
+static void
+ChainPutBytes(StringInfo buf, const void *data, int len)
+{
+	uint32		n = pg_hton32((uint32) (data == NULL ? -1 : len));
+
+	appendBinaryStringInfo(buf, (const char *) &n, sizeof(n));
+	if (data != NULL)
+		appendBinaryStringInfo(buf, data, len);
+}
+
+static void
+ChainPutText(StringInfo buf, const char *text)
+{
+	ChainPutBytes(buf, text, text == NULL ? 0 : strlen(text));
+}
+
+void
+ChainHash(const ChainContent *c, uint8 *out)
+{
+	StringInfoData buf;
+	pg_cryptohash_ctx *ctx;
+
+	initStringInfo(&buf);
+	ChainPutInt64(&buf, c->program_id);
+	ChainPutInt64(&buf, c->debit_account);
+	ChainPutInt64(&buf, c->credit_account);
+	ChainPutInt64(&buf, c->amount);
+	ChainPutText(&buf, c->kind);
+	ChainPutText(&buf, c->ref);
+	ChainPutInt64(&buf, c->occurred_at);
+	ChainPutInt64(&buf, c->posted_at);
+	ChainPutInt64(&buf, c->has_rule_version ? c->rule_version : PG_INT64_MIN);
+	ChainPutText(&buf, c->actor);
+	ChainPutText(&buf, c->reason);
+	ChainPutBytes(&buf, c->debit_prev, c->debit_prev_len);
+	ChainPutBytes(&buf, c->credit_prev, c->credit_prev_len);
+
+	ctx = pg_cryptohash_create(PG_SHA256);
+	if (pg_cryptohash_init(ctx) < 0 ||
+		pg_cryptohash_update(ctx, (uint8 *) buf.data, buf.len) < 0 ||
+		pg_cryptohash_final(ctx, out, CHAIN_HASH_LEN) < 0)
+		elog(ERROR, "could not compute SHA-256: %s", pg_cryptohash_error(ctx));
+	pg_cryptohash_free(ctx);
+	pfree(buf.data);
+}
+
+static const char *
+ChainTextArg(FunctionCallInfo fcinfo, int n)
+{
+	return PG_ARGISNULL(n) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(n));
+}
+
+/*
+ * transfer_hash(program_id, debit, credit, amount, kind, ref, occurred_at,
+ *               posted_at, rule_version, actor, reason, debit_prev, credit_prev)
+ *
+ * The same hash as the posting routine computes, for verify_chain(). NULL
+ * when a required part is NULL.
+ */
+Datum
+transfer_hash(PG_FUNCTION_ARGS)
+{
+	ChainContent c;
+	bytea	   *result;
+	int			required[] = {0, 1, 2, 3, 4, 5, 6, 7, 9};
+
+	for (int i = 0; i < lengthof(required); i++)
+		if (PG_ARGISNULL(required[i]))
+			PG_RETURN_NULL();
+
+	memset(&c, 0, sizeof(c));
+	c.program_id = PG_GETARG_INT64(0);
+	c.debit_account = PG_GETARG_INT64(1);
+	c.credit_account = PG_GETARG_INT64(2);
+	c.amount = PG_GETARG_POINTS(3);
+	c.kind = ChainTextArg(fcinfo, 4);
+	c.ref = ChainTextArg(fcinfo, 5);
+	c.occurred_at = PG_GETARG_TIMESTAMPTZ(6);
+	c.posted_at = PG_GETARG_TIMESTAMPTZ(7);
+	c.has_rule_version = !PG_ARGISNULL(8);
+	c.rule_version = c.has_rule_version ? PG_GETARG_INT32(8) : 0;
+	c.actor = ChainTextArg(fcinfo, 9);
+	c.reason = ChainTextArg(fcinfo, 10);
+	if (!PG_ARGISNULL(11))
+	{
+		bytea	   *prev = PG_GETARG_BYTEA_PP(11);
+
+		c.debit_prev = (uint8 *) VARDATA_ANY(prev);
+		c.debit_prev_len = VARSIZE_ANY_EXHDR(prev);
+	}
+	if (!PG_ARGISNULL(12))
+	{
+		bytea	   *prev = PG_GETARG_BYTEA_PP(12);
+
+		c.credit_prev = (uint8 *) VARDATA_ANY(prev);
+		c.credit_prev_len = VARSIZE_ANY_EXHDR(prev);
+	}
+
+	result = palloc(VARHDRSZ + CHAIN_HASH_LEN);
+	SET_VARSIZE(result, VARHDRSZ + CHAIN_HASH_LEN);
+	ChainHash(&c, (uint8 *) VARDATA(result));
+	PG_RETURN_BYTEA_P(result);
+}

@@ -1,0 +1,704 @@
+/*
+ * ledger.c: the posting routine, and the SQL functions that post for one
+ * member (earn, adjust)
+ *
+ * One posting is one row of loyalty.transfer moving points from a debit to a
+ * credit account. Only member accounts are locked and updated; the program's
+ * system accounts (issuance, breakage, ...) are never touched on this path,
+ * so two postings for two members never wait on each other. A posting that
+ * touches two member accounts locks them in account-id order.
+ *
+ * All statements go through saved SPI plans; the whole write (the transfer,
+ * the lots it consumes or creates, the member balances and chain heads) is
+ * one statement, so a posting is three or four round trips into the
+ * executor whatever its shape.
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "commands/trigger.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
+#include "utils/timestamp.h"
+
+#include "chain.h"
+#include "ledger.h"
+#include "points.h"
+
+PG_FUNCTION_INFO_V1(loyalty_earn);
+PG_FUNCTION_INFO_V1(loyalty_adjust);
+PG_FUNCTION_INFO_V1(loyalty_post_member);
+PG_FUNCTION_INFO_V1(ledger_refuse_change);
+
+char	   *loyalty_actor = NULL;
+
+static SPIPlanPtr plan_resolve;
+static SPIPlanPtr plan_lock;
+static SPIPlanPtr plan_find;
+static SPIPlanPtr plan_open_lots;
+static SPIPlanPtr plan_post;
+static SPIPlanPtr plan_label;
+
+/* The member side of a posting, as locked. */
+typedef struct LedgerSide
+{
+	bool		has_prev;
+	uint8		prev[CHAIN_HASH_LEN];
+} LedgerSide;
+
+/* The lots a debit consumes. */
+typedef struct LedgerUse
+{
+	int			n;
+	Datum	   *lots;
+	Datum	   *amounts;
+	int64		from_available;
+	int64		from_pending;
+} LedgerUse;
+
+void
+LedgerInit(void)
+{
+	DefineCustomStringVariable("loyalty.actor",
+							   "Who is posting, recorded on every transfer.",
+							   "Applications that connect through one role can set it per "
+							   "session or transaction (SET LOCAL loyalty.actor = 'cashier-12'); "
+							   "when empty, the session user is recorded.",
+							   &loyalty_actor,
+							   "",
+							   PGC_USERSET,
+							   0,
+							   NULL, NULL, NULL);
+}
+
+SPIPlanPtr
+LedgerPrepare(SPIPlanPtr *slot, const char *sql, int nargs, const Oid *argtypes)
+{
+	if (*slot == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare(sql, nargs, (Oid *) argtypes);
+
+		if (plan == NULL)
+			elog(ERROR, "could not prepare \"%s\": %s", sql,
+				 SPI_result_code_string(SPI_result));
+		if (SPI_keepplan(plan) != 0)
+			elog(ERROR, "could not keep the plan of \"%s\"", sql);
+		*slot = plan;
+	}
+	return *slot;
+}
+
+static void
+LedgerExpect(int got, int expected, const char *what)
+{
+	if (got != expected)
+		elog(ERROR, "%s failed: %s", what, SPI_result_code_string(got));
+}
+
+static Datum
+LedgerGet(int row, int col, bool *isnull)
+{
+	return SPI_getbinval(SPI_tuptable->vals[row], SPI_tuptable->tupdesc, col, isnull);
+}
+
+static int64
+LedgerGetInt64(int row, int col)
+{
+	bool		isnull;
+	Datum		d = LedgerGet(row, col, &isnull);
+
+	return isnull ? 0 : DatumGetInt64(d);
+}
+
+/*
+ * Resolve a program code and member_ref into the accounts a posting needs,
+ * and when a lot credited at occurred_at would expire. Raises the precise
+ * error for an unknown program, an unknown member or an inactive member.
+ */
+void
+LedgerResolve(const char *program, const char *member_ref, const char *system_kind,
+			  TimestampTz occurred_at, LedgerTarget *target)
+{
+	static const Oid argtypes[] = {TEXTOID, TEXTOID, TEXTOID, TIMESTAMPTZOID};
+	Datum		args[4];
+	bool		isnull;
+	Datum		d;
+	char	   *status;
+
+	LedgerPrepare(&plan_resolve,
+				  "SELECT p.id, m.id, m.status, a.id, s.id,"
+				  "       loyalty._lot_expiry(p.options -> 'expiry', p.time_zone, $4)"
+				  "  FROM loyalty.program p"
+				  "  LEFT JOIN loyalty.member m ON m.program_id = p.id AND m.member_ref = $2"
+				  "  LEFT JOIN loyalty.account a ON a.member_id = m.id"
+				  "  LEFT JOIN loyalty.account s ON s.program_id = p.id AND s.kind <> 'member'"
+				  "                             AND s.kind = $3 AND s.name = ''"
+				  " WHERE p.code = $1",
+				  4, argtypes);
+	args[0] = CStringGetTextDatum(program);
+	args[1] = CStringGetTextDatum(member_ref);
+	args[2] = CStringGetTextDatum(system_kind);
+	args[3] = TimestampTzGetDatum(occurred_at);
+	LedgerExpect(SPI_execute_plan(plan_resolve, args, NULL, false, 1), SPI_OK_SELECT,
+				 "resolving a member");
+
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_LOYALTY_UNKNOWN_PROGRAM),
+				 errmsg("program \"%s\" does not exist", program),
+				 errhint("Create it with loyalty.create_program().")));
+	LedgerGet(0, 2, &isnull);
+	if (isnull)
+		ereport(ERROR,
+				(errcode(ERRCODE_LOYALTY_UNKNOWN_MEMBER),
+				 errmsg("member \"%s\" does not exist in program \"%s\"", member_ref, program),
+				 errhint("Enrol the member with loyalty.enroll().")));
+	status = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3);
+	if (strcmp(status, "active") != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_LOYALTY_MEMBER_NOT_ACTIVE),
+				 errmsg("member \"%s\" of program \"%s\" is %s", member_ref, program, status),
+				 errdetail("Only active members' points can change."),
+				 errhint("Reactivate the member with loyalty.update_member() first.")));
+	LedgerGet(0, 5, &isnull);
+	if (isnull)
+		elog(ERROR, "program \"%s\" has no %s account", program, system_kind);
+
+	target->program_id = LedgerGetInt64(0, 1);
+	target->member_account = LedgerGetInt64(0, 4);
+	target->system_account = LedgerGetInt64(0, 5);
+	d = LedgerGet(0, 6, &isnull);
+	target->expires = !isnull;
+	target->expires_at = isnull ? 0 : DatumGetTimestampTz(d);
+}
+
+/* Lock a member account and read the head of its chain. */
+static void
+LedgerLock(int64 account, LedgerSide *side)
+{
+	static const Oid argtypes[] = {INT8OID};
+	Datum		arg = Int64GetDatum(account);
+	bool		isnull;
+	Datum		d;
+
+	LedgerPrepare(&plan_lock,
+				  "SELECT last_hash FROM loyalty.account WHERE id = $1 FOR UPDATE",
+				  1, argtypes);
+	LedgerExpect(SPI_execute_plan(plan_lock, &arg, NULL, false, 1), SPI_OK_SELECT,
+				 "locking an account");
+	if (SPI_processed != 1)
+		elog(ERROR, "account " INT64_FORMAT " does not exist", account);
+	d = LedgerGet(0, 1, &isnull);
+	side->has_prev = !isnull;
+	if (!isnull)
+	{
+		bytea	   *prev = DatumGetByteaPP(d);
+
+		if (VARSIZE_ANY_EXHDR(prev) != CHAIN_HASH_LEN)
+			elog(ERROR, "account " INT64_FORMAT " has a malformed last hash", account);
+		memcpy(side->prev, VARDATA_ANY(prev), CHAIN_HASH_LEN);
+	}
+}
+
+/* How an account is named in messages: the member_ref or the account kind. */
+static char *
+LedgerLabel(int64 account)
+{
+	static const Oid argtypes[] = {INT8OID};
+	Datum		arg = Int64GetDatum(account);
+
+	LedgerPrepare(&plan_label,
+				  "SELECT coalesce('member \"' || m.member_ref || '\"',"
+				  "                a.kind || ' account' || coalesce(' ' || nullif(a.name, ''), ''))"
+				  "  FROM loyalty.account a LEFT JOIN loyalty.member m ON m.id = a.member_id"
+				  " WHERE a.id = $1",
+				  1, argtypes);
+	LedgerExpect(SPI_execute_plan(plan_label, &arg, NULL, true, 1), SPI_OK_SELECT,
+				 "naming an account");
+	if (SPI_processed != 1)
+		return psprintf("account " INT64_FORMAT, account);
+	return SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+}
+
+/*
+ * The transfer already posted under the posting's (program, kind, ref), if
+ * any. The same content returns its id; other content is a class-23 error
+ * naming both.
+ */
+static bool
+LedgerFindExisting(const LedgerPosting *p, int64 *id)
+{
+	static const Oid argtypes[] = {INT8OID, TEXTOID, TEXTOID};
+	Datum		args[3];
+	int64		debit,
+				credit,
+				amount;
+
+	LedgerPrepare(&plan_find,
+				  "SELECT id, debit_account_id, credit_account_id, amount::bigint"
+				  "  FROM loyalty.transfer WHERE program_id = $1 AND kind = $2 AND ref = $3",
+				  3, argtypes);
+	args[0] = Int64GetDatum(p->program_id);
+	args[1] = CStringGetTextDatum(p->kind);
+	args[2] = CStringGetTextDatum(p->ref);
+	LedgerExpect(SPI_execute_plan(plan_find, args, NULL, false, 1), SPI_OK_SELECT,
+				 "looking up a ref");
+	if (SPI_processed == 0)
+		return false;
+
+	*id = LedgerGetInt64(0, 1);
+	debit = LedgerGetInt64(0, 2);
+	credit = LedgerGetInt64(0, 3);
+	amount = LedgerGetInt64(0, 4);
+	if (debit != p->debit_account || credit != p->credit_account || amount != p->amount)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNIQUE_VIOLATION),
+				 errmsg("ref \"%s\" was already used for a different %s", p->ref, p->kind),
+				 errdetail("The first posting moved " INT64_FORMAT " points from %s to %s; "
+						   "this one asks for " INT64_FORMAT " points from %s to %s.",
+						   amount, LedgerLabel(debit), LedgerLabel(credit),
+						   p->amount, LedgerLabel(p->debit_account), LedgerLabel(p->credit_account)),
+				 errhint("Repeat a posting with exactly the same content, or give a new posting a new ref.")));
+	return true;
+}
+
+/*
+ * Choose the debit member's lots to consume, earliest expiry first, among
+ * those available at the posting's business time. Refuses a debit beyond
+ * what is available; nothing has been written yet when it does.
+ */
+static void
+LedgerChooseLots(const LedgerPosting *p, LedgerUse *use)
+{
+	static const Oid argtypes[] = {INT8OID, TIMESTAMPTZOID};
+	Datum		args[2];
+	int64		need = p->amount;
+	int64		available = 0;
+	uint64		i;
+
+	LedgerPrepare(&plan_open_lots,
+				  "SELECT id, remaining::bigint, pending FROM loyalty.lot"
+				  " WHERE account_id = $1 AND remaining > 0"
+				  "   AND occurred_at <= $2 AND vests_at <= $2"
+				  "   AND (expires_at IS NULL OR expires_at > $2)"
+				  "   AND $2 < (SELECT coalesce(loyalty._rolling_deadline($1, $2), 'infinity'))"
+				  " ORDER BY expires_at NULLS LAST, occurred_at, id"
+				  " FOR UPDATE",
+				  2, argtypes);
+	args[0] = Int64GetDatum(p->debit_account);
+	args[1] = TimestampTzGetDatum(p->occurred_at);
+	LedgerExpect(SPI_execute_plan(plan_open_lots, args, NULL, false, 0), SPI_OK_SELECT,
+				 "reading open lots");
+
+	use->n = 0;
+	use->from_available = use->from_pending = 0;
+	use->lots = palloc(sizeof(Datum) * Max(SPI_processed, 1));
+	use->amounts = palloc(sizeof(Datum) * Max(SPI_processed, 1));
+	for (i = 0; i < SPI_processed; i++)
+	{
+		int64		remaining = LedgerGetInt64(i, 2);
+		bool		isnull;
+		bool		pending = DatumGetBool(LedgerGet(i, 3, &isnull));
+		int64		take = Min(remaining, need);
+
+		available = PointsAdd(available, remaining);
+		if (take == 0)
+			continue;
+		use->lots[use->n] = Int64GetDatum(LedgerGetInt64(i, 1));
+		use->amounts[use->n] = Int64GetDatum(take);
+		use->n++;
+		need -= take;
+		if (pending)
+			use->from_pending += take;
+		else
+			use->from_available += take;
+	}
+	if (need > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_LOYALTY_INSUFFICIENT_POINTS),
+				 errmsg("insufficient points"),
+				 errdetail("%s has " INT64_FORMAT " points available at %s; " INT64_FORMAT " are needed.",
+						   p->debit_label, available, timestamptz_to_str(p->occurred_at), p->amount)));
+}
+
+static Datum
+LedgerHashDatum(const uint8 *hash)
+{
+	bytea	   *b = palloc(VARHDRSZ + CHAIN_HASH_LEN);
+
+	SET_VARSIZE(b, VARHDRSZ + CHAIN_HASH_LEN);
+	memcpy(VARDATA(b), hash, CHAIN_HASH_LEN);
+	return PointerGetDatum(b);
+}
+
+static const char *
+LedgerActor(void)
+{
+	if (loyalty_actor != NULL && loyalty_actor[0] != '\0')
+		return loyalty_actor;
+	return GetUserNameFromId(GetSessionUserId(), false);
+}
+
+/*
+ * Post one transfer. Returns its id; *replayed (when not NULL) tells whether
+ * an identical earlier posting was returned instead.
+ */
+int64
+LedgerPost(const LedgerPosting *p, bool *replayed)
+{
+	static const Oid argtypes[] = {
+		INT8OID, INT8OID, INT8OID, INT8OID, TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+		INT4OID, TEXTOID, TEXTOID, BYTEAOID, BYTEAOID, BYTEAOID, INT8ARRAYOID, INT8ARRAYOID,
+		INT8OID, BOOLOID, TIMESTAMPTZOID, TIMESTAMPTZOID, INT8OID, INT8OID, INT8OID, INT8OID,
+		BOOLOID, BOOLOID
+	};
+	Datum		args[lengthof(argtypes)];
+	char		nulls[lengthof(argtypes)];
+	LedgerSide	debit = {0},
+				credit = {0};
+	LedgerUse	use = {0};
+	ChainContent c;
+	uint8		hash[CHAIN_HASH_LEN];
+	int64		id;
+	bool		credit_pending = p->credit_is_member && p->vests_at > p->occurred_at;
+
+	Assert(p->amount > 0);
+	if (replayed)
+		*replayed = false;
+
+	/* Lock the member sides, in account-id order. */
+	if (p->debit_is_member && p->credit_is_member && p->credit_account < p->debit_account)
+	{
+		LedgerLock(p->credit_account, &credit);
+		LedgerLock(p->debit_account, &debit);
+	}
+	else
+	{
+		if (p->debit_is_member)
+			LedgerLock(p->debit_account, &debit);
+		if (p->credit_is_member)
+			LedgerLock(p->credit_account, &credit);
+	}
+
+	/* Under the lock, a repeat of a committed posting is seen. */
+	if (LedgerFindExisting(p, &id))
+	{
+		if (replayed)
+			*replayed = true;
+		return id;
+	}
+
+	if (p->debit_is_member)
+		LedgerChooseLots(p, &use);
+
+	memset(&c, 0, sizeof(c));
+	c.program_id = p->program_id;
+	c.debit_account = p->debit_account;
+	c.credit_account = p->credit_account;
+	c.amount = p->amount;
+	c.kind = p->kind;
+	c.ref = p->ref;
+	c.occurred_at = p->occurred_at;
+	c.posted_at = GetCurrentTransactionStartTimestamp();
+	c.has_rule_version = p->rule_version != 0;
+	c.rule_version = p->rule_version;
+	c.actor = LedgerActor();
+	c.reason = p->reason;
+	if (debit.has_prev)
+	{
+		c.debit_prev = debit.prev;
+		c.debit_prev_len = CHAIN_HASH_LEN;
+	}
+	if (credit.has_prev)
+	{
+		c.credit_prev = credit.prev;
+		c.credit_prev_len = CHAIN_HASH_LEN;
+	}
+	ChainHash(&c, hash);
+
+	LedgerPrepare(&plan_post,
+				  "WITH t AS ("
+				  "  INSERT INTO loyalty.transfer (program_id, debit_account_id, credit_account_id,"
+				  "         amount, kind, ref, occurred_at, posted_at, rule_version, actor, reason,"
+				  "         debit_prev_hash, credit_prev_hash, hash)"
+				  "  VALUES ($1, $2, $3, $4::loyalty.points, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+				  "  ON CONFLICT (program_id, kind, ref) DO NOTHING"
+				  "  RETURNING id),"
+				  " u AS ("
+				  "  INSERT INTO loyalty.lot_use (transfer_id, lot_id, account_id, amount, occurred_at)"
+				  "  SELECT t.id, x.lot, $17, x.amt::loyalty.points, $7"
+				  "    FROM t, unnest($15, $16) AS x(lot, amt)),"
+				  " l AS ("
+				  "  UPDATE loyalty.lot SET remaining = (lot.remaining::bigint - x.amt)::loyalty.points"
+				  "    FROM t, unnest($15, $16) AS x(lot, amt) WHERE lot.id = x.lot),"
+				  " n AS ("
+				  "  INSERT INTO loyalty.lot (account_id, transfer_id, amount, remaining, occurred_at,"
+				  "         vests_at, expires_at, pending)"
+				  "  SELECT $3, t.id, $4::loyalty.points, $4::loyalty.points, $7, $19, $20, $19 > $7"
+				  "    FROM t WHERE $18),"
+				  " d AS ("
+				  "  UPDATE loyalty.account a"
+				  "     SET available = (a.available::bigint + $21)::loyalty.points,"
+				  "         pending = (a.pending::bigint + $22)::loyalty.points,"
+				  "         last_hash = $14, last_transfer_id = t.id"
+				  "    FROM t WHERE a.id = $2 AND $25),"
+				  " c AS ("
+				  "  UPDATE loyalty.account a"
+				  "     SET available = (a.available::bigint + $23)::loyalty.points,"
+				  "         pending = (a.pending::bigint + $24)::loyalty.points,"
+				  "         last_hash = $14, last_transfer_id = t.id"
+				  "    FROM t WHERE a.id = $3 AND $26)"
+				  "SELECT id FROM t",
+				  lengthof(argtypes), argtypes);
+
+	memset(nulls, ' ', sizeof(nulls));
+	args[0] = Int64GetDatum(p->program_id);
+	args[1] = Int64GetDatum(p->debit_account);
+	args[2] = Int64GetDatum(p->credit_account);
+	args[3] = Int64GetDatum(p->amount);
+	args[4] = CStringGetTextDatum(p->kind);
+	args[5] = CStringGetTextDatum(p->ref);
+	args[6] = TimestampTzGetDatum(p->occurred_at);
+	args[7] = TimestampTzGetDatum(c.posted_at);
+	args[8] = Int32GetDatum(p->rule_version);
+	nulls[8] = p->rule_version != 0 ? ' ' : 'n';
+	args[9] = CStringGetTextDatum(c.actor);
+	args[10] = p->reason ? CStringGetTextDatum(p->reason) : (Datum) 0;
+	nulls[10] = p->reason ? ' ' : 'n';
+	args[11] = debit.has_prev ? LedgerHashDatum(debit.prev) : (Datum) 0;
+	nulls[11] = debit.has_prev ? ' ' : 'n';
+	args[12] = credit.has_prev ? LedgerHashDatum(credit.prev) : (Datum) 0;
+	nulls[12] = credit.has_prev ? ' ' : 'n';
+	args[13] = LedgerHashDatum(hash);
+	args[14] = PointerGetDatum(construct_array(use.lots, use.n, INT8OID, 8, true, TYPALIGN_DOUBLE));
+	args[15] = PointerGetDatum(construct_array(use.amounts, use.n, INT8OID, 8, true, TYPALIGN_DOUBLE));
+	args[16] = Int64GetDatum(p->debit_account);
+	args[17] = BoolGetDatum(p->credit_is_member);
+	args[18] = TimestampTzGetDatum(p->credit_is_member ? p->vests_at : p->occurred_at);
+	args[19] = TimestampTzGetDatum(p->expires_at);
+	nulls[19] = p->credit_is_member && p->expires ? ' ' : 'n';
+	args[20] = Int64GetDatum(-use.from_available);
+	args[21] = Int64GetDatum(-use.from_pending);
+	args[22] = Int64GetDatum(credit_pending ? 0 : p->amount);
+	args[23] = Int64GetDatum(credit_pending ? p->amount : 0);
+	args[24] = BoolGetDatum(p->debit_is_member);
+	args[25] = BoolGetDatum(p->credit_is_member);
+
+	LedgerExpect(SPI_execute_plan(plan_post, args, nulls, false, 0), SPI_OK_SELECT,
+				 "posting a transfer");
+	if (SPI_processed == 1)
+		return LedgerGetInt64(0, 1);
+
+	/*
+	 * The same ref was committed concurrently by a posting that did not hold
+	 * our lock (another member): compare with it. Nothing of ours was
+	 * written, since every part of the statement hangs on the insert.
+	 */
+	if (!LedgerFindExisting(p, &id))
+		elog(ERROR, "ref \"%s\" conflicted but no transfer holds it", p->ref);
+	if (replayed)
+		*replayed = true;
+	return id;
+}
+
+/* ---- SQL-callable functions ---- */
+
+static char *
+LedgerTextArg(FunctionCallInfo fcinfo, int n, const char *name)
+{
+	if (PG_ARGISNULL(n))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", name)));
+	return text_to_cstring(PG_GETARG_TEXT_PP(n));
+}
+
+static TimestampTz
+LedgerTimeArg(FunctionCallInfo fcinfo, int n)
+{
+	TimestampTz t;
+
+	if (PG_ARGISNULL(n))
+		return GetCurrentTransactionStartTimestamp();
+	t = PG_GETARG_TIMESTAMPTZ(n);
+	if (TIMESTAMP_NOT_FINITE(t))
+		ereport(ERROR,
+				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
+				 errmsg("occurred_at must be a finite time")));
+	return t;
+}
+
+static void
+LedgerCheckRef(const char *ref)
+{
+	if (ref[0] == '\0' || strlen(ref) > 200)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid ref \"%s\"", ref),
+				 errdetail("A ref is the caller's key for the posting (an order id, a request id), 1 to 200 characters.")));
+}
+
+/*
+ * Post delta points between a member and one of the program's system
+ * accounts: a positive delta credits the member (a new lot under the
+ * program's expiry policy), a negative one debits it.
+ */
+static int64
+LedgerPostMember(const char *program, const char *member_ref, const char *system_kind,
+				 int64 delta, const char *kind, const char *ref, const char *reason,
+				 TimestampTz occurred_at)
+{
+	LedgerTarget t;
+	LedgerPosting p;
+	char	   *member_label = psprintf("member \"%s\"", member_ref);
+	char	   *system_label = psprintf("%s account", system_kind);
+	int64		id;
+
+	LedgerCheckRef(ref);
+	if (delta == PG_INT64_MIN)
+		ereport(ERROR,
+				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+				 errmsg("points out of range")));
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	LedgerResolve(program, member_ref, system_kind, occurred_at, &t);
+
+	memset(&p, 0, sizeof(p));
+	p.program_id = t.program_id;
+	p.kind = kind;
+	p.ref = ref;
+	p.occurred_at = occurred_at;
+	p.reason = reason;
+	if (delta > 0)
+	{
+		p.debit_account = t.system_account;
+		p.debit_label = system_label;
+		p.credit_account = t.member_account;
+		p.credit_label = member_label;
+		p.credit_is_member = true;
+		p.amount = delta;
+		p.vests_at = occurred_at;
+		p.expires = t.expires;
+		p.expires_at = t.expires_at;
+	}
+	else
+	{
+		p.debit_account = t.member_account;
+		p.debit_label = member_label;
+		p.debit_is_member = true;
+		p.credit_account = t.system_account;
+		p.credit_label = system_label;
+		p.amount = -delta;
+	}
+	id = LedgerPost(&p, NULL);
+	SPI_finish();
+	return id;
+}
+
+/* earn(program, member_ref, points, ref, reason, occurred_at) */
+Datum
+loyalty_earn(PG_FUNCTION_ARGS)
+{
+	char	   *program = LedgerTextArg(fcinfo, 0, "program");
+	char	   *member_ref = LedgerTextArg(fcinfo, 1, "member_ref");
+	int64		points;
+	char	   *ref = LedgerTextArg(fcinfo, 3, "ref");
+	char	   *reason = PG_ARGISNULL(4) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(4));
+
+	if (PG_ARGISNULL(2))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("points must not be null")));
+	points = PG_GETARG_POINTS(2);
+	if (points <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("points to earn must be positive"),
+				 errdetail("Got " INT64_FORMAT ".", points),
+				 errhint("Take points back with loyalty.adjust().")));
+
+	PG_RETURN_INT64(LedgerPostMember(program, member_ref, "issuance", points, "earn", ref,
+									 reason, LedgerTimeArg(fcinfo, 5)));
+}
+
+/* adjust(program, member_ref, delta, ref, reason) */
+Datum
+loyalty_adjust(PG_FUNCTION_ARGS)
+{
+	char	   *program = LedgerTextArg(fcinfo, 0, "program");
+	char	   *member_ref = LedgerTextArg(fcinfo, 1, "member_ref");
+	int64		delta;
+	char	   *ref = LedgerTextArg(fcinfo, 3, "ref");
+	char	   *reason = PG_ARGISNULL(4) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(4));
+
+	if (PG_ARGISNULL(2))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("delta must not be null")));
+	delta = PG_GETARG_INT64(2);
+	if (delta == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("an adjustment must change the balance"),
+				 errdetail("Got a delta of 0.")));
+	if (reason == NULL || reason[strspn(reason, " \t\r\n")] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("an adjustment needs a reason"),
+				 errhint("Say why, for the member's statement and the audit: adjust(..., reason => 'missing receipt 1234').")));
+
+	PG_RETURN_INT64(LedgerPostMember(program, member_ref, "adjustment", delta, "adjust", ref,
+									 reason, GetCurrentTransactionStartTimestamp()));
+}
+
+/* _post_member(program, member_ref, system_kind, delta, kind, ref, reason, occurred_at) */
+Datum
+loyalty_post_member(PG_FUNCTION_ARGS)
+{
+	char	   *program = LedgerTextArg(fcinfo, 0, "program");
+	char	   *member_ref = LedgerTextArg(fcinfo, 1, "member_ref");
+	char	   *system_kind = LedgerTextArg(fcinfo, 2, "system_kind");
+	int64		delta;
+	char	   *kind = LedgerTextArg(fcinfo, 4, "kind");
+	char	   *ref = LedgerTextArg(fcinfo, 5, "ref");
+	char	   *reason = PG_ARGISNULL(6) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(6));
+
+	if (PG_ARGISNULL(3) || PG_GETARG_INT64(3) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("delta must be a non-zero number of points")));
+	delta = PG_GETARG_INT64(3);
+	PG_RETURN_INT64(LedgerPostMember(program, member_ref, system_kind, delta, kind, ref, reason,
+									 LedgerTimeArg(fcinfo, 7)));
+}
+
+/* Trigger: the journal is append-only, for its owner too. */
+Datum
+ledger_refuse_change(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+	const char *what;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "refuse_change() must be called as a trigger");
+	if (TRIGGER_FIRED_BY_UPDATE(trigdata->tg_event))
+		what = "UPDATE";
+	else if (TRIGGER_FIRED_BY_DELETE(trigdata->tg_event))
+		what = "DELETE";
+	else
+		what = "TRUNCATE";
+	ereport(ERROR,
+			(errcode(ERRCODE_LOYALTY_APPEND_ONLY),
+			 errmsg("%s on %s is not allowed: the ledger is append-only", what,
+					RelationGetRelationName(trigdata->tg_relation)),
+			 errhint("Correct a posting with a new, reversing posting (loyalty.adjust()).")));
+	PG_RETURN_NULL();
+}

@@ -1,0 +1,63 @@
+/*
+ * ledger.h: the posting routine every capability posts through
+ */
+#ifndef LOYALTY_LEDGER_H
+#define LOYALTY_LEDGER_H
+
+#include "datatype/timestamp.h"
+#include "executor/spi.h"
+
+/* SQLSTATEs of our own (class LY), listed in docs/errors.md */
+#define ERRCODE_LOYALTY_INSUFFICIENT_POINTS	MAKE_SQLSTATE('L','Y','0','0','1')
+#define ERRCODE_LOYALTY_UNKNOWN_PROGRAM		MAKE_SQLSTATE('L','Y','0','0','2')
+#define ERRCODE_LOYALTY_UNKNOWN_MEMBER		MAKE_SQLSTATE('L','Y','0','0','3')
+#define ERRCODE_LOYALTY_MEMBER_NOT_ACTIVE	MAKE_SQLSTATE('L','Y','0','0','4')
+#define ERRCODE_LOYALTY_APPEND_ONLY			MAKE_SQLSTATE('L','Y','0','0','5')
+
+/*
+ * One transfer to post. The caller has resolved the accounts; the routine
+ * locks the member sides, checks idempotency, consumes the debit member's
+ * lots earliest expiry first, creates the credit member's lot (or restores
+ * the lots given), chains the hashes and updates the member balances.
+ */
+typedef struct LedgerPosting
+{
+	int64		program_id;
+	const char *kind;
+	const char *ref;
+	int64		debit_account;
+	int64		credit_account;
+	bool		debit_is_member;
+	bool		credit_is_member;
+	const char *debit_label;	/* for messages: member_ref or account kind */
+	const char *credit_label;
+	int64		amount;			/* > 0 */
+	TimestampTz occurred_at;
+	const char *reason;			/* NULL for none */
+	int32		rule_version;	/* 0 for none */
+
+	/* credit side, when it is a member: the lot to create */
+	TimestampTz vests_at;
+	bool		expires;
+	TimestampTz expires_at;
+} LedgerPosting;
+
+/* A member and the program around it, resolved for a posting. */
+typedef struct LedgerTarget
+{
+	int64		program_id;
+	int64		member_account;
+	int64		system_account;
+	bool		expires;		/* a lot credited at the given time expires */
+	TimestampTz expires_at;
+} LedgerTarget;
+
+extern char *loyalty_actor;
+
+extern void LedgerInit(void);
+extern SPIPlanPtr LedgerPrepare(SPIPlanPtr *slot, const char *sql, int nargs, const Oid *argtypes);
+extern void LedgerResolve(const char *program, const char *member_ref, const char *system_kind,
+						  TimestampTz occurred_at, LedgerTarget *target);
+extern int64 LedgerPost(const LedgerPosting *posting, bool *replayed);
+
+#endif

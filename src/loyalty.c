@@ -1,0 +1,20 @@
+/*
+ * loyalty.c: module entry point
+ */
+#include "postgres.h"
+
+#include "fmgr.h"
+#include "utils/guc.h"
+
+#include "ledger.h"
+
+PG_MODULE_MAGIC;
+
+void		_PG_init(void);
+
+void
+_PG_init(void)
+{
+	LedgerInit();
+	MarkGUCPrefixReserved("loyalty");
+}
