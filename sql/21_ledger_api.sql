@@ -334,9 +334,10 @@ END $$;
 COMMENT ON FUNCTION loyalty.enroll(text, text, text, text, date, text, jsonb, timestamptz) IS 'Enrols a member (idempotent on member_ref) with validated contact data and the program''s welcome points';
 
 CREATE FUNCTION loyalty._post_member(program text, member_ref text, system_kind text, delta bigint,
-                                     kind text, ref text, reason text, occurred_at timestamptz)
+                                     kind text, ref text, reason text, occurred_at timestamptz,
+                                     vests_at timestamptz DEFAULT NULL)
 RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_post_member' LANGUAGE C VOLATILE;
-COMMENT ON FUNCTION loyalty._post_member(text, text, text, bigint, text, text, text, timestamptz) IS 'Internal: posts delta points between a member and a system account through the posting routine';
+COMMENT ON FUNCTION loyalty._post_member(text, text, text, bigint, text, text, text, timestamptz, timestamptz) IS 'Internal: posts delta points between a member and a system account through the posting routine (a credit vests at vests_at, default at once)';
 
 CREATE FUNCTION loyalty.earn(program text, member_ref text, points loyalty.points, ref text,
                              reason text DEFAULT NULL, occurred_at timestamptz DEFAULT now())
@@ -355,6 +356,22 @@ CREATE FUNCTION loyalty.transfer_hash(program_id bigint, debit_account_id bigint
                                       debit_prev_hash bytea, credit_prev_hash bytea)
 RETURNS bytea AS 'MODULE_PATHNAME', 'transfer_hash' LANGUAGE C IMMUTABLE PARALLEL SAFE;
 COMMENT ON FUNCTION loyalty.transfer_hash(bigint, bigint, bigint, loyalty.points, text, text, timestamptz, timestamptz, integer, text, text, bytea, bytea) IS 'SHA-256 of a transfer''s canonical content and the previous hashes of its member accounts';
+
+CREATE FUNCTION loyalty._chain_step(state bytea, head bytea, credit_side boolean, program_id bigint,
+                                    debit_account_id bigint, credit_account_id bigint, amount loyalty.points,
+                                    kind text, ref text, occurred_at timestamptz, posted_at timestamptz,
+                                    rule_version integer, actor text, reason text)
+RETURNS bytea AS 'MODULE_PATHNAME', 'chain_step' LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION loyalty._chain_step(bytea, bytea, boolean, bigint, bigint, bigint, loyalty.points, text, text, timestamptz, timestamptz, integer, text, text) IS 'Internal: transition function of loyalty.chain()';
+
+CREATE AGGREGATE loyalty.chain(head bytea, credit_side boolean, program_id bigint,
+                               debit_account_id bigint, credit_account_id bigint, amount loyalty.points,
+                               kind text, ref text, occurred_at timestamptz, posted_at timestamptz,
+                               rule_version integer, actor text, reason text) (
+    SFUNC = loyalty._chain_step,
+    STYPE = bytea
+);
+COMMENT ON AGGREGATE loyalty.chain(bytea, boolean, bigint, bigint, bigint, loyalty.points, text, text, timestamptz, timestamptz, integer, text, text) IS 'Window aggregate for set-based postings: OVER (PARTITION BY account ORDER BY transfer id) it gives each transfer''s hash, chained from head (the account''s last_hash) on the member side named by credit_side';
 
 CREATE FUNCTION loyalty.balance(program text, member_ref text, as_of timestamptz DEFAULT now())
 RETURNS loyalty.points LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$

@@ -20,6 +20,7 @@
 #include "points.h"
 
 PG_FUNCTION_INFO_V1(transfer_hash);
+PG_FUNCTION_INFO_V1(chain_step);
 
 static void
 ChainPutInt64(StringInfo buf, int64 value)
@@ -81,6 +82,90 @@ ChainTextArg(FunctionCallInfo fcinfo, int n)
 	return PG_ARGISNULL(n) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(n));
 }
 
+static void
+ChainReadContent(FunctionCallInfo fcinfo, int first, ChainContent *c)
+{
+	memset(c, 0, sizeof(*c));
+	c->program_id = PG_GETARG_INT64(first + 0);
+	c->debit_account = PG_GETARG_INT64(first + 1);
+	c->credit_account = PG_GETARG_INT64(first + 2);
+	c->amount = PG_GETARG_POINTS(first + 3);
+	c->kind = ChainTextArg(fcinfo, first + 4);
+	c->ref = ChainTextArg(fcinfo, first + 5);
+	c->occurred_at = PG_GETARG_TIMESTAMPTZ(first + 6);
+	c->posted_at = PG_GETARG_TIMESTAMPTZ(first + 7);
+	c->has_rule_version = !PG_ARGISNULL(first + 8);
+	c->rule_version = c->has_rule_version ? PG_GETARG_INT32(first + 8) : 0;
+	c->actor = ChainTextArg(fcinfo, first + 9);
+	c->reason = ChainTextArg(fcinfo, first + 10);
+}
+
+static bool
+ChainRequiredNull(FunctionCallInfo fcinfo, int first)
+{
+	static const int required[] = {0, 1, 2, 3, 4, 5, 6, 7, 9};
+
+	for (int i = 0; i < lengthof(required); i++)
+		if (PG_ARGISNULL(first + required[i]))
+			return true;
+	return false;
+}
+
+static bytea *
+ChainHashDatum(const ChainContent *c)
+{
+	bytea	   *result = palloc(VARHDRSZ + CHAIN_HASH_LEN);
+
+	SET_VARSIZE(result, VARHDRSZ + CHAIN_HASH_LEN);
+	ChainHash(c, (uint8 *) VARDATA(result));
+	return result;
+}
+
+/*
+ * chain_step(state, head, credit_side, program_id, debit, credit, amount,
+ *            kind, ref, occurred_at, posted_at, rule_version, actor, reason)
+ *
+ * Transition function of the window aggregate loyalty.chain(...), with
+ * which set-based postings compute a member account's chain in one pass:
+ *
+ *   loyalty.chain(a.last_hash, true, t.program_id, ...)
+ *       OVER (PARTITION BY account ORDER BY t.id)
+ *
+ * is each transfer's hash; the first row chains onto head (the account's
+ * last_hash), each later one onto the row before. credit_side says whether
+ * the member is the credit (true) or the debit (false) side of every row.
+ */
+Datum
+chain_step(PG_FUNCTION_ARGS)
+{
+	ChainContent c;
+	bytea	   *prev = NULL;
+
+	if (!AggCheckCallContext(fcinfo, NULL))
+		elog(ERROR, "chain_step called in non-aggregate context");
+	if (PG_ARGISNULL(2) || ChainRequiredNull(fcinfo, 3))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("a transfer to chain has a null required field")));
+	if (!PG_ARGISNULL(0))
+		prev = PG_GETARG_BYTEA_PP(0);
+	else if (!PG_ARGISNULL(1))
+		prev = PG_GETARG_BYTEA_PP(1);
+
+	ChainReadContent(fcinfo, 3, &c);
+	if (prev != NULL && PG_GETARG_BOOL(2))
+	{
+		c.credit_prev = (uint8 *) VARDATA_ANY(prev);
+		c.credit_prev_len = VARSIZE_ANY_EXHDR(prev);
+	}
+	else if (prev != NULL)
+	{
+		c.debit_prev = (uint8 *) VARDATA_ANY(prev);
+		c.debit_prev_len = VARSIZE_ANY_EXHDR(prev);
+	}
+	PG_RETURN_BYTEA_P(ChainHashDatum(&c));
+}
+
 /*
  * transfer_hash(program_id, debit, credit, amount, kind, ref, occurred_at,
  *               posted_at, rule_version, actor, reason, debit_prev, credit_prev)
@@ -92,26 +177,10 @@ Datum
 transfer_hash(PG_FUNCTION_ARGS)
 {
 	ChainContent c;
-	bytea	   *result;
-	int			required[] = {0, 1, 2, 3, 4, 5, 6, 7, 9};
 
-	for (int i = 0; i < lengthof(required); i++)
-		if (PG_ARGISNULL(required[i]))
-			PG_RETURN_NULL();
-
-	memset(&c, 0, sizeof(c));
-	c.program_id = PG_GETARG_INT64(0);
-	c.debit_account = PG_GETARG_INT64(1);
-	c.credit_account = PG_GETARG_INT64(2);
-	c.amount = PG_GETARG_POINTS(3);
-	c.kind = ChainTextArg(fcinfo, 4);
-	c.ref = ChainTextArg(fcinfo, 5);
-	c.occurred_at = PG_GETARG_TIMESTAMPTZ(6);
-	c.posted_at = PG_GETARG_TIMESTAMPTZ(7);
-	c.has_rule_version = !PG_ARGISNULL(8);
-	c.rule_version = c.has_rule_version ? PG_GETARG_INT32(8) : 0;
-	c.actor = ChainTextArg(fcinfo, 9);
-	c.reason = ChainTextArg(fcinfo, 10);
+	if (ChainRequiredNull(fcinfo, 0))
+		PG_RETURN_NULL();
+	ChainReadContent(fcinfo, 0, &c);
 	if (!PG_ARGISNULL(11))
 	{
 		bytea	   *prev = PG_GETARG_BYTEA_PP(11);
@@ -127,8 +196,5 @@ transfer_hash(PG_FUNCTION_ARGS)
 		c.credit_prev_len = VARSIZE_ANY_EXHDR(prev);
 	}
 
-	result = palloc(VARHDRSZ + CHAIN_HASH_LEN);
-	SET_VARSIZE(result, VARHDRSZ + CHAIN_HASH_LEN);
-	ChainHash(&c, (uint8 *) VARDATA(result));
-	PG_RETURN_BYTEA_P(result);
+	PG_RETURN_BYTEA_P(ChainHashDatum(&c));
 }

@@ -45,6 +45,7 @@ static SPIPlanPtr plan_find;
 static SPIPlanPtr plan_open_lots;
 static SPIPlanPtr plan_post;
 static SPIPlanPtr plan_label;
+static SPIPlanPtr plan_named_lots;
 
 /* The member side of a posting, as locked. */
 typedef struct LedgerSide
@@ -53,13 +54,14 @@ typedef struct LedgerSide
 	uint8		prev[CHAIN_HASH_LEN];
 } LedgerSide;
 
-/* The lots a debit consumes. */
+/* The lots a posting consumes or restores, and what that does to balances. */
 typedef struct LedgerUse
 {
 	int			n;
 	Datum	   *lots;
 	Datum	   *amounts;
-	int64		from_available;
+	int64		account;		/* whose lots */
+	int64		from_available; /* taken from (or given back to) available */
 	int64		from_pending;
 } LedgerUse;
 
@@ -298,6 +300,7 @@ LedgerChooseLots(const LedgerPosting *p, LedgerUse *use)
 				 "reading open lots");
 
 	use->n = 0;
+	use->account = p->debit_account;
 	use->from_available = use->from_pending = 0;
 	use->lots = palloc(sizeof(Datum) * Max(SPI_processed, 1));
 	use->amounts = palloc(sizeof(Datum) * Max(SPI_processed, 1));
@@ -326,6 +329,68 @@ LedgerChooseLots(const LedgerPosting *p, LedgerUse *use)
 				 errmsg("insufficient points"),
 				 errdetail("%s has " INT64_FORMAT " points available at %s; " INT64_FORMAT " are needed.",
 						   p->debit_label, available, timestamptz_to_str(p->occurred_at), p->amount)));
+}
+
+/*
+ * Explicit lots named by the caller: check each belongs to the right member
+ * and can give (or take back) the amount, and tally the balance effects.
+ */
+static void
+LedgerNamedLots(const LedgerPosting *p, LedgerUse *use)
+{
+	static const Oid argtypes[] = {INT8ARRAYOID};
+	bool		restore = p->use_amounts[0] < 0;
+	Datum	   *lots = palloc(sizeof(Datum) * p->nuses);
+	Datum		arg;
+	int64		total = 0;
+
+	for (int i = 0; i < p->nuses; i++)
+		lots[i] = Int64GetDatum(p->use_lots[i]);
+	LedgerPrepare(&plan_named_lots,
+				  "SELECT id, account_id, amount::bigint, remaining::bigint, pending"
+				  "  FROM loyalty.lot WHERE id = ANY ($1) FOR UPDATE",
+				  1, argtypes);
+	arg = PointerGetDatum(construct_array(lots, p->nuses, INT8OID, 8, true, TYPALIGN_DOUBLE));
+	LedgerExpect(SPI_execute_plan(plan_named_lots, &arg, NULL, false, 0), SPI_OK_SELECT,
+				 "reading named lots");
+
+	use->n = p->nuses;
+	use->lots = lots;
+	use->amounts = palloc(sizeof(Datum) * p->nuses);
+	use->account = restore ? p->credit_account : p->debit_account;
+	use->from_available = use->from_pending = 0;
+	for (int i = 0; i < p->nuses; i++)
+	{
+		int64		take = p->use_amounts[i];
+		bool		found = false;
+
+		if ((take < 0) != restore || take == 0)
+			elog(ERROR, "a posting cannot both consume and restore lots");
+		for (uint64 r = 0; r < SPI_processed && !found; r++)
+		{
+			bool		isnull;
+
+			if (LedgerGetInt64(r, 1) != p->use_lots[i])
+				continue;
+			found = true;
+			if (LedgerGetInt64(r, 2) != use->account ||
+				LedgerGetInt64(r, 4) < take ||
+				LedgerGetInt64(r, 4) - take > LedgerGetInt64(r, 3))
+				elog(ERROR, "lot " INT64_FORMAT " cannot give " INT64_FORMAT " points to transfer \"%s\"",
+					 p->use_lots[i], take, p->ref);
+			if (DatumGetBool(LedgerGet(r, 5, &isnull)))
+				use->from_pending += take;
+			else
+				use->from_available += take;
+		}
+		if (!found)
+			elog(ERROR, "lot " INT64_FORMAT " does not exist", p->use_lots[i]);
+		use->amounts[i] = Int64GetDatum(take);
+		total += take;
+	}
+	if (total != (restore ? -p->amount : p->amount))
+		elog(ERROR, "the lots of transfer \"%s\" add up to " INT64_FORMAT ", not " INT64_FORMAT,
+			 p->ref, total, p->amount);
 }
 
 static Datum
@@ -367,7 +432,13 @@ LedgerPost(const LedgerPosting *p, bool *replayed)
 	ChainContent c;
 	uint8		hash[CHAIN_HASH_LEN];
 	int64		id;
-	bool		credit_pending = p->credit_is_member && p->vests_at > p->occurred_at;
+	bool		restore = p->nuses > 0 && p->use_amounts[0] < 0;
+	bool		new_lot = p->credit_is_member && !restore;
+	bool		credit_pending = new_lot && p->vests_at > p->occurred_at;
+	int64		debit_avail = 0,
+				debit_pend = 0,
+				credit_avail = 0,
+				credit_pend = 0;
 
 	Assert(p->amount > 0);
 	if (replayed)
@@ -395,8 +466,23 @@ LedgerPost(const LedgerPosting *p, bool *replayed)
 		return id;
 	}
 
-	if (p->debit_is_member)
+	if (p->nuses > 0)
+		LedgerNamedLots(p, &use);
+	else if (p->debit_is_member)
 		LedgerChooseLots(p, &use);
+
+	if (restore)
+	{
+		credit_avail = -use.from_available;
+		credit_pend = -use.from_pending;
+	}
+	else
+	{
+		debit_avail = -use.from_available;
+		debit_pend = -use.from_pending;
+		credit_avail = new_lot && !credit_pending ? p->amount : 0;
+		credit_pend = credit_pending ? p->amount : 0;
+	}
 
 	memset(&c, 0, sizeof(c));
 	c.program_id = p->program_id;
@@ -479,15 +565,15 @@ LedgerPost(const LedgerPosting *p, bool *replayed)
 	args[13] = LedgerHashDatum(hash);
 	args[14] = PointerGetDatum(construct_array(use.lots, use.n, INT8OID, 8, true, TYPALIGN_DOUBLE));
 	args[15] = PointerGetDatum(construct_array(use.amounts, use.n, INT8OID, 8, true, TYPALIGN_DOUBLE));
-	args[16] = Int64GetDatum(p->debit_account);
-	args[17] = BoolGetDatum(p->credit_is_member);
+	args[16] = Int64GetDatum(use.n > 0 ? use.account : p->debit_account);
+	args[17] = BoolGetDatum(new_lot);
 	args[18] = TimestampTzGetDatum(p->credit_is_member ? p->vests_at : p->occurred_at);
 	args[19] = TimestampTzGetDatum(p->expires_at);
 	nulls[19] = p->credit_is_member && p->expires ? ' ' : 'n';
-	args[20] = Int64GetDatum(-use.from_available);
-	args[21] = Int64GetDatum(-use.from_pending);
-	args[22] = Int64GetDatum(credit_pending ? 0 : p->amount);
-	args[23] = Int64GetDatum(credit_pending ? p->amount : 0);
+	args[20] = Int64GetDatum(debit_avail);
+	args[21] = Int64GetDatum(debit_pend);
+	args[22] = Int64GetDatum(credit_avail);
+	args[23] = Int64GetDatum(credit_pend);
 	args[24] = BoolGetDatum(p->debit_is_member);
 	args[25] = BoolGetDatum(p->credit_is_member);
 
@@ -553,7 +639,7 @@ LedgerCheckRef(const char *ref)
 static int64
 LedgerPostMember(const char *program, const char *member_ref, const char *system_kind,
 				 int64 delta, const char *kind, const char *ref, const char *reason,
-				 TimestampTz occurred_at)
+				 TimestampTz occurred_at, TimestampTz vests_at)
 {
 	LedgerTarget t;
 	LedgerPosting p;
@@ -585,7 +671,7 @@ LedgerPostMember(const char *program, const char *member_ref, const char *system
 		p.credit_label = member_label;
 		p.credit_is_member = true;
 		p.amount = delta;
-		p.vests_at = occurred_at;
+		p.vests_at = Max(vests_at, occurred_at);
 		p.expires = t.expires;
 		p.expires_at = t.expires_at;
 	}
@@ -626,7 +712,7 @@ loyalty_earn(PG_FUNCTION_ARGS)
 				 errhint("Take points back with loyalty.adjust().")));
 
 	PG_RETURN_INT64(LedgerPostMember(program, member_ref, "issuance", points, "earn", ref,
-									 reason, LedgerTimeArg(fcinfo, 5)));
+									 reason, LedgerTimeArg(fcinfo, 5), 0));
 }
 
 /* adjust(program, member_ref, delta, ref, reason) */
@@ -656,10 +742,10 @@ loyalty_adjust(PG_FUNCTION_ARGS)
 				 errhint("Say why, for the member's statement and the audit: adjust(..., reason => 'missing receipt 1234').")));
 
 	PG_RETURN_INT64(LedgerPostMember(program, member_ref, "adjustment", delta, "adjust", ref,
-									 reason, GetCurrentTransactionStartTimestamp()));
+									 reason, GetCurrentTransactionStartTimestamp(), 0));
 }
 
-/* _post_member(program, member_ref, system_kind, delta, kind, ref, reason, occurred_at) */
+/* _post_member(program, member_ref, system_kind, delta, kind, ref, reason, occurred_at, vests_at) */
 Datum
 loyalty_post_member(PG_FUNCTION_ARGS)
 {
@@ -677,7 +763,8 @@ loyalty_post_member(PG_FUNCTION_ARGS)
 				 errmsg("delta must be a non-zero number of points")));
 	delta = PG_GETARG_INT64(3);
 	PG_RETURN_INT64(LedgerPostMember(program, member_ref, system_kind, delta, kind, ref, reason,
-									 LedgerTimeArg(fcinfo, 7)));
+									 LedgerTimeArg(fcinfo, 7),
+									 PG_ARGISNULL(8) ? 0 : PG_GETARG_TIMESTAMPTZ(8)));
 }
 
 /* Trigger: the journal is append-only, for its owner too. */

@@ -40,6 +40,17 @@ typedef struct LedgerPosting
 	TimestampTz vests_at;
 	bool		expires;
 	TimestampTz expires_at;
+
+	/*
+	 * Explicit lots instead of the defaults: positive amounts consume those
+	 * lots of the debit member (an expiry names the lots it expires);
+	 * negative amounts restore those lots of the credit member, which then
+	 * gets no new lot (a reversal gives back exactly what a debit took, with
+	 * the original expiry). The amounts add up to amount (or -amount).
+	 */
+	int			nuses;
+	const int64 *use_lots;
+	const int64 *use_amounts;
 } LedgerPosting;
 
 /* A member and the program around it, resolved for a posting. */
