@@ -222,7 +222,8 @@ COMMENT ON FUNCTION loyalty.explain_accrual(text, text) IS 'How the points of a 
 -- ---- triggers on the application's table ----
 
 CREATE FUNCTION loyalty._accrual_trigger() RETURNS trigger
-AS 'MODULE_PATHNAME', 'accrual_trigger' LANGUAGE C;
+AS 'MODULE_PATHNAME', 'accrual_trigger'
+LANGUAGE C SECURITY DEFINER SET search_path = loyalty, pg_catalog;
 COMMENT ON FUNCTION loyalty._accrual_trigger() IS 'Internal: statement-level trigger that posts (or refunds) a whole statement''s purchases set-based';
 
 CREATE FUNCTION loyalty.attach_accrual(source regclass, program text, member_column name, amount_column name,
@@ -316,15 +317,19 @@ BEGIN
              ORDER BY x.id FOR UPDATE LOOP
         SELECT * INTO s FROM loyalty.accrual_source x WHERE x.source = q.source;
         BEGIN
-            IF s.source IS NULL THEN
+            IF q.row_data ? 'refund_of' THEN
+                PERFORM loyalty.refund(program, q.row_data ->> 'refund_of', (q.row_data ->> 'amount')::numeric,
+                                       q.row_data ->> 'refund_ref');
+            ELSIF s.source IS NULL THEN
                 RAISE EXCEPTION 'accrual is not attached to "%"', q.source::text USING ERRCODE = 'LY013';
-            END IF;
-            PERFORM loyalty.accrue(program, q.row_data ->> s.member_column,
+            ELSE
+                PERFORM loyalty.accrue(program, q.row_data ->> s.member_column,
                                    (q.row_data ->> s.amount_column)::numeric,
                                    q.row_data ->> s.ref_column,
                                    coalesce((q.row_data ->> s.occurred_at_column)::timestamptz, q.quarantined_at),
                                    q.row_data ->> s.category_column, q.row_data ->> s.channel_column,
                                    q.row_data ->> s.store_column);
+            END IF;
             UPDATE loyalty.accrual_quarantine x SET replayed_at = clock_timestamp(), attempts = x.attempts + 1
             WHERE x.id = q.id;
             v_ok := v_ok + 1;

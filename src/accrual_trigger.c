@@ -143,10 +143,12 @@ AccrualOnInsert(AccrualBatch *b, const AccrualSource *s)
 
 /* Quarantine one refund that failed. */
 static void
-AccrualQuarantineRefund(AccrualBatch *b, const char *ref, const char *reason, int sqlerrcode)
+AccrualQuarantineRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_null,
+						const char *refund_ref, const char *reason, int sqlerrcode)
 {
-	static const Oid argtypes[] = {INT8OID, OIDOID, TEXTOID, TEXTOID, TEXTOID};
-	Datum		args[5];
+	static const Oid argtypes[] = {INT8OID, OIDOID, TEXTOID, TEXTOID, TEXTOID, NUMERICOID, TEXTOID};
+	Datum		args[7];
+	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
 	int			rc;
 
 	args[0] = Int64GetDatum(b->program_id);
@@ -154,9 +156,13 @@ AccrualQuarantineRefund(AccrualBatch *b, const char *ref, const char *reason, in
 	args[2] = CStringGetTextDatum(ref);
 	args[3] = CStringGetTextDatum(reason);
 	args[4] = CStringGetTextDatum(unpack_sql_state(sqlerrcode));
+	args[5] = amount;
+	nulls[5] = amount_null ? 'n' : ' ';
+	args[6] = CStringGetTextDatum(refund_ref);
 	rc = SPI_execute_with_args("INSERT INTO loyalty.accrual_quarantine (program_id, source, ref, row_data, reason, sqlstate)"
-							   " VALUES ($1, $2, $3, jsonb_build_object('refund_of', $3), $4, $5)",
-							   5, (Oid *) argtypes, args, NULL, false, 0);
+							   " VALUES ($1, $2, $3, jsonb_build_object('refund_of', $3, 'amount', $6, 'refund_ref', $7),"
+							   "         $4, $5)",
+							   7, (Oid *) argtypes, args, nulls, false, 0);
 	AccrualExpect(rc, SPI_OK_INSERT, "quarantining a refund");
 }
 
@@ -186,7 +192,7 @@ AccrualTryRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_nul
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(cxt);
 		CurrentResourceOwner = owner;
-		AccrualQuarantineRefund(b, ref, e->message, e->sqlerrcode);
+		AccrualQuarantineRefund(b, ref, amount, amount_null, refund_ref, e->message, e->sqlerrcode);
 	}
 	PG_END_TRY();
 }
