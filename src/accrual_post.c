@@ -42,6 +42,7 @@ static SPIPlanPtr plan_campaign_add;
 static SPIPlanPtr plan_campaign_lock;
 static SPIPlanPtr plan_campaign_save;
 static SPIPlanPtr plan_post;
+static SPIPlanPtr plan_post_small;
 static SPIPlanPtr plan_quarantine;
 static SPIPlanPtr plan_debts;
 
@@ -65,6 +66,29 @@ typedef struct AccrualDayEntry
 	AccrualDayKey key;
 	int64		used;
 } AccrualDayEntry;
+
+/*
+ * Prepare and keep a plan; a generic one when asked (a statement of a few
+ * rows runs often, and replanning it each time would cost more than running
+ * it), otherwise the plan cache's choice (a bulk statement is planned with
+ * its real sizes).
+ */
+SPIPlanPtr
+AccrualPrepare(SPIPlanPtr *slot, bool generic, const char *sql, int nargs, const Oid *argtypes)
+{
+	if (*slot == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, (Oid *) argtypes,
+											  generic ? CURSOR_OPT_GENERIC_PLAN : 0);
+
+		if (plan == NULL)
+			elog(ERROR, "could not prepare \"%s\": %s", sql, SPI_result_code_string(SPI_result));
+		if (SPI_keepplan(plan) != 0)
+			elog(ERROR, "could not keep the plan of \"%s\"", sql);
+		*slot = plan;
+	}
+	return *slot;
+}
 
 const char *
 AccrualActor(void)
@@ -121,7 +145,8 @@ AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code)
 
 	LedgerPrepare(&plan_program,
 				  "SELECT p.id, p.code, p.time_zone, coalesce(p.options ->> 'unknown_member', 'quarantine'),"
-				  "       coalesce(p.options ->> 'shortfall', 'debt'), s.id"
+				  "       coalesce(p.options ->> 'shortfall', 'debt'), s.id,"
+				  "       EXISTS (SELECT FROM loyalty.accrual_debt d WHERE d.program_id = p.id AND d.outstanding > 0)"
 				  "  FROM loyalty.program p"
 				  "  JOIN loyalty.account s ON s.program_id = p.id AND s.kind = 'issuance' AND s.name = ''"
 				  " WHERE p.id = $1 OR p.code = $2",
@@ -143,6 +168,7 @@ AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code)
 	s = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 5);
 	b->shortfall_negative = strcmp(s, "negative") == 0;
 	b->issuance = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 6, &(bool){0}));
+	b->has_debts = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 7, &(bool){0}));
 	b->tz = pg_tzset(tz);
 	if (b->tz == NULL)
 		elog(ERROR, "program \"%s\" has an unknown time zone \"%s\"", b->code, tz);
@@ -538,8 +564,8 @@ AccrualWrite(AccrualBatch *b)
 	for (int c = 0; c < POST_COLS; c++)
 		args[4 + c] = AccrualArray(cols[c], nulls[c], n, types[c]);
 
-	LedgerPrepare(&plan_post,
-				  "WITH s AS ("
+	AccrualPrepare(n <= ACCRUAL_SMALL ? &plan_post_small : &plan_post, n <= ACCRUAL_SMALL,
+				   "WITH s AS ("
 				  "  SELECT * FROM unnest($5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
 				  "    AS s(ref, member_id, account_id, amount, occurred_at, day, category, channel, store,"
 				  "         attrs, rule_version, points, vests_at, breakdown)),"
@@ -591,7 +617,7 @@ AccrualWrite(AccrualBatch *b)
 				  "    FROM g JOIN t2 ON t2.tid = g.last WHERE a.id = g.account_id)"
 				  "SELECT count(*) FROM ins",
 				  4 + POST_COLS, argtypes);
-	AccrualExpect(SPI_execute_plan(plan_post, args, NULL, false, 0), SPI_OK_SELECT, "posting purchases");
+	AccrualExpect(SPI_execute_plan(n <= ACCRUAL_SMALL ? plan_post_small : plan_post, args, NULL, false, 0), SPI_OK_SELECT, "posting purchases");
 	b->ninserted = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &(bool){0}));
 }
 
@@ -654,7 +680,7 @@ AccrualRecoverDebts(AccrualBatch *b)
 	SPITupleTable *tab;
 	uint64		n;
 
-	if (b->naccounts == 0 || b->nposted == 0)
+	if (b->naccounts == 0 || b->nposted == 0 || !b->has_debts)
 		return;
 	arg = AccrualInt64Array(b->accounts, b->naccounts);
 	LedgerPrepare(&plan_debts,

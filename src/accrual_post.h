@@ -45,6 +45,7 @@ typedef struct AccrualBatch
 	pg_tz	   *tz;
 	bool		enroll_unknown;
 	bool		shortfall_negative;
+	bool		has_debts;		/* the program has outstanding refund debts */
 	int64		issuance;
 	Oid			source;			/* the application's table; InvalidOid for the function API */
 	AccrualProgramRules *rules;
@@ -60,6 +61,11 @@ typedef struct AccrualBatch
 	int			nquarantined;
 } AccrualBatch;
 
+/* Batches of at most this many rows use generic plans. */
+#define ACCRUAL_SMALL 16
+
+extern SPIPlanPtr AccrualPrepare(SPIPlanPtr *slot, bool generic, const char *sql, int nargs,
+								 const Oid *argtypes);
 extern const char *AccrualActor(void);
 extern void AccrualExpect(int got, int expected, const char *what);
 extern char *AccrualReadSql(const char *source);

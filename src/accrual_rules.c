@@ -37,6 +37,7 @@ PG_FUNCTION_INFO_V1(accrual_rules_changed);
 static MemoryContext AccrualCacheCxt = NULL;
 static HTAB *AccrualCache = NULL;
 static bool AccrualStale = true;
+static Oid	AccrualRulesRelid = InvalidOid;	/* loyalty.earning_rule, once known */
 static SPIPlanPtr plan_versions;
 
 typedef struct RulesPair
@@ -476,7 +477,8 @@ static void
 AccrualRelcacheCallback(Datum arg, Oid relid)
 {
 	/* only mark: a batch in progress keeps using what it holds */
-	AccrualStale = true;
+	if (relid == InvalidOid || relid == AccrualRulesRelid || AccrualRulesRelid == InvalidOid)
+		AccrualStale = true;
 }
 
 void
@@ -500,6 +502,7 @@ AccrualResetCache(void)
 	ctl.entrysize = sizeof(AccrualProgramRules);
 	ctl.hcxt = AccrualCacheCxt;
 	AccrualCache = hash_create("loyalty accrual rules", 16, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	AccrualRulesRelid = get_relname_relid("earning_rule", get_namespace_oid("loyalty", false));
 	AccrualStale = false;
 }
 

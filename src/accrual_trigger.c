@@ -97,6 +97,10 @@ AccrualSourceSql(const AccrualSource *s, const char *table)
 					AccrualCol(s->store, "text"), table);
 }
 
+/*
+ * The read plan of a source, planned by the plan cache (a generic plan of
+ * this query, built without the transition table's size, measured slower).
+ */
 static SPIPlanPtr
 AccrualReadPlan(const char *sql, int nargs, const Oid *argtypes)
 {
@@ -117,7 +121,7 @@ AccrualReadPlan(const char *sql, int nargs, const Oid *argtypes)
 		plan_sql[0] = NULL;
 	}
 	plan_read[free_slot] = NULL;
-	LedgerPrepare(&plan_read[free_slot], sql, nargs, argtypes);
+	AccrualPrepare(&plan_read[free_slot], false, sql, nargs, argtypes);
 	plan_sql[free_slot] = MemoryContextStrdup(TopMemoryContext, sql);
 	return plan_read[free_slot];
 }
