@@ -24,7 +24,7 @@ FROM unnest(ARRAY['acc', 'plp']) p;
 
 CREATE TABLE src AS
 SELECT 'o' || i AS id, 'm' || (i % $m + 1) AS customer,
-       ((i * 7919) % 20000 / 100.0 + 0.5)::numeric(12,2) AS total,
+       ((i::bigint * 7919) % 20000 / 100.0 + 0.5)::numeric(12,2) AS total,
        timestamptz '2025-03-01' + (i % 100000) * interval '1 minute' AS placed_at,
        (ARRAY['books', 'food', 'electronics', 'toys', 'gift_card'])[i % 5 + 1] AS category
 FROM generate_series(1, $n) i;
