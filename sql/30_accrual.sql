@@ -344,3 +344,11 @@ BEGIN
     RETURN QUERY SELECT v_ok, v_bad;
 END $$;
 COMMENT ON FUNCTION loyalty.replay_quarantine(text, regclass) IS 'Retries every quarantined row of a program (or of one source) through loyalty.accrue(); rows that now earn are marked replayed, the others keep their new reason';
+
+-- ---- simulation ----
+
+CREATE FUNCTION loyalty.simulate_accrual(program text, rules jsonb, from_ts timestamptz, to_ts timestamptz)
+RETURNS TABLE (rule text, purchases bigint, points bigint)
+AS 'MODULE_PATHNAME', 'loyalty_simulate_accrual'
+LANGUAGE C STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog;
+COMMENT ON FUNCTION loyalty.simulate_accrual(text, jsonb, timestamptz, timestamptz) IS 'What a draft rules document would have issued for the purchases posted between from_ts and to_ts: per multiplier, bonus and cap (purchases it applied to, points it added or cut) and in total, next to what was posted; posts nothing';

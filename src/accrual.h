@@ -102,11 +102,29 @@ typedef struct AccrualBudget
 	int64		added;
 } AccrualBudget;
 
+/*
+ * What each part of a version did over many purchases (simulate_accrual):
+ * index i < nmult is multipliers[i], then bonuses[], then the per-purchase
+ * cap, the per-day cap, and purchases that earned nothing (excluded or
+ * below the minimum).
+ */
+typedef struct AccrualTrace
+{
+	int64	   *applied;		/* purchases it applied to */
+	int64	   *points;			/* points it added (bonuses) or cut (caps) */
+} AccrualTrace;
+
+#define TRACE_CAP_PURCHASE(r)	((r)->nmult + (r)->nbonus)
+#define TRACE_CAP_DAY(r)		((r)->nmult + (r)->nbonus + 1)
+#define TRACE_NOTHING(r)		((r)->nmult + (r)->nbonus + 2)
+#define TRACE_SIZE(r)			((r)->nmult + (r)->nbonus + 3)
+
 typedef struct AccrualState
 {
 	int			nbudgets;
 	AccrualBudget *budgets;
 	int64		day_used;		/* points already earned that day by the member */
+	AccrualTrace *trace;		/* NULL: none */
 } AccrualState;
 
 extern void AccrualInit(void);

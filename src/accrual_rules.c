@@ -708,8 +708,17 @@ AccrualContext(StringInfo b, const AccrualRules *r, const AccrualInput *in)
 }
 
 /* Factors: multipliers, then factor bonuses; all multiply. */
+static void
+AccrualTraced(AccrualState *st, int i, int64 points)
+{
+	if (st->trace == NULL)
+		return;
+	st->trace->applied[i]++;
+	st->trace->points[i] += points;
+}
+
 static double
-AccrualFactors(const AccrualRules *r, const AccrualInput *in, StringInfo b)
+AccrualFactors(const AccrualRules *r, const AccrualInput *in, AccrualState *st, StringInfo b)
 {
 	double		factor = 1;
 	bool		first = true;
@@ -719,6 +728,7 @@ AccrualFactors(const AccrualRules *r, const AccrualInput *in, StringInfo b)
 		if (AccrualMatches(&r->mult[i].when, in))
 		{
 			factor *= r->mult[i].factor;
+			AccrualTraced(st, i, 0);
 			appendStringInfo(b, "%s{\"rule\": \"%s\", \"factor\": ", first ? "" : ", ", r->mult[i].path);
 			AccrualNumber(b, r->mult[i].factor);
 			appendStringInfoChar(b, '}');
@@ -729,6 +739,7 @@ AccrualFactors(const AccrualRules *r, const AccrualInput *in, StringInfo b)
 			if (AccrualMatches(&r->bonus[i].when, in))
 			{
 				factor *= r->bonus[i].factor;
+				AccrualTraced(st, r->nmult + i, 0);
 				appendStringInfo(b, "%s{\"rule\": \"%s\", \"factor\": ", first ? "" : ", ", r->bonus[i].path);
 				AccrualNumber(b, r->bonus[i].factor);
 				appendStringInfoChar(b, '}');
@@ -777,6 +788,7 @@ AccrualBonuses(const AccrualRules *r, const AccrualInput *in, AccrualState *st, 
 		appendStringInfo(b, "\"points\": " INT64_FORMAT "}", grant);
 		first = false;
 		total = PointsAdd(total, grant);
+		AccrualTraced(st, r->nmult + i, grant);
 	}
 	appendStringInfoChar(b, ']');
 	return total;
@@ -792,6 +804,7 @@ AccrualCaps(const AccrualRules *r, int64 total, AccrualState *st, StringInfo b)
 	{
 		appendStringInfo(b, "{\"cap\": \"per_purchase\", \"limit\": " INT64_FORMAT ", \"cut\": " INT64_FORMAT "}",
 						 r->cap_purchase, total - r->cap_purchase);
+		AccrualTraced(st, TRACE_CAP_PURCHASE(r), total - r->cap_purchase);
 		total = r->cap_purchase;
 		first = false;
 	}
@@ -802,6 +815,7 @@ AccrualCaps(const AccrualRules *r, int64 total, AccrualState *st, StringInfo b)
 		appendStringInfo(b, "%s{\"cap\": \"per_member_per_day\", \"limit\": " INT64_FORMAT
 						 ", \"earlier_that_day\": " INT64_FORMAT ", \"cut\": " INT64_FORMAT "}",
 						 first ? "" : ", ", r->cap_day, st->day_used, total - allowed);
+		AccrualTraced(st, TRACE_CAP_DAY(r), total - allowed);
 		total = allowed;
 	}
 	appendStringInfoChar(b, ']');
@@ -830,17 +844,19 @@ AccrualEvaluate(const AccrualRules *r, const AccrualInput *in, AccrualState *st,
 		appendStringInfoString(b, ", \"below_min_amount\": ");
 		AccrualNumber(b, r->min_amount);
 		appendStringInfoString(b, ", \"points\": 0}");
+		AccrualTraced(st, TRACE_NOTHING(r), 0);
 		return 0;
 	}
 	if (r->has_exclude && AccrualExcluded(&r->exclude, in))
 	{
 		appendStringInfoString(b, ", \"excluded\": true, \"points\": 0}");
+		AccrualTraced(st, TRACE_NOTHING(r), 0);
 		return 0;
 	}
 	base = in->amount / r->per * r->points;
 	appendStringInfoString(b, ", \"base\": ");
 	AccrualNumber(b, base);
-	factor = AccrualFactors(r, in, b);
+	factor = AccrualFactors(r, in, st, b);
 	rounded = AccrualRound(base * factor, r->rounding);
 	appendStringInfo(b, ", \"rounding\": \"%s\", \"rounded\": " INT64_FORMAT,
 					 r->rounding == 0 ? "floor" : r->rounding == 1 ? "round" : "ceil", rounded);

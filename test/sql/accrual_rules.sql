@@ -173,3 +173,15 @@ SELECT count(*) AS chain_problems FROM loyalty.verify_chain('shop');
 SELECT m.member_ref, a.available, a.pending,
        (SELECT loyalty.sum(l.remaining) FROM loyalty.lot l WHERE l.account_id = a.id) AS lots
 FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id ORDER BY 1;
+
+-- Simulation posts nothing: version 1 replayed over January-June gives what
+-- was posted (21091); with electronics x3 instead of x2, p2 earns
+-- floor(10.50 x 3 x 1.2) = 37 (+12) and p5 floor(20 x 3 x 1.5 x 2) + 100 = 280 (+60).
+SELECT * FROM loyalty.simulate_accrual('shop', (SELECT rules FROM loyalty.earning_rule WHERE version = 1),
+                                       '2027-01-01', '2027-07-01');
+SELECT * FROM loyalty.simulate_accrual('shop', jsonb_set((SELECT rules FROM loyalty.earning_rule WHERE version = 1),
+                                                         '{multipliers,0,factor}', '3'),
+                                       '2027-01-01', '2027-07-01')
+WHERE rule LIKE 'total%' OR rule = 'multipliers[0]';
+SELECT count(*) AS transfers_after_simulation FROM loyalty.transfer;
+SELECT * FROM loyalty.simulate_accrual('shop', '{"base": {"per": -1}}', '2027-01-01', '2027-07-01');
