@@ -79,7 +79,7 @@ AccrualPrepare(SPIPlanPtr *slot, bool generic, const char *sql, int nargs, const
 	if (*slot == NULL)
 	{
 		SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, (Oid *) argtypes,
-											  generic ? CURSOR_OPT_GENERIC_PLAN : 0);
+											  generic ? CURSOR_OPT_GENERIC_PLAN : CURSOR_OPT_CUSTOM_PLAN);
 
 		if (plan == NULL)
 			elog(ERROR, "could not prepare \"%s\": %s", sql, SPI_result_code_string(SPI_result));

@@ -538,6 +538,11 @@ AccrualProgram(int64 program_id)
 	AccrualProgramRules *pr;
 	bool		found;
 
+	/*
+	 * A version committed since this transaction took its locks is visible to
+	 * this statement (READ COMMITTED): take in pending invalidations now.
+	 */
+	AcceptInvalidationMessages();
 	if (AccrualStale || AccrualCache == NULL)
 		AccrualResetCache();
 	pr = hash_search(AccrualCache, &program_id, HASH_ENTER, &found);
