@@ -24,6 +24,7 @@
 #include "utils/hsearch.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
+#include "utils/memutils.h"
 #include "utils/numeric.h"
 #include "utils/timestamp.h"
 
@@ -88,6 +89,13 @@ AccrualPrepare(SPIPlanPtr *slot, bool generic, const char *sql, int nargs, const
 		*slot = plan;
 	}
 	return *slot;
+}
+
+/* Per-chunk allocations go to the batch's chunk context, reset after each chunk. */
+static MemoryContext
+AccrualChunkMemory(AccrualBatch *b)
+{
+	return MemoryContextSwitchTo(b->chunk_cxt != NULL ? b->chunk_cxt : CurrentMemoryContext);
 }
 
 const char *
@@ -226,6 +234,7 @@ void
 AccrualReadRows(AccrualBatch *b)
 {
 	TupleDesc	desc = SPI_tuptable->tupdesc;
+	MemoryContext old = AccrualChunkMemory(b);
 
 	b->nrows = SPI_processed;
 	b->rows = palloc0(sizeof(AccrualRow) * Max(b->nrows, 1));
@@ -264,6 +273,7 @@ AccrualReadRows(AccrualBatch *b)
 			r->whole = datumCopy(d, false, -1);
 		AccrualProblem(b, r, tup, desc);
 	}
+	MemoryContextSwitchTo(old);
 }
 
 static int
@@ -455,6 +465,7 @@ static void
 AccrualCompute(AccrualBatch *b)
 {
 	StringInfoData buf;
+	MemoryContext old = AccrualChunkMemory(b);
 
 	initStringInfo(&buf);
 	for (int i = 0; i < b->nrows; i++)
@@ -490,6 +501,7 @@ AccrualCompute(AccrualBatch *b)
 		r->breakdown = pstrdup(buf.data);
 		r->vests_at = r->occurred_at + (int64) r->rules->pending_days * USECS_PER_DAY;
 	}
+	MemoryContextSwitchTo(old);
 }
 
 static Datum
@@ -521,7 +533,9 @@ AccrualWrite(AccrualBatch *b)
 	bool	   *nulls[POST_COLS];
 	Datum		args[4 + POST_COLS];
 	int			n = 0;
+	MemoryContext old;
 
+	old = AccrualChunkMemory(b);
 	for (int c = 0; c < POST_COLS; c++)
 	{
 		cols[c] = palloc(sizeof(Datum) * Max(b->nrows, 1));
@@ -554,8 +568,12 @@ AccrualWrite(AccrualBatch *b)
 		n++;
 	}
 	b->nposted = n;
+	b->nposted_total += n;
 	if (n == 0)
+	{
+		MemoryContextSwitchTo(old);
 		return;
+	}
 
 	args[0] = Int64GetDatum(b->program_id);
 	args[1] = Int64GetDatum(b->issuance);
@@ -564,6 +582,7 @@ AccrualWrite(AccrualBatch *b)
 	for (int c = 0; c < POST_COLS; c++)
 		args[4 + c] = AccrualArray(cols[c], nulls[c], n, types[c]);
 
+	MemoryContextSwitchTo(old);
 	AccrualPrepare(n <= ACCRUAL_SMALL ? &plan_post_small : &plan_post, n <= ACCRUAL_SMALL,
 				   "WITH s AS ("
 				  "  SELECT * FROM unnest($5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
@@ -632,6 +651,7 @@ AccrualQuarantine(AccrualBatch *b)
 	static const Oid types[5] = {TEXTOID, TEXTOID, JSONBOID, TEXTOID, TEXTOID};
 	Datum		args[7];
 	int			n = 0;
+	MemoryContext old = AccrualChunkMemory(b);
 
 	for (int c = 0; c < 5; c++)
 	{
@@ -654,7 +674,8 @@ AccrualQuarantine(AccrualBatch *b)
 		cols[4][n] = CStringGetTextDatum(r->sqlstate);
 		n++;
 	}
-	b->nquarantined = n;
+	b->nquarantined += n;
+	MemoryContextSwitchTo(old);
 	if (n == 0)
 		return;
 	args[0] = Int64GetDatum(b->program_id);
@@ -680,7 +701,7 @@ AccrualRecoverDebts(AccrualBatch *b)
 	SPITupleTable *tab;
 	uint64		n;
 
-	if (b->naccounts == 0 || b->nposted == 0 || !b->has_debts)
+	if (b->naccounts == 0 || b->nposted_total == 0 || !b->has_debts)
 		return;
 	arg = AccrualInt64Array(b->accounts, b->naccounts);
 	LedgerPrepare(&plan_debts,
@@ -710,6 +731,66 @@ AccrualPostBatch(AccrualBatch *b, bool quarantine)
 	AccrualRecoverDebts(b);
 	if (quarantine)
 		AccrualQuarantine(b);
+}
+
+/* Lock the member accounts a source names, all of them, in id order. */
+static void
+AccrualLockSource(AccrualBatch *b, const char *source, Datum *args, char *nulls, int nargs,
+				  Oid *argtypes)
+{
+	char	   *sql = psprintf("SELECT a.id FROM loyalty.account a"
+							   " WHERE a.id IN (SELECT a2.id FROM (%s) n"
+							   "                JOIN loyalty.member m ON m.program_id = $1"
+							   "                                     AND m.member_ref = n.member_ref"
+							   "                JOIN loyalty.account a2 ON a2.member_id = m.id)"
+							   " ORDER BY a.id FOR UPDATE OF a",
+							   source);
+
+	AccrualExpect(SPI_execute_with_args(sql, nargs, argtypes, args, nulls, false, 0), SPI_OK_SELECT,
+				  "locking accounts");
+	b->naccounts = SPI_processed;
+	b->accounts = palloc(sizeof(int64) * Max(SPI_processed, 1));
+	for (uint64 i = 0; i < SPI_processed; i++)
+		b->accounts[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1,
+													 &(bool){0}));
+	SPI_freetuptable(SPI_tuptable);
+}
+
+/*
+ * Post a whole source (a statement's transition table) in chunks: every
+ * member account the source names is locked first, in id order, then the
+ * rows are read through a cursor, ACCRUAL_CHUNK at a time, each chunk
+ * computed and written; memory stays bounded whatever the statement's size.
+ */
+void
+AccrualPostSource(AccrualBatch *b, const char *source, SPIPlanPtr read, Datum *args, char *nulls,
+				  int nargs, Oid *argtypes)
+{
+	Portal		cursor;
+
+	AccrualLockSource(b, source, args, nulls, nargs, argtypes);
+	AccrualReadHistory(b);
+	AccrualReadBudgets(b);
+	b->chunk_cxt = AllocSetContextCreate(CurrentMemoryContext, "loyalty accrual chunk",
+										 ALLOCSET_DEFAULT_SIZES);
+	cursor = SPI_cursor_open(NULL, read, args, nulls, false);
+	for (;;)
+	{
+		SPI_cursor_fetch(cursor, true, ACCRUAL_CHUNK);
+		if (SPI_processed == 0)
+			break;
+		AccrualReadRows(b);
+		SPI_freetuptable(SPI_tuptable);
+		AccrualCompute(b);
+		AccrualWrite(b);
+		AccrualQuarantine(b);
+		MemoryContextReset(b->chunk_cxt);
+		b->rows = NULL;
+		b->nrows = 0;
+	}
+	SPI_cursor_close(cursor);
+	AccrualSaveBudgets(b);
+	AccrualRecoverDebts(b);
 }
 
 /* Enrol the unknown members of a source, when the program says so. */

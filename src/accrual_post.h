@@ -56,13 +56,17 @@ typedef struct AccrualBatch
 	int			naccounts;
 	HTAB	   *days;
 	AccrualState state;
-	int			nposted;
+	int			nposted;		/* in the last chunk */
+	int64		nposted_total;
 	int64		ninserted;
+	MemoryContext chunk_cxt;	/* per-chunk allocations; NULL: the caller's */
 	int			nquarantined;
 } AccrualBatch;
 
 /* Batches of at most this many rows use generic plans. */
 #define ACCRUAL_SMALL 16
+/* A statement is posted this many rows at a time. */
+#define ACCRUAL_CHUNK 50000
 
 extern SPIPlanPtr AccrualPrepare(SPIPlanPtr *slot, bool generic, const char *sql, int nargs,
 								 const Oid *argtypes);
@@ -72,6 +76,8 @@ extern char *AccrualReadSql(const char *source);
 extern void AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code);
 extern void AccrualReadRows(AccrualBatch *b);
 extern void AccrualPostBatch(AccrualBatch *b, bool quarantine);
+extern void AccrualPostSource(AccrualBatch *b, const char *source, SPIPlanPtr read, Datum *args,
+							  char *nulls, int nargs, Oid *argtypes);
 extern void AccrualEnrollUnknown(AccrualBatch *b, const char *source, Datum *args, char *nulls,
 								 int nargs, Oid *argtypes);
 extern void AccrualCheckRef(const char *ref);

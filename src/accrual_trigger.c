@@ -139,10 +139,8 @@ AccrualOnInsert(AccrualBatch *b, const AccrualSource *s)
 	args[1] = TimestampTzGetDatum(b->earliest);
 	args[2] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
 	AccrualEnrollUnknown(b, source, args, nulls, 3, (Oid *) argtypes);
-	AccrualExpect(SPI_execute_plan(AccrualReadPlan(AccrualReadSql(source), 3, argtypes), args, nulls, false, 0),
-				  SPI_OK_SELECT, "reading new purchases");
-	AccrualReadRows(b);
-	AccrualPostBatch(b, true);
+	AccrualPostSource(b, source, AccrualReadPlan(AccrualReadSql(source), 3, argtypes), args, nulls, 3,
+					  (Oid *) argtypes);
 }
 
 /* Quarantine one refund that failed. */
