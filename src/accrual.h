@@ -127,6 +127,8 @@ typedef struct AccrualState
 	AccrualTrace *trace;		/* NULL: none */
 } AccrualState;
 
+extern int	loyalty_accrual_chunk;
+
 extern void AccrualInit(void);
 extern AccrualProgramRules *AccrualProgram(int64 program_id);
 extern AccrualRules *AccrualRulesAt(AccrualProgramRules *pr, TimestampTz at);

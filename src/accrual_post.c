@@ -759,7 +759,7 @@ AccrualLockSource(AccrualBatch *b, const char *source, Datum *args, char *nulls,
 /*
  * Post a whole source (a statement's transition table) in chunks: every
  * member account the source names is locked first, in id order, then the
- * rows are read through a cursor, ACCRUAL_CHUNK at a time, each chunk
+ * rows are read through a cursor, loyalty.accrual_chunk at a time, each chunk
  * computed and written; memory stays bounded whatever the statement's size.
  */
 void
@@ -776,7 +776,7 @@ AccrualPostSource(AccrualBatch *b, const char *source, SPIPlanPtr read, Datum *a
 	cursor = SPI_cursor_open(NULL, read, args, nulls, false);
 	for (;;)
 	{
-		SPI_cursor_fetch(cursor, true, ACCRUAL_CHUNK);
+		SPI_cursor_fetch(cursor, true, loyalty_accrual_chunk);
 		if (SPI_processed == 0)
 			break;
 		AccrualReadRows(b);

@@ -65,8 +65,6 @@ typedef struct AccrualBatch
 
 /* Batches of at most this many rows use generic plans. */
 #define ACCRUAL_SMALL 16
-/* A statement is posted this many rows at a time. */
-#define ACCRUAL_CHUNK 50000
 
 extern SPIPlanPtr AccrualPrepare(SPIPlanPtr *slot, bool generic, const char *sql, int nargs,
 								 const Oid *argtypes);

@@ -18,6 +18,7 @@
 #include "fmgr.h"
 #include "utils/builtins.h"
 #include "utils/datetime.h"
+#include "utils/guc.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
 #include "utils/jsonb.h"
@@ -481,9 +482,18 @@ AccrualRelcacheCallback(Datum arg, Oid relid)
 		AccrualStale = true;
 }
 
+int			loyalty_accrual_chunk = 50000;
+
 void
 AccrualInit(void)
 {
+	DefineCustomIntVariable("loyalty.accrual_chunk",
+							"Rows of a statement the accrual trigger posts at a time.",
+							"A bigger chunk means fewer, larger posting statements and more memory.",
+							&loyalty_accrual_chunk,
+							50000, 1, 10000000,
+							PGC_USERSET, 0,
+							NULL, NULL, NULL);
 	CacheRegisterRelcacheCallback(AccrualRelcacheCallback, (Datum) 0);
 }
 

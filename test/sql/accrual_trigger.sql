@@ -106,10 +106,12 @@ SELECT loyalty.accrue('shop', 'newbie2', 8.00, 'o11', '2025-02-03 11:00+00') AS 
 -- A bulk INSERT ... SELECT is one pass; many purchases per member chain correctly.
 SELECT loyalty.enroll('shop', 'm' || i, occurred_at => '2025-01-01') > 0 AS enrolled
 FROM generate_series(1, 50) i GROUP BY 1;
+SET loyalty.accrual_chunk = 700;   -- 8 chunks: first purchases and chains across chunks
 INSERT INTO public.orders (id, customer, total, placed_at, kind)
 SELECT 'b' || i, 'm' || (i % 50 + 1), (i % 7) + 0.99, '2025-03-01'::timestamptz + i * interval '1 minute',
        CASE WHEN i % 3 = 0 THEN 'electronics' ELSE 'books' END
 FROM generate_series(1, 5000) i;
+RESET loyalty.accrual_chunk;
 SELECT count(*) AS bulk_purchases, sum(points) AS bulk_points FROM loyalty.accrual WHERE ref LIKE 'b%';
 -- hand check: per purchase floor((i % 7 + 0.99) * (2 if i % 3 = 0)) plus 100 once per member
 SELECT sum(floor(((i % 7) + 0.99) * CASE WHEN i % 3 = 0 THEN 2 ELSE 1 END)) + 50 * 100 AS expected
