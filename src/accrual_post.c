@@ -733,21 +733,23 @@ AccrualPostBatch(AccrualBatch *b, bool quarantine)
 		AccrualQuarantine(b);
 }
 
-/* Lock the member accounts a source names, all of them, in id order. */
-static void
-AccrualLockSource(AccrualBatch *b, const char *source, Datum *args, char *nulls, int nargs,
-				  Oid *argtypes)
+/* The query locking the member accounts a source names, all of them, in id order. */
+char *
+AccrualLockSql(const char *source)
 {
-	char	   *sql = psprintf("SELECT a.id FROM loyalty.account a"
-							   " WHERE a.id IN (SELECT a2.id FROM (%s) n"
-							   "                JOIN loyalty.member m ON m.program_id = $1"
-							   "                                     AND m.member_ref = n.member_ref"
-							   "                JOIN loyalty.account a2 ON a2.member_id = m.id)"
-							   " ORDER BY a.id FOR UPDATE OF a",
-							   source);
+	return psprintf("SELECT a.id FROM loyalty.account a"
+					" WHERE a.id IN (SELECT a2.id FROM (%s) n"
+					"                JOIN loyalty.member m ON m.program_id = $1"
+					"                                     AND m.member_ref = n.member_ref"
+					"                JOIN loyalty.account a2 ON a2.member_id = m.id)"
+					" ORDER BY a.id FOR UPDATE OF a",
+					source);
+}
 
-	AccrualExpect(SPI_execute_with_args(sql, nargs, argtypes, args, nulls, false, 0), SPI_OK_SELECT,
-				  "locking accounts");
+static void
+AccrualLockSource(AccrualBatch *b, SPIPlanPtr lock, Datum *args, char *nulls)
+{
+	AccrualExpect(SPI_execute_plan(lock, args, nulls, false, 0), SPI_OK_SELECT, "locking accounts");
 	b->naccounts = SPI_processed;
 	b->accounts = palloc(sizeof(int64) * Max(SPI_processed, 1));
 	for (uint64 i = 0; i < SPI_processed; i++)
@@ -763,12 +765,11 @@ AccrualLockSource(AccrualBatch *b, const char *source, Datum *args, char *nulls,
  * computed and written; memory stays bounded whatever the statement's size.
  */
 void
-AccrualPostSource(AccrualBatch *b, const char *source, SPIPlanPtr read, Datum *args, char *nulls,
-				  int nargs, Oid *argtypes)
+AccrualPostSource(AccrualBatch *b, SPIPlanPtr lock, SPIPlanPtr read, Datum *args, char *nulls)
 {
 	Portal		cursor;
 
-	AccrualLockSource(b, source, args, nulls, nargs, argtypes);
+	AccrualLockSource(b, lock, args, nulls);
 	AccrualReadHistory(b);
 	AccrualReadBudgets(b);
 	b->chunk_cxt = AllocSetContextCreate(CurrentMemoryContext, "loyalty accrual chunk",

@@ -74,8 +74,9 @@ extern char *AccrualReadSql(const char *source);
 extern void AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code);
 extern void AccrualReadRows(AccrualBatch *b);
 extern void AccrualPostBatch(AccrualBatch *b, bool quarantine);
-extern void AccrualPostSource(AccrualBatch *b, const char *source, SPIPlanPtr read, Datum *args,
-							  char *nulls, int nargs, Oid *argtypes);
+extern char *AccrualLockSql(const char *source);
+extern void AccrualPostSource(AccrualBatch *b, SPIPlanPtr lock, SPIPlanPtr read, Datum *args,
+							  char *nulls);
 extern void AccrualEnrollUnknown(AccrualBatch *b, const char *source, Datum *args, char *nulls,
 								 int nargs, Oid *argtypes);
 extern void AccrualCheckRef(const char *ref);

@@ -20,6 +20,7 @@
 #include "utils/rel.h"
 #include "utils/resowner.h"
 #include "utils/timestamp.h"
+#include "utils/tuplestore.h"
 
 #include "accrual.h"
 #include "accrual_post.h"
@@ -45,6 +46,7 @@ typedef struct AccrualSource
 /* A small cache of prepared read plans, by their SQL. */
 #define PLAN_SLOTS 16
 static char *plan_sql[PLAN_SLOTS];
+static bool plan_custom[PLAN_SLOTS];
 static SPIPlanPtr plan_read[PLAN_SLOTS];
 
 static bool
@@ -98,17 +100,19 @@ AccrualSourceSql(const AccrualSource *s, const char *table)
 }
 
 /*
- * The read plan of a source, planned by the plan cache (a generic plan of
- * this query, built without the transition table's size, measured slower).
+ * A prepared plan over the transition table, by its SQL. A statement of one
+ * chunk or less leaves the choice of custom or generic plans to the plan
+ * cache; a chunked statement's queries are always planned with the real
+ * size of the transition table (custom).
  */
 static SPIPlanPtr
-AccrualReadPlan(const char *sql, int nargs, const Oid *argtypes)
+AccrualSourcePlan(const char *sql, bool custom, int nargs, const Oid *argtypes)
 {
 	int			free_slot = -1;
 
 	for (int i = 0; i < PLAN_SLOTS; i++)
 	{
-		if (plan_sql[i] != NULL && strcmp(plan_sql[i], sql) == 0)
+		if (plan_sql[i] != NULL && plan_custom[i] == custom && strcmp(plan_sql[i], sql) == 0)
 			return plan_read[i];
 		if (plan_sql[i] == NULL && free_slot < 0)
 			free_slot = i;
@@ -121,14 +125,18 @@ AccrualReadPlan(const char *sql, int nargs, const Oid *argtypes)
 		plan_sql[0] = NULL;
 	}
 	plan_read[free_slot] = NULL;
-	AccrualPrepare(&plan_read[free_slot], false, sql, nargs, argtypes);
+	if (custom)
+		AccrualPrepare(&plan_read[free_slot], false, sql, nargs, argtypes);
+	else
+		LedgerPrepare(&plan_read[free_slot], sql, nargs, argtypes);
 	plan_sql[free_slot] = MemoryContextStrdup(TopMemoryContext, sql);
+	plan_custom[free_slot] = custom;
 	return plan_read[free_slot];
 }
 
 /* INSERT: post the new rows. */
 static void
-AccrualOnInsert(AccrualBatch *b, const AccrualSource *s)
+AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, int64 nrows)
 {
 	static const Oid argtypes[] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID};
 	char	   *source = AccrualSourceSql(s, "loyalty_new");
@@ -139,8 +147,17 @@ AccrualOnInsert(AccrualBatch *b, const AccrualSource *s)
 	args[1] = TimestampTzGetDatum(b->earliest);
 	args[2] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
 	AccrualEnrollUnknown(b, source, args, nulls, 3, (Oid *) argtypes);
-	AccrualPostSource(b, source, AccrualReadPlan(AccrualReadSql(source), 3, argtypes), args, nulls, 3,
-					  (Oid *) argtypes);
+	if (nrows <= loyalty_accrual_chunk)
+	{
+		/* one chunk: read it all, lock the accounts it names, post */
+		AccrualExpect(SPI_execute_plan(AccrualSourcePlan(AccrualReadSql(source), false, 3, argtypes),
+									   args, nulls, false, 0), SPI_OK_SELECT, "reading new purchases");
+		AccrualReadRows(b);
+		AccrualPostBatch(b, true);
+		return;
+	}
+	AccrualPostSource(b, AccrualSourcePlan(AccrualLockSql(source), true, 3, argtypes),
+					  AccrualSourcePlan(AccrualReadSql(source), true, 3, argtypes), args, nulls);
 }
 
 /* Quarantine one refund that failed. */
@@ -266,7 +283,7 @@ accrual_trigger(PG_FUNCTION_ARGS)
 	b.source = relid;
 	AccrualLoadProgram(&b, s.program_id, NULL);
 	if (TRIGGER_FIRED_BY_INSERT(trig->tg_event))
-		AccrualOnInsert(&b, &s);
+		AccrualOnInsert(&b, &s, tuplestore_tuple_count(trig->tg_newtable));
 	else
 		AccrualOnChange(&b, &s, TRIGGER_FIRED_BY_UPDATE(trig->tg_event));
 	SPI_finish();
