@@ -46,6 +46,7 @@ static SPIPlanPtr plan_post;
 static SPIPlanPtr plan_post_small;
 static SPIPlanPtr plan_quarantine;
 static SPIPlanPtr plan_debts;
+static SPIPlanPtr plan_accrue_read;
 
 /* Columns of the read query, in order. */
 enum
@@ -907,8 +908,9 @@ loyalty_accrue(PG_FUNCTION_ARGS)
 	}
 
 	AccrualEnrollUnknown(&b, ACCRUE_SOURCE, args, nulls, 10, (Oid *) argtypes);
-	AccrualExpect(SPI_execute_with_args(AccrualReadSql(ACCRUE_SOURCE), 10, (Oid *) argtypes, args, nulls,
-										false, 0), SPI_OK_SELECT, "reading the purchase");
+	LedgerPrepare(&plan_accrue_read, AccrualReadSql(ACCRUE_SOURCE), 10, argtypes);
+	AccrualExpect(SPI_execute_plan(plan_accrue_read, args, nulls, false, 0), SPI_OK_SELECT,
+				  "reading the purchase");
 	AccrualReadRows(&b);
 	r = &b.rows[0];
 	if (r->problem != NULL)
@@ -923,8 +925,8 @@ loyalty_accrue(PG_FUNCTION_ARGS)
 	if (b.ninserted == 0)
 	{
 		/* the same ref was committed meanwhile by a posting for another member */
-		AccrualExpect(SPI_execute_with_args(AccrualReadSql(ACCRUE_SOURCE), 10, (Oid *) argtypes, args,
-											nulls, false, 0), SPI_OK_SELECT, "reading the purchase");
+		AccrualExpect(SPI_execute_plan(plan_accrue_read, args, nulls, false, 0), SPI_OK_SELECT,
+					  "reading the purchase");
 		AccrualReadRows(&b);
 		r = &b.rows[0];
 		if (r->problem != NULL)
