@@ -276,7 +276,7 @@ DECLARE
     v_program loyalty.program;
     v_member bigint;
     v_email text := lower(btrim(email));
-    v_phone text := regexp_replace(btrim(phone), '[[:space:]().-]', '', 'g');
+    v_phone text := regexp_replace(replace(btrim(phone), '(0)', ''), '[[:space:]().-]', '', 'g');
     v_country text := upper(btrim(country));
     v_at timestamptz := coalesce(occurred_at, now());
     v_welcome bigint;
@@ -301,11 +301,18 @@ BEGIN
         RAISE EXCEPTION 'member attrs must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
+    -- Already enrolled: the first enrolment stands (looked up first, so that
+    -- retries do not use up member ids).
+    SELECT m.id INTO v_member FROM loyalty.member m
+    WHERE m.program_id = v_program.id AND m.member_ref = enroll.member_ref;
+    IF FOUND THEN
+        RETURN v_member;
+    END IF;
     INSERT INTO loyalty.member (program_id, member_ref, enrolled_at, country, attrs)
     VALUES (v_program.id, member_ref, v_at, v_country, coalesce(attrs, '{}'))
     ON CONFLICT (program_id, member_ref) DO NOTHING
     RETURNING id INTO v_member;
-    IF v_member IS NULL THEN    -- already enrolled: the first enrolment stands
+    IF v_member IS NULL THEN    -- enrolled concurrently
         SELECT m.id INTO v_member FROM loyalty.member m
         WHERE m.program_id = v_program.id AND m.member_ref = enroll.member_ref;
         RETURN v_member;
@@ -345,10 +352,11 @@ RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_earn'
 LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog;
 COMMENT ON FUNCTION loyalty.earn(text, text, loyalty.points, text, text, timestamptz) IS 'Credits points to a member (a bonus, a goodwill gesture) under the expiry policy; idempotent on ref; returns the transfer id';
 
-CREATE FUNCTION loyalty.adjust(program text, member_ref text, delta bigint, ref text, reason text)
+CREATE FUNCTION loyalty.adjust(program text, member_ref text, delta bigint, ref text, reason text,
+                               occurred_at timestamptz DEFAULT now())
 RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_adjust'
 LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog;
-COMMENT ON FUNCTION loyalty.adjust(text, text, bigint, text, text) IS 'A staff correction of a member''s points, up or down, with a required reason; idempotent on ref; returns the transfer id';
+COMMENT ON FUNCTION loyalty.adjust(text, text, bigint, text, text, timestamptz) IS 'A staff correction of a member''s points, up or down, with a required reason; idempotent on ref; returns the transfer id';
 
 CREATE FUNCTION loyalty.transfer_hash(program_id bigint, debit_account_id bigint, credit_account_id bigint,
                                       amount loyalty.points, kind text, ref text, occurred_at timestamptz,

@@ -715,7 +715,7 @@ loyalty_earn(PG_FUNCTION_ARGS)
 									 reason, LedgerTimeArg(fcinfo, 5), 0));
 }
 
-/* adjust(program, member_ref, delta, ref, reason) */
+/* adjust(program, member_ref, delta, ref, reason, occurred_at) */
 Datum
 loyalty_adjust(PG_FUNCTION_ARGS)
 {
@@ -742,7 +742,7 @@ loyalty_adjust(PG_FUNCTION_ARGS)
 				 errhint("Say why, for the member's statement and the audit: adjust(..., reason => 'missing receipt 1234').")));
 
 	PG_RETURN_INT64(LedgerPostMember(program, member_ref, "adjustment", delta, "adjust", ref,
-									 reason, GetCurrentTransactionStartTimestamp(), 0));
+									 reason, LedgerTimeArg(fcinfo, 5), 0));
 }
 
 /* _post_member(program, member_ref, system_kind, delta, kind, ref, reason, occurred_at, vests_at) */
