@@ -375,7 +375,9 @@ COMMENT ON AGGREGATE loyalty.chain(bytea, boolean, bigint, bigint, bigint, loyal
 
 CREATE FUNCTION loyalty.balance(program text, member_ref text, as_of timestamptz DEFAULT now())
 RETURNS loyalty.points LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
-    SELECT coalesce(loyalty.sum(l.remaining), 0)
+    SELECT greatest(coalesce(loyalty.sum(l.remaining), 0)
+                    - coalesce((SELECT a.held FROM loyalty.account a
+                                WHERE a.id = loyalty._account_of(program, member_ref) AND as_of >= now()), 0), 0)
     FROM loyalty._lots_as_of(loyalty._account_of(program, member_ref), as_of) l
     WHERE l.vests_at <= as_of AND (l.expires_at IS NULL OR as_of < l.expires_at)
 $$;
@@ -404,7 +406,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
         LEFT JOIN loyalty.transfer_kind k ON k.kind = t.kind
         GROUP BY k.class
     )
-    SELECT coalesce((SELECT loyalty.sum(remaining) FROM lots WHERE vests_at <= as_of), 0),
+    SELECT greatest(coalesce((SELECT loyalty.sum(remaining) FROM lots WHERE vests_at <= as_of), 0)
+                    - CASE WHEN as_of >= now() THEN a.held ELSE 0 END, 0),
            coalesce((SELECT loyalty.sum(remaining) FROM lots WHERE vests_at > as_of), 0),
            a.held,
            coalesce((SELECT loyalty.sum(remaining) FROM lots
