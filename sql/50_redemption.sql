@@ -243,6 +243,26 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION loyalty._bad_reward_option(text, text) IS 'Internal: raises 22023 for a bad reward option, with its JSON path';
 
+CREATE FUNCTION loyalty._reward_interval(p_path text, p_value jsonb) RETURNS interval
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v interval;
+BEGIN
+    IF jsonb_typeof(p_value) IS DISTINCT FROM 'string' THEN
+        PERFORM loyalty._bad_reward_option(p_path, 'expected an interval as a string, such as "1 month"');
+    END IF;
+    BEGIN
+        v := (p_value #>> '{}')::interval;
+    EXCEPTION WHEN others THEN
+        PERFORM loyalty._bad_reward_option(p_path, format('%s is not an interval', p_value));
+    END;
+    IF v <= interval '0' THEN
+        PERFORM loyalty._bad_reward_option(p_path, format('%s must be positive', p_value));
+    END IF;
+    RETURN v;
+END $$;
+COMMENT ON FUNCTION loyalty._reward_interval(text, jsonb) IS 'Internal: a positive interval in reward options, or 22023 with its JSON path';
+
 -- The rank of a tier when the tiers capability defines loyalty.tier
 -- (program_id, code, rank); NULL otherwise.
 CREATE FUNCTION loyalty._tier_rank(p_program bigint, p_tier text) RETURNS integer
@@ -342,14 +362,14 @@ BEGIN
         END IF;
         v_count := (o #>> '{limit,count}')::integer;
         IF o #> '{limit,period}' IS NOT NULL THEN
-            v_period := loyalty._check_interval('$.limit.period', o #> '{limit,period}');
+            v_period := loyalty._reward_interval('$.limit.period', o #> '{limit,period}');
         END IF;
     END IF;
     IF o ? 'voucher_valid_for' THEN
         IF v_kind <> 'voucher' THEN
             PERFORM loyalty._bad_reward_option('$.voucher_valid_for', 'only a voucher reward issues vouchers');
         END IF;
-        v_valid := loyalty._check_interval('$.voucher_valid_for', o -> 'voucher_valid_for');
+        v_valid := loyalty._reward_interval('$.voucher_valid_for', o -> 'voucher_valid_for');
     ELSIF v_kind = 'voucher' THEN
         v_valid := interval '1 year';
     END IF;
