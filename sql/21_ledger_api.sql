@@ -150,9 +150,12 @@ $$;
 -- Under a rolling policy, the moment at which all of an account's points
 -- expire as seen at p_as_of: its last activity up to then plus the allowed
 -- inactivity. NULL when the program has no rolling policy or no activity yet.
+-- (PL/pgSQL so that its plan is cached: a SQL function that cannot be inlined
+-- is planned again at every call, and every debit calls this one.)
 CREATE FUNCTION loyalty._rolling_deadline(p_account bigint, p_as_of timestamptz)
-RETURNS timestamptz LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT ((max(t.occurred_at) AT TIME ZONE p.time_zone) + (p.options #>> '{expiry,inactivity}')::interval)
+RETURNS timestamptz LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+BEGIN
+    RETURN (SELECT ((max(t.occurred_at) AT TIME ZONE p.time_zone) + (p.options #>> '{expiry,inactivity}')::interval)
            AT TIME ZONE p.time_zone
     FROM loyalty.account a
     JOIN loyalty.program p ON p.id = a.program_id AND p.options #>> '{expiry,policy}' = 'rolling'
@@ -161,8 +164,8 @@ RETURNS timestamptz LANGUAGE sql STABLE PARALLEL SAFE AS $$
                            AND CASE WHEN p.options #> '{expiry,activity}' IS NULL THEN t.kind <> 'expire'
                                     ELSE p.options #> '{expiry,activity}' ? t.kind END
     WHERE a.id = p_account
-    GROUP BY p.time_zone, p.options
-$$;
+    GROUP BY p.time_zone, p.options);
+END $$;
 
 -- A program's id, or a precise error.
 CREATE FUNCTION loyalty._program_id(p_program text) RETURNS bigint

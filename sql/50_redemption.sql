@@ -195,22 +195,27 @@ BEGIN
     IF p_program IS NULL OR p_member_ref IS NULL THEN
         RAISE EXCEPTION 'program and member_ref must not be null' USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    SELECT p.id, m.id, m.status, m.tier, a.id INTO program_id, member_id, v_status, tier, account_id
-    FROM loyalty.program p
-    LEFT JOIN loyalty.member m ON m.program_id = p.id AND m.member_ref = p_member_ref
-    LEFT JOIN loyalty.account a ON a.member_id = m.id
-    WHERE p.code = p_program;
+    IF p_lock THEN  -- the common case in one statement
+        SELECT p.id, m.id, m.status, m.tier, a.id INTO program_id, member_id, v_status, tier, account_id
+        FROM loyalty.program p
+        JOIN loyalty.member m ON m.program_id = p.id AND m.member_ref = p_member_ref
+        JOIN loyalty.account a ON a.member_id = m.id
+        WHERE p.code = p_program
+        FOR UPDATE OF a;
+    END IF;
+    IF account_id IS NULL THEN
+        SELECT p.id, m.id, m.status, m.tier, a.id INTO program_id, member_id, v_status, tier, account_id
+        FROM loyalty.program p
+        LEFT JOIN loyalty.member m ON m.program_id = p.id AND m.member_ref = p_member_ref
+        LEFT JOIN loyalty.account a ON a.member_id = m.id
+        WHERE p.code = p_program;
+    END IF;
     IF program_id IS NULL THEN
         RAISE EXCEPTION 'program "%" does not exist', p_program
             USING ERRCODE = 'LY002', HINT = 'Create it with loyalty.create_program().';
     ELSIF member_id IS NULL THEN
         RAISE EXCEPTION 'member "%" does not exist in program "%"', p_member_ref, p_program
             USING ERRCODE = 'LY003', HINT = 'Enrol the member with loyalty.enroll().';
-    END IF;
-    IF p_lock THEN
-        SELECT m.status INTO v_status
-        FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id
-        WHERE a.id = account_id FOR UPDATE OF a;
     END IF;
     IF v_status <> 'active' THEN
         RAISE EXCEPTION 'member "%" of program "%" is %', p_member_ref, p_program, v_status
@@ -378,7 +383,7 @@ BEGIN
             PERFORM loyalty._bad_reward_option('$.charity', 'only a donation reward names a charity');
         END IF;
         v_charity := o ->> 'charity';
-        IF NOT EXISTS (SELECT FROM loyalty.account a WHERE a.program_id = v_program AND a.kind = 'donation'
+        IF NOT EXISTS (SELECT FROM loyalty.account a WHERE a.program_id = v_program AND a.kind <> 'member' AND a.kind = 'donation'
                        AND a.name = v_charity AND a.name <> '') THEN
             RAISE EXCEPTION 'charity "%" does not exist in program "%"', v_charity, program
                 USING ERRCODE = 'LY042', HINT = 'Register it with loyalty.add_charity().';
@@ -421,7 +426,7 @@ BEGIN
     ON CONFLICT DO NOTHING RETURNING id INTO v_id;
     IF v_id IS NULL THEN
         SELECT a.id INTO v_id FROM loyalty.account a
-        WHERE a.program_id = v_program AND a.kind = 'donation' AND a.name = charity;
+        WHERE a.program_id = v_program AND a.kind <> 'member' AND a.kind = 'donation' AND a.name = charity;
     END IF;
     RETURN v_id;
 END $$;
@@ -461,6 +466,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
 #variable_conflict use_variable
 DECLARE
     m record;
+    x record;
     v_red loyalty.redemption;
     v_reward loyalty.reward;
     v loyalty.reward_version;
@@ -500,12 +506,20 @@ BEGIN
         RETURN;
     END IF;
 
-    SELECT * INTO v_reward FROM loyalty.reward rw WHERE rw.program_id = m.program_id AND rw.code = reward;
+    SELECT rw AS rw, rv AS rv, ca.id AS credit INTO x
+    FROM loyalty.reward rw
+    JOIN loyalty.reward_version rv ON rv.reward_id = rw.id AND rv.version = rw.version
+    JOIN loyalty.account ca ON ca.program_id = rw.program_id
+                           AND ca.kind <> 'member' AND ca.kind = CASE WHEN rv.charity IS NULL THEN 'redemption' ELSE 'donation' END
+                           AND ca.name = coalesce(rv.charity, '')
+    WHERE rw.program_id = m.program_id AND rw.code = reward;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'reward "%" does not exist in program "%"', reward, program
             USING ERRCODE = 'LY030', HINT = 'See loyalty.catalogue for the rewards on offer.';
     END IF;
-    SELECT * INTO v FROM loyalty.reward_version rv WHERE rv.reward_id = v_reward.id AND rv.version = v_reward.version;
+    v_reward := x.rw;
+    v := x.rv;
+    v_credit := x.credit;
     IF v_at < v.valid_from OR v_at >= v.valid_until THEN
         RAISE EXCEPTION 'reward "%" is not available at %', reward, v_at
             USING ERRCODE = 'LY031',
@@ -533,9 +547,6 @@ BEGIN
     END IF;
 
     v_points := v.cost::bigint * quantity;
-    SELECT a.id INTO v_credit FROM loyalty.account a
-    WHERE a.program_id = m.program_id AND a.kind = CASE WHEN v.charity IS NULL THEN 'redemption' ELSE 'donation' END
-      AND a.name = coalesce(v.charity, '');
     v_transfer := loyalty._redemption_post(m.program_id, 'redeem', ref, m.account_id, v_credit, true, false,
                                            v_points, v_at, NULL, NULL, format('member "%s"', member_ref),
                                            NULL, NULL);
@@ -671,7 +682,7 @@ BEGIN
     -- Resolve the hold first: the capture then spends points no hold covers.
     UPDATE loyalty.account a SET held = a.held - h.amount WHERE a.id = h.account_id;
     SELECT a.id INTO v_credit FROM loyalty.account a
-    WHERE a.program_id = h.program_id AND a.kind = 'redemption' AND a.name = '';
+    WHERE a.program_id = h.program_id AND a.kind <> 'member' AND a.kind = 'redemption' AND a.name = '';
     SELECT mm.member_ref INTO v_member FROM loyalty.member mm JOIN loyalty.account a ON a.member_id = mm.id
     WHERE a.id = h.account_id;
     h.transfer_id := loyalty._redemption_post(h.program_id, 'capture', ref, h.account_id, v_credit, true, false,
@@ -802,7 +813,7 @@ BEGIN
     PERFORM loyalty._check_ref(ref);
     m := loyalty._redemption_member(program, member_ref, false);
     SELECT a.id INTO v_charity FROM loyalty.account a
-    WHERE a.program_id = m.program_id AND a.kind = 'donation' AND a.name = charity AND a.name <> '';
+    WHERE a.program_id = m.program_id AND a.kind <> 'member' AND a.kind = 'donation' AND a.name = charity AND a.name <> '';
     IF v_charity IS NULL THEN
         RAISE EXCEPTION 'charity "%" does not exist in program "%"', charity, program
             USING ERRCODE = 'LY042', HINT = 'Register it with loyalty.add_charity().';
