@@ -937,3 +937,15 @@ BEGIN
     DO UPDATE SET stars = excluded.stars, comment = excluded.comment, rated_at = now();
 END $$;
 COMMENT ON FUNCTION loyalty.rate_reward(text, text, text, integer, text) IS 'Rates a reward the member redeemed, 1 to 5 stars with an optional comment; rating again replaces the rating';
+
+-- The internal functions post or lock without the API's checks: only the
+-- API (SECURITY DEFINER, owned by the extension's owner) and the job runner
+-- call them.
+REVOKE ALL ON FUNCTION loyalty._redemption_post(bigint, text, text, bigint, bigint, boolean, boolean, bigint,
+                                                timestamptz, text, timestamptz, text, bigint[], bigint[]),
+                       loyalty._job_release_holds(timestamptz, integer),
+                       loyalty._lock_hold(text, text),
+                       loyalty._redemption_member(text, text, boolean),
+                       loyalty._available_for_hold(bigint, timestamptz),
+                       loyalty._voucher_code()
+    FROM PUBLIC;
