@@ -168,7 +168,7 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION loyalty._check_ref(text) IS 'Internal: a ref is 1 to 200 characters (22004, 22023)';
 
-CREATE FUNCTION loyalty._check_points(p_what text, p_points loyalty.points) RETURNS bigint
+CREATE FUNCTION loyalty._check_amount(p_what text, p_points loyalty.points) RETURNS bigint
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
     IF p_points IS NULL THEN
@@ -180,7 +180,7 @@ BEGIN
     END IF;
     RETURN p_points::bigint;
 END $$;
-COMMENT ON FUNCTION loyalty._check_points(text, loyalty.points) IS 'Internal: a positive number of points (22004, 22023)';
+COMMENT ON FUNCTION loyalty._check_amount(text, loyalty.points) IS 'Internal: a positive number of points (22004, 22023)';
 
 -- A member of a program, resolved with the precise errors of the ledger
 -- (LY002 unknown program, LY003 unknown member, LY004 not active); with
@@ -233,7 +233,9 @@ LANGUAGE sql STABLE AS $$
                      WHERE l.account_id = p_account AND l.remaining > 0
                        AND l.occurred_at <= p_at AND l.vests_at <= p_at
                        AND (l.expires_at IS NULL OR l.expires_at > p_at)
-                       AND p_at < coalesce(loyalty._rolling_deadline(p_account, p_at), 'infinity')), 0)
+                       AND (NOT EXISTS (SELECT FROM loyalty.account a JOIN loyalty.program p ON p.id = a.program_id
+                                        WHERE a.id = p_account AND p.options #>> '{expiry,policy}' = 'rolling')
+                            OR p_at < coalesce(loyalty._rolling_deadline(p_account, p_at), 'infinity'))), 0)
            - (SELECT a.held::bigint FROM loyalty.account a WHERE a.id = p_account)
 $$;
 COMMENT ON FUNCTION loyalty._available_for_hold(bigint, timestamptz) IS 'Internal: the points a member can still spend or hold at a moment: open lots less active holds';
@@ -320,7 +322,7 @@ BEGIN
     IF btrim(name) = '' THEN
         RAISE EXCEPTION 'reward name must not be empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    PERFORM loyalty._check_points('cost', cost);
+    PERFORM loyalty._check_amount('cost', cost);
     IF jsonb_typeof(o) <> 'object' THEN
         PERFORM loyalty._bad_reward_option('$', 'expected a JSON object');
     END IF;
@@ -587,7 +589,7 @@ RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_c
 DECLARE
     m record;
     h loyalty.hold;
-    v_points bigint := loyalty._check_points('points', points);
+    v_points bigint := loyalty._check_amount('points', points);
     v_at timestamptz := coalesce(occurred_at, now());
     v_available bigint;
 BEGIN
@@ -657,7 +659,7 @@ DECLARE
     v_credit bigint;
     v_member text;
 BEGIN
-    v_points := CASE WHEN points IS NULL THEN h.amount::bigint ELSE loyalty._check_points('points', points) END;
+    v_points := CASE WHEN points IS NULL THEN h.amount::bigint ELSE loyalty._check_amount('points', points) END;
     IF h.state = 'captured' THEN
         IF v_points <> h.captured::bigint AND points IS NOT NULL THEN
             RAISE EXCEPTION 'hold "%" was already captured with a different amount', ref
@@ -806,7 +808,7 @@ CREATE FUNCTION loyalty.donate(program text, member_ref text, charity text, poin
 RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
 #variable_conflict use_variable
 DECLARE
-    v_points bigint := loyalty._check_points('points', points);
+    v_points bigint := loyalty._check_amount('points', points);
     m record;
     v_charity bigint;
 BEGIN
@@ -829,7 +831,7 @@ CREATE FUNCTION loyalty.transfer_points(program text, from_member text, to_membe
 RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
 #variable_conflict use_variable
 DECLARE
-    v_points bigint := loyalty._check_points('points', points);
+    v_points bigint := loyalty._check_amount('points', points);
     v_at timestamptz := coalesce(occurred_at, now());
     f record;
     t record;
@@ -938,14 +940,3 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION loyalty.rate_reward(text, text, text, integer, text) IS 'Rates a reward the member redeemed, 1 to 5 stars with an optional comment; rating again replaces the rating';
 
--- The internal functions post or lock without the API's checks: only the
--- API (SECURITY DEFINER, owned by the extension's owner) and the job runner
--- call them.
-REVOKE ALL ON FUNCTION loyalty._redemption_post(bigint, text, text, bigint, bigint, boolean, boolean, bigint,
-                                                timestamptz, text, timestamptz, text, bigint[], bigint[]),
-                       loyalty._job_release_holds(timestamptz, integer),
-                       loyalty._lock_hold(text, text),
-                       loyalty._redemption_member(text, text, boolean),
-                       loyalty._available_for_hold(bigint, timestamptz),
-                       loyalty._voucher_code()
-    FROM PUBLIC;
