@@ -592,6 +592,7 @@ DECLARE
     v_points bigint := loyalty._check_amount('points', points);
     v_at timestamptz := coalesce(occurred_at, now());
     v_available bigint;
+    v_held bigint;
 BEGIN
     PERFORM loyalty._check_ref(ref);
     IF ttl IS NULL OR ttl <= interval '0' OR ttl > interval '7 days' THEN
@@ -614,10 +615,13 @@ BEGIN
     END IF;
     v_available := loyalty._available_for_hold(m.account_id, v_at);
     IF v_available < v_points THEN
+        SELECT a.held::bigint INTO v_held FROM loyalty.account a WHERE a.id = m.account_id;
         RAISE EXCEPTION 'insufficient points'
             USING ERRCODE = 'LY001',
-                  DETAIL = format('member "%s" has %s points available at %s; %s are needed.',
-                                  member_ref, greatest(v_available, 0), v_at, v_points);
+                  DETAIL = format('member "%s" has %s points available at %s%s; %s are needed.',
+                                  member_ref, greatest(v_available, 0), v_at,
+                                  CASE WHEN v_held > 0 THEN format(' (%s more are held)', v_held) ELSE '' END,
+                                  v_points);
     END IF;
     INSERT INTO loyalty.hold (program_id, account_id, ref, amount, occurred_at, expires_at)
     VALUES (m.program_id, m.account_id, ref, v_points, v_at, v_at + ttl)

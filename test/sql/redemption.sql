@@ -99,6 +99,13 @@ SELECT loyalty.balance('shop', 'ben') AS ben_during, (SELECT held FROM loyalty.a
 -- held points are not available, to a redemption nor to another hold
 SELECT throws_ok($$SELECT loyalty.hold('shop', 'ben', 201, 'h2', '15 minutes', '2025-04-01 12:00')$$, 'LY001', 'insufficient points');
 SELECT throws_ok($$SELECT loyalty.redeem('shop', 'ben', 'mug', 'x', 1, '2025-04-01 12:00')$$, 'LY001', 'insufficient points');
+-- the ledger's debit path says how much is held
+\set VERBOSITY default
+\set SHOW_CONTEXT never
+SELECT loyalty.redeem('shop', 'ben', 'mug', 'x', 1, '2025-04-01 12:00');
+SELECT loyalty.transfer_points('shop', 'ben', 'ann', 250, 'x', '2025-04-01 12:00');
+SELECT loyalty.hold('shop', 'ben', 201, 'h2', '15 minutes', '2025-04-01 12:00');
+\set VERBOSITY terse
 SELECT throws_ok($$SELECT loyalty.hold('shop', 'ben', 301, 'h1')$$, '23505', 'ref "h1" was already used for a different hold');
 SELECT throws_ok($$SELECT loyalty.hold('shop', 'ben', 0, 'x')$$, '22023', 'points must be positive');
 SELECT throws_ok($$SELECT loyalty.hold('shop', 'ben', 1, 'x', '0 minutes')$$, '22023', 'invalid hold ttl 00:00:00');
