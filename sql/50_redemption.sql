@@ -15,6 +15,7 @@ INSERT INTO loyalty.transfer_kind VALUES
     ('capture',       'Points paid at checkout', 'redeem'),
     ('donate',        'Donation',              'redeem'),
     ('redeem_cancel', 'Redemption cancelled',  'redeem'),
+    ('capture_cancel', 'Checkout payment cancelled', 'redeem'),
     ('transfer',      'Points transferred',    'move');
 
 -- ---- tables ----
@@ -88,6 +89,7 @@ CREATE TABLE loyalty.hold (
     captured     loyalty.points,
     transfer_id  bigint,
     resolved_at  timestamptz,
+    cancel_transfer_id bigint,
     UNIQUE (program_id, ref)
 );
 ALTER SEQUENCE loyalty.hold_id_seq OWNED BY loyalty.hold.id;
@@ -869,6 +871,31 @@ COMMENT ON FUNCTION loyalty.transfer_points(text, text, text, loyalty.points, te
 
 -- ---- cancellation ----
 
+-- Cancelling a checkout: the capture of a hold is reversed like a
+-- redemption, restoring exactly the lots it consumed.
+CREATE FUNCTION loyalty._cancel_capture(p_program text, p_ref text) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    h loyalty.hold := loyalty._lock_hold(p_program, p_ref);
+    t loyalty.transfer;
+    v_lots bigint[];
+    v_amounts bigint[];
+BEGIN
+    IF h.cancel_transfer_id IS NOT NULL THEN
+        RETURN h.cancel_transfer_id;
+    END IF;
+    SELECT * INTO t FROM loyalty.transfer x WHERE x.id = h.transfer_id;
+    SELECT array_agg(u.lot_id ORDER BY u.lot_id), array_agg(-u.amount::bigint ORDER BY u.lot_id)
+    INTO v_lots, v_amounts
+    FROM loyalty.lot_use u WHERE u.transfer_id = h.transfer_id;
+    h.cancel_transfer_id := loyalty._redemption_post(h.program_id, 'capture_cancel', p_ref, t.credit_account_id,
+                                                     h.account_id, false, true, t.amount::bigint, now(), NULL,
+                                                     NULL, NULL, v_lots, v_amounts);
+    UPDATE loyalty.hold x SET cancel_transfer_id = h.cancel_transfer_id WHERE x.id = h.id;
+    RETURN h.cancel_transfer_id;
+END $$;
+COMMENT ON FUNCTION loyalty._cancel_capture(text, text) IS 'Internal: reverses the capture of a hold, restoring exactly the lots it consumed; idempotent';
+
 CREATE FUNCTION loyalty.cancel_redemption(program text, ref text)
 RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
 #variable_conflict use_variable
@@ -883,8 +910,12 @@ BEGIN
     PERFORM loyalty._check_ref(ref);
     SELECT * INTO r FROM loyalty.redemption x WHERE x.program_id = v_program AND x.ref = ref;
     IF NOT FOUND THEN
+        IF EXISTS (SELECT FROM loyalty.hold h WHERE h.program_id = v_program AND h.ref = ref
+                   AND h.state = 'captured') THEN
+            RETURN loyalty._cancel_capture(program, ref);
+        END IF;
         RAISE EXCEPTION 'redemption "%" does not exist in program "%"', ref, program
-            USING ERRCODE = 'LY043';
+            USING ERRCODE = 'LY043', HINT = 'Give the ref of a redemption or of a captured hold.';
     END IF;
     PERFORM FROM loyalty.account a WHERE a.id = r.account_id FOR UPDATE;
     SELECT * INTO r FROM loyalty.redemption x WHERE x.id = r.id;
@@ -911,7 +942,7 @@ BEGIN
     WHERE rw.id = r.reward_id AND rw.stock_left IS NOT NULL;
     RETURN v_transfer;
 END $$;
-COMMENT ON FUNCTION loyalty.cancel_redemption(text, text) IS 'Cancels a redemption: restores exactly the lots it consumed (original expiry), cancels its unused vouchers and returns the stock; idempotent; returns the reversing transfer id';
+COMMENT ON FUNCTION loyalty.cancel_redemption(text, text) IS 'Cancels a redemption (or the capture of a checkout hold, by its ref): restores exactly the lots it consumed (original expiry), cancels its unused vouchers and returns the stock; idempotent; returns the reversing transfer id';
 
 -- ---- ratings ----
 

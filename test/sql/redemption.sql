@@ -156,6 +156,17 @@ JOIN loyalty.member m ON m.id = a.member_id WHERE m.member_ref = 'cat' ORDER BY 
 SELECT reward, stock_left FROM loyalty.catalogue WHERE reward = 'cap';
 SELECT ref, state FROM loyalty.redemption WHERE ref = 'r-cat';
 SELECT throws_ok($$SELECT loyalty.cancel_redemption('shop', 'nope')$$, 'LY043', 'redemption "nope" does not exist in program "shop"');
+SELECT throws_ok($$SELECT loyalty.cancel_redemption('shop', 'h2')$$, 'LY043', 'redemption "h2" does not exist in program "shop"');
+-- a checkout is cancelled the same way, by the hold's ref: the capture's lots come back
+SELECT loyalty.balance('shop', 'ben') AS ben_before;
+SELECT u.lot_id = l.id AS same_lot, u.amount FROM loyalty.lot_use u JOIN loyalty.transfer t ON t.id = u.transfer_id
+JOIN loyalty.lot l ON l.id = u.lot_id WHERE t.kind = 'capture' AND t.ref = 'h1' ORDER BY u.lot_id;
+SELECT loyalty.cancel_redemption('shop', 'h1') = loyalty.cancel_redemption('shop', 'h1') AS idempotent;
+SELECT loyalty.balance('shop', 'ben') AS ben_after;
+SELECT t.kind, t.amount, u.amount AS lot_amount, l.expires_at FROM loyalty.transfer t
+JOIN loyalty.lot_use u ON u.transfer_id = t.id JOIN loyalty.lot l ON l.id = u.lot_id
+WHERE t.ref = 'h1' ORDER BY t.id, u.lot_id;
+SELECT state, captured, cancel_transfer_id IS NOT NULL AS cancelled FROM loyalty.hold WHERE ref = 'h1';
 -- a cancelled redemption frees the stock and no longer counts toward limits
 SELECT points FROM loyalty.redeem('shop', 'cat', 'cap', 'r-cat-2', 1, '2025-03-02');
 
@@ -181,8 +192,8 @@ SELECT throws_ok($$SELECT loyalty.transfer_points('shop', 'ben', 'ann', 100000, 
 SELECT loyalty.balance('shop', 'ben', '2025-04-06') AS ben, loyalty.balance('shop', 'ann', '2025-04-06') AS ann;
 SELECT loyalty.transfer_points('shop', 'ben', 'ann', 60, 't1', '2025-04-06') = loyalty.transfer_points('shop', 'ben', 'ann', 60, 't1') AS idempotent;
 SELECT loyalty.balance('shop', 'ben', '2025-04-06') AS ben, loyalty.balance('shop', 'ann', '2025-04-06') AS ann;
--- ann's new lot expires when the ben lot it came from does (2125-03-01: the capture spent his January lot),
--- not 100 years after the transfer
+-- ann's new lot expires when the ben lot it came from does (2125-01-15: his January lot, which the
+-- cancelled capture gave back), not 100 years after the transfer
 SELECT l.amount, l.expires_at FROM loyalty.lot l JOIN loyalty.transfer t ON t.id = l.transfer_id WHERE t.ref = 't1';
 
 -- ---- ratings ----
