@@ -221,8 +221,7 @@ BEGIN
     END IF;
     IF v_status <> 'active' THEN
         RAISE EXCEPTION 'member "%" of program "%" is %', p_member_ref, p_program, v_status
-            USING ERRCODE = 'LY004', DETAIL = 'Only active members'' points can change.',
-                  HINT = 'Reactivate the member with loyalty.update_member() first.';
+            USING ERRCODE = 'LY004', DETAIL = 'Only active members'' points can change.';
     END IF;
 END $$;
 COMMENT ON FUNCTION loyalty._redemption_member(text, text, boolean) IS 'Internal: resolves (and with p_lock, locks the account of) an active member, with LY002, LY003, LY004';
@@ -231,14 +230,18 @@ COMMENT ON FUNCTION loyalty._redemption_member(text, text, boolean) IS 'Internal
 -- unexpired lots less the active holds. The caller holds the account lock.
 CREATE FUNCTION loyalty._available_for_hold(p_account bigint, p_at timestamptz) RETURNS bigint
 LANGUAGE sql STABLE AS $$
+    WITH r AS (
+        SELECT a.held::bigint AS held, coalesce(p.options #>> '{expiry,policy}' = 'rolling', false) AS rolling
+        FROM loyalty.account a JOIN loyalty.program p ON p.id = a.program_id
+        WHERE a.id = p_account
+    )
     SELECT coalesce((SELECT sum(l.remaining::bigint) FROM loyalty.lot l
-                     WHERE l.account_id = p_account AND l.remaining > 0
+                     WHERE l.account_id = p_account AND l.remaining::bigint > 0
                        AND l.occurred_at <= p_at AND l.vests_at <= p_at
                        AND (l.expires_at IS NULL OR l.expires_at > p_at)
-                       AND (NOT EXISTS (SELECT FROM loyalty.account a JOIN loyalty.program p ON p.id = a.program_id
-                                        WHERE a.id = p_account AND p.options #>> '{expiry,policy}' = 'rolling')
-                            OR p_at < coalesce(loyalty._rolling_deadline(p_account, p_at), 'infinity'))), 0)
-           - (SELECT a.held::bigint FROM loyalty.account a WHERE a.id = p_account)
+                       AND (NOT r.rolling OR p_at < loyalty._rolling_lapse(p_account, l.occurred_at, p_at))), 0)
+           - r.held
+    FROM r
 $$;
 COMMENT ON FUNCTION loyalty._available_for_hold(bigint, timestamptz) IS 'Internal: the points a member can still spend or hold at a moment: open lots less active holds';
 
@@ -293,7 +296,7 @@ COMMENT ON FUNCTION loyalty._tier_rank(bigint, text) IS 'Internal: the rank of a
 
 CREATE FUNCTION loyalty.add_reward(program text, code text, name text, cost loyalty.points,
                                    options jsonb DEFAULT '{}')
-RETURNS integer LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+RETURNS integer LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 #variable_conflict use_variable
 DECLARE
     v_program bigint;
@@ -417,7 +420,7 @@ END $$;
 COMMENT ON FUNCTION loyalty.add_reward(text, text, text, loyalty.points, jsonb) IS 'Adds a reward to the catalogue, or a new version of it when the definition differs (the same definition again changes nothing); returns the version';
 
 CREATE FUNCTION loyalty.add_charity(program text, charity text)
-RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
     v_program bigint := loyalty._program_id(program);
     v_id bigint;
@@ -466,7 +469,7 @@ COMMENT ON COLUMN loyalty.catalogue.rating_count IS 'Number of ratings';
 CREATE FUNCTION loyalty.redeem(program text, member_ref text, reward text, ref text, quantity integer DEFAULT 1,
                                occurred_at timestamptz DEFAULT now())
 RETURNS TABLE (redemption_id bigint, points loyalty.points, vouchers text[])
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 #variable_conflict use_variable
 DECLARE
     m record;
@@ -586,7 +589,7 @@ COMMENT ON FUNCTION loyalty.redeem(text, text, text, text, integer, timestamptz)
 
 CREATE FUNCTION loyalty.hold(program text, member_ref text, points loyalty.points, ref text,
                              ttl interval DEFAULT '15 minutes', occurred_at timestamptz DEFAULT now())
-RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 #variable_conflict use_variable
 DECLARE
     m record;
@@ -656,7 +659,7 @@ COMMENT ON FUNCTION loyalty._lock_hold(text, text) IS 'Internal: a hold by ref, 
 
 CREATE FUNCTION loyalty.capture(program text, ref text, points loyalty.points DEFAULT NULL,
                                 occurred_at timestamptz DEFAULT now())
-RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 #variable_conflict use_variable
 DECLARE
     h loyalty.hold := loyalty._lock_hold(program, ref);
@@ -704,7 +707,7 @@ END $$;
 COMMENT ON FUNCTION loyalty.capture(text, text, loyalty.points, timestamptz) IS 'Posts all (points NULL) or part of a hold and resolves it (the rest goes back); repeating it returns the same transfer id';
 
 CREATE FUNCTION loyalty.release(program text, ref text)
-RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
     h loyalty.hold := loyalty._lock_hold(program, ref);
 BEGIN
@@ -723,7 +726,7 @@ COMMENT ON FUNCTION loyalty.release(text, text) IS 'Returns the points of an act
 
 CREATE FUNCTION loyalty._job_release_holds(as_of timestamptz, batch_size integer)
 RETURNS TABLE (rows bigint, points bigint)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
     v_accounts bigint[];
@@ -765,7 +768,7 @@ COMMENT ON FUNCTION loyalty._job_release_holds(timestamptz, integer) IS 'Job han
 -- ---- vouchers ----
 
 CREATE FUNCTION loyalty.use_voucher(program text, code text, ref text, occurred_at timestamptz DEFAULT now())
-RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 #variable_conflict use_variable
 DECLARE
     v_code text := loyalty._voucher_normalize(code);     -- a typo fails here, before any lookup
@@ -811,7 +814,7 @@ COMMENT ON FUNCTION loyalty.use_voucher(text, text, text, timestamptz) IS 'Marks
 
 CREATE FUNCTION loyalty.donate(program text, member_ref text, charity text, points loyalty.points, ref text,
                                occurred_at timestamptz DEFAULT now())
-RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 #variable_conflict use_variable
 DECLARE
     v_points bigint := loyalty._check_amount('points', points);
@@ -834,7 +837,7 @@ COMMENT ON FUNCTION loyalty.donate(text, text, text, loyalty.points, text, times
 
 CREATE FUNCTION loyalty.transfer_points(program text, from_member text, to_member text, points loyalty.points,
                                         ref text, occurred_at timestamptz DEFAULT now())
-RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 #variable_conflict use_variable
 DECLARE
     v_points bigint := loyalty._check_amount('points', points);
@@ -859,9 +862,12 @@ BEGIN
                sum(l.remaining::bigint) OVER (ORDER BY l.expires_at NULLS LAST, l.occurred_at, l.id)
                    - l.remaining::bigint AS before
         FROM loyalty.lot l
+        JOIN loyalty.program p ON p.id = f.program_id
         WHERE l.account_id = f.account_id AND l.remaining > 0
           AND l.occurred_at <= v_at AND l.vests_at <= v_at
-          AND (l.expires_at IS NULL OR l.expires_at > v_at)) x
+          AND (l.expires_at IS NULL OR l.expires_at > v_at)
+          AND (p.options #>> '{expiry,policy}' IS DISTINCT FROM 'rolling'
+               OR v_at < loyalty._rolling_lapse(f.account_id, l.occurred_at, v_at))) x
     WHERE x.before < v_points;
     RETURN loyalty._redemption_post(f.program_id, 'transfer', ref, f.account_id, t.account_id, true, true,
                                     v_points, v_at, NULL, v_expires, format('member "%s"', from_member),
@@ -897,7 +903,7 @@ END $$;
 COMMENT ON FUNCTION loyalty._cancel_capture(text, text) IS 'Internal: reverses the capture of a hold, restoring exactly the lots it consumed; idempotent';
 
 CREATE FUNCTION loyalty.cancel_redemption(program text, ref text)
-RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 #variable_conflict use_variable
 DECLARE
     v_program bigint := loyalty._program_id(program);
@@ -948,7 +954,7 @@ COMMENT ON FUNCTION loyalty.cancel_redemption(text, text) IS 'Cancels a redempti
 
 CREATE FUNCTION loyalty.rate_reward(program text, member_ref text, reward text, stars integer,
                                     comment text DEFAULT NULL)
-RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 #variable_conflict use_variable
 DECLARE
     m record := loyalty._redemption_member(program, member_ref, false);

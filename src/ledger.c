@@ -20,6 +20,7 @@
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -86,7 +87,13 @@ LedgerPrepare(SPIPlanPtr *slot, const char *sql, int nargs, const Oid *argtypes)
 {
 	if (*slot == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(sql, nargs, (Oid *) argtypes);
+		/*
+		 * A generic plan: these statements are short and their best plan
+		 * does not depend on the values, so replanning each call (what the
+		 * plan cache does when a custom plan looks cheaper) is pure cost.
+		 */
+		SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, (Oid *) argtypes,
+											  CURSOR_OPT_GENERIC_PLAN);
 
 		if (plan == NULL)
 			elog(ERROR, "could not prepare \"%s\": %s", sql,
@@ -169,8 +176,7 @@ LedgerResolve(const char *program, const char *member_ref, const char *system_ki
 		ereport(ERROR,
 				(errcode(ERRCODE_LOYALTY_MEMBER_NOT_ACTIVE),
 				 errmsg("member \"%s\" of program \"%s\" is %s", member_ref, program, status),
-				 errdetail("Only active members' points can change."),
-				 errhint("Reactivate the member with loyalty.update_member() first.")));
+				 errdetail("Only active members' points can change.")));
 	LedgerGet(0, 5, &isnull);
 	if (isnull)
 		elog(ERROR, "program \"%s\" has no %s account", program, system_kind);
@@ -295,7 +301,7 @@ LedgerChooseLots(const LedgerPosting *p, LedgerUse *use, int64 held)
 				  " WHERE account_id = $1 AND remaining > 0"
 				  "   AND occurred_at <= $2 AND vests_at <= $2"
 				  "   AND (expires_at IS NULL OR expires_at > $2)"
-				  "   AND (NOT $3 OR $2 < (SELECT coalesce(loyalty._rolling_deadline($1, $2), 'infinity')))"
+				  "   AND (NOT $3 OR $2 < loyalty._rolling_lapse($1, occurred_at, $2))"
 				  " ORDER BY expires_at NULLS LAST, occurred_at, id"
 				  " FOR UPDATE",
 				  3, argtypes);
@@ -417,12 +423,19 @@ LedgerHashDatum(const uint8 *hash)
 	return PointerGetDatum(b);
 }
 
+/*
+ * Who posts: the session user, and the person the application names in
+ * loyalty.actor ("cashier-12 via app"), so that a shared login still says
+ * who acted and the setting cannot hide which login did.
+ */
 static const char *
 LedgerActor(void)
 {
+	char	   *user = GetUserNameFromId(GetSessionUserId(), false);
+
 	if (loyalty_actor != NULL && loyalty_actor[0] != '\0')
-		return loyalty_actor;
-	return GetUserNameFromId(GetSessionUserId(), false);
+		return psprintf("%s via %s", loyalty_actor, user);
+	return user;
 }
 
 /*
@@ -638,7 +651,7 @@ LedgerTimeArg(FunctionCallInfo fcinfo, int n)
 static void
 LedgerCheckRef(const char *ref)
 {
-	if (ref[0] == '\0' || strlen(ref) > 200)
+	if (ref[0] == '\0' || pg_mbstrlen(ref) > 200)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("invalid ref \"%s\"", ref),

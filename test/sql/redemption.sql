@@ -207,6 +207,16 @@ SELECT loyalty.rate_reward('shop', 'ben', 'tree', 5);
 SELECT reward, rating_avg, rating_count FROM loyalty.catalogue ORDER BY reward;
 SELECT stars, comment FROM loyalty.reward_rating ORDER BY reward_id, member_id;
 
+-- ---- a rolling policy: points lapsed by inactivity cannot be held or redeemed ----
+SELECT loyalty.create_program('roll', 'Roll', 'UTC', '{"expiry": {"policy": "rolling", "inactivity": "30 days"}}') > 0 AS program;
+SELECT loyalty.enroll('roll', 'dan', occurred_at => '2025-01-01') > 0 AS enrolled;
+SELECT loyalty.earn('roll', 'dan', 100, 'e-dan', occurred_at => '2025-01-01') > 0 AS earned;
+SELECT loyalty.add_reward('roll', 'pen', 'A pen', 10) AS version;
+SELECT throws_ok($$SELECT loyalty.hold('roll', 'dan', 10, 'h-late', '15 minutes', '2025-03-01')$$, 'LY001', 'insufficient points');
+SELECT throws_ok($$SELECT loyalty.redeem('roll', 'dan', 'pen', 'r-late', 1, '2025-03-01')$$, 'LY001', 'insufficient points');
+SELECT loyalty.hold('roll', 'dan', 10, 'h-early', '15 minutes', '2025-01-20') > 0 AS held;
+SELECT points FROM loyalty.redeem('roll', 'dan', 'pen', 'r-early', 1, '2025-01-20');
+
 -- ---- the books ----
 SELECT * FROM loyalty.verify_chain('shop');
 -- every member's posted balance is the sum of its lots, and nothing is negative
