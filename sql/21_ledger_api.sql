@@ -446,7 +446,10 @@ COMMENT ON AGGREGATE loyalty.chain(bytea, boolean, bigint, bigint, bigint, loyal
 
 CREATE FUNCTION loyalty.balance(program text, member_ref text, as_of timestamptz DEFAULT now())
 RETURNS loyalty.points LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
-    SELECT coalesce(loyalty.sum(l.remaining), 0)
+    SELECT greatest(coalesce(loyalty.sum(l.remaining), 0)
+                    - coalesce((SELECT h.held FROM loyalty.account h
+                                WHERE h.id = (SELECT loyalty._account_of(program, member_ref))
+                                  AND coalesce(as_of, now()) >= now()), 0), 0)
     FROM (SELECT coalesce(as_of, now()) AS t) a,
          loyalty._lots_as_of((SELECT loyalty._account_of(program, member_ref)), a.t) l
     WHERE l.vests_at <= a.t AND (l.expires_at IS NULL OR a.t < l.expires_at)
@@ -476,7 +479,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_t
         LEFT JOIN loyalty.transfer_kind k ON k.kind = t.kind
         GROUP BY k.class
     )
-    SELECT coalesce((SELECT loyalty.sum(remaining) FROM lots WHERE vests_at <= as_of), 0),
+    SELECT greatest(coalesce((SELECT loyalty.sum(remaining) FROM lots WHERE vests_at <= as_of), 0)
+                    - CASE WHEN as_of >= now() THEN a.held ELSE 0 END, 0),
            coalesce((SELECT loyalty.sum(remaining) FROM lots WHERE vests_at > as_of), 0),
            a.held,
            coalesce((SELECT loyalty.sum(remaining) FROM lots

@@ -53,6 +53,7 @@ typedef struct LedgerSide
 {
 	bool		has_prev;
 	uint8		prev[CHAIN_HASH_LEN];
+	int64		held;			/* points reserved by active holds */
 } LedgerSide;
 
 /* The lots a posting consumes or restores, and what that does to balances. */
@@ -199,7 +200,7 @@ LedgerLock(int64 account, LedgerSide *side)
 	Datum		d;
 
 	LedgerPrepare(&plan_lock,
-				  "SELECT last_hash FROM loyalty.account WHERE id = $1 FOR UPDATE",
+				  "SELECT last_hash, held::bigint FROM loyalty.account WHERE id = $1 FOR UPDATE",
 				  1, argtypes);
 	LedgerExpect(SPI_execute_plan(plan_lock, &arg, NULL, false, 1), SPI_OK_SELECT,
 				 "locking an account");
@@ -215,6 +216,7 @@ LedgerLock(int64 account, LedgerSide *side)
 			elog(ERROR, "account " INT64_FORMAT " has a malformed last hash", account);
 		memcpy(side->prev, VARDATA_ANY(prev), CHAIN_HASH_LEN);
 	}
+	side->held = LedgerGetInt64(0, 2);
 }
 
 /* How an account is named in messages: the member_ref or the account kind. */
@@ -282,10 +284,11 @@ LedgerFindExisting(const LedgerPosting *p, int64 *id)
 /*
  * Choose the debit member's lots to consume, earliest expiry first, among
  * those available at the posting's business time. Refuses a debit beyond
- * what is available; nothing has been written yet when it does.
+ * what is available; nothing has been written yet when it does. Points
+ * reserved by active holds (held) are not available.
  */
 static void
-LedgerChooseLots(const LedgerPosting *p, LedgerUse *use)
+LedgerChooseLots(const LedgerPosting *p, LedgerUse *use, int64 held)
 {
 	static const Oid argtypes[] = {INT8OID, TIMESTAMPTZOID, BOOLOID};
 	Datum		args[3];
@@ -332,12 +335,20 @@ LedgerChooseLots(const LedgerPosting *p, LedgerUse *use)
 		else
 			use->from_available += take;
 	}
-	if (need > 0)
+	if (need > 0 && held == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_LOYALTY_INSUFFICIENT_POINTS),
 				 errmsg("insufficient points"),
 				 errdetail("%s has " INT64_FORMAT " points available at %s; " INT64_FORMAT " are needed.",
 						   p->debit_label, available, timestamptz_to_str(p->occurred_at), p->amount)));
+	if (need > 0 || available - held < p->amount)
+		ereport(ERROR,
+				(errcode(ERRCODE_LOYALTY_INSUFFICIENT_POINTS),
+				 errmsg("insufficient points"),
+				 errdetail("%s has " INT64_FORMAT " points available at %s (" INT64_FORMAT " more are held); "
+						   INT64_FORMAT " are needed.",
+						   p->debit_label, Max(available - held, 0), timestamptz_to_str(p->occurred_at),
+						   held, p->amount)));
 }
 
 /*
@@ -485,7 +496,7 @@ LedgerPost(const LedgerPosting *p, bool *replayed)
 	if (p->nuses > 0)
 		LedgerNamedLots(p, &use);
 	else if (p->debit_is_member)
-		LedgerChooseLots(p, &use);
+		LedgerChooseLots(p, &use, debit.held);
 
 	if (restore)
 	{
