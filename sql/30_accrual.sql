@@ -145,7 +145,7 @@ AS 'MODULE_PATHNAME', 'accrual_rules_changed' LANGUAGE C;
 COMMENT ON FUNCTION loyalty._rules_changed() IS 'Internal: tells every backend to drop its compiled earning rules (a relcache invalidation of loyalty.earning_rule)';
 
 CREATE FUNCTION loyalty.set_earning_rules(program text, rules jsonb, effective_from timestamptz, note text DEFAULT NULL)
-RETURNS integer LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+RETURNS integer LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
     v_program bigint;
     v_version integer;
@@ -186,16 +186,16 @@ CREATE FUNCTION loyalty.accrue(program text, member_ref text, amount numeric, re
                                occurred_at timestamptz DEFAULT now(), category text DEFAULT NULL,
                                channel text DEFAULT NULL, store text DEFAULT NULL, attrs jsonb DEFAULT '{}')
 RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_accrue'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog;
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp;
 COMMENT ON FUNCTION loyalty.accrue(text, text, numeric, text, timestamptz, text, text, text, jsonb) IS 'Posts the points of one purchase by the rules in force at occurred_at; idempotent on ref; returns the points earned';
 
 CREATE FUNCTION loyalty.refund(program text, ref text, amount numeric DEFAULT NULL, refund_ref text DEFAULT NULL)
 RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_refund'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog;
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp;
 COMMENT ON FUNCTION loyalty.refund(text, text, numeric, text) IS 'Claws back the points of a purchase in proportion to the amount returned (NULL: all that is left); idempotent on refund_ref (default: the purchase ref); returns the points clawed back';
 
 CREATE FUNCTION loyalty.explain_accrual(program text, ref text)
-RETURNS jsonb LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+RETURNS jsonb LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
     v_program bigint := loyalty._program_id(program);
     v jsonb;
@@ -223,14 +223,14 @@ COMMENT ON FUNCTION loyalty.explain_accrual(text, text) IS 'How the points of a 
 
 CREATE FUNCTION loyalty._accrual_trigger() RETURNS trigger
 AS 'MODULE_PATHNAME', 'accrual_trigger'
-LANGUAGE C SECURITY DEFINER SET search_path = loyalty, pg_catalog;
+LANGUAGE C SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp;
 COMMENT ON FUNCTION loyalty._accrual_trigger() IS 'Internal: statement-level trigger that posts (or refunds) a whole statement''s purchases set-based';
 
 CREATE FUNCTION loyalty.attach_accrual(source regclass, program text, member_column name, amount_column name,
                                        ref_column name, occurred_at_column name DEFAULT NULL,
                                        category_column name DEFAULT NULL, channel_column name DEFAULT NULL,
                                        store_column name DEFAULT NULL)
-RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
     v_program bigint;
     v_col name;
@@ -271,7 +271,7 @@ END $$;
 COMMENT ON FUNCTION loyalty.attach_accrual(regclass, text, name, name, name, name, name, name, name) IS 'Puts accrual triggers on an application''s purchase table: INSERT earns, DELETE or an amount lowered by UPDATE refunds; bad rows go to the quarantine';
 
 CREATE FUNCTION loyalty.detach_accrual(source regclass)
-RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 BEGIN
     DELETE FROM loyalty.accrual_source s WHERE s.source = detach_accrual.source;
     IF NOT FOUND THEN
@@ -301,7 +301,7 @@ REVOKE ALL ON loyalty.quarantine_summary FROM PUBLIC;
 
 CREATE FUNCTION loyalty.replay_quarantine(program text, source regclass DEFAULT NULL)
 RETURNS TABLE (replayed bigint, still_quarantined bigint)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
     v_program bigint := loyalty._program_id(program);
     q loyalty.accrual_quarantine;
@@ -350,5 +350,5 @@ COMMENT ON FUNCTION loyalty.replay_quarantine(text, regclass) IS 'Retries every 
 CREATE FUNCTION loyalty.simulate_accrual(program text, rules jsonb, from_ts timestamptz, to_ts timestamptz)
 RETURNS TABLE (rule text, purchases bigint, points bigint)
 AS 'MODULE_PATHNAME', 'loyalty_simulate_accrual'
-LANGUAGE C STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog;
+LANGUAGE C STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp;
 COMMENT ON FUNCTION loyalty.simulate_accrual(text, jsonb, timestamptz, timestamptz) IS 'What a draft rules document would have issued for the purchases posted between from_ts and to_ts: per multiplier, bonus and cap (purchases it applied to, points it added or cut) and in total, next to what was posted; posts nothing';

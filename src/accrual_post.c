@@ -70,18 +70,19 @@ typedef struct AccrualDayEntry
 } AccrualDayEntry;
 
 /*
- * Prepare and keep a plan; a generic one when asked (a statement of a few
- * rows runs often, and replanning it each time would cost more than running
- * it), otherwise the plan cache's choice (a bulk statement is planned with
- * its real sizes).
+ * Prepare and keep a plan with the given cursor options:
+ * CURSOR_OPT_GENERIC_PLAN for a statement of a few rows that runs often
+ * (replanning it each time would cost more than running it),
+ * CURSOR_OPT_CUSTOM_PLAN for a bulk statement (planned with its real
+ * sizes), 0 to leave the choice to the plan cache (LedgerPrepare always
+ * asks for generic plans).
  */
 SPIPlanPtr
-AccrualPrepare(SPIPlanPtr *slot, bool generic, const char *sql, int nargs, const Oid *argtypes)
+AccrualPrepare(SPIPlanPtr *slot, int options, const char *sql, int nargs, const Oid *argtypes)
 {
 	if (*slot == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, (Oid *) argtypes,
-											  generic ? CURSOR_OPT_GENERIC_PLAN : CURSOR_OPT_CUSTOM_PLAN);
+		SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, (Oid *) argtypes, options);
 
 		if (plan == NULL)
 			elog(ERROR, "could not prepare \"%s\": %s", sql, SPI_result_code_string(SPI_result));
@@ -584,7 +585,8 @@ AccrualWrite(AccrualBatch *b)
 		args[4 + c] = AccrualArray(cols[c], nulls[c], n, types[c]);
 
 	MemoryContextSwitchTo(old);
-	AccrualPrepare(n <= ACCRUAL_SMALL ? &plan_post_small : &plan_post, n <= ACCRUAL_SMALL,
+	AccrualPrepare(n <= ACCRUAL_SMALL ? &plan_post_small : &plan_post,
+				   n <= ACCRUAL_SMALL ? CURSOR_OPT_GENERIC_PLAN : CURSOR_OPT_CUSTOM_PLAN,
 				   "WITH s AS ("
 				  "  SELECT * FROM unnest($5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
 				  "    AS s(ref, member_id, account_id, amount, occurred_at, day, category, channel, store,"
@@ -908,7 +910,7 @@ loyalty_accrue(PG_FUNCTION_ARGS)
 	}
 
 	AccrualEnrollUnknown(&b, ACCRUE_SOURCE, args, nulls, 10, (Oid *) argtypes);
-	LedgerPrepare(&plan_accrue_read, AccrualReadSql(ACCRUE_SOURCE), 10, argtypes);
+	AccrualPrepare(&plan_accrue_read, 0, AccrualReadSql(ACCRUE_SOURCE), 10, argtypes);
 	AccrualExpect(SPI_execute_plan(plan_accrue_read, args, nulls, false, 0), SPI_OK_SELECT,
 				  "reading the purchase");
 	AccrualReadRows(&b);

@@ -66,7 +66,7 @@ typedef struct AccrualBatch
 /* Batches of at most this many rows use generic plans. */
 #define ACCRUAL_SMALL 16
 
-extern SPIPlanPtr AccrualPrepare(SPIPlanPtr *slot, bool generic, const char *sql, int nargs,
+extern SPIPlanPtr AccrualPrepare(SPIPlanPtr *slot, int options, const char *sql, int nargs,
 								 const Oid *argtypes);
 extern const char *AccrualActor(void);
 extern void AccrualExpect(int got, int expected, const char *what);

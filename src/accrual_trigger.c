@@ -125,10 +125,7 @@ AccrualSourcePlan(const char *sql, bool custom, int nargs, const Oid *argtypes)
 		plan_sql[0] = NULL;
 	}
 	plan_read[free_slot] = NULL;
-	if (custom)
-		AccrualPrepare(&plan_read[free_slot], false, sql, nargs, argtypes);
-	else
-		LedgerPrepare(&plan_read[free_slot], sql, nargs, argtypes);
+	AccrualPrepare(&plan_read[free_slot], custom ? CURSOR_OPT_CUSTOM_PLAN : 0, sql, nargs, argtypes);
 	plan_sql[free_slot] = MemoryContextStrdup(TopMemoryContext, sql);
 	plan_custom[free_slot] = custom;
 	return plan_read[free_slot];
