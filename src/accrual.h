@@ -16,7 +16,6 @@
 #define ERRCODE_LOYALTY_UNKNOWN_PURCHASE	MAKE_SQLSTATE('L','Y','0','1','1')
 #define ERRCODE_LOYALTY_REFUND_EXCEEDS		MAKE_SQLSTATE('L','Y','0','1','2')
 #define ERRCODE_LOYALTY_ATTACHMENT			MAKE_SQLSTATE('L','Y','0','1','3')
-#define ERRCODE_LOYALTY_BAD_PURCHASE		MAKE_SQLSTATE('L','Y','0','1','4')
 
 /* A condition: every key given must match; within a key, any value. */
 typedef struct AccrualCond
