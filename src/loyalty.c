@@ -6,6 +6,7 @@
 #include "fmgr.h"
 #include "utils/guc.h"
 
+#include "accrual.h"
 #include "ledger.h"
 
 PG_MODULE_MAGIC;
@@ -16,5 +17,6 @@ void
 _PG_init(void)
 {
 	LedgerInit();
+	AccrualInit();
 	MarkGUCPrefixReserved("loyalty");
 }

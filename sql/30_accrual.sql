@@ -1,0 +1,354 @@
+-- Accrual: versioned earning rules, purchases, refunds, triggers on the
+-- application's own purchase table, quarantine (docs/accrual.md).
+
+INSERT INTO loyalty.transfer_kind VALUES
+    ('accrual',  'Points for a purchase',         'earn'),
+    ('refund',   'Points taken back for a return', 'adjust'),
+    ('recover',  'Refund debt recovered',          'adjust');
+
+CREATE SEQUENCE loyalty.earning_rule_id_seq;
+CREATE TABLE loyalty.earning_rule (
+    id             bigint PRIMARY KEY DEFAULT nextval('loyalty.earning_rule_id_seq'),
+    program_id     bigint NOT NULL REFERENCES loyalty.program,
+    version        integer NOT NULL,
+    effective_from timestamptz NOT NULL,
+    rules          jsonb NOT NULL,
+    note           text,
+    author         text NOT NULL DEFAULT session_user,
+    created_at     timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (program_id, version)
+);
+ALTER SEQUENCE loyalty.earning_rule_id_seq OWNED BY loyalty.earning_rule.id;
+CREATE INDEX earning_rule_effective_idx ON loyalty.earning_rule (program_id, effective_from);
+COMMENT ON TABLE loyalty.earning_rule IS 'Versioned earning rules of a program: a purchase is earned by the latest version whose effective_from is at or before its occurred_at';
+
+CREATE SEQUENCE loyalty.accrual_id_seq;
+CREATE TABLE loyalty.accrual (
+    id              bigint PRIMARY KEY DEFAULT nextval('loyalty.accrual_id_seq'),
+    program_id      bigint NOT NULL,
+    ref             text NOT NULL,
+    member_id       bigint NOT NULL,
+    account_id      bigint NOT NULL,
+    amount          numeric NOT NULL,
+    occurred_at     timestamptz NOT NULL,
+    day             date NOT NULL,
+    category        text,
+    channel         text,
+    store           text,
+    attrs           jsonb NOT NULL DEFAULT '{}',
+    rule_version    integer NOT NULL,
+    points          bigint NOT NULL,
+    vests_at        timestamptz NOT NULL,
+    expires_at      timestamptz,
+    breakdown       jsonb NOT NULL,
+    refunded_amount numeric NOT NULL DEFAULT 0,
+    refunded_points bigint NOT NULL DEFAULT 0,
+    posted_at       timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (program_id, ref)
+);
+ALTER SEQUENCE loyalty.accrual_id_seq OWNED BY loyalty.accrual.id;
+CREATE INDEX accrual_account_day_idx ON loyalty.accrual (account_id, day);
+CREATE INDEX accrual_program_time_idx ON loyalty.accrual (program_id, occurred_at);
+COMMENT ON TABLE loyalty.accrual IS 'Every purchase posted by accrual: what it was, the rule version, points and their breakdown, and how much of it was refunded';
+
+CREATE TABLE loyalty.accrual_refund (
+    program_id   bigint NOT NULL,
+    refund_ref   text NOT NULL,
+    purchase_ref text NOT NULL,
+    amount       numeric NOT NULL,
+    points       bigint NOT NULL,
+    taken        bigint NOT NULL,
+    shortfall    bigint NOT NULL,
+    occurred_at  timestamptz NOT NULL,
+    PRIMARY KEY (program_id, refund_ref)
+);
+COMMENT ON TABLE loyalty.accrual_refund IS 'Each refund of a purchase: amount returned, points clawed back (taken from lots) and the shortfall recorded as debt';
+
+CREATE SEQUENCE loyalty.accrual_debt_id_seq;
+CREATE TABLE loyalty.accrual_debt (
+    id          bigint PRIMARY KEY DEFAULT nextval('loyalty.accrual_debt_id_seq'),
+    program_id  bigint NOT NULL,
+    account_id  bigint NOT NULL,
+    refund_ref  text NOT NULL,
+    amount      bigint NOT NULL CHECK (amount > 0),
+    outstanding bigint NOT NULL CHECK (outstanding >= 0),
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+ALTER SEQUENCE loyalty.accrual_debt_id_seq OWNED BY loyalty.accrual_debt.id;
+CREATE INDEX accrual_debt_open_idx ON loyalty.accrual_debt (account_id) WHERE outstanding > 0;
+COMMENT ON TABLE loyalty.accrual_debt IS 'Points a refund could not claw back because the member had spent them; recovered from later earnings';
+
+CREATE TABLE loyalty.accrual_campaign (
+    program_id bigint NOT NULL,
+    campaign   text NOT NULL,
+    used       bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (program_id, campaign)
+);
+COMMENT ON TABLE loyalty.accrual_campaign IS 'Campaign bonus points granted so far, against the campaign''s budget';
+
+CREATE TABLE loyalty.accrual_source (
+    source          regclass PRIMARY KEY,
+    program_id      bigint NOT NULL REFERENCES loyalty.program,
+    member_column   name NOT NULL,
+    amount_column   name NOT NULL,
+    ref_column      name NOT NULL,
+    occurred_at_column name,
+    category_column name,
+    channel_column  name,
+    store_column    name,
+    attached_at     timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE loyalty.accrual_source IS 'Application tables with accrual triggers attached, and which of their columns hold the purchase';
+
+CREATE SEQUENCE loyalty.accrual_quarantine_id_seq;
+CREATE TABLE loyalty.accrual_quarantine (
+    id             bigint PRIMARY KEY DEFAULT nextval('loyalty.accrual_quarantine_id_seq'),
+    program_id     bigint NOT NULL,
+    source         regclass,
+    ref            text,
+    member_ref     text,
+    row_data       jsonb NOT NULL,
+    reason         text NOT NULL,
+    sqlstate       text NOT NULL,
+    quarantined_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    replayed_at    timestamptz,
+    attempts       integer NOT NULL DEFAULT 0
+);
+ALTER SEQUENCE loyalty.accrual_quarantine_id_seq OWNED BY loyalty.accrual_quarantine.id;
+CREATE INDEX accrual_quarantine_open_idx ON loyalty.accrual_quarantine (program_id, id) WHERE replayed_at IS NULL;
+COMMENT ON TABLE loyalty.accrual_quarantine IS 'Rows of an application''s purchase table that could not earn (unknown member, bad amount, no ref, ...): the reason, the row, when; replay_quarantine() retries them';
+
+SELECT pg_catalog.pg_extension_config_dump('loyalty.earning_rule', '');
+SELECT pg_catalog.pg_extension_config_dump('loyalty.earning_rule_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('loyalty.accrual', '');
+SELECT pg_catalog.pg_extension_config_dump('loyalty.accrual_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('loyalty.accrual_refund', '');
+SELECT pg_catalog.pg_extension_config_dump('loyalty.accrual_debt', '');
+SELECT pg_catalog.pg_extension_config_dump('loyalty.accrual_debt_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('loyalty.accrual_campaign', '');
+SELECT pg_catalog.pg_extension_config_dump('loyalty.accrual_source', '');
+SELECT pg_catalog.pg_extension_config_dump('loyalty.accrual_quarantine', '');
+SELECT pg_catalog.pg_extension_config_dump('loyalty.accrual_quarantine_id_seq', '');
+REVOKE ALL ON loyalty.earning_rule, loyalty.accrual, loyalty.accrual_refund, loyalty.accrual_debt,
+              loyalty.accrual_campaign, loyalty.accrual_source, loyalty.accrual_quarantine FROM PUBLIC;
+REVOKE ALL ON SEQUENCE loyalty.earning_rule_id_seq, loyalty.accrual_id_seq, loyalty.accrual_debt_id_seq,
+              loyalty.accrual_quarantine_id_seq FROM PUBLIC;
+
+-- ---- rules ----
+
+CREATE FUNCTION loyalty._check_rules(rules jsonb) RETURNS void
+AS 'MODULE_PATHNAME', 'accrual_check_rules' LANGUAGE C STRICT;
+COMMENT ON FUNCTION loyalty._check_rules(jsonb) IS 'Internal: validates an earning rules document by compiling it, raising 22023 with the JSON path of the first problem';
+
+CREATE FUNCTION loyalty._rules_changed() RETURNS void
+AS 'MODULE_PATHNAME', 'accrual_rules_changed' LANGUAGE C;
+COMMENT ON FUNCTION loyalty._rules_changed() IS 'Internal: tells every backend to drop its compiled earning rules (a relcache invalidation of loyalty.earning_rule)';
+
+CREATE FUNCTION loyalty.set_earning_rules(program text, rules jsonb, effective_from timestamptz, note text DEFAULT NULL)
+RETURNS integer LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
+DECLARE
+    v_program bigint;
+    v_version integer;
+    v_detail text;
+BEGIN
+    IF program IS NULL OR rules IS NULL OR effective_from IS NULL THEN
+        RAISE EXCEPTION 'program, rules and effective_from must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF NOT isfinite(effective_from) THEN
+        RAISE EXCEPTION 'effective_from must be a finite time' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_program := loyalty._program_id(program);
+    PERFORM loyalty._check_rules(rules);
+    IF rules ? 'expiry' THEN    -- the rest of the expiry shape is the program option's
+        BEGIN
+            PERFORM loyalty._check_options(jsonb_build_object('expiry', rules -> 'expiry'));
+        EXCEPTION WHEN invalid_parameter_value THEN
+            GET STACKED DIAGNOSTICS v_detail = PG_EXCEPTION_DETAIL;
+            RAISE EXCEPTION 'invalid earning rules' USING ERRCODE = 'invalid_parameter_value',
+                DETAIL = v_detail, HINT = 'See the rules document in docs/accrual.md.';
+        END;
+    END IF;
+    -- one version at a time per program: versions are numbered in order
+    PERFORM 1 FROM loyalty.program p WHERE p.id = v_program FOR UPDATE;
+    SELECT coalesce(max(r.version), 0) + 1 INTO v_version
+    FROM loyalty.earning_rule r WHERE r.program_id = v_program;
+    INSERT INTO loyalty.earning_rule (program_id, version, effective_from, rules, note)
+    VALUES (v_program, v_version, set_earning_rules.effective_from, rules, note);
+    PERFORM loyalty._rules_changed();
+    RETURN v_version;
+END $$;
+COMMENT ON FUNCTION loyalty.set_earning_rules(text, jsonb, timestamptz, text) IS 'Validates and adds a new earning rule version in force from effective_from; earlier versions stay; returns the version number';
+
+-- ---- posting ----
+
+CREATE FUNCTION loyalty.accrue(program text, member_ref text, amount numeric, ref text,
+                               occurred_at timestamptz DEFAULT now(), category text DEFAULT NULL,
+                               channel text DEFAULT NULL, store text DEFAULT NULL, attrs jsonb DEFAULT '{}')
+RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_accrue'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp;
+COMMENT ON FUNCTION loyalty.accrue(text, text, numeric, text, timestamptz, text, text, text, jsonb) IS 'Posts the points of one purchase by the rules in force at occurred_at; idempotent on ref; returns the points earned';
+
+CREATE FUNCTION loyalty.refund(program text, ref text, amount numeric DEFAULT NULL, refund_ref text DEFAULT NULL)
+RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_refund'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp;
+COMMENT ON FUNCTION loyalty.refund(text, text, numeric, text) IS 'Claws back the points of a purchase in proportion to the amount returned (NULL: all that is left); idempotent on refund_ref (default: the purchase ref); returns the points clawed back';
+
+CREATE FUNCTION loyalty.explain_accrual(program text, ref text)
+RETURNS jsonb LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
+DECLARE
+    v_program bigint := loyalty._program_id(program);
+    v jsonb;
+BEGIN
+    SELECT a.breakdown || jsonb_build_object(
+               'ref', a.ref, 'member_ref', m.member_ref, 'amount', a.amount,
+               'occurred_at', a.occurred_at, 'category', a.category, 'channel', a.channel,
+               'store', a.store, 'expires_at', a.expires_at,
+               'refunded_amount', a.refunded_amount, 'refunded_points', a.refunded_points,
+               'transfer_id', t.id, 'posted_points', t.amount::bigint)
+      INTO v
+    FROM loyalty.accrual a
+    JOIN loyalty.member m ON m.id = a.member_id
+    LEFT JOIN loyalty.transfer t ON t.program_id = a.program_id AND t.kind = 'accrual' AND t.ref = a.ref
+    WHERE a.program_id = v_program AND a.ref = explain_accrual.ref;
+    IF v IS NULL THEN
+        RAISE EXCEPTION 'purchase "%" does not exist in program "%"', ref, program
+            USING ERRCODE = 'LY011', HINT = 'Purchases are posted by loyalty.accrue() or an attached table.';
+    END IF;
+    RETURN v;
+END $$;
+COMMENT ON FUNCTION loyalty.explain_accrual(text, text) IS 'How the points of a purchase were computed: rule version, base, multipliers and bonuses applied, rounding, caps hit, pending-until, refunds';
+
+-- ---- triggers on the application's table ----
+
+CREATE FUNCTION loyalty._accrual_trigger() RETURNS trigger
+AS 'MODULE_PATHNAME', 'accrual_trigger'
+LANGUAGE C SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp;
+COMMENT ON FUNCTION loyalty._accrual_trigger() IS 'Internal: statement-level trigger that posts (or refunds) a whole statement''s purchases set-based';
+
+CREATE FUNCTION loyalty.attach_accrual(source regclass, program text, member_column name, amount_column name,
+                                       ref_column name, occurred_at_column name DEFAULT NULL,
+                                       category_column name DEFAULT NULL, channel_column name DEFAULT NULL,
+                                       store_column name DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
+DECLARE
+    v_program bigint;
+    v_col name;
+    v_tab text := source::text;
+BEGIN
+    IF source IS NULL OR program IS NULL OR member_column IS NULL OR amount_column IS NULL OR ref_column IS NULL THEN
+        RAISE EXCEPTION 'source, program, member_column, amount_column and ref_column must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    v_program := loyalty._program_id(program);
+    IF (SELECT c.relkind FROM pg_class c WHERE c.oid = source) NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '"%" is not a table', v_tab USING ERRCODE = 'wrong_object_type';
+    END IF;
+    FOREACH v_col IN ARRAY ARRAY[member_column, amount_column, ref_column, occurred_at_column,
+                                 category_column, channel_column, store_column] LOOP
+        IF v_col IS NOT NULL AND NOT EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = source
+                                             AND a.attname = v_col AND a.attnum > 0 AND NOT a.attisdropped) THEN
+            RAISE EXCEPTION 'column "%" of "%" does not exist', v_col, v_tab
+                USING ERRCODE = 'undefined_column';
+        END IF;
+    END LOOP;
+    IF EXISTS (SELECT FROM loyalty.accrual_source s WHERE s.source = attach_accrual.source) THEN
+        RAISE EXCEPTION 'accrual is already attached to "%"', v_tab
+            USING ERRCODE = 'LY013', HINT = 'Detach it first with loyalty.detach_accrual().';
+    END IF;
+    INSERT INTO loyalty.accrual_source (source, program_id, member_column, amount_column, ref_column,
+                                        occurred_at_column, category_column, channel_column, store_column)
+    VALUES (source, v_program, member_column, amount_column, ref_column, occurred_at_column,
+            category_column, channel_column, store_column);
+    EXECUTE format('CREATE TRIGGER loyalty_accrual_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS loyalty_new'
+                   ' FOR EACH STATEMENT EXECUTE FUNCTION loyalty._accrual_trigger()', v_tab);
+    EXECUTE format('CREATE TRIGGER loyalty_accrual_update AFTER UPDATE ON %s'
+                   ' REFERENCING OLD TABLE AS loyalty_old NEW TABLE AS loyalty_new'
+                   ' FOR EACH STATEMENT EXECUTE FUNCTION loyalty._accrual_trigger()', v_tab);
+    EXECUTE format('CREATE TRIGGER loyalty_accrual_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS loyalty_old'
+                   ' FOR EACH STATEMENT EXECUTE FUNCTION loyalty._accrual_trigger()', v_tab);
+END $$;
+COMMENT ON FUNCTION loyalty.attach_accrual(regclass, text, name, name, name, name, name, name, name) IS 'Puts accrual triggers on an application''s purchase table: INSERT earns, DELETE or an amount lowered by UPDATE refunds; bad rows go to the quarantine';
+
+CREATE FUNCTION loyalty.detach_accrual(source regclass)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
+BEGIN
+    DELETE FROM loyalty.accrual_source s WHERE s.source = detach_accrual.source;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'accrual is not attached to "%"', source::text USING ERRCODE = 'LY013';
+    END IF;
+    EXECUTE format('DROP TRIGGER IF EXISTS loyalty_accrual_insert ON %s', source);
+    EXECUTE format('DROP TRIGGER IF EXISTS loyalty_accrual_update ON %s', source);
+    EXECUTE format('DROP TRIGGER IF EXISTS loyalty_accrual_delete ON %s', source);
+END $$;
+COMMENT ON FUNCTION loyalty.detach_accrual(regclass) IS 'Removes the accrual triggers from an application''s table; what was posted stays';
+
+CREATE VIEW loyalty.quarantine_summary AS
+    SELECT p.code AS program, q.source, q.sqlstate, q.reason, count(*) AS rows,
+           min(q.quarantined_at) AS first_at, max(q.quarantined_at) AS last_at
+    FROM loyalty.accrual_quarantine q JOIN loyalty.program p ON p.id = q.program_id
+    WHERE q.replayed_at IS NULL
+    GROUP BY 1, 2, 3, 4;
+COMMENT ON VIEW loyalty.quarantine_summary IS 'Rows waiting in the accrual quarantine, counted per program, source and reason';
+COMMENT ON COLUMN loyalty.quarantine_summary.program IS 'Program code';
+COMMENT ON COLUMN loyalty.quarantine_summary.source IS 'The application table the rows came from (NULL: the function API)';
+COMMENT ON COLUMN loyalty.quarantine_summary.sqlstate IS 'The SQLSTATE the row would have raised through loyalty.accrue()';
+COMMENT ON COLUMN loyalty.quarantine_summary.reason IS 'Why the rows could not earn';
+COMMENT ON COLUMN loyalty.quarantine_summary.rows IS 'How many rows wait';
+COMMENT ON COLUMN loyalty.quarantine_summary.first_at IS 'When the first of them was quarantined';
+COMMENT ON COLUMN loyalty.quarantine_summary.last_at IS 'When the last of them was quarantined';
+REVOKE ALL ON loyalty.quarantine_summary FROM PUBLIC;
+
+CREATE FUNCTION loyalty.replay_quarantine(program text, source regclass DEFAULT NULL)
+RETURNS TABLE (replayed bigint, still_quarantined bigint)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
+DECLARE
+    v_program bigint := loyalty._program_id(program);
+    q loyalty.accrual_quarantine;
+    s loyalty.accrual_source;
+    v_ok bigint := 0;
+    v_bad bigint := 0;
+    v_state text;
+    v_msg text;
+BEGIN
+    FOR q IN SELECT * FROM loyalty.accrual_quarantine x
+             WHERE x.program_id = v_program AND x.replayed_at IS NULL
+               AND (replay_quarantine.source IS NULL OR x.source = replay_quarantine.source)
+             ORDER BY x.id FOR UPDATE LOOP
+        SELECT * INTO s FROM loyalty.accrual_source x WHERE x.source = q.source;
+        BEGIN
+            IF q.row_data ? 'refund_of' THEN
+                PERFORM loyalty.refund(program, q.row_data ->> 'refund_of', (q.row_data ->> 'amount')::numeric,
+                                       q.row_data ->> 'refund_ref');
+            ELSIF s.source IS NULL THEN
+                RAISE EXCEPTION 'accrual is not attached to "%"', q.source::text USING ERRCODE = 'LY013';
+            ELSE
+                PERFORM loyalty.accrue(program, q.row_data ->> s.member_column,
+                                   (q.row_data ->> s.amount_column)::numeric,
+                                   q.row_data ->> s.ref_column,
+                                   coalesce((q.row_data ->> s.occurred_at_column)::timestamptz, q.quarantined_at),
+                                   q.row_data ->> s.category_column, q.row_data ->> s.channel_column,
+                                   q.row_data ->> s.store_column);
+            END IF;
+            UPDATE loyalty.accrual_quarantine x SET replayed_at = clock_timestamp(), attempts = x.attempts + 1
+            WHERE x.id = q.id;
+            v_ok := v_ok + 1;
+        EXCEPTION WHEN others THEN
+            GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
+            UPDATE loyalty.accrual_quarantine x
+               SET reason = v_msg, sqlstate = v_state, attempts = x.attempts + 1
+            WHERE x.id = q.id;
+            v_bad := v_bad + 1;
+        END;
+    END LOOP;
+    RETURN QUERY SELECT v_ok, v_bad;
+END $$;
+COMMENT ON FUNCTION loyalty.replay_quarantine(text, regclass) IS 'Retries every quarantined row of a program (or of one source) through loyalty.accrue(); rows that now earn are marked replayed, the others keep their new reason';
+
+-- ---- simulation ----
+
+CREATE FUNCTION loyalty.simulate_accrual(program text, rules jsonb, from_ts timestamptz, to_ts timestamptz)
+RETURNS TABLE (rule text, purchases bigint, points bigint)
+AS 'MODULE_PATHNAME', 'loyalty_simulate_accrual'
+LANGUAGE C STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp;
+COMMENT ON FUNCTION loyalty.simulate_accrual(text, jsonb, timestamptz, timestamptz) IS 'What a draft rules document would have issued for the purchases posted between from_ts and to_ts: per multiplier, bonus and cap (purchases it applied to, points it added or cut) and in total, next to what was posted; posts nothing';

@@ -1,0 +1,88 @@
+/*
+ * accrual_post.h: a batch of purchases on its way into the ledger, and the
+ * refunds that take their points back
+ */
+#ifndef LOYALTY_ACCRUAL_POST_H
+#define LOYALTY_ACCRUAL_POST_H
+
+#include "accrual.h"
+#include "utils/hsearch.h"
+
+typedef struct AccrualRow
+{
+	char	   *ref;
+	char	   *member_ref;
+	Datum		amount;			/* numeric */
+	bool		amount_null;
+	double		amount_d;
+	TimestampTz occurred_at;
+	char	   *category;
+	char	   *channel;
+	char	   *store;
+	Datum		attrs;			/* jsonb */
+	bool		attrs_null;
+	int64		member_id;
+	int64		account_id;		/* 0: unknown member */
+	char	   *tier;
+	int			birth_month;	/* 0: unknown */
+	Datum		whole;			/* the application's row as jsonb, for the quarantine */
+	bool		whole_null;
+	bool		existing;		/* the same purchase was posted before */
+	int64		existing_points;
+	const char *problem;		/* why it cannot earn; NULL: it can */
+	const char *sqlstate;
+	AccrualRules *rules;
+	DateADT		day;
+	int64		points;
+	TimestampTz vests_at;
+	char	   *breakdown;
+} AccrualRow;
+
+typedef struct AccrualBatch
+{
+	int64		program_id;
+	char	   *code;
+	pg_tz	   *tz;
+	bool		enroll_unknown;
+	bool		shortfall_negative;
+	bool		has_debts;		/* the program has outstanding refund debts */
+	int64		issuance;
+	Oid			source;			/* the application's table; InvalidOid for the function API */
+	AccrualProgramRules *rules;
+	TimestampTz earliest;		/* when the first rule version starts */
+	int			nrows;
+	AccrualRow *rows;
+	int64	   *accounts;		/* locked, in id order */
+	int			naccounts;
+	HTAB	   *days;
+	AccrualState state;
+	int			nposted;		/* in the last chunk */
+	int64		nposted_total;
+	int64		ninserted;
+	MemoryContext chunk_cxt;	/* per-chunk allocations; NULL: the caller's */
+	int			nquarantined;
+} AccrualBatch;
+
+/* Batches of at most this many rows use generic plans. */
+#define ACCRUAL_SMALL 16
+
+extern SPIPlanPtr AccrualPrepare(SPIPlanPtr *slot, int options, const char *sql, int nargs,
+								 const Oid *argtypes);
+extern const char *AccrualActor(void);
+extern void AccrualExpect(int got, int expected, const char *what);
+extern char *AccrualReadSql(const char *source);
+extern void AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code);
+extern void AccrualReadRows(AccrualBatch *b);
+extern void AccrualPostBatch(AccrualBatch *b, bool quarantine);
+extern char *AccrualLockSql(const char *source);
+extern void AccrualPostSource(AccrualBatch *b, SPIPlanPtr lock, SPIPlanPtr read, Datum *args,
+							  char *nulls);
+extern void AccrualEnrollUnknown(AccrualBatch *b, const char *source, Datum *args, char *nulls,
+								 int nargs, Oid *argtypes);
+extern void AccrualCheckRef(const char *ref);
+extern char *AccrualDescribeExisting(AccrualBatch *b, AccrualRow *r);
+extern void AccrualRecover(AccrualBatch *b, int64 account);
+extern int64 AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amount_null,
+								   const char *refund_ref);
+
+#endif

@@ -1,0 +1,386 @@
+/*
+ * accrual_refund.c: refunds claw back a purchase's points in proportion to
+ * the amount returned; what the member already spent becomes a debt,
+ * recovered from later earnings
+ *
+ * Points are taken from the purchase's own lot first (pending or not), then
+ * from the member's other lots, those still pending first, then the
+ * available ones, earliest expiry first. Lot order and account locking
+ * follow the posting routine: the member account is locked before its lots.
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/numeric.h"
+#include "utils/timestamp.h"
+
+#include "accrual.h"
+#include "accrual_post.h"
+#include "ledger.h"
+#include "points.h"
+
+PG_FUNCTION_INFO_V1(loyalty_refund);
+
+static SPIPlanPtr plan_purchase;
+static SPIPlanPtr plan_refund_find;
+static SPIPlanPtr plan_account_lock;
+static SPIPlanPtr plan_take;
+static SPIPlanPtr plan_refund_save;
+static SPIPlanPtr plan_debt_list;
+static SPIPlanPtr plan_debt_pay;
+static SPIPlanPtr plan_existing;
+
+void
+AccrualCheckRef(const char *ref)
+{
+	if (ref[0] == '\0' || strlen(ref) > 200)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid ref \"%s\"", ref),
+				 errdetail("A ref is the caller's key for the posting (an order id, a request id), 1 to 200 characters.")));
+}
+
+/* The DETAIL of an idempotency conflict: the first purchase and this one. */
+char *
+AccrualDescribeExisting(AccrualBatch *b, AccrualRow *r)
+{
+	static const Oid argtypes[] = {INT8OID, TEXTOID};
+	Datum		args[2];
+	char	   *first;
+
+	LedgerPrepare(&plan_existing,
+				  "SELECT format('member %s, amount %s, occurred_at ', m.member_ref, x.amount), x.occurred_at,"
+				  "       format(', category %s, channel %s, store %s, attrs %s', coalesce(x.category, '-'),"
+				  "              coalesce(x.channel, '-'), coalesce(x.store, '-'), x.attrs)"
+				  "  FROM loyalty.accrual x JOIN loyalty.member m ON m.id = x.member_id"
+				  " WHERE x.program_id = $1 AND x.ref = $2",
+				  2, argtypes);
+	args[0] = Int64GetDatum(b->program_id);
+	args[1] = CStringGetTextDatum(r->ref);
+	AccrualExpect(SPI_execute_plan(plan_existing, args, NULL, true, 1), SPI_OK_SELECT, "reading a purchase");
+	first = "?";
+	if (SPI_processed == 1)
+	{
+		HeapTuple	t = SPI_tuptable->vals[0];
+		TupleDesc	d = SPI_tuptable->tupdesc;
+
+		first = psprintf("%s%s%s", SPI_getvalue(t, d, 1),
+						 timestamptz_to_str(DatumGetTimestampTz(SPI_getbinval(t, d, 2, &(bool){0}))),
+						 SPI_getvalue(t, d, 3));
+	}
+	return psprintf("The first purchase was: %s. This one is: member %s, amount %s, occurred_at %s, "
+					"category %s, channel %s, store %s, attrs %s.",
+					first, r->member_ref,
+					DatumGetCString(DirectFunctionCall1(numeric_out, r->amount)),
+					timestamptz_to_str(r->occurred_at),
+					r->category ? r->category : "-", r->channel ? r->channel : "-",
+					r->store ? r->store : "-",
+					r->attrs_null ? "{}" : DatumGetCString(DirectFunctionCall1(jsonb_out, r->attrs)));
+}
+
+static void
+AccrualLockAccount(int64 account)
+{
+	static const Oid argtypes[] = {INT8OID};
+	Datum		arg = Int64GetDatum(account);
+
+	LedgerPrepare(&plan_account_lock, "SELECT 1 FROM loyalty.account WHERE id = $1 FOR UPDATE", 1, argtypes);
+	AccrualExpect(SPI_execute_plan(plan_account_lock, &arg, NULL, false, 1), SPI_OK_SELECT, "locking an account");
+}
+
+/*
+ * Choose up to need points of an account's open lots: first_lot first, then
+ * lots still pending at at, then the others, earliest expiry first. Returns
+ * how many points the lots cover.
+ */
+static int64
+AccrualTakeLots(int64 account, int64 first_lot, int64 need, TimestampTz at,
+				int64 **lots, int64 **amounts, int *n)
+{
+	static const Oid argtypes[] = {INT8OID, INT8OID, TIMESTAMPTZOID};
+	Datum		args[3];
+	int64		covered = 0;
+
+	LedgerPrepare(&plan_take,
+				  "SELECT id, remaining::bigint FROM loyalty.lot"
+				  " WHERE account_id = $1 AND remaining > 0 AND (expires_at IS NULL OR expires_at > $3)"
+				  " ORDER BY id = $2 DESC, vests_at > $3 DESC, expires_at NULLS LAST, occurred_at, id"
+				  " FOR UPDATE",
+				  3, argtypes);
+	args[0] = Int64GetDatum(account);
+	args[1] = Int64GetDatum(first_lot);
+	args[2] = TimestampTzGetDatum(at);
+	AccrualExpect(SPI_execute_plan(plan_take, args, NULL, false, 0), SPI_OK_SELECT, "reading lots");
+	*lots = palloc(sizeof(int64) * Max(SPI_processed, 1));
+	*amounts = palloc(sizeof(int64) * Max(SPI_processed, 1));
+	*n = 0;
+	for (uint64 i = 0; i < SPI_processed && covered < need; i++)
+	{
+		int64		remaining = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2,
+															&(bool){0}));
+		int64		take = Min(remaining, need - covered);
+
+		(*lots)[*n] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &(bool){0}));
+		(*amounts)[*n] = take;
+		(*n)++;
+		covered += take;
+	}
+	return covered;
+}
+
+/* Post a member-to-issuance transfer consuming the lots named. */
+static void
+AccrualPostBack(AccrualBatch *b, int64 account, const char *member_ref, const char *kind,
+				const char *ref, int64 amount, int n, int64 *lots, int64 *amounts, TimestampTz at)
+{
+	LedgerPosting p;
+
+	memset(&p, 0, sizeof(p));
+	p.program_id = b->program_id;
+	p.kind = kind;
+	p.ref = ref;
+	p.debit_account = account;
+	p.debit_is_member = true;
+	p.debit_label = psprintf("member \"%s\"", member_ref);
+	p.credit_account = b->issuance;
+	p.credit_label = "issuance account";
+	p.amount = amount;
+	p.occurred_at = at;
+	p.nuses = n;
+	p.use_lots = lots;
+	p.use_amounts = amounts;
+	LedgerPost(&p, NULL);
+}
+
+/* Take an account's outstanding refund debt from its lots, as far as they go. */
+void
+AccrualRecover(AccrualBatch *b, int64 account)
+{
+	static const Oid argtypes[] = {INT8OID};
+	static const Oid payargs[] = {INT8OID, INT8OID};
+	Datum		arg = Int64GetDatum(account);
+	TimestampTz now = GetCurrentTransactionStartTimestamp();
+	int64		debt = 0;
+	int64		covered;
+	int64	   *lots,
+			   *amounts;
+	int			n;
+	char	   *member_ref;
+	char	   *ref;
+
+	LedgerPrepare(&plan_debt_list,
+				  "SELECT sum(d.outstanding)::bigint, min(m.member_ref),"
+				  "       'recovery ' || min(d.id) || ' after transfer ' || min(a.last_transfer_id)"
+				  "  FROM loyalty.accrual_debt d JOIN loyalty.account a ON a.id = d.account_id"
+				  "  JOIN loyalty.member m ON m.id = a.member_id"
+				  " WHERE d.account_id = $1 AND d.outstanding > 0",
+				  1, argtypes);
+	AccrualExpect(SPI_execute_plan(plan_debt_list, &arg, NULL, false, 1), SPI_OK_SELECT, "reading a debt");
+	if (SPI_processed == 0)
+		return;
+	debt = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &(bool){0}));
+	member_ref = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+	ref = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3);
+	covered = AccrualTakeLots(account, 0, debt, now, &lots, &amounts, &n);
+	if (covered == 0)
+		return;
+	AccrualPostBack(b, account, member_ref, "recover", ref, covered, n, lots, amounts, now);
+	LedgerPrepare(&plan_debt_pay,
+				  "WITH d AS (SELECT id, outstanding,"
+				  "                  sum(outstanding) OVER (ORDER BY id) - outstanding AS before"
+				  "             FROM loyalty.accrual_debt WHERE account_id = $1 AND outstanding > 0)"
+				  " UPDATE loyalty.accrual_debt x SET outstanding = x.outstanding - least(d.outstanding, $2 - d.before)"
+				  "   FROM d WHERE x.id = d.id AND d.before < $2",
+				  2, payargs);
+	{
+		Datum		args[2] = {Int64GetDatum(account), Int64GetDatum(covered)};
+
+		AccrualExpect(SPI_execute_plan(plan_debt_pay, args, NULL, false, 0), SPI_OK_UPDATE, "paying a debt");
+	}
+}
+
+/* The refund already recorded under refund_ref: the same one returns its points. */
+static bool
+AccrualFindRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_null, const char *refund_ref,
+				  int64 *points)
+{
+	static const Oid argtypes[] = {INT8OID, TEXTOID, TEXTOID, NUMERICOID};
+	Datum		args[4];
+	char		nulls[4] = {' ', ' ', ' ', ' '};
+	HeapTuple	t;
+	TupleDesc	d;
+
+	LedgerPrepare(&plan_refund_find,
+				  "SELECT points, purchase_ref = $3 AND ($4 IS NULL OR amount = $4),"
+				  "       format('purchase %s, amount %s', purchase_ref, amount)"
+				  "  FROM loyalty.accrual_refund WHERE program_id = $1 AND refund_ref = $2",
+				  4, argtypes);
+	args[0] = Int64GetDatum(b->program_id);
+	args[1] = CStringGetTextDatum(refund_ref);
+	args[2] = CStringGetTextDatum(ref);
+	args[3] = amount;
+	nulls[3] = amount_null ? 'n' : ' ';
+	AccrualExpect(SPI_execute_plan(plan_refund_find, args, nulls, false, 1), SPI_OK_SELECT, "reading a refund");
+	if (SPI_processed == 0)
+		return false;
+	t = SPI_tuptable->vals[0];
+	d = SPI_tuptable->tupdesc;
+	if (!DatumGetBool(SPI_getbinval(t, d, 2, &(bool){0})))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNIQUE_VIOLATION),
+				 errmsg("refund_ref \"%s\" was already used for a different refund", refund_ref),
+				 errdetail("The first refund was: %s. This one is: purchase %s, amount %s.",
+						   SPI_getvalue(t, d, 3), ref,
+						   amount_null ? "(all that is left)" :
+						   DatumGetCString(DirectFunctionCall1(numeric_out, amount))),
+				 errhint("Give each partial refund its own refund_ref.")));
+	*points = DatumGetInt64(SPI_getbinval(t, d, 1, &(bool){0}));
+	return true;
+}
+
+/*
+ * Refund amount (NULL: all that is not yet refunded) of purchase ref under
+ * refund_ref. Returns the points clawed back (taken from lots plus debt).
+ */
+int64
+AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amount_null, const char *refund_ref)
+{
+	static const Oid argtypes[] = {INT8OID, TEXTOID, NUMERICOID};
+	static const Oid saveargs[] = {INT8OID, TEXTOID, TEXTOID, NUMERICOID, INT8OID, INT8OID, INT8OID,
+	TIMESTAMPTZOID, INT8OID, INT8OID};
+	Datum		args[10];
+	char		nulls[10];
+	HeapTuple	t;
+	TupleDesc	d;
+	int64		account,
+				lot,
+				claw,
+				covered = 0,
+				points;
+	Datum		refund_amount;
+	char	   *member_ref;
+	TimestampTz now = GetCurrentTransactionStartTimestamp();
+	int64	   *lots = NULL,
+			   *amounts = NULL;
+	int			n = 0;
+
+	LedgerPrepare(&plan_purchase,
+				  "WITH a AS (SELECT a.* FROM loyalty.accrual a WHERE a.program_id = $1 AND a.ref = $2 FOR UPDATE)"
+				  " SELECT a.account_id, m.member_ref, coalesce($3, a.amount - a.refunded_amount) AS amt,"
+				  "        a.refunded_amount + coalesce($3, a.amount - a.refunded_amount) > a.amount,"
+				  "        CASE WHEN a.refunded_amount + coalesce($3, a.amount - a.refunded_amount) >= a.amount"
+				  "             THEN a.points"
+				  "             ELSE round(a.points * (a.refunded_amount + coalesce($3, 0)) / a.amount)::bigint"
+				  "        END - a.refunded_points,"
+				  "        coalesce((SELECT l.id FROM loyalty.transfer t JOIN loyalty.lot l ON l.transfer_id = t.id"
+				  "                   AND l.account_id = a.account_id"
+				  "                  WHERE t.program_id = $1 AND t.kind = 'accrual' AND t.ref = a.ref), 0),"
+				  "        format('%s of %s already refunded', a.refunded_amount, a.amount)"
+				  "   FROM a JOIN loyalty.member m ON m.id = a.member_id",
+				  3, argtypes);
+	memset(nulls, ' ', sizeof(nulls));
+	args[0] = Int64GetDatum(b->program_id);
+	args[1] = CStringGetTextDatum(ref);
+	args[2] = amount;
+	nulls[2] = amount_null ? 'n' : ' ';
+	AccrualExpect(SPI_execute_plan(plan_purchase, args, nulls, false, 1), SPI_OK_SELECT, "reading a purchase");
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_LOYALTY_UNKNOWN_PURCHASE),
+				 errmsg("purchase \"%s\" does not exist in program \"%s\"", ref, b->code),
+				 errhint("Purchases are posted by loyalty.accrue() or an attached table.")));
+	t = SPI_tuptable->vals[0];
+	d = SPI_tuptable->tupdesc;
+	account = DatumGetInt64(SPI_getbinval(t, d, 1, &(bool){0}));
+	member_ref = SPI_getvalue(t, d, 2);
+	refund_amount = datumCopy(SPI_getbinval(t, d, 3, &(bool){0}), false, -1);
+	claw = DatumGetInt64(SPI_getbinval(t, d, 5, &(bool){0}));
+	lot = DatumGetInt64(SPI_getbinval(t, d, 6, &(bool){0}));
+	if (DatumGetBool(SPI_getbinval(t, d, 4, &(bool){0})))
+	{
+		char	   *already = SPI_getvalue(t, d, 7);
+
+		/* a repeat of a recorded refund is not an excess */
+		if (AccrualFindRefund(b, ref, amount, amount_null, refund_ref, &points))
+			return points;
+		ereport(ERROR,
+				(errcode(ERRCODE_LOYALTY_REFUND_EXCEEDS),
+				 errmsg("refund of %s exceeds what is left of purchase \"%s\"",
+						DatumGetCString(DirectFunctionCall1(numeric_out, refund_amount)), ref),
+				 errdetail("%s.", already)));
+	}
+	if (AccrualFindRefund(b, ref, amount, amount_null, refund_ref, &points))
+		return points;
+
+	AccrualLockAccount(account);
+	if (claw > 0)
+		covered = AccrualTakeLots(account, lot, claw, now, &lots, &amounts, &n);
+	if (covered > 0)
+		AccrualPostBack(b, account, member_ref, "refund", refund_ref, covered, n, lots, amounts, now);
+
+	LedgerPrepare(&plan_refund_save,
+				  "WITH r AS (INSERT INTO loyalty.accrual_refund (program_id, refund_ref, purchase_ref, amount,"
+				  "                  points, taken, shortfall, occurred_at)"
+				  "           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)),"
+				  " a AS (UPDATE loyalty.accrual SET refunded_amount = refunded_amount + $4,"
+				  "              refunded_points = refunded_points + $5"
+				  "        WHERE program_id = $1 AND ref = $3)"
+				  " INSERT INTO loyalty.accrual_debt (program_id, account_id, refund_ref, amount, outstanding)"
+				  " SELECT $1, $9, $2, $7, $7 WHERE $7 > 0",
+				  10, saveargs);
+	memset(nulls, ' ', sizeof(nulls));
+	args[0] = Int64GetDatum(b->program_id);
+	args[1] = CStringGetTextDatum(refund_ref);
+	args[2] = CStringGetTextDatum(ref);
+	args[3] = refund_amount;
+	args[4] = Int64GetDatum(Max(claw, 0));
+	args[5] = Int64GetDatum(covered);
+	args[6] = Int64GetDatum(Max(claw, 0) - covered);
+	args[7] = TimestampTzGetDatum(now);
+	args[8] = Int64GetDatum(account);
+	args[9] = Int64GetDatum(0);
+	AccrualExpect(SPI_execute_plan(plan_refund_save, args, nulls, false, 0), SPI_OK_INSERT, "recording a refund");
+	return Max(claw, 0);
+}
+
+/* refund(program, ref, amount, refund_ref) */
+Datum
+loyalty_refund(PG_FUNCTION_ARGS)
+{
+	char	   *program;
+	char	   *ref;
+	char	   *refund_ref;
+	AccrualBatch b;
+	int64		points;
+
+	if (PG_ARGISNULL(0) || PG_ARGISNULL(1))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("program and ref must not be null")));
+	program = text_to_cstring(PG_GETARG_TEXT_PP(0));
+	ref = text_to_cstring(PG_GETARG_TEXT_PP(1));
+	refund_ref = PG_ARGISNULL(3) ? ref : text_to_cstring(PG_GETARG_TEXT_PP(3));
+	AccrualCheckRef(refund_ref);
+	if (!PG_ARGISNULL(2) &&
+		DatumGetInt32(DirectFunctionCall2(numeric_cmp, PG_GETARG_DATUM(2),
+										  DirectFunctionCall1(int4_numeric, Int32GetDatum(0)))) <= 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("a refund amount must be positive"),
+				 errdetail("Got %s.", DatumGetCString(DirectFunctionCall1(numeric_out, PG_GETARG_DATUM(2)))),
+				 errhint("Leave the amount NULL to refund all that is left of the purchase.")));
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	memset(&b, 0, sizeof(b));
+	AccrualLoadProgram(&b, 0, program);
+	points = AccrualRefundPurchase(&b, ref, PG_ARGISNULL(2) ? (Datum) 0 : PG_GETARG_DATUM(2),
+								   PG_ARGISNULL(2), refund_ref);
+	SPI_finish();
+	PG_RETURN_INT64(points);
+}

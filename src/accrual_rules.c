@@ -1,0 +1,915 @@
+/*
+ * accrual_rules.c: earning rules, compiled from their jsonb document into a
+ * C structure once per backend, and evaluated per purchase
+ *
+ * Compiling validates: every problem is 22023 with the JSON path of the
+ * first problem in DETAIL. The compiled versions of each program are cached
+ * in a long-lived memory context until a relcache invalidation of
+ * loyalty.earning_rule (sent by set_earning_rules, and by DROP EXTENSION)
+ * marks the cache stale; the next call reloads it.
+ */
+#include "postgres.h"
+
+#include <math.h>
+
+#include "catalog/namespace.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "utils/builtins.h"
+#include "utils/datetime.h"
+#include "utils/guc.h"
+#include "utils/hsearch.h"
+#include "utils/inval.h"
+#include "utils/jsonb.h"
+#include "utils/json.h"
+#include "utils/jsonfuncs.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+#include "accrual.h"
+#include "ledger.h"
+#include "points.h"
+
+PG_FUNCTION_INFO_V1(accrual_check_rules);
+PG_FUNCTION_INFO_V1(accrual_rules_changed);
+
+static MemoryContext AccrualCacheCxt = NULL;
+static HTAB *AccrualCache = NULL;
+static bool AccrualStale = true;
+static Oid	AccrualRulesRelid = InvalidOid;	/* loyalty.earning_rule, once known */
+static SPIPlanPtr plan_versions;
+
+typedef struct RulesPair
+{
+	char	   *key;
+	JsonbValue	v;
+} RulesPair;
+
+static void RulesBad(const char *path, const char *problem) pg_attribute_noreturn();
+
+static void
+RulesBad(const char *path, const char *problem)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("invalid earning rules"),
+			 errdetail("At %s: %s.", path, problem),
+			 errhint("See the rules document in docs/accrual.md.")));
+}
+
+static bool
+RulesIsObject(const JsonbValue *v)
+{
+	return v->type == jbvBinary && JsonContainerIsObject(v->val.binary.data);
+}
+
+static bool
+RulesIsArray(const JsonbValue *v)
+{
+	return v->type == jbvBinary && JsonContainerIsArray(v->val.binary.data) &&
+		!JsonContainerIsScalar(v->val.binary.data);
+}
+
+/* The key/value pairs of an object, nested containers left as binary. */
+static int
+RulesPairs(const JsonbValue *obj, const char *path, RulesPair **out)
+{
+	JsonbIterator *it;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	int			n = 0;
+	int			cap = 8;
+
+	if (!RulesIsObject(obj))
+		RulesBad(path, "expected a JSON object");
+	*out = palloc(sizeof(RulesPair) * cap);
+	it = JsonbIteratorInit(obj->val.binary.data);
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		if (tok == WJB_KEY)
+		{
+			if (n == cap)
+				*out = repalloc(*out, sizeof(RulesPair) * (cap *= 2));
+			(*out)[n].key = pnstrdup(v.val.string.val, v.val.string.len);
+		}
+		else if (tok == WJB_VALUE)
+			(*out)[n++].v = v;
+	}
+	return n;
+}
+
+/* The elements of an array, nested containers left as binary. */
+static int
+RulesElements(const JsonbValue *arr, const char *path, const char *what, JsonbValue **out)
+{
+	JsonbIterator *it;
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+	int			n = 0;
+
+	if (!RulesIsArray(arr))
+		RulesBad(path, psprintf("expected an array of %s", what));
+	*out = palloc(sizeof(JsonbValue) * Max(1, JsonContainerSize(arr->val.binary.data)));
+	it = JsonbIteratorInit(arr->val.binary.data);
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+		if (tok == WJB_ELEM)
+			(*out)[n++] = v;
+	return n;
+}
+
+static void
+RulesUnknown(const char *path, const char *key, const char *allowed)
+{
+	RulesBad(psprintf("%s.%s", path, key), psprintf("unknown key; expected one of %s", allowed));
+}
+
+static double
+RulesNumber(const JsonbValue *v, const char *path, double min, const char *what)
+{
+	double		d;
+
+	if (v->type != jbvNumeric)
+		RulesBad(path, psprintf("expected %s", what));
+	d = DatumGetFloat8(DirectFunctionCall1(numeric_float8, NumericGetDatum(v->val.numeric)));
+	if (d < min || isnan(d) || isinf(d))
+		RulesBad(path, psprintf("expected %s", what));
+	return d;
+}
+
+static int64
+RulesInteger(const JsonbValue *v, const char *path, int64 min, int64 max, const char *what)
+{
+	double		d = RulesNumber(v, path, (double) min, what);
+
+	if (d > (double) max || d != floor(d))
+		RulesBad(path, psprintf("expected %s", what));
+	return (int64) d;
+}
+
+static bool
+RulesBool(const JsonbValue *v, const char *path)
+{
+	if (v->type != jbvBool)
+		RulesBad(path, "expected true or false");
+	return v->val.boolean;
+}
+
+static DateADT
+RulesDate(const JsonbValue *v, const char *path)
+{
+	char	   *s;
+	int			y,
+				m,
+				d;
+	char		extra;
+
+	if (v->type != jbvString)
+		RulesBad(path, "expected a date as a string, such as \"2027-06-01\"");
+	s = pnstrdup(v->val.string.val, v->val.string.len);
+	if (sscanf(s, "%4d-%2d-%2d%c", &y, &m, &d, &extra) != 3 || m < 1 || m > 12 || d < 1 ||
+		d > day_tab[isleap(y)][m - 1] || y < 1)
+		RulesBad(path, psprintf("\"%s\" is not a date such as \"2027-06-01\"", s));
+	return date2j(y, m, d) - POSTGRES_EPOCH_JDATE;
+}
+
+static int
+RulesStrings(const JsonbValue *v, const char *path, char ***out)
+{
+	JsonbValue *elems;
+	int			n = RulesElements(v, path, "strings", &elems);
+
+	*out = palloc(sizeof(char *) * Max(n, 1));
+	for (int i = 0; i < n; i++)
+	{
+		if (elems[i].type != jbvString)
+			RulesBad(psprintf("%s[%d]", path, i), "expected a string");
+		(*out)[i] = pnstrdup(elems[i].val.string.val, elems[i].val.string.len);
+	}
+	return n;
+}
+
+static void
+RulesCond(const JsonbValue *obj, const char *path, AccrualCond *c, bool exclude)
+{
+	RulesPair  *pairs;
+	int			n = RulesPairs(obj, path, &pairs);
+	const char *allowed = exclude ? "category, channel, store, tier"
+		: "category, channel, store, tier, weekday, first_purchase, birthday_month";
+
+	memset(c, 0, sizeof(*c));
+	c->first_purchase = c->birthday_month = -1;
+	for (int i = 0; i < n; i++)
+	{
+		char	   *k = pairs[i].key;
+		char	   *p = psprintf("%s.%s", path, k);
+
+		if (strcmp(k, "category") == 0)
+			c->ncategory = RulesStrings(&pairs[i].v, p, &c->category);
+		else if (strcmp(k, "channel") == 0)
+			c->nchannel = RulesStrings(&pairs[i].v, p, &c->channel);
+		else if (strcmp(k, "store") == 0)
+			c->nstore = RulesStrings(&pairs[i].v, p, &c->store);
+		else if (strcmp(k, "tier") == 0)
+			c->ntier = RulesStrings(&pairs[i].v, p, &c->tier);
+		else if (!exclude && strcmp(k, "weekday") == 0)
+		{
+			JsonbValue *e;
+			int			m = RulesElements(&pairs[i].v, p, "ISO weekdays (1 = Monday to 7 = Sunday)", &e);
+
+			for (int j = 0; j < m; j++)
+				c->weekdays |= 1 << RulesInteger(&e[j], psprintf("%s[%d]", p, j), 1, 7,
+												 "an ISO weekday, 1 (Monday) to 7 (Sunday)");
+		}
+		else if (!exclude && strcmp(k, "first_purchase") == 0)
+			c->first_purchase = RulesBool(&pairs[i].v, p);
+		else if (!exclude && strcmp(k, "birthday_month") == 0)
+			c->birthday_month = RulesBool(&pairs[i].v, p);
+		else
+			RulesUnknown(path, k, allowed);
+	}
+}
+
+static void
+RulesBase(const JsonbValue *obj, AccrualRules *r)
+{
+	RulesPair  *pairs;
+	int			n = RulesPairs(obj, "$.base", &pairs);
+
+	for (int i = 0; i < n; i++)
+	{
+		char	   *k = pairs[i].key;
+		JsonbValue *v = &pairs[i].v;
+
+		if (strcmp(k, "per") == 0)
+		{
+			r->per = RulesNumber(v, "$.base.per", 0, "a positive amount");
+			if (r->per <= 0)
+				RulesBad("$.base.per", "expected a positive amount");
+		}
+		else if (strcmp(k, "points") == 0)
+			r->points = RulesNumber(v, "$.base.points", 0, "a number of points of at least 0");
+		else if (strcmp(k, "rounding") == 0)
+		{
+			char	   *s = v->type == jbvString ? pnstrdup(v->val.string.val, v->val.string.len) : "";
+
+			if (strcmp(s, "floor") == 0)
+				r->rounding = 0;
+			else if (strcmp(s, "round") == 0)
+				r->rounding = 1;
+			else if (strcmp(s, "ceil") == 0)
+				r->rounding = 2;
+			else
+				RulesBad("$.base.rounding", "expected \"floor\", \"round\" or \"ceil\"");
+		}
+		else
+			RulesUnknown("$.base", k, "per, points, rounding");
+	}
+}
+
+static void
+RulesMultiplier(const JsonbValue *obj, const char *path, AccrualItem *it)
+{
+	RulesPair  *pairs;
+	int			n = RulesPairs(obj, path, &pairs);
+	bool		has_factor = false;
+
+	memset(it, 0, sizeof(*it));
+	it->path = pstrdup(path + 2);
+	it->budget = -1;
+	it->when.first_purchase = it->when.birthday_month = -1;
+	for (int i = 0; i < n; i++)
+	{
+		char	   *k = pairs[i].key;
+		char	   *p = psprintf("%s.%s", path, k);
+
+		if (strcmp(k, "when") == 0)
+			RulesCond(&pairs[i].v, p, &it->when, false);
+		else if (strcmp(k, "factor") == 0)
+		{
+			it->factor = RulesNumber(&pairs[i].v, p, 0, "a factor of at least 0");
+			has_factor = true;
+		}
+		else
+			RulesUnknown(path, k, "when, factor");
+	}
+	if (!has_factor)
+		RulesBad(psprintf("%s.factor", path), "required");
+}
+
+static void
+RulesBonus(const JsonbValue *obj, const char *path, AccrualItem *it)
+{
+	RulesPair  *pairs;
+	int			n = RulesPairs(obj, path, &pairs);
+	bool		has_factor = false,
+				has_points = false,
+				has_from = false,
+				has_to = false;
+
+	memset(it, 0, sizeof(*it));
+	it->path = pstrdup(path + 2);
+	it->budget = -1;
+	it->when.first_purchase = it->when.birthday_month = -1;
+	for (int i = 0; i < n; i++)
+	{
+		char	   *k = pairs[i].key;
+		JsonbValue *v = &pairs[i].v;
+		char	   *p = psprintf("%s.%s", path, k);
+
+		if (strcmp(k, "when") == 0)
+			RulesCond(v, p, &it->when, false);
+		else if (strcmp(k, "factor") == 0)
+		{
+			it->factor = RulesNumber(v, p, 0, "a factor of at least 0");
+			has_factor = true;
+		}
+		else if (strcmp(k, "points") == 0)
+		{
+			it->points = RulesInteger(v, p, 0, PG_INT64_MAX / 4, "a whole number of points of at least 0");
+			has_points = true;
+		}
+		else if (strcmp(k, "campaign") == 0)
+		{
+			if (v->type != jbvString || v->val.string.len == 0)
+				RulesBad(p, "expected the campaign's name");
+			it->campaign = pnstrdup(v->val.string.val, v->val.string.len);
+		}
+		else if (strcmp(k, "from") == 0)
+		{
+			it->from = RulesDate(v, p);
+			has_from = true;
+		}
+		else if (strcmp(k, "to") == 0)
+		{
+			it->to = RulesDate(v, p);
+			has_to = true;
+		}
+		else if (strcmp(k, "budget") == 0)
+			it->budget = RulesInteger(v, p, 0, PG_INT64_MAX / 4, "a whole number of points of at least 0");
+		else
+			RulesUnknown(path, k, "when, factor, points, campaign, from, to, budget");
+	}
+	if (has_factor == has_points)
+		RulesBad(path, "expected exactly one of factor and points");
+	if (it->campaign != NULL && (!has_from || !has_to))
+		RulesBad(psprintf("%s.%s", path, has_from ? "to" : "from"), "required by a campaign");
+	if (it->campaign == NULL && (has_from || has_to || it->budget >= 0))
+		RulesBad(psprintf("%s.%s", path, has_from ? "from" : has_to ? "to" : "budget"),
+				 "only a campaign has from, to and budget");
+	if (it->campaign != NULL && has_factor)
+		RulesBad(psprintf("%s.factor", path), "a campaign gives points, not a factor");
+	if (has_from && has_to && it->to < it->from)
+		RulesBad(psprintf("%s.to", path), "the campaign ends before it starts");
+}
+
+static void
+RulesCaps(const JsonbValue *obj, AccrualRules *r)
+{
+	RulesPair  *pairs;
+	int			n = RulesPairs(obj, "$.caps", &pairs);
+
+	for (int i = 0; i < n; i++)
+	{
+		char	   *k = pairs[i].key;
+		char	   *p = psprintf("$.caps.%s", k);
+
+		if (strcmp(k, "per_purchase") == 0)
+			r->cap_purchase = RulesInteger(&pairs[i].v, p, 0, PG_INT64_MAX / 4, "a whole number of points of at least 0");
+		else if (strcmp(k, "per_member_per_day") == 0)
+			r->cap_day = RulesInteger(&pairs[i].v, p, 0, PG_INT64_MAX / 4, "a whole number of points of at least 0");
+		else
+			RulesUnknown("$.caps", k, "per_purchase, per_member_per_day");
+	}
+}
+
+static void
+RulesExpiry(const JsonbValue *obj)
+{
+	RulesPair  *pairs;
+	int			n = RulesPairs(obj, "$.expiry", &pairs);
+
+	for (int i = 0; i < n; i++)
+		if (strcmp(pairs[i].key, "policy") == 0)
+		{
+			JsonbValue *v = &pairs[i].v;
+			char	   *s = v->type == jbvString ? pnstrdup(v->val.string.val, v->val.string.len) : "";
+
+			if (strcmp(s, "none") != 0 && strcmp(s, "fixed") != 0 && strcmp(s, "calendar") != 0)
+				RulesBad("$.expiry.policy", "expected \"none\", \"fixed\" or \"calendar\" (a rule's expiry applies to the lots it earns)");
+		}
+	/* the rest of the shape is the program option's, checked in SQL */
+}
+
+static void
+RulesItems(const JsonbValue *v, const char *name, bool bonus, int *n, AccrualItem **items)
+{
+	JsonbValue *e;
+	char	   *path = psprintf("$.%s", name);
+
+	*n = RulesElements(v, path, "objects", &e);
+	*items = palloc(sizeof(AccrualItem) * Max(*n, 1));
+	for (int i = 0; i < *n; i++)
+	{
+		char	   *p = psprintf("$.%s[%d]", name, i);
+
+		if (bonus)
+			RulesBonus(&e[i], p, &(*items)[i]);
+		else
+			RulesMultiplier(&e[i], p, &(*items)[i]);
+	}
+}
+
+/* Compile (and so validate) a rules document; allocates in cxt. */
+AccrualRules *
+AccrualCompile(Jsonb *doc, MemoryContext cxt)
+{
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+	AccrualRules *r = palloc0(sizeof(AccrualRules));
+	JsonbValue	root;
+	RulesPair  *pairs;
+	int			n;
+
+	r->per = 1;
+	r->points = 1;
+	r->cap_purchase = r->cap_day = -1;
+	root.type = jbvBinary;
+	root.val.binary.data = &doc->root;
+	root.val.binary.len = VARSIZE(doc) - VARHDRSZ;
+	n = RulesPairs(&root, "$", &pairs);
+	for (int i = 0; i < n; i++)
+	{
+		char	   *k = pairs[i].key;
+		JsonbValue *v = &pairs[i].v;
+
+		if (strcmp(k, "base") == 0)
+			RulesBase(v, r);
+		else if (strcmp(k, "exclude") == 0)
+		{
+			RulesCond(v, "$.exclude", &r->exclude, true);
+			r->has_exclude = true;
+		}
+		else if (strcmp(k, "multipliers") == 0)
+			RulesItems(v, "multipliers", false, &r->nmult, &r->mult);
+		else if (strcmp(k, "bonuses") == 0)
+			RulesItems(v, "bonuses", true, &r->nbonus, &r->bonus);
+		else if (strcmp(k, "caps") == 0)
+			RulesCaps(v, r);
+		else if (strcmp(k, "pending_days") == 0)
+			r->pending_days = RulesInteger(v, "$.pending_days", 0, 3650, "a whole number of days, 0 to 3650");
+		else if (strcmp(k, "min_amount") == 0)
+			r->min_amount = RulesNumber(v, "$.min_amount", 0, "an amount of at least 0");
+		else if (strcmp(k, "expiry") == 0)
+		{
+			RulesExpiry(v);
+			r->has_expiry = true;
+		}
+		else
+			RulesUnknown("$", k, "base, exclude, multipliers, bonuses, caps, pending_days, min_amount, expiry");
+	}
+	MemoryContextSwitchTo(old);
+	return r;
+}
+
+/* ---- the per-backend cache ---- */
+
+static void
+AccrualRelcacheCallback(Datum arg, Oid relid)
+{
+	/* only mark: a batch in progress keeps using what it holds */
+	if (relid == InvalidOid || relid == AccrualRulesRelid || AccrualRulesRelid == InvalidOid)
+		AccrualStale = true;
+}
+
+int			loyalty_accrual_chunk = 50000;
+
+void
+AccrualInit(void)
+{
+	DefineCustomIntVariable("loyalty.accrual_chunk",
+							"Rows of a statement the accrual trigger posts at a time.",
+							"A bigger chunk means fewer, larger posting statements and more memory.",
+							&loyalty_accrual_chunk,
+							50000, 1, 10000000,
+							PGC_USERSET, 0,
+							NULL, NULL, NULL);
+	CacheRegisterRelcacheCallback(AccrualRelcacheCallback, (Datum) 0);
+}
+
+static void
+AccrualResetCache(void)
+{
+	HASHCTL		ctl;
+
+	if (AccrualCacheCxt == NULL)
+		AccrualCacheCxt = AllocSetContextCreate(CacheMemoryContext, "loyalty accrual rules",
+												ALLOCSET_DEFAULT_SIZES);
+	else
+		MemoryContextReset(AccrualCacheCxt);
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(int64);
+	ctl.entrysize = sizeof(AccrualProgramRules);
+	ctl.hcxt = AccrualCacheCxt;
+	AccrualCache = hash_create("loyalty accrual rules", 16, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	AccrualRulesRelid = get_relname_relid("earning_rule", get_namespace_oid("loyalty", false));
+	AccrualStale = false;
+}
+
+static bool
+AccrualCondUses(const AccrualCond *c, bool birthday)
+{
+	return birthday ? c->birthday_month >= 0 : c->first_purchase >= 0;
+}
+
+static void
+AccrualFlags(AccrualProgramRules *pr, AccrualRules *r)
+{
+	for (int i = 0; i < r->nmult; i++)
+	{
+		pr->uses_first |= AccrualCondUses(&r->mult[i].when, false);
+		pr->uses_birthday |= AccrualCondUses(&r->mult[i].when, true);
+	}
+	for (int i = 0; i < r->nbonus; i++)
+	{
+		pr->uses_first |= AccrualCondUses(&r->bonus[i].when, false);
+		pr->uses_birthday |= AccrualCondUses(&r->bonus[i].when, true);
+		pr->uses_campaign |= r->bonus[i].campaign != NULL;
+	}
+	pr->uses_day_cap |= r->cap_day >= 0;
+}
+
+/* A program's compiled rule versions (the caller is connected to SPI). */
+AccrualProgramRules *
+AccrualProgram(int64 program_id)
+{
+	static const Oid argtypes[] = {INT8OID};
+	Datum		arg = Int64GetDatum(program_id);
+	AccrualProgramRules *pr;
+	bool		found;
+
+	/*
+	 * A version committed since this transaction took its locks is visible to
+	 * this statement (READ COMMITTED): take in pending invalidations now.
+	 */
+	AcceptInvalidationMessages();
+	if (AccrualStale || AccrualCache == NULL)
+		AccrualResetCache();
+	pr = hash_search(AccrualCache, &program_id, HASH_ENTER, &found);
+	if (found)
+		return pr;
+
+	pr->nversions = 0;
+	pr->versions = NULL;
+	pr->uses_first = pr->uses_birthday = pr->uses_day_cap = pr->uses_campaign = false;
+	PG_TRY();
+	{
+		LedgerPrepare(&plan_versions,
+					  "SELECT version, effective_from, rules FROM loyalty.earning_rule"
+					  " WHERE program_id = $1 ORDER BY effective_from, version",
+					  1, argtypes);
+		if (SPI_execute_plan(plan_versions, &arg, NULL, true, 0) != SPI_OK_SELECT)
+			elog(ERROR, "reading earning rules failed");
+		pr->versions = MemoryContextAlloc(AccrualCacheCxt, sizeof(AccrualRules) * Max(SPI_processed, 1));
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			HeapTuple	tup = SPI_tuptable->vals[i];
+			TupleDesc	desc = SPI_tuptable->tupdesc;
+			bool		isnull;
+			AccrualRules *r = AccrualCompile(DatumGetJsonbP(SPI_getbinval(tup, desc, 3, &isnull)),
+											 AccrualCacheCxt);
+
+			r->version = DatumGetInt32(SPI_getbinval(tup, desc, 1, &isnull));
+			r->effective_from = DatumGetTimestampTz(SPI_getbinval(tup, desc, 2, &isnull));
+			pr->versions[pr->nversions++] = *r;
+			AccrualFlags(pr, r);
+		}
+	}
+	PG_CATCH();
+	{
+		hash_search(AccrualCache, &program_id, HASH_REMOVE, NULL);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	return pr;
+}
+
+/* The version in force at a moment, or NULL. */
+AccrualRules *
+AccrualRulesAt(AccrualProgramRules *pr, TimestampTz at)
+{
+	AccrualRules *found = NULL;
+
+	for (int i = 0; i < pr->nversions && pr->versions[i].effective_from <= at; i++)
+		found = &pr->versions[i];
+	return found;
+}
+
+/* ---- evaluation ---- */
+
+void
+AccrualLocalTime(TimestampTz t, pg_tz *tz, int *weekday, DateADT *day, int *month)
+{
+	struct pg_tm tm;
+	fsec_t		fsec;
+	int			tzoff;
+	int			jd;
+
+	if (timestamp2tm(t, &tzoff, &tm, &fsec, NULL, tz) != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
+				 errmsg("timestamp out of range")));
+	jd = date2j(tm.tm_year, tm.tm_mon, tm.tm_mday);
+	*weekday = j2day(jd);
+	if (*weekday == 0)
+		*weekday = 7;
+	*day = jd - POSTGRES_EPOCH_JDATE;
+	*month = tm.tm_mon;
+}
+
+static bool
+AccrualIn(const char *value, int n, char **list)
+{
+	if (value == NULL)
+		return false;
+	for (int i = 0; i < n; i++)
+		if (strcmp(value, list[i]) == 0)
+			return true;
+	return false;
+}
+
+static bool
+AccrualMatches(const AccrualCond *c, const AccrualInput *in)
+{
+	return (c->ncategory == 0 || AccrualIn(in->category, c->ncategory, c->category)) &&
+		(c->nchannel == 0 || AccrualIn(in->channel, c->nchannel, c->channel)) &&
+		(c->nstore == 0 || AccrualIn(in->store, c->nstore, c->store)) &&
+		(c->ntier == 0 || AccrualIn(in->tier, c->ntier, c->tier)) &&
+		(c->weekdays == 0 || (c->weekdays & (1 << in->weekday)) != 0) &&
+		(c->first_purchase < 0 || c->first_purchase == (int) in->first_purchase) &&
+		(c->birthday_month < 0 || c->birthday_month == (int) in->birthday_month);
+}
+
+static bool
+AccrualExcluded(const AccrualCond *c, const AccrualInput *in)
+{
+	return AccrualIn(in->category, c->ncategory, c->category) ||
+		AccrualIn(in->channel, c->nchannel, c->channel) ||
+		AccrualIn(in->store, c->nstore, c->store) ||
+		AccrualIn(in->tier, c->ntier, c->tier);
+}
+
+/* A number as JSON: at most 6 decimals, no trailing zeros. */
+static void
+AccrualNumber(StringInfo buf, double d)
+{
+	char		s[64];
+	int			len;
+
+	snprintf(s, sizeof(s), "%.6f", d);
+	len = strlen(s);
+	while (len > 0 && s[len - 1] == '0')
+		len--;
+	if (len > 0 && s[len - 1] == '.')
+		len--;
+	s[len] = '\0';
+	if (strcmp(s, "-0") == 0)
+		strcpy(s, "0");
+	appendStringInfoString(buf, s);
+}
+
+static void
+AccrualString(StringInfo buf, const char *s)
+{
+	if (s == NULL)
+		appendStringInfoString(buf, "null");
+	else
+		escape_json(buf, s);
+}
+
+static int64
+AccrualRound(double v, int rounding)
+{
+	/* snap to 6 decimals first, so 0.1 * 3 is 0.3 and floors to 0, not 0.29999 */
+	v = round(v * 1e6) / 1e6;
+	if (rounding == 0)
+		v = floor(v);
+	else if (rounding == 1)
+		v = floor(v + 0.5);
+	else
+		v = ceil(v);
+	if (v >= 9.2e18)
+		PointsOutOfRange();
+	return (int64) v;
+}
+
+static AccrualBudget *
+AccrualFindBudget(AccrualState *st, const char *campaign)
+{
+	for (int i = 0; i < st->nbudgets; i++)
+		if (strcmp(st->budgets[i].campaign, campaign) == 0)
+			return &st->budgets[i];
+	return NULL;
+}
+
+static void
+AccrualContext(StringInfo b, const AccrualRules *r, const AccrualInput *in)
+{
+	appendStringInfo(b, "{\"rule_version\": %d, \"context\": {\"tier\": ", r->version);
+	AccrualString(b, in->tier);
+	appendStringInfo(b, ", \"weekday\": %d, \"first_purchase\": %s, \"birthday_month\": %s}",
+					 in->weekday, in->first_purchase ? "true" : "false",
+					 in->birthday_month ? "true" : "false");
+}
+
+/* Factors: multipliers, then factor bonuses; all multiply. */
+static void
+AccrualTraced(AccrualState *st, int i, int64 points)
+{
+	if (st->trace == NULL)
+		return;
+	st->trace->applied[i]++;
+	st->trace->points[i] += points;
+}
+
+static double
+AccrualFactors(const AccrualRules *r, const AccrualInput *in, AccrualState *st, StringInfo b)
+{
+	double		factor = 1;
+	bool		first = true;
+
+	appendStringInfoString(b, ", \"multipliers\": [");
+	for (int i = 0; i < r->nmult; i++)
+		if (AccrualMatches(&r->mult[i].when, in))
+		{
+			factor *= r->mult[i].factor;
+			AccrualTraced(st, i, 0);
+			appendStringInfo(b, "%s{\"rule\": \"%s\", \"factor\": ", first ? "" : ", ", r->mult[i].path);
+			AccrualNumber(b, r->mult[i].factor);
+			appendStringInfoChar(b, '}');
+			first = false;
+		}
+	for (int i = 0; i < r->nbonus; i++)
+		if (r->bonus[i].factor > 0 || (r->bonus[i].points == 0 && r->bonus[i].campaign == NULL))
+			if (AccrualMatches(&r->bonus[i].when, in))
+			{
+				factor *= r->bonus[i].factor;
+				AccrualTraced(st, r->nmult + i, 0);
+				appendStringInfo(b, "%s{\"rule\": \"%s\", \"factor\": ", first ? "" : ", ", r->bonus[i].path);
+				AccrualNumber(b, r->bonus[i].factor);
+				appendStringInfoChar(b, '}');
+				first = false;
+			}
+	appendStringInfoString(b, "], \"factor\": ");
+	AccrualNumber(b, factor);
+	return factor;
+}
+
+/* Points bonuses and campaigns, added after rounding. */
+static int64
+AccrualBonuses(const AccrualRules *r, const AccrualInput *in, AccrualState *st, StringInfo b)
+{
+	int64		total = 0;
+	bool		first = true;
+
+	appendStringInfoString(b, ", \"bonuses\": [");
+	for (int i = 0; i < r->nbonus; i++)
+	{
+		const AccrualItem *it = &r->bonus[i];
+		int64		grant = it->points;
+
+		if (it->factor > 0 || (it->points == 0 && it->campaign == NULL) || !AccrualMatches(&it->when, in))
+			continue;
+		if (it->campaign != NULL)
+		{
+			AccrualBudget *bud = AccrualFindBudget(st, it->campaign);
+
+			if (in->day < it->from || in->day > it->to)
+				continue;
+			if (it->budget >= 0 && bud != NULL)
+				grant = Max(0, Min(grant, it->budget - bud->used - bud->added));
+			if (bud != NULL)
+				bud->added += grant;
+		}
+		appendStringInfo(b, "%s{\"rule\": \"%s\", ", first ? "" : ", ", it->path);
+		if (it->campaign != NULL)
+		{
+			appendStringInfoString(b, "\"campaign\": ");
+			AccrualString(b, it->campaign);
+			appendStringInfoString(b, ", ");
+			if (grant < it->points)
+				appendStringInfo(b, "\"budget_cut\": " INT64_FORMAT ", ", it->points - grant);
+		}
+		appendStringInfo(b, "\"points\": " INT64_FORMAT "}", grant);
+		first = false;
+		total = PointsAdd(total, grant);
+		AccrualTraced(st, r->nmult + i, grant);
+	}
+	appendStringInfoChar(b, ']');
+	return total;
+}
+
+static int64
+AccrualCaps(const AccrualRules *r, int64 total, AccrualState *st, StringInfo b)
+{
+	bool		first = true;
+
+	appendStringInfoString(b, ", \"caps\": [");
+	if (r->cap_purchase >= 0 && total > r->cap_purchase)
+	{
+		appendStringInfo(b, "{\"cap\": \"per_purchase\", \"limit\": " INT64_FORMAT ", \"cut\": " INT64_FORMAT "}",
+						 r->cap_purchase, total - r->cap_purchase);
+		AccrualTraced(st, TRACE_CAP_PURCHASE(r), total - r->cap_purchase);
+		total = r->cap_purchase;
+		first = false;
+	}
+	if (r->cap_day >= 0 && st->day_used + total > r->cap_day)
+	{
+		int64		allowed = Max(0, r->cap_day - st->day_used);
+
+		appendStringInfo(b, "%s{\"cap\": \"per_member_per_day\", \"limit\": " INT64_FORMAT
+						 ", \"earlier_that_day\": " INT64_FORMAT ", \"cut\": " INT64_FORMAT "}",
+						 first ? "" : ", ", r->cap_day, st->day_used, total - allowed);
+		AccrualTraced(st, TRACE_CAP_DAY(r), total - allowed);
+		total = allowed;
+	}
+	appendStringInfoChar(b, ']');
+	st->day_used += total;
+	return total;
+}
+
+/*
+ * The points one purchase earns, with the breakdown as a JSON object in b:
+ * base = amount / per * points; every matching multiplier and factor bonus
+ * multiplies it; the product is rounded once; points bonuses and campaigns
+ * (within their budget) are added; then the per-purchase cap, then the
+ * per-member-per-day cap.
+ */
+int64
+AccrualEvaluate(const AccrualRules *r, const AccrualInput *in, AccrualState *st, StringInfo b)
+{
+	double		base;
+	double		factor;
+	int64		rounded;
+	int64		total;
+
+	AccrualContext(b, r, in);
+	if (in->amount < r->min_amount)
+	{
+		appendStringInfoString(b, ", \"below_min_amount\": ");
+		AccrualNumber(b, r->min_amount);
+		appendStringInfoString(b, ", \"points\": 0}");
+		AccrualTraced(st, TRACE_NOTHING(r), 0);
+		return 0;
+	}
+	if (r->has_exclude && AccrualExcluded(&r->exclude, in))
+	{
+		appendStringInfoString(b, ", \"excluded\": true, \"points\": 0}");
+		AccrualTraced(st, TRACE_NOTHING(r), 0);
+		return 0;
+	}
+	base = in->amount / r->per * r->points;
+	appendStringInfoString(b, ", \"base\": ");
+	AccrualNumber(b, base);
+	factor = AccrualFactors(r, in, st, b);
+	rounded = AccrualRound(base * factor, r->rounding);
+	appendStringInfo(b, ", \"rounding\": \"%s\", \"rounded\": " INT64_FORMAT,
+					 r->rounding == 0 ? "floor" : r->rounding == 1 ? "round" : "ceil", rounded);
+	total = PointsAdd(rounded, AccrualBonuses(r, in, st, b));
+	total = AccrualCaps(r, total, st, b);
+	appendStringInfo(b, ", \"points\": " INT64_FORMAT, total);
+	if (r->pending_days > 0 && total > 0)
+	{
+		char		ts[MAXDATELEN + 1];
+
+		appendStringInfo(b, ", \"pending_until\": \"%s\"",
+						 JsonEncodeDateTime(ts, TimestampTzGetDatum(in->occurred_at +
+																	(int64) r->pending_days * USECS_PER_DAY),
+											TIMESTAMPTZOID, NULL));
+	}
+	appendStringInfoChar(b, '}');
+	return total;
+}
+
+/* ---- SQL-callable ---- */
+
+/* _check_rules(rules jsonb) */
+Datum
+accrual_check_rules(PG_FUNCTION_ARGS)
+{
+	AccrualCompile(PG_GETARG_JSONB_P(0), CurrentMemoryContext);
+	PG_RETURN_VOID();
+}
+
+/* _rules_changed(): every backend drops its compiled rules at its next transaction */
+Datum
+accrual_rules_changed(PG_FUNCTION_ARGS)
+{
+	Oid			nsp = get_namespace_oid("loyalty", false);
+	Oid			rel = get_relname_relid("earning_rule", nsp);
+
+	if (!OidIsValid(rel))
+		elog(ERROR, "loyalty.earning_rule does not exist");
+	CacheInvalidateRelcacheByRelid(rel);
+	PG_RETURN_VOID();
+}

@@ -1,0 +1,288 @@
+/*
+ * accrual_trigger.c: the statement-level trigger attach_accrual() puts on
+ * an application's purchase table
+ *
+ * INSERT: the whole transition table is read by one query, computed in C
+ * and posted set-based (accrual_post.c); rows that cannot earn go to the
+ * quarantine, so the application's statement never fails because of a bad
+ * purchase. UPDATE lowering an amount and DELETE refund, row by row, each in
+ * a subtransaction: a refund that cannot be made is quarantined too.
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "commands/trigger.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/resowner.h"
+#include "utils/timestamp.h"
+#include "utils/tuplestore.h"
+
+#include "accrual.h"
+#include "accrual_post.h"
+#include "ledger.h"
+
+PG_FUNCTION_INFO_V1(accrual_trigger);
+
+static SPIPlanPtr plan_source;
+
+/* The attachment of a table: which columns hold the purchase. */
+typedef struct AccrualSource
+{
+	int64		program_id;
+	char	   *member;
+	char	   *amount;
+	char	   *ref;
+	char	   *occurred_at;
+	char	   *category;
+	char	   *channel;
+	char	   *store;
+} AccrualSource;
+
+/* A small cache of prepared read plans, by their SQL. */
+#define PLAN_SLOTS 16
+static char *plan_sql[PLAN_SLOTS];
+static bool plan_custom[PLAN_SLOTS];
+static SPIPlanPtr plan_read[PLAN_SLOTS];
+
+static bool
+AccrualLoadSource(Oid relid, AccrualSource *s)
+{
+	static const Oid argtypes[] = {OIDOID};
+	Datum		arg = ObjectIdGetDatum(relid);
+	HeapTuple	t;
+	TupleDesc	d;
+
+	LedgerPrepare(&plan_source,
+				  "SELECT program_id, member_column, amount_column, ref_column, occurred_at_column,"
+				  "       category_column, channel_column, store_column"
+				  "  FROM loyalty.accrual_source WHERE source = $1",
+				  1, argtypes);
+	AccrualExpect(SPI_execute_plan(plan_source, &arg, NULL, true, 1), SPI_OK_SELECT, "reading an attachment");
+	if (SPI_processed == 0)
+		return false;
+	t = SPI_tuptable->vals[0];
+	d = SPI_tuptable->tupdesc;
+	s->program_id = DatumGetInt64(SPI_getbinval(t, d, 1, &(bool){0}));
+	s->member = SPI_getvalue(t, d, 2);
+	s->amount = SPI_getvalue(t, d, 3);
+	s->ref = SPI_getvalue(t, d, 4);
+	s->occurred_at = SPI_getvalue(t, d, 5);
+	s->category = SPI_getvalue(t, d, 6);
+	s->channel = SPI_getvalue(t, d, 7);
+	s->store = SPI_getvalue(t, d, 8);
+	return true;
+}
+
+static char *
+AccrualCol(const char *col, const char *type)
+{
+	if (col == NULL)
+		return psprintf("NULL::%s", type);
+	return psprintf("(t.%s)::%s", quote_identifier(col), type);
+}
+
+/* The source query over a transition table, in the shape AccrualReadSql wants. */
+static char *
+AccrualSourceSql(const AccrualSource *s, const char *table)
+{
+	return psprintf("SELECT %s AS ref, %s AS member_ref, %s AS amount,"
+					" coalesce(%s, $3) AS occurred_at, %s AS category, %s AS channel, %s AS store,"
+					" NULL::jsonb AS attrs, t AS whole FROM %s t",
+					AccrualCol(s->ref, "text"), AccrualCol(s->member, "text"),
+					AccrualCol(s->amount, "numeric"), AccrualCol(s->occurred_at, "timestamptz"),
+					AccrualCol(s->category, "text"), AccrualCol(s->channel, "text"),
+					AccrualCol(s->store, "text"), table);
+}
+
+/*
+ * A prepared plan over the transition table, by its SQL. A statement of one
+ * chunk or less leaves the choice of custom or generic plans to the plan
+ * cache; a chunked statement's queries are always planned with the real
+ * size of the transition table (custom).
+ */
+static SPIPlanPtr
+AccrualSourcePlan(const char *sql, bool custom, int nargs, const Oid *argtypes)
+{
+	int			free_slot = -1;
+
+	for (int i = 0; i < PLAN_SLOTS; i++)
+	{
+		if (plan_sql[i] != NULL && plan_custom[i] == custom && strcmp(plan_sql[i], sql) == 0)
+			return plan_read[i];
+		if (plan_sql[i] == NULL && free_slot < 0)
+			free_slot = i;
+	}
+	if (free_slot < 0)
+	{
+		free_slot = 0;
+		SPI_freeplan(plan_read[0]);
+		pfree(plan_sql[0]);
+		plan_sql[0] = NULL;
+	}
+	plan_read[free_slot] = NULL;
+	AccrualPrepare(&plan_read[free_slot], custom ? CURSOR_OPT_CUSTOM_PLAN : 0, sql, nargs, argtypes);
+	plan_sql[free_slot] = MemoryContextStrdup(TopMemoryContext, sql);
+	plan_custom[free_slot] = custom;
+	return plan_read[free_slot];
+}
+
+/* INSERT: post the new rows. */
+static void
+AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, int64 nrows)
+{
+	static const Oid argtypes[] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID};
+	char	   *source = AccrualSourceSql(s, "loyalty_new");
+	Datum		args[3];
+	char		nulls[3] = {' ', ' ', ' '};
+
+	args[0] = Int64GetDatum(b->program_id);
+	args[1] = TimestampTzGetDatum(b->earliest);
+	args[2] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+	AccrualEnrollUnknown(b, source, args, nulls, 3, (Oid *) argtypes);
+	if (nrows <= loyalty_accrual_chunk)
+	{
+		/* one chunk: read it all, lock the accounts it names, post */
+		AccrualExpect(SPI_execute_plan(AccrualSourcePlan(AccrualReadSql(source), false, 3, argtypes),
+									   args, nulls, false, 0), SPI_OK_SELECT, "reading new purchases");
+		AccrualReadRows(b);
+		AccrualPostBatch(b, true);
+		return;
+	}
+	AccrualPostSource(b, AccrualSourcePlan(AccrualLockSql(source), true, 3, argtypes),
+					  AccrualSourcePlan(AccrualReadSql(source), true, 3, argtypes), args, nulls);
+}
+
+/* Quarantine one refund that failed. */
+static void
+AccrualQuarantineRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_null,
+						const char *refund_ref, const char *reason, int sqlerrcode)
+{
+	static const Oid argtypes[] = {INT8OID, OIDOID, TEXTOID, TEXTOID, TEXTOID, NUMERICOID, TEXTOID};
+	Datum		args[7];
+	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	int			rc;
+
+	args[0] = Int64GetDatum(b->program_id);
+	args[1] = ObjectIdGetDatum(b->source);
+	args[2] = CStringGetTextDatum(ref);
+	args[3] = CStringGetTextDatum(reason);
+	args[4] = CStringGetTextDatum(unpack_sql_state(sqlerrcode));
+	args[5] = amount;
+	nulls[5] = amount_null ? 'n' : ' ';
+	args[6] = CStringGetTextDatum(refund_ref);
+	rc = SPI_execute_with_args("INSERT INTO loyalty.accrual_quarantine (program_id, source, ref, row_data, reason, sqlstate)"
+							   " VALUES ($1, $2, $3, jsonb_build_object('refund_of', $3, 'amount', $6, 'refund_ref', $7),"
+							   "         $4, $5)",
+							   7, (Oid *) argtypes, args, nulls, false, 0);
+	AccrualExpect(rc, SPI_OK_INSERT, "quarantining a refund");
+}
+
+/* One refund in a subtransaction; a failure is quarantined. */
+static void
+AccrualTryRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_null, const char *refund_ref)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		AccrualRefundPurchase(b, ref, amount, amount_null, refund_ref);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *e;
+
+		MemoryContextSwitchTo(cxt);
+		e = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+		AccrualQuarantineRefund(b, ref, amount, amount_null, refund_ref, e->message, e->sqlerrcode);
+	}
+	PG_END_TRY();
+}
+
+/*
+ * UPDATE and DELETE: refund the purchases whose amount went down (matched
+ * by ref) or whose row went away. Rows that never earned are left alone.
+ */
+static void
+AccrualOnChange(AccrualBatch *b, const AccrualSource *s, bool update)
+{
+	static const Oid argtypes[] = {INT8OID};
+	Datum		arg = Int64GetDatum(b->program_id);
+	char	   *sql;
+	SPITupleTable *tab;
+	uint64		n;
+
+	if (update)
+		sql = psprintf("SELECT o.ref, o.amount - n.amount, o.ref || ':amount:' || n.amount"
+					   "  FROM (SELECT %s AS ref, %s AS amount FROM loyalty_old t) o"
+					   "  JOIN (SELECT %s AS ref, %s AS amount FROM loyalty_new t) n ON n.ref = o.ref"
+					   "  JOIN loyalty.accrual x ON x.program_id = $1 AND x.ref = o.ref"
+					   " WHERE n.amount < o.amount ORDER BY o.ref",
+					   AccrualCol(s->ref, "text"), AccrualCol(s->amount, "numeric"),
+					   AccrualCol(s->ref, "text"), AccrualCol(s->amount, "numeric"));
+	else
+		sql = psprintf("SELECT o.ref, NULL::numeric, o.ref || ':deleted'"
+					   "  FROM (SELECT %s AS ref FROM loyalty_old t) o"
+					   "  JOIN loyalty.accrual x ON x.program_id = $1 AND x.ref = o.ref"
+					   " ORDER BY o.ref",
+					   AccrualCol(s->ref, "text"));
+	AccrualExpect(SPI_execute_with_args(sql, 1, (Oid *) argtypes, &arg, NULL, false, 0), SPI_OK_SELECT,
+				  "reading changed purchases");
+	tab = SPI_tuptable;
+	n = SPI_processed;
+	for (uint64 i = 0; i < n; i++)
+	{
+		bool		amount_null;
+		Datum		amount = SPI_getbinval(tab->vals[i], tab->tupdesc, 2, &amount_null);
+
+		AccrualTryRefund(b, SPI_getvalue(tab->vals[i], tab->tupdesc, 1), amount, amount_null,
+						 SPI_getvalue(tab->vals[i], tab->tupdesc, 3));
+	}
+}
+
+Datum
+accrual_trigger(PG_FUNCTION_ARGS)
+{
+	TriggerData *trig = (TriggerData *) fcinfo->context;
+	AccrualSource s;
+	AccrualBatch b;
+	Oid			relid;
+
+	if (!CALLED_AS_TRIGGER(fcinfo) || !TRIGGER_FIRED_FOR_STATEMENT(trig->tg_event) ||
+		!TRIGGER_FIRED_AFTER(trig->tg_event))
+		elog(ERROR, "_accrual_trigger() must be an AFTER ... FOR EACH STATEMENT trigger");
+	relid = RelationGetRelid(trig->tg_relation);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	if (SPI_register_trigger_data(trig) != SPI_OK_TD_REGISTER)
+		elog(ERROR, "SPI_register_trigger_data failed");
+	if (!AccrualLoadSource(relid, &s))
+	{
+		/* detached in this transaction while the triggers stay: nothing to do */
+		SPI_finish();
+		return PointerGetDatum(NULL);
+	}
+	memset(&b, 0, sizeof(b));
+	b.source = relid;
+	AccrualLoadProgram(&b, s.program_id, NULL);
+	if (TRIGGER_FIRED_BY_INSERT(trig->tg_event))
+		AccrualOnInsert(&b, &s, tuplestore_tuple_count(trig->tg_newtable));
+	else
+		AccrualOnChange(&b, &s, TRIGGER_FIRED_BY_UPDATE(trig->tg_event));
+	SPI_finish();
+	return PointerGetDatum(NULL);
+}

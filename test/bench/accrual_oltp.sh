@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# OLTP accrual: single-purchase INSERTs from 8 pgbench clients into a table
+# with accrual attached vs the same table bare. Budget: >= 0.6 of bare.
+set -euo pipefail
+secs=$(awk -v s="$BENCH_SCALE" 'BEGIN { v = int(60 * s); if (v < 10) v = 10; printf "%d", v }')
+m=10000
+q() { psql -X -q -v ON_ERROR_STOP=1 -At "$@"; }
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+echo "set-up: $m members, ${secs} s per run" >&2
+q <<SQL
+SELECT loyalty.create_program('shop', 'Shop', 'UTC');
+SELECT count(loyalty.enroll('shop', 'm' || i, occurred_at => '2025-01-01')) FROM generate_series(1, $m) i;
+SELECT loyalty.set_earning_rules('shop', '{"base": {"per": 1, "points": 1, "rounding": "floor"},
+  "exclude": {"category": ["gift_card"]},
+  "multipliers": [{"when": {"category": ["electronics"]}, "factor": 2},
+                  {"when": {"weekday": [6, 7]}, "factor": 2}],
+  "caps": {"per_purchase": 10000}, "pending_days": 30, "min_amount": 1}', '2025-01-01', 'bench');
+CREATE SEQUENCE order_id;
+CREATE TABLE orders_bare (id text PRIMARY KEY, customer text, total numeric(12,2),
+                          placed_at timestamptz, category text);
+CREATE TABLE orders_acc (LIKE orders_bare INCLUDING ALL);
+SELECT loyalty.attach_accrual('orders_acc', 'shop', 'customer', 'total', 'id', 'placed_at', 'category');
+VACUUM ANALYZE;
+SQL
+for t in bare acc; do
+    cat > "$work/$t.sql" <<SQL
+\set m random(1, $m)
+\set c random(100, 20000)
+INSERT INTO orders_$t VALUES (nextval('order_id')::text, 'm' || :m, :c / 100.0, now(), 'books');
+SQL
+done
+chmod -R a+rX "$work"
+
+run() {         # run TABLE: tps of 8 clients
+    q -c "CHECKPOINT" >/dev/null
+    pgbench -n -c 8 -j 2 -T "$secs" -f "$work/$1.sql" 2>&1 | tee "$work/$1.log" \
+        | sed -n 's/^tps = \([0-9.]*\) .*/\1/p'
+}
+# a short warm-up of both, then the measured runs
+pgbench -n -c 8 -j 2 -T 3 -f "$work/bare.sql" >/dev/null 2>&1
+pgbench -n -c 8 -j 2 -T 3 -f "$work/acc.sql" >/dev/null 2>&1
+bare=$(run bare); echo "bare: $bare tps" >&2
+acc=$(run acc);   echo "accrual attached: $acc tps" >&2
+grep -E "failed|aborted" "$work/acc.log" >&2 || true
+q -c "SELECT 'purchases posted: ' || count(*) || ', chain problems: ' || (SELECT count(*) FROM loyalty.verify_chain('shop')) FROM loyalty.accrual" >&2
+
+r=$(awk -v a="$acc" -v b="$bare" 'BEGIN { printf "%.2f", a / b }')
+v=$(awk -v r="$r" 'BEGIN { print (r >= 0.6) ? "PASS" : "FAIL" }')
+echo "| accrual_oltp | single-purchase INSERT, 8 clients, accrual attached vs bare | ${acc} tps | ${bare} tps | ${r} | >= 0.6 | $v |"

@@ -1,0 +1,187 @@
+SET client_min_messages = warning;
+DROP EXTENSION IF EXISTS loyalty CASCADE;
+CREATE EXTENSION loyalty;
+CREATE EXTENSION IF NOT EXISTS pgtap;
+RESET client_min_messages;
+SET TIME ZONE 'UTC';
+
+SELECT loyalty.create_program('shop', 'Shop', 'Europe/Paris') > 0 AS created;
+SELECT loyalty.enroll('shop', 'c1', birthday => '1990-03-15', occurred_at => '2027-01-01 00:00+00') > 0 AS c1;
+SELECT loyalty.enroll('shop', 'c2', occurred_at => '2027-01-01 00:00+00') > 0 AS c2;
+SELECT loyalty.enroll('shop', 'c3', occurred_at => '2027-01-01 00:00+00') > 0 AS c3;
+UPDATE loyalty.member SET tier = 'gold' WHERE member_ref = 'c2';
+UPDATE loyalty.member SET status = 'suspended' WHERE member_ref = 'c3';
+SELECT plan(13);
+
+-- Every validation error: 22023 with the JSON path of the first problem.
+CREATE FUNCTION pg_temp.try_rules(doc text) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    s text; m text; d text;
+BEGIN
+    PERFORM loyalty.set_earning_rules('shop', doc::jsonb, '2027-01-01');
+    RETURN 'accepted';
+EXCEPTION WHEN others THEN
+    GET STACKED DIAGNOSTICS s = RETURNED_SQLSTATE, m = MESSAGE_TEXT, d = PG_EXCEPTION_DETAIL;
+    RETURN s || ' ' || m || ' | ' || d;
+END $$;
+SELECT doc, pg_temp.try_rules(doc) FROM (VALUES
+    ('[]'),
+    ('5'),
+    ('{"bogus": 1}'),
+    ('{"base": {"per": 0}}'),
+    ('{"base": {"per": "1"}}'),
+    ('{"base": {"points": -1}}'),
+    ('{"base": {"rounding": "up"}}'),
+    ('{"base": {"rate": 1}}'),
+    ('{"exclude": {"category": "gift_card"}}'),
+    ('{"exclude": {"category": [1]}}'),
+    ('{"exclude": {"weekday": [1]}}'),
+    ('{"multipliers": {"factor": 2}}'),
+    ('{"multipliers": [{"factor": -2}]}'),
+    ('{"multipliers": [{"when": {"category": ["x"]}}]}'),
+    ('{"multipliers": [{"when": {"weekday": [0]}, "factor": 2}]}'),
+    ('{"multipliers": [{"when": {"colour": ["red"]}, "factor": 2}]}'),
+    ('{"multipliers": [{"when": {"first_purchase": "yes"}, "factor": 2}]}'),
+    ('{"multipliers": [{"factor": 2, "name": "x"}]}'),
+    ('{"bonuses": [{"points": 10, "factor": 2}]}'),
+    ('{"bonuses": [{"when": {}}]}'),
+    ('{"bonuses": [{"campaign": "summer", "from": "2027-06-01", "points": 50}]}'),
+    ('{"bonuses": [{"campaign": "summer", "from": "2027-06-01", "to": "2027-13-01", "points": 50}]}'),
+    ('{"bonuses": [{"campaign": "summer", "from": "2027-06-01", "to": "2027-05-01", "points": 50}]}'),
+    ('{"bonuses": [{"campaign": "summer", "from": "2027-06-01", "to": "2027-08-01", "factor": 2}]}'),
+    ('{"bonuses": [{"points": 10, "budget": 100}]}'),
+    ('{"bonuses": [{"points": 1.5}]}'),
+    ('{"caps": {"per_purchase": -1}}'),
+    ('{"caps": {"per_day": 10}}'),
+    ('{"pending_days": 3.5}'),
+    ('{"pending_days": 4000}'),
+    ('{"min_amount": -5}'),
+    ('{"expiry": {"policy": "rolling", "inactivity": "1 year"}}'),
+    ('{"expiry": {"policy": "fixed"}}'),
+    ('{"expiry": {"policy": "fixed", "after": "soon"}}')
+) v(doc);
+SELECT count(*) AS versions_after_errors FROM loyalty.earning_rule;
+
+SELECT throws_ok($$SELECT loyalty.set_earning_rules('nope', '{}', '2027-01-01')$$, 'LY002', 'program "nope" does not exist');
+SELECT throws_ok($$SELECT loyalty.set_earning_rules('shop', NULL, '2027-01-01')$$, '22004', 'program, rules and effective_from must not be null');
+SELECT throws_ok($$SELECT loyalty.set_earning_rules('shop', '{}', 'infinity')$$, '22023', 'effective_from must be a finite time');
+SELECT throws_ok($$SELECT loyalty.accrue('shop', 'c1', 10, 'too-early', '2026-12-31 12:00+00')$$, 'LY010',
+                 'program "shop" has no earning rules in force at 2026-12-31 12:00:00+00');
+
+-- Version 1: the issue's document (budget lowered to show it run out).
+SELECT loyalty.set_earning_rules('shop', '{
+  "base": {"per": 1.00, "points": 1, "rounding": "floor"},
+  "exclude": {"category": ["gift_card"]},
+  "multipliers": [{"when": {"category": ["electronics"]}, "factor": 2},
+                  {"when": {"tier": ["gold"]}, "factor": 1.5},
+                  {"when": {"weekday": [6, 7]}, "factor": 2},
+                  {"when": {"channel": ["app"]}, "factor": 1.2}],
+  "bonuses": [{"when": {"first_purchase": true}, "points": 100},
+              {"when": {"birthday_month": true}, "factor": 2},
+              {"campaign": "summer", "from": "2027-06-01", "to": "2027-08-31", "points": 50, "budget": 120}],
+  "caps": {"per_purchase": 10000, "per_member_per_day": 20000},
+  "min_amount": 5.00}', '2027-01-01 00:00+01', 'launch') AS version;
+
+-- Purchases with hand-computed points (Paris time; 2027-01-04 is a Monday).
+SELECT ref, loyalty.accrue('shop', m, amount, ref, at, category, channel) AS points, expected
+FROM (VALUES
+  -- first purchase: floor(10.50) = 10, + 100
+  ('p1',  'c1', 10.50,  '2027-01-04 10:00+00'::timestamptz, 'books',       NULL,  110),
+  -- electronics x2, app x1.2: 10.50 * 2.4 = 25.2 -> 25
+  ('p2',  'c1', 10.50,  '2027-01-04 11:00+00', 'electronics', 'app', 25),
+  -- below min_amount
+  ('p3',  'c1', 4.99,   '2027-01-04 12:00+00', 'books',       NULL,  0),
+  -- excluded category
+  ('p4',  'c1', 100,    '2027-01-04 13:00+00', 'gift_card',   NULL,  0),
+  -- gold x1.5, Saturday x2, electronics x2: 20 * 6 = 120, + first purchase 100
+  ('p5',  'c2', 20,     '2027-01-09 10:00+00', 'electronics', NULL,  220),
+  -- Saturday 2027-03-06 in c1's birthday month: 10 * 2 * 2 = 40
+  ('p6',  'c1', 10,     '2027-03-06 10:00+00', 'books',       NULL,  40),
+  -- Saturday in Paris (00:30 local) though Friday in UTC: 10 * 2 = 20
+  ('p6b', 'c1', 10,     '2027-01-08 23:30+00', 'books',       NULL,  20),
+  -- campaign: gold 10.99 * 1.5 = 16.485 -> 16, + 50 (budget 120 -> 70 left)
+  ('p7',  'c2', 10.99,  '2027-06-02 10:00+00', 'books',       NULL,  66),
+  -- 10 + 50 (20 left)
+  ('p8',  'c1', 10,     '2027-06-03 10:00+00', 'books',       NULL,  60),
+  -- 10 + 20, the budget runs out
+  ('p9',  'c1', 10,     '2027-06-04 10:00+00', 'books',       NULL,  30),
+  -- Saturday 20, no budget left
+  ('p10', 'c1', 10,     '2027-06-05 10:00+00', 'books',       NULL,  20),
+  -- per-purchase cap: 12000 -> 10000
+  ('p11', 'c1', 12000,  '2027-01-05 10:00+00', 'books',       NULL,  10000),
+  -- same day, 15000 -> 10000 (day total 20000)
+  ('p12', 'c1', 15000,  '2027-01-05 11:00+00', 'books',       NULL,  10000),
+  -- same day, the daily cap is reached
+  ('p13', 'c1', 500,    '2027-01-05 12:00+00', 'books',       NULL,  0),
+  -- the next day (Paris) earns again
+  ('p14', 'c1', 500,    '2027-01-05 23:30+00', 'books',       NULL,  500)
+) v(ref, m, amount, at, category, channel, expected)
+ORDER BY at;
+
+-- Each breakdown reproduces the points posted.
+SELECT ref, rule_version, points, breakdown FROM loyalty.accrual ORDER BY occurred_at;
+-- (posted amount = breakdown points = rounded + bonuses - caps cut; no row differs)
+SELECT a.ref, a.points, t.amount AS posted
+FROM loyalty.accrual a LEFT JOIN loyalty.transfer t ON t.kind = 'accrual' AND t.ref = a.ref
+WHERE coalesce(t.amount::bigint, 0) <> a.points
+   OR (a.breakdown ? 'rounded' AND (a.breakdown ->> 'rounded')::bigint
+        + coalesce((SELECT sum((b ->> 'points')::bigint) FROM jsonb_array_elements(a.breakdown -> 'bonuses') b), 0)
+        - coalesce((SELECT sum((c ->> 'cut')::bigint) FROM jsonb_array_elements(a.breakdown -> 'caps') c), 0)
+        <> a.points);
+SELECT * FROM loyalty.accrual_campaign;
+
+-- Idempotency: the same purchase again earns nothing more; other content is refused.
+SELECT loyalty.accrue('shop', 'c1', 10.50, 'p1', '2027-01-04 10:00+00', 'books') AS replayed;
+SELECT count(*) AS accrual_transfers FROM loyalty.transfer WHERE kind = 'accrual';
+\set VERBOSITY default
+SELECT loyalty.accrue('shop', 'c1', 11.50, 'p1', '2027-01-04 10:00+00', 'books');
+\set VERBOSITY terse
+
+-- Function API errors.
+SELECT throws_ok($$SELECT loyalty.accrue('shop', NULL, 10, 'e1')$$, '22004', 'member_ref must not be null');
+SELECT throws_ok($$SELECT loyalty.accrue('shop', 'c1', NULL, 'e1')$$, '22004', 'amount must not be null');
+SELECT throws_ok($$SELECT loyalty.accrue('shop', 'c1', 10, NULL)$$, '22004', 'ref must not be null');
+SELECT throws_ok($$SELECT loyalty.accrue('shop', 'c1', 10, '')$$, '22023', 'invalid ref ""');
+SELECT throws_ok($$SELECT loyalty.accrue('shop', 'c1', -10, 'e1', '2027-02-01')$$, '22023', 'the amount -10 is negative');
+SELECT throws_ok($$SELECT loyalty.accrue('shop', 'zz', 10, 'e1', '2027-02-01')$$, 'LY003', 'member "zz" does not exist in program "shop"');
+SELECT throws_ok($$SELECT loyalty.accrue('shop', 'c3', 10, 'e1', '2027-02-01')$$, 'LY004', 'member "c3" of program "shop" is suspended');
+SELECT throws_ok($$SELECT loyalty.accrue('nope', 'c1', 10, 'e1')$$, 'LY002', 'program "nope" does not exist');
+SELECT throws_ok($$SELECT loyalty.accrue('shop', 'c1', 10, 'e1', 'infinity')$$, '22008', 'occurred_at must be a finite time');
+SELECT * FROM finish();
+
+-- Version 2 from July: 3 points per 2.00, ceil, 30 days pending, lots expire after 12 months.
+SELECT loyalty.set_earning_rules('shop', '{"base": {"per": 2, "points": 3, "rounding": "ceil"},
+  "pending_days": 30, "expiry": {"policy": "fixed", "after": "12 months"}}', '2027-07-01 00:00+02', 'summer') AS version;
+-- Version 3 from September: round half up.
+SELECT loyalty.set_earning_rules('shop', '{"base": {"rounding": "round"}}', '2027-09-01 00:00+02', 'autumn') AS version;
+SELECT loyalty.accrue('shop', 'c2', 10.01, 'p20', '2027-07-02 10:00+00') AS v2_ceil_15_015;
+SELECT loyalty.accrue('shop', 'c2', 10.50, 'p21', '2027-09-02 10:00+00') AS v3_round_10_5;
+SELECT loyalty.accrue('shop', 'c2', 10.49, 'p22', '2027-09-02 11:00+00') AS v3_round_10_49;
+SELECT ref, rule_version, points, vests_at, expires_at FROM loyalty.accrual WHERE ref IN ('p1', 'p20', 'p21') ORDER BY ref;
+SELECT rule_version, count(*) FROM loyalty.transfer WHERE kind = 'accrual' GROUP BY 1 ORDER BY 1;
+-- pending for 30 days: not in the balance before, in it after
+SELECT loyalty.balance('shop', 'c2', '2027-07-03') AS before_vesting,
+       loyalty.balance('shop', 'c2', '2027-08-02') AS after_vesting;
+SELECT available, pending FROM loyalty.account_summary('shop', 'c2', '2027-07-03');
+-- A rule change does not alter a posted purchase.
+SELECT e ->> 'rule_version' AS version, e ->> 'points' AS points, e ->> 'posted_points' AS posted
+FROM loyalty.explain_accrual('shop', 'p1') e;
+SELECT loyalty.explain_accrual('shop', 'p20');
+SELECT loyalty.explain_accrual('shop', 'nope');
+SELECT count(*) AS chain_problems FROM loyalty.verify_chain('shop');
+-- the ledger balances the member accounts
+SELECT m.member_ref, a.available, a.pending,
+       (SELECT loyalty.sum(l.remaining) FROM loyalty.lot l WHERE l.account_id = a.id) AS lots
+FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id ORDER BY 1;
+
+-- Simulation posts nothing: version 1 replayed over January-June gives what
+-- was posted (21091); with electronics x3 instead of x2, p2 earns
+-- floor(10.50 x 3 x 1.2) = 37 (+12) and p5 floor(20 x 3 x 1.5 x 2) + 100 = 280 (+60).
+SELECT * FROM loyalty.simulate_accrual('shop', (SELECT rules FROM loyalty.earning_rule WHERE version = 1),
+                                       '2027-01-01', '2027-07-01');
+SELECT * FROM loyalty.simulate_accrual('shop', jsonb_set((SELECT rules FROM loyalty.earning_rule WHERE version = 1),
+                                                         '{multipliers,0,factor}', '3'),
+                                       '2027-01-01', '2027-07-01')
+WHERE rule LIKE 'total%' OR rule = 'multipliers[0]';
+SELECT count(*) AS transfers_after_simulation FROM loyalty.transfer;
+SELECT * FROM loyalty.simulate_accrual('shop', '{"base": {"per": -1}}', '2027-01-01', '2027-07-01');

@@ -1,0 +1,139 @@
+SET client_min_messages = warning;
+DROP EXTENSION IF EXISTS loyalty CASCADE;
+CREATE EXTENSION loyalty;
+CREATE EXTENSION IF NOT EXISTS pgtap;
+RESET client_min_messages;
+SET TIME ZONE 'UTC';
+
+SELECT loyalty.create_program('shop', 'Shop', 'UTC') > 0 AS created;
+SELECT loyalty.enroll('shop', m, occurred_at => '2025-01-01 00:00+00') > 0 AS enrolled
+FROM unnest(ARRAY['c1', 'c2', 'c3']) m;
+UPDATE loyalty.member SET status = 'closed' WHERE member_ref = 'c3';
+SELECT loyalty.set_earning_rules('shop', '{"base": {"per": 1, "points": 1},
+  "multipliers": [{"when": {"category": ["electronics"]}, "factor": 2}],
+  "bonuses": [{"when": {"first_purchase": true}, "points": 100}]}', '2025-01-01') AS version;
+
+-- The application's own table, untouched but for the triggers.
+CREATE TABLE public.orders (
+    id        text PRIMARY KEY,
+    customer  text,
+    total     numeric(12,2),
+    placed_at timestamptz,
+    kind      text,
+    note      text
+);
+
+SELECT plan(6);
+SELECT throws_ok($$SELECT loyalty.attach_accrual('public.orders', 'nope', 'customer', 'total', 'id')$$,
+                 'LY002', 'program "nope" does not exist');
+SELECT throws_ok($$SELECT loyalty.attach_accrual('public.orders', 'shop', 'client', 'total', 'id')$$,
+                 '42703', 'column "client" of "public.orders" does not exist');
+SELECT throws_ok($$SELECT loyalty.attach_accrual('public.orders', 'shop', 'customer', NULL, 'id')$$,
+                 '22004', 'source, program, member_column, amount_column and ref_column must not be null');
+SELECT throws_ok($$SELECT loyalty.detach_accrual('public.orders')$$, 'LY013', 'accrual is not attached to "public.orders"');
+SELECT lives_ok($$SELECT loyalty.attach_accrual('public.orders', 'shop', 'customer', 'total', 'id',
+                                               occurred_at_column => 'placed_at', category_column => 'kind')$$,
+                'attach_accrual');
+SELECT throws_ok($$SELECT loyalty.attach_accrual('public.orders', 'shop', 'customer', 'total', 'id')$$,
+                 'LY013', 'accrual is already attached to "public.orders"');
+SELECT * FROM finish();
+SELECT tgname FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass ORDER BY 1;
+
+-- One statement, good and bad rows together: the statement succeeds, the
+-- good rows earn, the bad rows wait in the quarantine.
+INSERT INTO public.orders VALUES
+    ('o1', 'c1', 10.00, '2025-02-01 10:00+00', 'books', NULL),        -- 10 + first purchase 100
+    ('o2', 'c1', 20.00, '2025-02-01 11:00+00', 'electronics', NULL),  -- 40
+    ('o3', 'c2', 5.50,  '2025-02-01 12:00+00', 'books', NULL),        -- 5 + 100
+    ('o4', NULL, 10.00, '2025-02-01 13:00+00', 'books', 'no member'),
+    ('o5', 'zz', 10.00, '2025-02-01 13:00+00', 'books', 'unknown member'),
+    ('o6', 'c1', -3.00, '2025-02-01 13:00+00', 'books', 'negative'),
+    ('o7', 'c3', 10.00, '2025-02-01 13:00+00', 'books', 'closed member'),
+    ('o8', 'c1', NULL,  '2025-02-01 13:00+00', 'books', 'no amount'),
+    ('o9', 'c2', 10.00, '2024-06-01 13:00+00', 'books', 'before the rules');
+SELECT count(*) AS orders FROM public.orders;
+SELECT ref, points, rule_version FROM loyalty.accrual ORDER BY ref;
+SELECT ref, member_ref, sqlstate, reason, row_data ->> 'note' AS note FROM loyalty.accrual_quarantine ORDER BY id;
+SELECT program, source, sqlstate, reason, rows FROM loyalty.quarantine_summary ORDER BY sqlstate, reason;
+SELECT loyalty.balance('shop', 'c1') AS c1, loyalty.balance('shop', 'c2') AS c2;
+
+-- Re-inserting an order (a retried import) never earns twice.
+DELETE FROM public.orders WHERE id = 'o3';   -- refunds o3 (105 points)
+SELECT loyalty.balance('shop', 'c2') AS c2_after_delete;
+INSERT INTO public.orders VALUES ('o3', 'c2', 5.50, '2025-02-01 12:00+00', 'books', NULL);
+SELECT loyalty.balance('shop', 'c2') AS c2_after_reinsert;
+SELECT count(*) AS accrual_transfers FROM loyalty.transfer WHERE kind = 'accrual';
+-- The same purchase through the function API is a replay.
+SELECT loyalty.accrue('shop', 'c1', 20.00, 'o2', '2025-02-01 11:00+00', 'electronics') AS replay_same;
+-- A second shop's table feeding the same program: a row reusing the ref of a
+-- different purchase goes to the quarantine (23505), the same one is skipped.
+CREATE TABLE public.web_orders (ref text, member text, amount numeric, at timestamptz);
+SELECT loyalty.attach_accrual('public.web_orders', 'shop', 'member', 'amount', 'ref', 'at');
+INSERT INTO public.web_orders VALUES ('o1', 'c1', 10.00, '2025-02-01 10:00+00'),
+                                     ('o2', 'c1', 99.00, '2025-02-01 11:00+00'),
+                                     ('w1', 'c2', 1.00, '2025-02-01 11:00+00'),
+                                     ('w1', 'c2', 1.00, '2025-02-01 11:00+00');
+SELECT ref, sqlstate, reason FROM loyalty.accrual_quarantine WHERE source = 'public.web_orders'::regclass;
+SELECT ref, points FROM loyalty.accrual WHERE ref = 'w1';
+SELECT loyalty.detach_accrual('public.web_orders');
+
+-- UPDATE lowering an amount refunds in proportion; raising it does not earn.
+UPDATE public.orders SET total = 10.00 WHERE id = 'o2';       -- 40 -> 20 back
+SELECT refunded_amount, refunded_points FROM loyalty.accrual WHERE ref = 'o2';
+UPDATE public.orders SET total = 20.00 WHERE id = 'o2';
+UPDATE public.orders SET note = 'touched' WHERE id = 'o2';
+SELECT refunded_amount, refunded_points FROM loyalty.accrual WHERE ref = 'o2';
+SELECT refund_ref, amount, points FROM loyalty.accrual_refund ORDER BY refund_ref;
+-- DELETE of a quarantined row refunds nothing
+DELETE FROM public.orders WHERE id = 'o4';
+
+-- Fix the causes and replay: enrol zz, reopen c3, correct the amounts.
+SELECT loyalty.enroll('shop', 'zz', occurred_at => '2025-01-01') > 0 AS enrolled;
+UPDATE loyalty.member SET status = 'active' WHERE member_ref = 'c3';
+UPDATE loyalty.accrual_quarantine SET row_data = row_data || '{"total": 3.00}' WHERE ref = 'o6';
+SELECT * FROM loyalty.replay_quarantine('shop');
+SELECT ref, sqlstate, reason, replayed_at IS NOT NULL AS replayed, attempts FROM loyalty.accrual_quarantine ORDER BY id;
+SELECT * FROM loyalty.replay_quarantine('shop');
+SELECT ref, points FROM loyalty.accrual WHERE ref IN ('o5', 'o6', 'o7') ORDER BY ref;
+
+-- Unknown members enrolled on first purchase, when the program says so.
+UPDATE loyalty.program SET options = '{"unknown_member": "enroll"}' WHERE code = 'shop';
+INSERT INTO public.orders VALUES ('o10', 'newbie', 7.00, '2025-02-03 10:00+00', 'books', NULL);
+SELECT m.member_ref, a.points FROM loyalty.accrual a JOIN loyalty.member m ON m.id = a.member_id WHERE a.ref = 'o10';
+-- and through the function API
+SELECT loyalty.accrue('shop', 'newbie2', 8.00, 'o11', '2025-02-03 11:00+00') AS points;
+
+-- A bulk INSERT ... SELECT is one pass; many purchases per member chain correctly.
+SELECT loyalty.enroll('shop', 'm' || i, occurred_at => '2025-01-01') > 0 AS enrolled
+FROM generate_series(1, 50) i GROUP BY 1;
+SET loyalty.accrual_chunk = 700;   -- 8 chunks: first purchases and chains across chunks
+INSERT INTO public.orders (id, customer, total, placed_at, kind)
+SELECT 'b' || i, 'm' || (i % 50 + 1), (i % 7) + 0.99, '2025-03-01'::timestamptz + i * interval '1 minute',
+       CASE WHEN i % 3 = 0 THEN 'electronics' ELSE 'books' END
+FROM generate_series(1, 5000) i;
+RESET loyalty.accrual_chunk;
+SELECT count(*) AS bulk_purchases, sum(points) AS bulk_points FROM loyalty.accrual WHERE ref LIKE 'b%';
+-- hand check: per purchase floor((i % 7 + 0.99) * (2 if i % 3 = 0)) plus 100 once per member
+SELECT sum(floor(((i % 7) + 0.99) * CASE WHEN i % 3 = 0 THEN 2 ELSE 1 END)) + 50 * 100 AS expected
+FROM generate_series(1, 5000) i;
+SELECT count(*) AS chain_problems FROM loyalty.verify_chain('shop');
+SELECT count(*) AS unbalanced FROM loyalty.account a
+WHERE a.kind = 'member'
+  AND (a.available::bigint + a.pending::bigint)
+      <> (SELECT coalesce(sum(l.remaining::bigint), 0) FROM loyalty.lot l WHERE l.account_id = a.id);
+
+-- COPY goes through the same trigger.
+COPY public.orders (id, customer, total, placed_at, kind) FROM stdin;
+c1	c1	12.00	2025-04-01 10:00:00+00	books
+c2	nobody-yet	3.00	2025-04-01 10:00:00+00	books
+c3	c2	\N	2025-04-01 10:00:00+00	books
+\.
+SELECT ref, points FROM loyalty.accrual WHERE ref IN ('c1', 'c2') ORDER BY ref;
+SELECT ref, reason FROM loyalty.accrual_quarantine WHERE ref = 'c3';
+
+-- Detach: the triggers go, what was posted stays.
+SELECT loyalty.detach_accrual('public.orders');
+SELECT count(*) AS triggers FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass;
+INSERT INTO public.orders VALUES ('o99', 'c1', 100.00, '2025-05-01', 'books', NULL);
+SELECT count(*) AS o99 FROM loyalty.accrual WHERE ref = 'o99';
+SELECT count(*) AS chain_problems FROM loyalty.verify_chain('shop');
