@@ -7,6 +7,7 @@
 #include "utils/guc.h"
 
 #include "ledger.h"
+#include "worker.h"
 
 PG_MODULE_MAGIC;
 
@@ -16,5 +17,6 @@ void
 _PG_init(void)
 {
 	LedgerInit();
+	WorkerInit();
 	MarkGUCPrefixReserved("loyalty");
 }

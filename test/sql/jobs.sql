@@ -20,11 +20,9 @@ SELECT throws_ok($$SELECT loyalty.set_job('nope', enabled => false)$$, 'LY020', 
 SELECT throws_ok($$SELECT loyalty.set_job('vest', schedule => '-1 hour')$$, '22023', 'schedule and batch_size must be positive');
 SELECT throws_ok($$SELECT loyalty.set_job('vest', batch_size => 0)$$, '22023', 'schedule and batch_size must be positive');
 
-\set VERBOSITY verbose
 SELECT * FROM loyalty.run_job('release_holds', '2026-01-01');
-\set VERBOSITY default
 
-SELECT (loyalty.set_job('vest', schedule => '10 minutes', batch_size => 2)).*;
+SELECT (loyalty.set_job('vest', schedule => '10 minutes', batch_size => 1)).*;
 SELECT count(*) AS runs_so_far FROM loyalty.job_run;
 
 -- vest: three pending lots in their return window
@@ -41,7 +39,7 @@ SELECT * FROM loyalty.run_job('vest', '2026-03-14 23:59:59');
 -- the moment a's first lot vests: only that one
 SELECT * FROM loyalty.run_job('vest', '2026-03-15 00:00');
 SELECT m.member_ref, a.available, a.pending FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id ORDER BY 1;
--- after: the others, in batches of 2
+-- after: the others, in batches of 1
 SELECT * FROM loyalty.run_job('vest', '2026-03-17');
 SELECT m.member_ref, a.available, a.pending FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id ORDER BY 1;
 -- again: nothing to do
