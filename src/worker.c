@@ -3,8 +3,8 @@
  *
  * With shared_preload_libraries = 'loyalty', a launcher (a static background
  * worker, restarted by the postmaster) starts one dynamic worker per database
- * listed in loyalty.databases and restarts any that died, at most once per
- * naptime. Each database worker wakes every loyalty.naptime seconds and, when
+ * listed in loyalty.databases and restarts any that died, at most once a
+ * minute (a database that does not exist costs one line of log a minute). Each database worker wakes every loyalty.naptime seconds and, when
  * loyalty.enabled is on, the server is not in recovery and the extension is
  * installed, runs the due jobs of loyalty.job. A run is a series of
  * transactions through the same SQL functions run_job() uses: one to start
@@ -52,7 +52,10 @@ typedef struct WorkerSlot
 {
 	char		dbname[NAMEDATALEN];
 	BackgroundWorkerHandle *handle;
+	TimestampTz started_at;		/* last start, to restart at most once a minute */
 } WorkerSlot;
+
+#define WORKER_RESTART_SECONDS 60
 
 static WorkerSlot slots[WORKER_MAX_DATABASES];
 static int	nslots = 0;
@@ -177,10 +180,20 @@ WorkerReconcile(void)
 			slot = &slots[nslots++];
 		if (slot == NULL)
 			break;
-		strlcpy(slot->dbname, dbname, NAMEDATALEN);
+		if (strcmp(slot->dbname, dbname) != 0)
+		{
+			strlcpy(slot->dbname, dbname, NAMEDATALEN);
+			slot->handle = NULL;
+			slot->started_at = 0;
+		}
 		if (slot->handle != NULL &&
 			GetBackgroundWorkerPid(slot->handle, &pid) != BGWH_STOPPED)
 			continue;
+		if (slot->started_at != 0 &&
+			!TimestampDifferenceExceeds(slot->started_at, GetCurrentTimestamp(),
+										WORKER_RESTART_SECONDS * 1000))
+			continue;
+		slot->started_at = GetCurrentTimestamp();
 		WorkerStart(slot);
 	}
 	pfree(raw);
@@ -328,11 +341,16 @@ WorkerRunJob(const char *job)
 		Oid			rtype = INT8OID;
 		Datum		rvalue;
 		int64		rows;
+		Oid			finish_types[3] = {INT8OID, TEXTOID, TIMESTAMPTZOID};
+		Datum		finish_values[3];
 
 		WorkerBegin();
 		run = WorkerExec("SELECT loyalty._job_start($1, $2, true)", 2, types, values, NULL);
 		WorkerEnd();
 		rvalue = Int64GetDatum(run);
+		finish_values[0] = rvalue;
+		finish_values[1] = values[0];
+		finish_values[2] = values[1];
 		do
 		{
 			CHECK_FOR_INTERRUPTS();
@@ -342,7 +360,7 @@ WorkerRunJob(const char *job)
 		} while (rows > 0);
 		WorkerBegin();
 		WorkerExec("SELECT 0::bigint FROM loyalty._job_finish($1, $2, $3, NULL, NULL, true)",
-				   1, &rtype, &rvalue, NULL);
+				   3, finish_types, finish_values, NULL);
 		WorkerEnd();
 	}
 	PG_CATCH();
