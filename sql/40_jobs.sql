@@ -53,7 +53,7 @@ REVOKE ALL ON loyalty.job, loyalty.job_run FROM PUBLIC;
 REVOKE ALL ON SEQUENCE loyalty.job_run_id_seq FROM PUBLIC;
 
 -- The expire job finds due lots by expiry; the vest job finds pending lots.
-CREATE INDEX lot_expiry_idx ON loyalty.lot (expires_at) WHERE remaining > 0;
+CREATE INDEX lot_expiry_idx ON loyalty.lot (expires_at, id) WHERE remaining > 0;
 CREATE INDEX lot_pending_idx ON loyalty.lot (vests_at) WHERE pending;
 
 -- The handler of a job, resolved now, or a precise error.
@@ -205,12 +205,13 @@ BEGIN
         RETURN;
     END IF;
     PERFORM FROM loyalty.account a
-     WHERE a.id IN (SELECT l.account_id FROM loyalty.lot l WHERE l.id = ANY (v_lots))
+     WHERE a.id IN (SELECT l.account_id FROM unnest(v_lots) AS x(id) JOIN loyalty.lot l ON l.id = x.id)
      ORDER BY a.id FOR UPDATE;
     RETURN QUERY
     WITH l AS (
         UPDATE loyalty.lot l SET pending = false
-         WHERE l.id = ANY (v_lots) AND l.pending AND l.vests_at <= as_of
+          FROM unnest(v_lots) AS x(id)
+         WHERE l.id = x.id AND l.pending AND l.vests_at <= as_of
         RETURNING l.account_id, l.remaining
     ), s AS (
         SELECT l.account_id, count(*) AS n, sum(l.remaining::bigint) AS pts FROM l GROUP BY l.account_id
@@ -230,7 +231,8 @@ COMMENT ON FUNCTION loyalty._job_vest(timestamptz, integer) IS 'Job handler: mov
 -- "lot:<id>#<n>" for the n-th time (a lot can expire again after a reversal
 -- gave points back to it). Deterministic from the committed ledger, so a
 -- rerun after a crash finds the lot already expired, and a race on the same
--- lot meets the unique (program, kind, ref).
+-- lot meets the unique (program, kind, ref). _expire_due computes the same
+-- set-based; this is the one-lot form, for reading.
 CREATE FUNCTION loyalty._expire_ref(p_lot bigint) RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT 'lot:' || p_lot || CASE WHEN n > 0 THEN '#' || (n + 1) ELSE '' END
@@ -243,24 +245,70 @@ COMMENT ON FUNCTION loyalty._expire_ref(bigint) IS 'Internal: the deterministic 
 -- Candidates: at most p_limit lots with points left whose expiry is at or
 -- before as_of: a lot's own expires_at (fixed, calendar) or, under a rolling
 -- policy, the account's deadline. Read without locks; _expire_due re-checks.
+-- Within one transaction (run_job) the scan resumes after the last batch
+-- (a transaction-local cursor), so that it does not wade again through the
+-- index entries of the lots it has just expired; a new transaction (a
+-- worker's next batch) starts from the beginning, which costs little once
+-- those entries are dead.
 CREATE FUNCTION loyalty._expire_candidates(p_as_of timestamptz, p_limit integer)
-RETURNS TABLE (lot_id bigint, account_id bigint)
-LANGUAGE sql STABLE SET search_path = loyalty, pg_catalog AS $$
-    (SELECT l.id, l.account_id FROM loyalty.lot l
-      WHERE l.remaining > 0 AND l.expires_at <= p_as_of
-      ORDER BY l.expires_at, l.id LIMIT p_limit)
-    UNION
-    (SELECT l.id, l.account_id
-       FROM loyalty.program p
-       JOIN loyalty.account a ON a.program_id = p.id AND a.kind = 'member'
-       CROSS JOIN LATERAL (SELECT loyalty._rolling_deadline(a.id, p_as_of) AS deadline) d
-       JOIN loyalty.lot l ON l.account_id = a.id AND l.remaining > 0 AND l.occurred_at <= d.deadline
-      WHERE p.options #>> '{expiry,policy}' = 'rolling'
-        AND d.deadline <= p_as_of
-        AND EXISTS (SELECT FROM loyalty.lot o WHERE o.account_id = a.id AND o.remaining > 0)
-      ORDER BY a.id, l.id LIMIT p_limit)
-$$;
-COMMENT ON FUNCTION loyalty._expire_candidates(timestamptz, integer) IS 'Internal: lots that may be due to expire at as_of, read without locks';
+RETURNS bigint[] LANGUAGE plpgsql SET search_path = loyalty, pg_catalog AS $$
+DECLARE
+    v_cursor text[] := string_to_array(current_setting('loyalty_job.expire_cursor', true), '|');
+    v_at timestamptz := '-infinity';
+    v_id bigint := 0;
+    v_account bigint := 0;
+    v_lots bigint[];
+    v_ats timestamptz[];
+    v_n integer;
+    v_more bigint[];
+    a record;
+BEGIN
+    IF v_cursor[1] = p_as_of::text THEN     -- the same run, in the same transaction
+        v_at := v_cursor[2]::timestamptz;
+        v_id := v_cursor[3]::bigint;
+        v_account := v_cursor[4]::bigint;
+    END IF;
+
+    -- fixed and calendar: the lot's own expiry
+    SELECT array_agg(c.id ORDER BY c.expires_at, c.id), array_agg(c.expires_at ORDER BY c.expires_at, c.id)
+      INTO v_lots, v_ats
+      FROM (SELECT l.id, l.expires_at FROM loyalty.lot l
+             WHERE l.remaining > 0 AND l.expires_at <= p_as_of AND (l.expires_at, l.id) > (v_at, v_id)
+             ORDER BY l.expires_at, l.id LIMIT p_limit) c;
+    v_n := coalesce(array_length(v_lots, 1), 0);
+    IF v_n > 0 THEN
+        v_at := v_ats[v_n];
+        v_id := v_lots[v_n];
+    END IF;
+
+    -- rolling: every lot of an account whose deadline has passed, account by
+    -- account (the last one is looked at again next time, in case the limit
+    -- cut through its lots)
+    IF v_n < p_limit THEN
+        FOR a IN SELECT acc.id FROM loyalty.program p
+                   JOIN loyalty.account acc ON acc.program_id = p.id AND acc.kind = 'member'
+                  WHERE p.options #>> '{expiry,policy}' = 'rolling' AND acc.id >= v_account
+                    AND EXISTS (SELECT FROM loyalty.lot o WHERE o.account_id = acc.id AND o.remaining > 0)
+                  ORDER BY acc.id LOOP
+            SELECT array_agg(x.id) INTO v_more
+              FROM (SELECT l.id FROM loyalty.lot l,
+                           (SELECT loyalty._rolling_deadline(a.id, p_as_of) AS deadline) d
+                     WHERE l.account_id = a.id AND l.remaining > 0
+                       AND d.deadline <= p_as_of AND l.occurred_at <= d.deadline
+                       AND NOT l.id = ANY (coalesce(v_lots, '{}'))
+                     ORDER BY l.id LIMIT p_limit - v_n) x;
+            v_lots := v_lots || v_more;
+            v_n := coalesce(array_length(v_lots, 1), 0);
+            v_account := a.id;
+            EXIT WHEN v_n >= p_limit;
+        END LOOP;
+    END IF;
+
+    PERFORM set_config('loyalty_job.expire_cursor',
+                       concat_ws('|', p_as_of::text, v_at::text, v_id::text, v_account::text), true);
+    RETURN v_lots;
+END $$;
+COMMENT ON FUNCTION loyalty._expire_candidates(timestamptz, integer) IS 'Internal: at most p_limit lots that may be due to expire at as_of, read without locks';
 
 -- What to expire among the candidate lots, read after their accounts are
 -- locked: each lot's remaining points, the expiry moment (occurred_at of
@@ -269,22 +317,33 @@ CREATE FUNCTION loyalty._expire_due(p_lots bigint[], p_as_of timestamptz)
 RETURNS TABLE (lot_id bigint, account_id bigint, program_id bigint, breakage_id bigint,
                remaining loyalty.points, pending boolean, moment timestamptz, ref text)
 LANGUAGE sql STABLE SET search_path = loyalty, pg_catalog AS $$
-    WITH acct AS MATERIALIZED (
+    WITH lots AS MATERIALIZED (
+        SELECT l.id, l.account_id, l.remaining, l.pending, l.occurred_at, l.expires_at
+        FROM (SELECT DISTINCT x.id FROM unnest(p_lots) AS x(id)) x
+        JOIN loyalty.lot l ON l.id = x.id
+        WHERE l.remaining > 0
+    ), acct AS MATERIALIZED (
         SELECT a.id, a.program_id, b.id AS breakage_id,
                CASE WHEN p.options #>> '{expiry,policy}' = 'rolling'
                     THEN loyalty._rolling_deadline(a.id, p_as_of) END AS deadline
-        FROM loyalty.account a
+        FROM (SELECT DISTINCT l.account_id FROM lots l) x
+        JOIN loyalty.account a ON a.id = x.account_id
         JOIN loyalty.program p ON p.id = a.program_id
         JOIN loyalty.account b ON b.program_id = a.program_id AND b.kind = 'breakage' AND b.name = ''
-        WHERE a.id IN (SELECT l.account_id FROM loyalty.lot l WHERE l.id = ANY (p_lots))
+    ), prior AS MATERIALIZED (
+        SELECT u.lot_id, count(*) AS n
+        FROM lots l
+        JOIN loyalty.lot_use u ON u.lot_id = l.id AND u.amount > 0
+        JOIN loyalty.transfer t ON t.id = u.transfer_id AND t.kind = 'expire'
+        GROUP BY u.lot_id
     )
     SELECT x.id, x.account_id, x.program_id, x.breakage_id, x.remaining, x.pending, x.moment,
-           loyalty._expire_ref(x.id)
+           'lot:' || x.id || CASE WHEN pr.n > 0 THEN '#' || (pr.n + 1) ELSE '' END
     FROM (SELECT l.id, l.account_id, c.program_id, c.breakage_id, l.remaining, l.pending,
                  least(l.expires_at,
                        CASE WHEN l.occurred_at <= c.deadline THEN c.deadline END) AS moment
-          FROM loyalty.lot l JOIN acct c ON c.id = l.account_id
-          WHERE l.id = ANY (p_lots) AND l.remaining > 0) x
+          FROM lots l JOIN acct c ON c.id = l.account_id) x
+    LEFT JOIN prior pr ON pr.lot_id = x.id
     WHERE x.moment <= p_as_of
     ORDER BY x.account_id, x.moment, x.id
 $$;
@@ -293,7 +352,7 @@ COMMENT ON FUNCTION loyalty._expire_due(bigint[], timestamptz) IS 'Internal: the
 CREATE FUNCTION loyalty._lock_accounts_of_lots(p_lots bigint[]) RETURNS void
 LANGUAGE sql SET search_path = loyalty, pg_catalog AS $$
     SELECT FROM loyalty.account a
-     WHERE a.id IN (SELECT l.account_id FROM loyalty.lot l WHERE l.id = ANY (p_lots))
+     WHERE a.id IN (SELECT l.account_id FROM unnest(p_lots) AS x(id) JOIN loyalty.lot l ON l.id = x.id)
      ORDER BY a.id FOR UPDATE OF a
 $$;
 COMMENT ON FUNCTION loyalty._lock_accounts_of_lots(bigint[]) IS 'Internal: locks the member accounts owning the given lots, in account-id order';
@@ -316,7 +375,7 @@ DECLARE
     v_points bigint := 0;
     d record;
 BEGIN
-    SELECT array_agg(c.lot_id) INTO v_lots FROM loyalty._expire_candidates(as_of, batch_size) c;
+    v_lots := loyalty._expire_candidates(as_of, batch_size);
     IF v_lots IS NOT NULL THEN
         PERFORM loyalty._lock_accounts_of_lots(v_lots);
         FOR d IN SELECT * FROM loyalty._expire_due(v_lots, as_of) LOOP
@@ -341,7 +400,7 @@ DECLARE
     v_lots bigint[];
     v_actor text := coalesce(nullif(current_setting('loyalty.actor', true), ''), session_user::text);
 BEGIN
-    SELECT array_agg(c.lot_id) INTO v_lots FROM loyalty._expire_candidates(as_of, batch_size) c;
+    v_lots := loyalty._expire_candidates(as_of, batch_size);
     IF v_lots IS NULL THEN
         RETURN QUERY SELECT 0::bigint, 0::bigint;
         RETURN;
