@@ -202,22 +202,31 @@ END $$;
 
 -- The lots of an account as they stood at p_as_of (business time): what
 -- remained of each then, and when it vested and expired (a rolling policy's
--- deadline applies to every lot).
+-- deadline applies to every lot). Only lots with something left now, or
+-- used after p_as_of, can have had something left then, so the work is
+-- proportional to the open lots, not to the account's history. Internal
+-- code qualifies the points operators (callers' search_path may lack them).
 CREATE FUNCTION loyalty._lots_as_of(p_account bigint, p_as_of timestamptz)
 RETURNS TABLE (lot_id bigint, remaining loyalty.points, vests_at timestamptz, expires_at timestamptz)
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT l.id, l.remaining + coalesce(u.used_after, 0), l.vests_at,
-           CASE WHEN r.deadline IS NULL THEN l.expires_at
-                ELSE least(l.expires_at, r.deadline) END
-    FROM loyalty.lot l
-    LEFT JOIN (SELECT lu.lot_id, loyalty.sum(lu.amount) AS used_after
-               FROM loyalty.lot_use lu
-               WHERE lu.account_id = p_account AND lu.occurred_at > p_as_of
-               GROUP BY lu.lot_id) u ON u.lot_id = l.id
+    WITH used AS (
+        SELECT lu.lot_id, sum(lu.amount::bigint) AS used_after
+        FROM loyalty.lot_use lu
+        WHERE lu.account_id = p_account AND lu.occurred_at > p_as_of
+        GROUP BY lu.lot_id
+    ), lots AS (
+        SELECT l.*, coalesce(u.used_after, 0) AS used_after
+        FROM loyalty.lot l LEFT JOIN used u ON u.lot_id = l.id
+        WHERE l.account_id = p_account AND l.remaining OPERATOR(loyalty.>) 0 AND l.occurred_at <= p_as_of
+        UNION ALL
+        SELECT l.*, u.used_after
+        FROM used u JOIN loyalty.lot l ON l.id = u.lot_id
+        WHERE l.remaining OPERATOR(loyalty.=) 0 AND l.occurred_at <= p_as_of
+    )
+    SELECT l.id, (l.remaining::bigint + l.used_after)::loyalty.points, l.vests_at,
+           CASE WHEN r.deadline IS NULL THEN l.expires_at ELSE least(l.expires_at, r.deadline) END
+    FROM lots l
     CROSS JOIN (SELECT loyalty._rolling_deadline(p_account, p_as_of) AS deadline) r
-    WHERE l.account_id = p_account
-      AND l.occurred_at <= p_as_of
-      AND (l.remaining > 0 OR u.used_after IS NOT NULL)
 $$;
 
 CREATE FUNCTION loyalty.create_program(code text, name text, time_zone text DEFAULT 'UTC',
@@ -276,7 +285,7 @@ DECLARE
     v_program loyalty.program;
     v_member bigint;
     v_email text := lower(btrim(email));
-    v_phone text := regexp_replace(btrim(phone), '[[:space:]().-]', '', 'g');
+    v_phone text := regexp_replace(replace(btrim(phone), '(0)', ''), '[[:space:]().-]', '', 'g');
     v_country text := upper(btrim(country));
     v_at timestamptz := coalesce(occurred_at, now());
     v_welcome bigint;
@@ -301,11 +310,18 @@ BEGIN
         RAISE EXCEPTION 'member attrs must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
     END IF;
 
+    -- Already enrolled: the first enrolment stands (looked up first, so that
+    -- retries do not use up member ids).
+    SELECT m.id INTO v_member FROM loyalty.member m
+    WHERE m.program_id = v_program.id AND m.member_ref = enroll.member_ref;
+    IF FOUND THEN
+        RETURN v_member;
+    END IF;
     INSERT INTO loyalty.member (program_id, member_ref, enrolled_at, country, attrs)
     VALUES (v_program.id, member_ref, v_at, v_country, coalesce(attrs, '{}'))
     ON CONFLICT (program_id, member_ref) DO NOTHING
     RETURNING id INTO v_member;
-    IF v_member IS NULL THEN    -- already enrolled: the first enrolment stands
+    IF v_member IS NULL THEN    -- enrolled concurrently
         SELECT m.id INTO v_member FROM loyalty.member m
         WHERE m.program_id = v_program.id AND m.member_ref = enroll.member_ref;
         RETURN v_member;
@@ -345,10 +361,11 @@ RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_earn'
 LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog;
 COMMENT ON FUNCTION loyalty.earn(text, text, loyalty.points, text, text, timestamptz) IS 'Credits points to a member (a bonus, a goodwill gesture) under the expiry policy; idempotent on ref; returns the transfer id';
 
-CREATE FUNCTION loyalty.adjust(program text, member_ref text, delta bigint, ref text, reason text)
+CREATE FUNCTION loyalty.adjust(program text, member_ref text, delta bigint, ref text, reason text,
+                               occurred_at timestamptz DEFAULT now())
 RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_adjust'
 LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog;
-COMMENT ON FUNCTION loyalty.adjust(text, text, bigint, text, text) IS 'A staff correction of a member''s points, up or down, with a required reason; idempotent on ref; returns the transfer id';
+COMMENT ON FUNCTION loyalty.adjust(text, text, bigint, text, text, timestamptz) IS 'A staff correction of a member''s points, up or down, with a required reason; idempotent on ref; returns the transfer id';
 
 CREATE FUNCTION loyalty.transfer_hash(program_id bigint, debit_account_id bigint, credit_account_id bigint,
                                       amount loyalty.points, kind text, ref text, occurred_at timestamptz,
@@ -376,7 +393,7 @@ COMMENT ON AGGREGATE loyalty.chain(bytea, boolean, bigint, bigint, bigint, loyal
 CREATE FUNCTION loyalty.balance(program text, member_ref text, as_of timestamptz DEFAULT now())
 RETURNS loyalty.points LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
     SELECT coalesce(loyalty.sum(l.remaining), 0)
-    FROM loyalty._lots_as_of(loyalty._account_of(program, member_ref), as_of) l
+    FROM loyalty._lots_as_of((SELECT loyalty._account_of(program, member_ref)), as_of) l
     WHERE l.vests_at <= as_of AND (l.expires_at IS NULL OR as_of < l.expires_at)
 $$;
 COMMENT ON FUNCTION loyalty.balance(text, text, timestamptz) IS 'A member''s available points at as_of (business time): vested, unexpired, unspent';
@@ -391,7 +408,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
         SELECT acc.id, acc.held,
                coalesce((p.options #>> '{expiry,notice}')::interval, interval '30 days') AS notice
         FROM loyalty.account acc JOIN loyalty.program p ON p.id = acc.program_id
-        WHERE acc.id = loyalty._account_of(program, member_ref)
+        WHERE acc.id = (SELECT loyalty._account_of(program, member_ref))
     ), lots AS (
         SELECT l.* FROM a, loyalty._lots_as_of(a.id, as_of) l
         WHERE l.expires_at IS NULL OR as_of < l.expires_at
@@ -424,7 +441,7 @@ CREATE FUNCTION loyalty.statement(program text, member_ref text,
 RETURNS TABLE (transfer_id bigint, occurred_at timestamptz, posted_at timestamptz, kind text, ref text,
                points bigint, balance bigint, explanation text)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
-    WITH a AS (SELECT loyalty._account_of(program, member_ref) AS id),
+    WITH a AS (SELECT (SELECT loyalty._account_of(program, member_ref)) AS id),
     lines AS (
         SELECT t.id, t.occurred_at, t.posted_at, t.kind, t.ref, t.reason, t.actor, t.rule_version,
                CASE WHEN t.credit_account_id = a.id THEN t.amount::bigint ELSE -t.amount::bigint END AS delta

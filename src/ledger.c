@@ -136,7 +136,8 @@ LedgerResolve(const char *program, const char *member_ref, const char *system_ki
 
 	LedgerPrepare(&plan_resolve,
 				  "SELECT p.id, m.id, m.status, a.id, s.id,"
-				  "       loyalty._lot_expiry(p.options -> 'expiry', p.time_zone, $4)"
+				  "       loyalty._lot_expiry(p.options -> 'expiry', p.time_zone, $4),"
+				  "       p.options #>> '{expiry,policy}' IS NOT DISTINCT FROM 'rolling'"
 				  "  FROM loyalty.program p"
 				  "  LEFT JOIN loyalty.member m ON m.program_id = p.id AND m.member_ref = $2"
 				  "  LEFT JOIN loyalty.account a ON a.member_id = m.id"
@@ -179,6 +180,7 @@ LedgerResolve(const char *program, const char *member_ref, const char *system_ki
 	d = LedgerGet(0, 6, &isnull);
 	target->expires = !isnull;
 	target->expires_at = isnull ? 0 : DatumGetTimestampTz(d);
+	target->rolling = DatumGetBool(LedgerGet(0, 7, &isnull));
 }
 
 /* Lock a member account and read the head of its chain. */
@@ -279,8 +281,8 @@ LedgerFindExisting(const LedgerPosting *p, int64 *id)
 static void
 LedgerChooseLots(const LedgerPosting *p, LedgerUse *use)
 {
-	static const Oid argtypes[] = {INT8OID, TIMESTAMPTZOID};
-	Datum		args[2];
+	static const Oid argtypes[] = {INT8OID, TIMESTAMPTZOID, BOOLOID};
+	Datum		args[3];
 	int64		need = p->amount;
 	int64		available = 0;
 	uint64		i;
@@ -290,12 +292,13 @@ LedgerChooseLots(const LedgerPosting *p, LedgerUse *use)
 				  " WHERE account_id = $1 AND remaining > 0"
 				  "   AND occurred_at <= $2 AND vests_at <= $2"
 				  "   AND (expires_at IS NULL OR expires_at > $2)"
-				  "   AND $2 < (SELECT coalesce(loyalty._rolling_deadline($1, $2), 'infinity'))"
+				  "   AND (NOT $3 OR $2 < (SELECT coalesce(loyalty._rolling_deadline($1, $2), 'infinity')))"
 				  " ORDER BY expires_at NULLS LAST, occurred_at, id"
 				  " FOR UPDATE",
-				  2, argtypes);
+				  3, argtypes);
 	args[0] = Int64GetDatum(p->debit_account);
 	args[1] = TimestampTzGetDatum(p->occurred_at);
+	args[2] = BoolGetDatum(p->rolling);
 	LedgerExpect(SPI_execute_plan(plan_open_lots, args, NULL, false, 0), SPI_OK_SELECT,
 				 "reading open lots");
 
@@ -663,6 +666,7 @@ LedgerPostMember(const char *program, const char *member_ref, const char *system
 	p.ref = ref;
 	p.occurred_at = occurred_at;
 	p.reason = reason;
+	p.rolling = t.rolling;
 	if (delta > 0)
 	{
 		p.debit_account = t.system_account;
@@ -715,7 +719,7 @@ loyalty_earn(PG_FUNCTION_ARGS)
 									 reason, LedgerTimeArg(fcinfo, 5), 0));
 }
 
-/* adjust(program, member_ref, delta, ref, reason) */
+/* adjust(program, member_ref, delta, ref, reason, occurred_at) */
 Datum
 loyalty_adjust(PG_FUNCTION_ARGS)
 {
@@ -742,7 +746,7 @@ loyalty_adjust(PG_FUNCTION_ARGS)
 				 errhint("Say why, for the member's statement and the audit: adjust(..., reason => 'missing receipt 1234').")));
 
 	PG_RETURN_INT64(LedgerPostMember(program, member_ref, "adjustment", delta, "adjust", ref,
-									 reason, GetCurrentTransactionStartTimestamp(), 0));
+									 reason, LedgerTimeArg(fcinfo, 5), 0));
 }
 
 /* _post_member(program, member_ref, system_kind, delta, kind, ref, reason, occurred_at, vests_at) */

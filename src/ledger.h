@@ -35,6 +35,7 @@ typedef struct LedgerPosting
 	TimestampTz occurred_at;
 	const char *reason;			/* NULL for none */
 	int32		rule_version;	/* 0 for none */
+	bool		rolling;		/* the program's expiry policy is rolling */
 
 	/* credit side, when it is a member: the lot to create */
 	TimestampTz vests_at;
@@ -61,6 +62,7 @@ typedef struct LedgerTarget
 	int64		system_account;
 	bool		expires;		/* a lot credited at the given time expires */
 	TimestampTz expires_at;
+	bool		rolling;		/* the program's expiry policy is rolling */
 } LedgerTarget;
 
 extern char *loyalty_actor;

@@ -1,0 +1,39 @@
+-- Applications hold EXECUTE on the API and nothing else.
+SET client_min_messages = warning;
+DROP EXTENSION IF EXISTS loyalty CASCADE;
+CREATE EXTENSION loyalty;
+CREATE EXTENSION IF NOT EXISTS pgtap;
+DROP ROLE IF EXISTS loyalty_test_app;
+RESET client_min_messages;
+SET TIME ZONE 'UTC';
+SET search_path = public, loyalty;
+SELECT * FROM no_plan();
+
+CREATE ROLE loyalty_test_app;
+SELECT loyalty.create_program('shop', 'Shop');
+SELECT loyalty.enroll('shop', 'c1', occurred_at => '2026-01-01');
+GRANT USAGE ON SCHEMA loyalty TO loyalty_test_app;
+GRANT EXECUTE ON FUNCTION loyalty.earn(text, text, loyalty.points, text, text, timestamptz),
+                          loyalty.balance(text, text, timestamptz) TO loyalty_test_app;
+
+SET ROLE loyalty_test_app;
+SELECT is(loyalty.earn('shop', 'c1', 100, 'o-1', NULL, '2026-01-02'), 1::bigint, 'a granted API function works');
+SELECT is(loyalty.balance('shop', 'c1', '2026-02-01'), '100'::loyalty.points, 'and so does reading');
+SELECT is('7'::loyalty.points + 1, '8'::loyalty.points, 'the points type works for everyone');
+SELECT throws_ok($$SELECT loyalty.adjust('shop', 'c1', 5, 'x', 'y')$$, '42501', 'permission denied for function adjust', 'an API function not granted');
+SELECT throws_ok($$SELECT loyalty.create_program('p2', 'x')$$, '42501', 'permission denied for function create_program', 'administration not granted');
+SELECT throws_ok($$SELECT * FROM loyalty.transfer$$, '42501', 'permission denied for table transfer', 'no table access');
+SELECT throws_ok($$INSERT INTO loyalty.lot_use VALUES (1, 1, 1, 1, now())$$, '42501', 'permission denied for table lot_use', 'no writes');
+SELECT throws_ok($$SELECT loyalty._post_member('shop', 'c1', 'issuance', 5, 'earn', 'z', NULL, now())$$, '42501',
+                 'permission denied for function _post_member', 'internal functions are not public');
+RESET ROLE;
+
+SELECT is(actor, session_user::text, 'the session user is recorded as the actor') FROM loyalty.transfer;
+SELECT is_empty($$SELECT p.oid::regprocedure FROM pg_proc p
+                  WHERE p.pronamespace = 'loyalty'::regnamespace AND p.prosecdef
+                    AND NOT EXISTS (SELECT FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%')$$,
+                'every SECURITY DEFINER function pins its search_path');
+
+SELECT * FROM finish();
+DROP OWNED BY loyalty_test_app;
+DROP ROLE loyalty_test_app;
