@@ -17,17 +17,22 @@ CREATE TABLE loyalty.job (
     enabled      boolean NOT NULL DEFAULT true,
     batch_size   integer NOT NULL DEFAULT 1000 CHECK (batch_size > 0),
     last_run_at  timestamptz,
-    description  text NOT NULL DEFAULT ''
+    description  text NOT NULL DEFAULT '',
+    builtin      boolean NOT NULL DEFAULT false
 );
 COMMENT ON TABLE loyalty.job IS 'Registry of jobs and the workers'' schedule: the handler function, how often it runs, whether it is enabled, its batch size and when it last ran';
 COMMENT ON COLUMN loyalty.job.handler IS 'Schema-qualified name of a function (as_of timestamptz, batch_size integer) RETURNS TABLE (rows bigint, points bigint), resolved when the job runs';
 COMMENT ON COLUMN loyalty.job.schedule IS 'A worker runs the job when last_run_at + schedule has passed';
 COMMENT ON COLUMN loyalty.job.last_run_at IS 'When the last run (by a worker or by run_job) started, wall-clock time';
+COMMENT ON COLUMN loyalty.job.builtin IS 'Registered by the install script (true) rather than added later: only added jobs are dumped by pg_dump';
 
-INSERT INTO loyalty.job (name, handler, schedule, batch_size, description) VALUES
-    ('vest',          'loyalty._job_vest',          '1 hour',    5000, 'Pending points whose return window has ended become available'),
-    ('expire',        'loyalty._job_expire',        '1 hour',   10000, 'Points past their expiry move to the breakage account'),
-    ('release_holds', 'loyalty._job_release_holds', '1 minute',  1000, 'Holds past their time to live give their points back');
+-- Capabilities register their jobs here with builtin = true: CREATE EXTENSION
+-- recreates those rows on restore, so pg_dump keeps only the others.
+INSERT INTO loyalty.job (name, handler, schedule, batch_size, description, builtin) VALUES
+    ('vest',          'loyalty._job_vest',          '1 hour',    5000, 'Pending points whose return window has ended become available', true),
+    ('expire',        'loyalty._job_expire',        '1 hour',   10000, 'Points past their expiry move to the breakage account', true),
+    ('release_holds', 'loyalty._job_release_holds', '1 minute',  1000, 'Holds past their time to live give their points back', true);
+SELECT pg_catalog.pg_extension_config_dump('loyalty.job', 'WHERE NOT builtin');
 
 CREATE SEQUENCE loyalty.job_run_id_seq;
 CREATE TABLE loyalty.job_run (
