@@ -263,10 +263,11 @@ DECLARE
     v_id bigint := 0;
     v_account bigint := 0;
     v_lots bigint[];
-    v_ats timestamptz[];
+    v_last_at timestamptz;
+    v_last_id bigint;
     v_n integer;
     v_more bigint[];
-    a record;
+    r_acc record;
 BEGIN
     IF v_cursor[1] = p_as_of::text THEN     -- the same run, in the same transaction
         v_at := v_cursor[2]::timestamptz;
@@ -274,37 +275,61 @@ BEGIN
         v_account := v_cursor[4]::bigint;
     END IF;
 
-    -- fixed and calendar: the lot's own expiry
-    SELECT array_agg(c.id ORDER BY c.expires_at, c.id), array_agg(c.expires_at ORDER BY c.expires_at, c.id)
-      INTO v_lots, v_ats
-      FROM (SELECT l.id, l.expires_at FROM loyalty.lot l
-             WHERE l.remaining > 0 AND l.expires_at <= p_as_of AND (l.expires_at, l.id) > (v_at, v_id)
-             ORDER BY l.expires_at, l.id LIMIT p_limit) c;
+    -- fixed and calendar: the lot's own expiry. The next p_limit due lots
+    -- in expiry order name the accounts; a batch takes all the due lots of
+    -- those accounts (whole accounts, in order of first appearance, while
+    -- they add up to p_limit, and at least one), so that each account is
+    -- locked, updated and chained once per run rather than once per batch.
+    WITH scan AS MATERIALIZED (
+        SELECT l.id, l.account_id, l.expires_at, row_number() OVER (ORDER BY l.expires_at, l.id) AS pos
+        FROM (SELECT l.id, l.account_id, l.expires_at FROM loyalty.lot l
+               WHERE l.remaining > 0 AND l.expires_at <= p_as_of AND (l.expires_at, l.id) > (v_at, v_id)
+               ORDER BY l.expires_at, l.id LIMIT p_limit) l
+    ), accounts AS MATERIALIZED (
+        SELECT s.account_id, min(s.pos) AS first_pos FROM scan s GROUP BY s.account_id
+    ), sized AS MATERIALIZED (
+        SELECT a.account_id, a.first_pos, d.lots,
+               sum(cardinality(d.lots)) OVER (ORDER BY a.first_pos) AS total
+        FROM accounts a
+        CROSS JOIN LATERAL (SELECT ARRAY(SELECT l.id FROM loyalty.lot l
+                                         WHERE l.account_id = a.account_id AND l.remaining > 0
+                                           AND l.expires_at <= p_as_of) AS lots) d
+    ), chosen AS (
+        SELECT z.* FROM sized z WHERE z.total - cardinality(z.lots) < p_limit
+    )
+    SELECT (SELECT array_agg(x ORDER BY x) FROM chosen c, unnest(c.lots) x),
+           (SELECT s.expires_at FROM scan s WHERE s.pos = coalesce(
+                (SELECT min(z.first_pos) - 1 FROM sized z WHERE z.total - cardinality(z.lots) >= p_limit),
+                (SELECT max(s2.pos) FROM scan s2))),
+           (SELECT s.id FROM scan s WHERE s.pos = coalesce(
+                (SELECT min(z.first_pos) - 1 FROM sized z WHERE z.total - cardinality(z.lots) >= p_limit),
+                (SELECT max(s2.pos) FROM scan s2)))
+      INTO v_lots, v_last_at, v_last_id;
     v_n := coalesce(array_length(v_lots, 1), 0);
-    IF v_n > 0 THEN
-        v_at := v_ats[v_n];
-        v_id := v_lots[v_n];
+    IF v_last_id IS NOT NULL THEN       -- the scan resumes after what this batch covers
+        v_at := v_last_at;
+        v_id := v_last_id;
     END IF;
 
     -- rolling: every lot of an account whose deadline has passed, account by
     -- account (the last one is looked at again next time, in case the limit
     -- cut through its lots)
     IF v_n < p_limit THEN
-        FOR a IN SELECT acc.id FROM loyalty.program p
+        FOR r_acc IN SELECT acc.id FROM loyalty.program p
                    JOIN loyalty.account acc ON acc.program_id = p.id AND acc.kind = 'member'
                   WHERE p.options #>> '{expiry,policy}' = 'rolling' AND acc.id >= v_account
                     AND EXISTS (SELECT FROM loyalty.lot o WHERE o.account_id = acc.id AND o.remaining > 0)
                   ORDER BY acc.id LOOP
             SELECT array_agg(x.id) INTO v_more
               FROM (SELECT l.id FROM loyalty.lot l,
-                           (SELECT loyalty._rolling_deadline(a.id, p_as_of) AS deadline) d
-                     WHERE l.account_id = a.id AND l.remaining > 0
+                           (SELECT loyalty._rolling_deadline(r_acc.id, p_as_of) AS deadline) d
+                     WHERE l.account_id = r_acc.id AND l.remaining > 0
                        AND d.deadline <= p_as_of AND l.occurred_at <= d.deadline
                        AND NOT l.id = ANY (coalesce(v_lots, '{}'))
                      ORDER BY l.id LIMIT p_limit - v_n) x;
             v_lots := v_lots || v_more;
             v_n := coalesce(array_length(v_lots, 1), 0);
-            v_account := a.id;
+            v_account := r_acc.id;
             EXIT WHEN v_n >= p_limit;
         END LOOP;
     END IF;
@@ -318,7 +343,7 @@ COMMENT ON FUNCTION loyalty._expire_candidates(timestamptz, integer) IS 'Interna
 -- What to expire among the candidate lots, read after their accounts are
 -- locked: each lot's remaining points, the expiry moment (occurred_at of
 -- the expire transfer), the breakage account and the ref; in posting order.
-CREATE FUNCTION loyalty._expire_due(p_lots bigint[], p_as_of timestamptz)
+CREATE FUNCTION loyalty._expire_due(p_lots bigint[], p_as_of timestamptz, p_again bigint[])
 RETURNS TABLE (lot_id bigint, account_id bigint, program_id bigint, breakage_id bigint,
                remaining loyalty.points, pending boolean, moment timestamptz, ref text)
 LANGUAGE sql STABLE SET search_path = loyalty, pg_catalog AS $$
@@ -335,24 +360,41 @@ LANGUAGE sql STABLE SET search_path = loyalty, pg_catalog AS $$
         JOIN loyalty.account a ON a.id = x.account_id
         JOIN loyalty.program p ON p.id = a.program_id
         JOIN loyalty.account b ON b.program_id = a.program_id AND b.kind = 'breakage' AND b.name = ''
-    ), prior AS MATERIALIZED (
-        SELECT u.lot_id, count(*) AS n
-        FROM lots l
-        JOIN loyalty.lot_use u ON u.lot_id = l.id AND u.amount > 0
-        JOIN loyalty.transfer t ON t.id = u.transfer_id AND t.kind = 'expire'
-        GROUP BY u.lot_id
     )
     SELECT x.id, x.account_id, x.program_id, x.breakage_id, x.remaining, x.pending, x.moment,
-           'lot:' || x.id || CASE WHEN pr.n > 0 THEN '#' || (pr.n + 1) ELSE '' END
+           CASE WHEN NOT x.id = ANY (p_again) THEN 'lot:' || x.id
+                ELSE 'lot:' || x.id || '#' || (1 + (SELECT count(*) FROM loyalty.lot_use u
+                                                     JOIN loyalty.transfer t ON t.id = u.transfer_id
+                                                                            AND t.kind = 'expire'
+                                                     WHERE u.lot_id = x.id AND u.amount > 0)) END
     FROM (SELECT l.id, l.account_id, c.program_id, c.breakage_id, l.remaining, l.pending,
                  least(l.expires_at,
                        CASE WHEN l.occurred_at <= c.deadline THEN c.deadline END) AS moment
           FROM lots l JOIN acct c ON c.id = l.account_id) x
-    LEFT JOIN prior pr ON pr.lot_id = x.id
     WHERE x.moment <= p_as_of
     ORDER BY x.account_id, x.moment, x.id
 $$;
-COMMENT ON FUNCTION loyalty._expire_due(bigint[], timestamptz) IS 'Internal: the lots to expire among candidates, re-read under the accounts'' locks, in posting order';
+COMMENT ON FUNCTION loyalty._expire_due(bigint[], timestamptz, bigint[]) IS 'Internal: the lots to expire among candidates, re-read under the accounts'' locks, in posting order';
+
+-- Which of the lots have expired before (a reversal gave points back since):
+-- their first expiry's ref looked up by the transfer table's unique key,
+-- one index scan per program with the refs as array keys, a plan that does
+-- not depend on the statistics of freshly written rows.
+CREATE FUNCTION loyalty._expired_before(p_lots bigint[]) RETURNS bigint[]
+LANGUAGE plpgsql STABLE SET search_path = loyalty, pg_catalog AS $$
+DECLARE
+    v_refs text[] := ARRAY(SELECT 'lot:' || x FROM unnest(p_lots) x);
+    v_program bigint;
+    v_again bigint[] := '{}';
+BEGIN
+    FOR v_program IN SELECT DISTINCT a.program_id FROM unnest(p_lots) AS x(id)
+                       JOIN loyalty.lot l ON l.id = x.id JOIN loyalty.account a ON a.id = l.account_id LOOP
+        v_again := v_again || ARRAY(SELECT substr(t.ref, 5)::bigint FROM loyalty.transfer t
+                                     WHERE t.program_id = v_program AND t.kind = 'expire' AND t.ref = ANY (v_refs));
+    END LOOP;
+    RETURN v_again;
+END $$;
+COMMENT ON FUNCTION loyalty._expired_before(bigint[]) IS 'Internal: the lots among these that have expired before';
 
 CREATE FUNCTION loyalty._lock_accounts_of_lots(p_lots bigint[]) RETURNS void
 LANGUAGE sql SET search_path = loyalty, pg_catalog AS $$
@@ -383,7 +425,7 @@ BEGIN
     v_lots := loyalty._expire_candidates(as_of, batch_size);
     IF v_lots IS NOT NULL THEN
         PERFORM loyalty._lock_accounts_of_lots(v_lots);
-        FOR d IN SELECT * FROM loyalty._expire_due(v_lots, as_of) LOOP
+        FOR d IN SELECT * FROM loyalty._expire_due(v_lots, as_of, loyalty._expired_before(v_lots)) LOOP
             PERFORM loyalty._post_expire(d.program_id, d.account_id, d.breakage_id, d.lot_id,
                                          d.remaining::bigint, d.ref, d.moment);
             v_rows := v_rows + 1;
@@ -403,6 +445,7 @@ LANGUAGE plpgsql SET search_path = loyalty, pg_catalog AS $$
 #variable_conflict use_column
 DECLARE
     v_lots bigint[];
+    v_again bigint[];
     v_actor text := coalesce(nullif(current_setting('loyalty.actor', true), ''), session_user::text);
 BEGIN
     v_lots := loyalty._expire_candidates(as_of, batch_size);
@@ -411,11 +454,12 @@ BEGIN
         RETURN;
     END IF;
     PERFORM loyalty._lock_accounts_of_lots(v_lots);
+    v_again := loyalty._expired_before(v_lots);
     RETURN QUERY
     WITH due AS (
         SELECT d.*, nextval('loyalty.transfer_id_seq') AS tid
         FROM (SELECT d.*, a.last_hash AS head
-              FROM loyalty._expire_due(v_lots, as_of) d
+              FROM loyalty._expire_due(v_lots, as_of, v_again) d
               JOIN loyalty.account a ON a.id = d.account_id
               ORDER BY d.account_id, d.moment, d.lot_id) d
     ), hashed AS (
