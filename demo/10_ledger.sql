@@ -24,19 +24,19 @@ SELECT m.member_ref, c.email, c.email_valid, c.phone, c.phone_valid
 \echo '== Points in: a goodwill bonus, posted twice by a retrying client, counts once'
 SELECT loyalty.earn('coffee', 'alice', 200, 'bonus-2026-001', 'survey answered', '2026-03-02 10:00');
 SELECT loyalty.earn('coffee', 'alice', 200, 'bonus-2026-001', 'survey answered', '2026-03-02 10:00');
-SELECT loyalty.balance('coffee', 'alice') AS alice_balance;
+SELECT loyalty.balance('coffee', 'alice', '2026-03-03') AS alice_balance;
 
 \echo
 \echo '== The same ref with other content is refused, with both versions in the detail'
 \set ON_ERROR_STOP off
-SELECT loyalty.earn('coffee', 'alice', 500, 'bonus-2026-001');
+SELECT loyalty.earn('coffee', 'alice', 500, 'bonus-2026-001', NULL, '2026-03-02 10:00');
 \echo '== A debit beyond the balance is refused and leaves nothing behind'
-SELECT loyalty.adjust('coffee', 'bob', -1000, 'fix-bob-1', 'double scan');
+SELECT loyalty.adjust('coffee', 'bob', -1000, 'fix-bob-1', 'double scan', '2026-03-05');
 \set ON_ERROR_STOP on
 
 \echo
 \echo '== A staff correction takes 30 points back, oldest-expiring points first'
-SELECT loyalty.adjust('coffee', 'alice', -30, 'fix-alice-1', 'coffee was free (machine broken)');
+SELECT loyalty.adjust('coffee', 'alice', -30, 'fix-alice-1', 'coffee was free (machine broken)', '2026-03-05 16:00');
 
 \echo
 \echo '== Alice''s statement: every line explained, with a running balance'
@@ -44,9 +44,9 @@ SELECT occurred_at::date AS day, kind, ref, points, balance, explanation
   FROM loyalty.statement('coffee', 'alice');
 
 \echo
-\echo '== Her summary now, and balances asked of other moments (points expire 12 months after earning)'
+\echo '== Her summary in mid-December (welcome points expire within the 30-day notice), and balances at other moments (points expire 12 months after earning)'
 SELECT available, pending, expiring_soon, next_expiry_at::date, lifetime_earned, lifetime_adjusted
-  FROM loyalty.account_summary('coffee', 'alice');
+  FROM loyalty.account_summary('coffee', 'alice', '2026-12-15');
 SELECT loyalty.balance('coffee', 'alice', '2026-03-01') AS before_bonus,
        loyalty.balance('coffee', 'alice', '2027-01-04') AS before_welcome_expires,
        loyalty.balance('coffee', 'alice', '2027-01-06') AS after_welcome_expires,

@@ -39,9 +39,10 @@ SELECT count(*) AS broken_chains FROM loyalty.verify_chain('coffee');
 SELECT job, as_of, batches, rows, points, error FROM loyalty.job_run WHERE NOT by_worker ORDER BY id;
 
 \echo
-\echo '== release_holds comes with the redemption capability; until then it fails cleanly'
+\echo '== A job whose handler is not installed fails cleanly, with a hint'
+INSERT INTO loyalty.job (name, handler) VALUES ('ghost', 'loyalty._job_ghost');
 \set ON_ERROR_STOP off
-SELECT * FROM loyalty.run_job('release_holds');
+SELECT * FROM loyalty.run_job('ghost');
 \set ON_ERROR_STOP on
 ROLLBACK;
 

@@ -122,9 +122,17 @@ BEGIN
             PERFORM loyalty._bad_option('$.expiry.inactivity', 'required by the rolling policy');
         END IF;
         PERFORM loyalty._check_interval('$.expiry.inactivity', e -> 'inactivity');
-        IF e ? 'activity' AND (jsonb_typeof(e -> 'activity') <> 'array'
+        IF e ? 'activity' AND (jsonb_typeof(e -> 'activity') <> 'array' OR jsonb_array_length(e -> 'activity') = 0
             OR EXISTS (SELECT FROM jsonb_array_elements(e -> 'activity') a WHERE jsonb_typeof(a) <> 'string')) THEN
-            PERFORM loyalty._bad_option('$.expiry.activity', 'expected an array of transfer kinds');
+            PERFORM loyalty._bad_option('$.expiry.activity', 'expected a non-empty array of transfer kinds');
+        END IF;
+        IF e ? 'activity' THEN
+            SELECT a INTO policy FROM jsonb_array_elements_text(e -> 'activity') a
+            WHERE a NOT IN (SELECT kind FROM loyalty.transfer_kind) LIMIT 1;
+            IF FOUND THEN
+                PERFORM loyalty._bad_option('$.expiry.activity',
+                    format('unknown transfer kind "%s"; the kinds are listed in loyalty.transfer_kind', policy));
+            END IF;
         END IF;
     END IF;
     RETURN p;
@@ -164,12 +172,51 @@ RETURNS timestamptz LANGUAGE sql STABLE PARALLEL SAFE AS $$
     GROUP BY p.time_zone, p.options
 $$;
 
+-- Whether the account's program has a rolling expiry policy.
+CREATE FUNCTION loyalty._is_rolling(p_account bigint) RETURNS boolean
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT p.options #>> '{expiry,policy}' IS NOT DISTINCT FROM 'rolling'
+    FROM loyalty.account a JOIN loyalty.program p ON p.id = a.program_id
+    WHERE a.id = p_account
+$$;
+
+-- Under a rolling policy, when points credited at p_credited lapse, as far
+-- as is known at p_as_of: at the end of the first stretch of `inactivity`
+-- without activity that starts at or after their credit (the credit itself
+-- counts as activity for its own points). A later activity does not bring
+-- lapsed points back. NULL when the program has no rolling policy.
+CREATE FUNCTION loyalty._rolling_lapse(p_account bigint, p_credited timestamptz, p_as_of timestamptz)
+RETURNS timestamptz LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    WITH p AS (
+        SELECT p.time_zone AS tz, (p.options #>> '{expiry,inactivity}')::interval AS inactivity,
+               p.options #> '{expiry,activity}' AS activity
+        FROM loyalty.account a JOIN loyalty.program p ON p.id = a.program_id
+        WHERE a.id = p_account AND p.options #>> '{expiry,policy}' = 'rolling'
+    ), act AS (
+        SELECT DISTINCT t.occurred_at AS at
+        FROM p, loyalty.transfer t
+        WHERE (t.credit_account_id = p_account OR t.debit_account_id = p_account)
+          AND t.occurred_at >= p_credited AND t.occurred_at <= p_as_of
+          AND CASE WHEN p.activity IS NULL THEN t.kind <> 'expire' ELSE p.activity ? t.kind END
+        UNION
+        SELECT p_credited FROM p
+    ), runs AS (
+        SELECT ((act.at AT TIME ZONE p.tz) + p.inactivity) AT TIME ZONE p.tz AS lapse,
+               lead(act.at) OVER (ORDER BY act.at) AS next_at
+        FROM act, p
+    )
+    SELECT min(lapse) FROM runs WHERE next_at IS NULL OR next_at >= lapse
+$$;
+
 -- A program's id, or a precise error.
 CREATE FUNCTION loyalty._program_id(p_program text) RETURNS bigint
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_id bigint;
 BEGIN
+    IF p_program IS NULL THEN
+        RAISE EXCEPTION 'program must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
     SELECT p.id INTO v_id FROM loyalty.program p WHERE p.code = p_program;
     IF v_id IS NULL THEN
         RAISE EXCEPTION 'program "%" does not exist', p_program
@@ -185,6 +232,9 @@ DECLARE
     v_program bigint;
     v_account bigint;
 BEGIN
+    IF p_program IS NULL OR p_member_ref IS NULL THEN
+        RAISE EXCEPTION 'program and member_ref must not be null' USING ERRCODE = 'null_value_not_allowed';
+    END IF;
     SELECT p.id, a.id INTO v_program, v_account
     FROM loyalty.program p
     LEFT JOIN loyalty.member m ON m.program_id = p.id AND m.member_ref = p_member_ref
@@ -201,8 +251,8 @@ BEGIN
 END $$;
 
 -- The lots of an account as they stood at p_as_of (business time): what
--- remained of each then, and when it vested and expired (a rolling policy's
--- deadline applies to every lot). Only lots with something left now, or
+-- remained of each then, and when it vested and expired (under a rolling
+-- policy, when it lapses as known at p_as_of). Only lots with something left now, or
 -- used after p_as_of, can have had something left then, so the work is
 -- proportional to the open lots, not to the account's history. Internal
 -- code qualifies the points operators (callers' search_path may lack them).
@@ -224,14 +274,15 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
         WHERE l.remaining OPERATOR(loyalty.=) 0 AND l.occurred_at <= p_as_of
     )
     SELECT l.id, (l.remaining::bigint + l.used_after)::loyalty.points, l.vests_at,
-           CASE WHEN r.deadline IS NULL THEN l.expires_at ELSE least(l.expires_at, r.deadline) END
+           CASE WHEN r.rolling THEN least(l.expires_at, loyalty._rolling_lapse(p_account, l.occurred_at, p_as_of))
+                ELSE l.expires_at END
     FROM lots l
-    CROSS JOIN (SELECT loyalty._rolling_deadline(p_account, p_as_of) AS deadline) r
+    CROSS JOIN (SELECT loyalty._is_rolling(p_account) AS rolling) r
 $$;
 
 CREATE FUNCTION loyalty.create_program(code text, name text, time_zone text DEFAULT 'UTC',
                                        options jsonb DEFAULT '{}')
-RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
     v_id bigint;
@@ -279,7 +330,7 @@ COMMENT ON FUNCTION loyalty.create_program(text, text, text, jsonb) IS 'Creates 
 CREATE FUNCTION loyalty.enroll(program text, member_ref text, email text DEFAULT NULL, phone text DEFAULT NULL,
                                birthday date DEFAULT NULL, country text DEFAULT NULL, attrs jsonb DEFAULT '{}',
                                occurred_at timestamptz DEFAULT now())
-RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
     v_program loyalty.program;
@@ -305,6 +356,9 @@ BEGIN
     IF v_country IS NOT NULL AND v_country !~ '^[A-Z]{2}$' THEN
         RAISE EXCEPTION 'invalid country "%"', country
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Use an ISO 3166-1 alpha-2 code such as "FR".';
+    END IF;
+    IF NOT isfinite(v_at) THEN
+        RAISE EXCEPTION 'occurred_at must be a finite time' USING ERRCODE = 'datetime_field_overflow';
     END IF;
     IF attrs IS NOT NULL AND jsonb_typeof(attrs) <> 'object' THEN
         RAISE EXCEPTION 'member attrs must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
@@ -358,13 +412,13 @@ COMMENT ON FUNCTION loyalty._post_member(text, text, text, bigint, text, text, t
 CREATE FUNCTION loyalty.earn(program text, member_ref text, points loyalty.points, ref text,
                              reason text DEFAULT NULL, occurred_at timestamptz DEFAULT now())
 RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_earn'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog;
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp;
 COMMENT ON FUNCTION loyalty.earn(text, text, loyalty.points, text, text, timestamptz) IS 'Credits points to a member (a bonus, a goodwill gesture) under the expiry policy; idempotent on ref; returns the transfer id';
 
 CREATE FUNCTION loyalty.adjust(program text, member_ref text, delta bigint, ref text, reason text,
                                occurred_at timestamptz DEFAULT now())
 RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_adjust'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog;
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp;
 COMMENT ON FUNCTION loyalty.adjust(text, text, bigint, text, text, timestamptz) IS 'A staff correction of a member''s points, up or down, with a required reason; idempotent on ref; returns the transfer id';
 
 CREATE FUNCTION loyalty.transfer_hash(program_id bigint, debit_account_id bigint, credit_account_id bigint,
@@ -391,19 +445,23 @@ CREATE AGGREGATE loyalty.chain(head bytea, credit_side boolean, program_id bigin
 COMMENT ON AGGREGATE loyalty.chain(bytea, boolean, bigint, bigint, bigint, loyalty.points, text, text, timestamptz, timestamptz, integer, text, text) IS 'Window aggregate for set-based postings: OVER (PARTITION BY account ORDER BY transfer id) it gives each transfer''s hash, chained from head (the account''s last_hash) on the member side named by credit_side';
 
 CREATE FUNCTION loyalty.balance(program text, member_ref text, as_of timestamptz DEFAULT now())
-RETURNS loyalty.points LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
-    SELECT coalesce(loyalty.sum(l.remaining), 0)
-    FROM loyalty._lots_as_of((SELECT loyalty._account_of(program, member_ref)), as_of) l
-    WHERE l.vests_at <= as_of AND (l.expires_at IS NULL OR as_of < l.expires_at)
+RETURNS loyalty.points LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
+    SELECT greatest(coalesce(loyalty.sum(l.remaining), 0)
+                    - coalesce((SELECT h.held FROM loyalty.account h
+                                WHERE h.id = (SELECT loyalty._account_of(program, member_ref))
+                                  AND coalesce(as_of, now()) >= now()), 0), 0)
+    FROM (SELECT coalesce(as_of, now()) AS t) a,
+         loyalty._lots_as_of((SELECT loyalty._account_of(program, member_ref)), a.t) l
+    WHERE l.vests_at <= a.t AND (l.expires_at IS NULL OR a.t < l.expires_at)
 $$;
-COMMENT ON FUNCTION loyalty.balance(text, text, timestamptz) IS 'A member''s available points at as_of (business time): vested, unexpired, unspent';
+COMMENT ON FUNCTION loyalty.balance(text, text, timestamptz) IS 'A member''s available points at as_of (business time; NULL means now): vested, unexpired, unspent';
 
 CREATE FUNCTION loyalty.account_summary(program text, member_ref text, as_of timestamptz DEFAULT now())
 RETURNS TABLE (available loyalty.points, pending loyalty.points, held loyalty.points,
                expiring_soon loyalty.points, next_expiry_at timestamptz,
                lifetime_earned loyalty.points, lifetime_redeemed loyalty.points,
                lifetime_expired loyalty.points, lifetime_adjusted bigint)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
     WITH a AS (
         SELECT acc.id, acc.held,
                coalesce((p.options #>> '{expiry,notice}')::interval, interval '30 days') AS notice
@@ -421,7 +479,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
         LEFT JOIN loyalty.transfer_kind k ON k.kind = t.kind
         GROUP BY k.class
     )
-    SELECT coalesce((SELECT loyalty.sum(remaining) FROM lots WHERE vests_at <= as_of), 0),
+    SELECT greatest(coalesce((SELECT loyalty.sum(remaining) FROM lots WHERE vests_at <= as_of), 0)
+                    - CASE WHEN as_of >= now() THEN a.held ELSE 0 END, 0),
            coalesce((SELECT loyalty.sum(remaining) FROM lots WHERE vests_at > as_of), 0),
            a.held,
            coalesce((SELECT loyalty.sum(remaining) FROM lots
@@ -440,7 +499,7 @@ CREATE FUNCTION loyalty.statement(program text, member_ref text,
                                   from_ts timestamptz DEFAULT '-infinity', to_ts timestamptz DEFAULT 'infinity')
 RETURNS TABLE (transfer_id bigint, occurred_at timestamptz, posted_at timestamptz, kind text, ref text,
                points bigint, balance bigint, explanation text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
     WITH a AS (SELECT (SELECT loyalty._account_of(program, member_ref)) AS id),
     lines AS (
         SELECT t.id, t.occurred_at, t.posted_at, t.kind, t.ref, t.reason, t.actor, t.rule_version,
@@ -455,14 +514,14 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
            || CASE WHEN r.rule_version IS NOT NULL THEN ' (rule version ' || r.rule_version || ')' ELSE '' END
            || coalesce(': ' || r.reason, '')
     FROM running r LEFT JOIN loyalty.transfer_kind k ON k.kind = r.kind
-    WHERE r.occurred_at >= from_ts AND r.occurred_at < to_ts
+    WHERE r.occurred_at >= coalesce(from_ts, '-infinity') AND r.occurred_at < coalesce(to_ts, 'infinity')
     ORDER BY r.occurred_at, r.id
 $$;
 COMMENT ON FUNCTION loyalty.statement(text, text, timestamptz, timestamptz) IS 'A member''s journal lines between from_ts and to_ts (business time) with the running balance and an explanation of each';
 
 CREATE FUNCTION loyalty.verify_chain(program text)
 RETURNS TABLE (account_id bigint, member_ref text, transfer_id bigint, problem text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
     WITH p AS (
         SELECT loyalty._program_id(program) AS id
     ), sides AS (

@@ -63,7 +63,7 @@ CREATE INDEX lot_pending_idx ON loyalty.lot (vests_at) WHERE pending;
 
 -- The handler of a job, resolved now, or a precise error.
 CREATE FUNCTION loyalty._job_handler(p_name text) RETURNS regprocedure
-LANGUAGE plpgsql STABLE SET search_path = loyalty, pg_catalog AS $$
+LANGUAGE plpgsql STABLE SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
     v_handler text;
     v_proc regprocedure;
@@ -92,7 +92,7 @@ COMMENT ON FUNCTION loyalty._job_handler(text) IS 'Internal: the handler functio
 
 -- Start a run: check the job and its handler, record the run.
 CREATE FUNCTION loyalty._job_start(p_name text, p_as_of timestamptz, p_by_worker boolean DEFAULT false)
-RETURNS bigint LANGUAGE plpgsql SET search_path = loyalty, pg_catalog AS $$
+RETURNS bigint LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
     v_run bigint;
 BEGIN
@@ -108,7 +108,7 @@ COMMENT ON FUNCTION loyalty._job_start(text, timestamptz, boolean) IS 'Internal:
 
 -- One batch of a run: call the handler once and add what it did to the run.
 CREATE FUNCTION loyalty._job_step(p_run bigint)
-RETURNS bigint LANGUAGE plpgsql SET search_path = loyalty, pg_catalog AS $$
+RETURNS bigint LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
     v_job loyalty.job;
     v_as_of timestamptz;
@@ -135,7 +135,7 @@ COMMENT ON FUNCTION loyalty._job_step(bigint) IS 'Internal: runs one batch of a 
 CREATE FUNCTION loyalty._job_finish(p_run bigint, p_name text, p_as_of timestamptz,
                                     p_error text DEFAULT NULL, p_sqlstate text DEFAULT NULL,
                                     p_by_worker boolean DEFAULT false)
-RETURNS void LANGUAGE plpgsql SET search_path = loyalty, pg_catalog AS $$
+RETURNS void LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
 BEGIN
     IF p_run IS NULL THEN
         INSERT INTO loyalty.job_run (job, as_of, by_worker, finished_at, error, sqlstate)
@@ -152,7 +152,7 @@ COMMENT ON FUNCTION loyalty._job_finish(bigint, text, timestamptz, text, text, b
 
 CREATE FUNCTION loyalty.run_job(name text, as_of timestamptz DEFAULT now())
 RETURNS TABLE (rows bigint, points bigint, batches integer)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
     v_run bigint := loyalty._job_start(name, as_of);
@@ -166,7 +166,7 @@ COMMENT ON FUNCTION loyalty.run_job(text, timestamptz) IS 'Runs a job to complet
 
 CREATE FUNCTION loyalty.set_job(name text, schedule interval DEFAULT NULL, enabled boolean DEFAULT NULL,
                                 batch_size integer DEFAULT NULL)
-RETURNS loyalty.job LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+RETURNS loyalty.job LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
     v loyalty.job;
@@ -197,7 +197,7 @@ COMMENT ON FUNCTION loyalty.set_job(text, interval, boolean, integer) IS 'Change
 -- accounts). Member accounts are locked in id order first, as postings do.
 CREATE FUNCTION loyalty._job_vest(as_of timestamptz, batch_size integer)
 RETURNS TABLE (rows bigint, points bigint)
-LANGUAGE plpgsql SET search_path = loyalty, pg_catalog AS $$
+LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
     v_lots bigint[];
@@ -256,7 +256,7 @@ COMMENT ON FUNCTION loyalty._expire_ref(bigint) IS 'Internal: the deterministic 
 -- worker's next batch) starts from the beginning, which costs little once
 -- those entries are dead.
 CREATE FUNCTION loyalty._expire_candidates(p_as_of timestamptz, p_limit integer)
-RETURNS bigint[] LANGUAGE plpgsql SET search_path = loyalty, pg_catalog AS $$
+RETURNS bigint[] LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
     v_cursor text[] := string_to_array(current_setting('loyalty_job.expire_cursor', true), '|');
     v_at timestamptz := '-infinity';
@@ -346,7 +346,7 @@ COMMENT ON FUNCTION loyalty._expire_candidates(timestamptz, integer) IS 'Interna
 CREATE FUNCTION loyalty._expire_due(p_lots bigint[], p_as_of timestamptz, p_again bigint[])
 RETURNS TABLE (lot_id bigint, account_id bigint, program_id bigint, breakage_id bigint,
                remaining loyalty.points, pending boolean, moment timestamptz, ref text)
-LANGUAGE sql STABLE SET search_path = loyalty, pg_catalog AS $$
+LANGUAGE sql STABLE SET search_path = loyalty, pg_catalog, pg_temp AS $$
     WITH lots AS MATERIALIZED (
         SELECT l.id, l.account_id, l.remaining, l.pending, l.occurred_at, l.expires_at
         FROM (SELECT DISTINCT x.id FROM unnest(p_lots) AS x(id)) x
@@ -381,7 +381,7 @@ COMMENT ON FUNCTION loyalty._expire_due(bigint[], timestamptz, bigint[]) IS 'Int
 -- one index scan per program with the refs as array keys, a plan that does
 -- not depend on the statistics of freshly written rows.
 CREATE FUNCTION loyalty._expired_before(p_lots bigint[]) RETURNS bigint[]
-LANGUAGE plpgsql STABLE SET search_path = loyalty, pg_catalog AS $$
+LANGUAGE plpgsql STABLE SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
     v_refs text[] := ARRAY(SELECT 'lot:' || x FROM unnest(p_lots) x);
     v_program bigint;
@@ -397,7 +397,7 @@ END $$;
 COMMENT ON FUNCTION loyalty._expired_before(bigint[]) IS 'Internal: the lots among these that have expired before';
 
 CREATE FUNCTION loyalty._lock_accounts_of_lots(p_lots bigint[]) RETURNS void
-LANGUAGE sql SET search_path = loyalty, pg_catalog AS $$
+LANGUAGE sql SET search_path = loyalty, pg_catalog, pg_temp AS $$
     SELECT FROM loyalty.account a
      WHERE a.id IN (SELECT l.account_id FROM unnest(p_lots) AS x(id) JOIN loyalty.lot l ON l.id = x.id)
      ORDER BY a.id FOR UPDATE OF a
@@ -414,7 +414,7 @@ COMMENT ON FUNCTION loyalty._post_expire(bigint, bigint, bigint, bigint, bigint,
 -- reference the set-based handler is checked against (test/sql/expiry_bulk).
 CREATE FUNCTION loyalty._job_expire_rows(as_of timestamptz, batch_size integer)
 RETURNS TABLE (rows bigint, points bigint)
-LANGUAGE plpgsql SET search_path = loyalty, pg_catalog AS $$
+LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
     v_lots bigint[];
@@ -441,7 +441,7 @@ COMMENT ON FUNCTION loyalty._job_expire_rows(timestamptz, integer) IS 'Job handl
 -- member balances and chain head), after locking the accounts in id order.
 CREATE FUNCTION loyalty._job_expire(as_of timestamptz, batch_size integer)
 RETURNS TABLE (rows bigint, points bigint)
-LANGUAGE plpgsql SET search_path = loyalty, pg_catalog AS $$
+LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
     v_lots bigint[];
@@ -507,7 +507,7 @@ COMMENT ON FUNCTION loyalty._job_expire(timestamptz, integer) IS 'Job handler: e
 CREATE FUNCTION loyalty.expiring_points(program text, member_ref text, within interval DEFAULT NULL,
                                         as_of timestamptz DEFAULT now())
 RETURNS TABLE (expires_at timestamptz, points loyalty.points)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
     WITH a AS (
         SELECT acc.id,
                coalesce(within, (p.options #>> '{expiry,notice}')::interval, interval '30 days') AS win

@@ -20,6 +20,7 @@
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -52,6 +53,7 @@ typedef struct LedgerSide
 {
 	bool		has_prev;
 	uint8		prev[CHAIN_HASH_LEN];
+	int64		held;			/* points reserved by active holds */
 } LedgerSide;
 
 /* The lots a posting consumes or restores, and what that does to balances. */
@@ -85,7 +87,13 @@ LedgerPrepare(SPIPlanPtr *slot, const char *sql, int nargs, const Oid *argtypes)
 {
 	if (*slot == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(sql, nargs, (Oid *) argtypes);
+		/*
+		 * A generic plan: these statements are short and their best plan
+		 * does not depend on the values, so replanning each call (what the
+		 * plan cache does when a custom plan looks cheaper) is pure cost.
+		 */
+		SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, (Oid *) argtypes,
+											  CURSOR_OPT_GENERIC_PLAN);
 
 		if (plan == NULL)
 			elog(ERROR, "could not prepare \"%s\": %s", sql,
@@ -168,8 +176,7 @@ LedgerResolve(const char *program, const char *member_ref, const char *system_ki
 		ereport(ERROR,
 				(errcode(ERRCODE_LOYALTY_MEMBER_NOT_ACTIVE),
 				 errmsg("member \"%s\" of program \"%s\" is %s", member_ref, program, status),
-				 errdetail("Only active members' points can change."),
-				 errhint("Reactivate the member with loyalty.update_member() first.")));
+				 errdetail("Only active members' points can change.")));
 	LedgerGet(0, 5, &isnull);
 	if (isnull)
 		elog(ERROR, "program \"%s\" has no %s account", program, system_kind);
@@ -193,7 +200,7 @@ LedgerLock(int64 account, LedgerSide *side)
 	Datum		d;
 
 	LedgerPrepare(&plan_lock,
-				  "SELECT last_hash FROM loyalty.account WHERE id = $1 FOR UPDATE",
+				  "SELECT last_hash, held::bigint FROM loyalty.account WHERE id = $1 FOR UPDATE",
 				  1, argtypes);
 	LedgerExpect(SPI_execute_plan(plan_lock, &arg, NULL, false, 1), SPI_OK_SELECT,
 				 "locking an account");
@@ -209,6 +216,7 @@ LedgerLock(int64 account, LedgerSide *side)
 			elog(ERROR, "account " INT64_FORMAT " has a malformed last hash", account);
 		memcpy(side->prev, VARDATA_ANY(prev), CHAIN_HASH_LEN);
 	}
+	side->held = LedgerGetInt64(0, 2);
 }
 
 /* How an account is named in messages: the member_ref or the account kind. */
@@ -276,10 +284,11 @@ LedgerFindExisting(const LedgerPosting *p, int64 *id)
 /*
  * Choose the debit member's lots to consume, earliest expiry first, among
  * those available at the posting's business time. Refuses a debit beyond
- * what is available; nothing has been written yet when it does.
+ * what is available; nothing has been written yet when it does. Points
+ * reserved by active holds (held) are not available.
  */
 static void
-LedgerChooseLots(const LedgerPosting *p, LedgerUse *use)
+LedgerChooseLots(const LedgerPosting *p, LedgerUse *use, int64 held)
 {
 	static const Oid argtypes[] = {INT8OID, TIMESTAMPTZOID, BOOLOID};
 	Datum		args[3];
@@ -292,7 +301,7 @@ LedgerChooseLots(const LedgerPosting *p, LedgerUse *use)
 				  " WHERE account_id = $1 AND remaining > 0"
 				  "   AND occurred_at <= $2 AND vests_at <= $2"
 				  "   AND (expires_at IS NULL OR expires_at > $2)"
-				  "   AND (NOT $3 OR $2 < (SELECT coalesce(loyalty._rolling_deadline($1, $2), 'infinity')))"
+				  "   AND (NOT $3 OR $2 < loyalty._rolling_lapse($1, occurred_at, $2))"
 				  " ORDER BY expires_at NULLS LAST, occurred_at, id"
 				  " FOR UPDATE",
 				  3, argtypes);
@@ -326,12 +335,20 @@ LedgerChooseLots(const LedgerPosting *p, LedgerUse *use)
 		else
 			use->from_available += take;
 	}
-	if (need > 0)
+	if (need > 0 && held == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_LOYALTY_INSUFFICIENT_POINTS),
 				 errmsg("insufficient points"),
 				 errdetail("%s has " INT64_FORMAT " points available at %s; " INT64_FORMAT " are needed.",
 						   p->debit_label, available, timestamptz_to_str(p->occurred_at), p->amount)));
+	if (need > 0 || available - held < p->amount)
+		ereport(ERROR,
+				(errcode(ERRCODE_LOYALTY_INSUFFICIENT_POINTS),
+				 errmsg("insufficient points"),
+				 errdetail("%s has " INT64_FORMAT " points available at %s (" INT64_FORMAT " more are held); "
+						   INT64_FORMAT " are needed.",
+						   p->debit_label, Max(available - held, 0), timestamptz_to_str(p->occurred_at),
+						   held, p->amount)));
 }
 
 /*
@@ -406,12 +423,19 @@ LedgerHashDatum(const uint8 *hash)
 	return PointerGetDatum(b);
 }
 
+/*
+ * Who posts: the session user, and the person the application names in
+ * loyalty.actor ("cashier-12 via app"), so that a shared login still says
+ * who acted and the setting cannot hide which login did.
+ */
 static const char *
 LedgerActor(void)
 {
+	char	   *user = GetUserNameFromId(GetSessionUserId(), false);
+
 	if (loyalty_actor != NULL && loyalty_actor[0] != '\0')
-		return loyalty_actor;
-	return GetUserNameFromId(GetSessionUserId(), false);
+		return psprintf("%s via %s", loyalty_actor, user);
+	return user;
 }
 
 /*
@@ -472,7 +496,7 @@ LedgerPost(const LedgerPosting *p, bool *replayed)
 	if (p->nuses > 0)
 		LedgerNamedLots(p, &use);
 	else if (p->debit_is_member)
-		LedgerChooseLots(p, &use);
+		LedgerChooseLots(p, &use, debit.held);
 
 	if (restore)
 	{
@@ -627,7 +651,7 @@ LedgerTimeArg(FunctionCallInfo fcinfo, int n)
 static void
 LedgerCheckRef(const char *ref)
 {
-	if (ref[0] == '\0' || strlen(ref) > 200)
+	if (ref[0] == '\0' || pg_mbstrlen(ref) > 200)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("invalid ref \"%s\"", ref),

@@ -10,17 +10,21 @@ SELECT * FROM no_plan();
 
 SELECT name, handler, schedule, enabled, batch_size, last_run_at FROM loyalty.job ORDER BY name;
 
+-- a registered job whose handler is not installed
+INSERT INTO loyalty.job (name, handler) VALUES ('ghost', 'loyalty._job_ghost');
+
 -- errors, one per line
 SELECT throws_ok($$SELECT * FROM loyalty.run_job('nope', '2026-01-01')$$, 'LY020', 'job "nope" does not exist');
 SELECT throws_ok($$SELECT * FROM loyalty.run_job(NULL, '2026-01-01')$$, '22004', 'job name must not be null');
 SELECT throws_ok($$SELECT * FROM loyalty.run_job('vest', 'infinity')$$, '22023', 'as_of must be a finite time');
 SELECT throws_ok($$SELECT * FROM loyalty.run_job('vest', NULL)$$, '22023', 'as_of must be a finite time');
-SELECT throws_ok($$SELECT * FROM loyalty.run_job('release_holds', '2026-01-01')$$, 'LY021', 'handler of job "release_holds" does not exist');
+SELECT throws_ok($$SELECT * FROM loyalty.run_job('ghost', '2026-01-01')$$, 'LY021', 'handler of job "ghost" does not exist');
 SELECT throws_ok($$SELECT loyalty.set_job('nope', enabled => false)$$, 'LY020', 'job "nope" does not exist');
 SELECT throws_ok($$SELECT loyalty.set_job('vest', schedule => '-1 hour')$$, '22023', 'schedule and batch_size must be positive');
 SELECT throws_ok($$SELECT loyalty.set_job('vest', batch_size => 0)$$, '22023', 'schedule and batch_size must be positive');
 
-SELECT * FROM loyalty.run_job('release_holds', '2026-01-01');
+SELECT * FROM loyalty.run_job('ghost', '2026-01-01');
+DELETE FROM loyalty.job WHERE name = 'ghost';
 
 SELECT (loyalty.set_job('vest', schedule => '10 minutes', batch_size => 1)).*;
 SELECT count(*) AS runs_so_far FROM loyalty.job_run;
@@ -59,5 +63,8 @@ CREATE FUNCTION public._job_demo(as_of timestamptz, batch_size integer)
 RETURNS TABLE (rows bigint, points bigint) LANGUAGE sql AS $$ SELECT 0::bigint, 0::bigint $$;
 INSERT INTO loyalty.job (name, handler) VALUES ('demo', 'public._job_demo');
 SELECT * FROM loyalty.run_job('demo', '2026-01-01');
+
+-- release_holds: the redemption capability's handler, found through the registry
+SELECT * FROM loyalty.run_job('release_holds', '2026-01-01');
 
 SELECT * FROM finish();

@@ -63,6 +63,8 @@ SELECT o AS options, pg_temp.option_error(o::jsonb) AS error FROM (VALUES
     ('{"expiry": {"policy": "calendar", "period": "year", "periods": -1}}'),
     ('{"expiry": {"policy": "rolling"}}'),
     ('{"expiry": {"policy": "rolling", "inactivity": "6 months", "activity": "earn"}}'),
+    ('{"expiry": {"policy": "rolling", "inactivity": "6 months", "activity": []}}'),
+    ('{"expiry": {"policy": "rolling", "inactivity": "6 months", "activity": ["earn", "shopping"]}}'),
     ('{"expiry": {"policy": "none", "notice": "0 days"}}'),
     ('{"expiry": {"policy": "calendar", "period": "quarter", "periods": 2, "notice": "2 weeks"}}')
 ) v(o);
@@ -140,7 +142,7 @@ SELECT throws_ok($$SELECT loyalty.adjust('shop', 'c1', -9223372036854775808, 'fi
 SET loyalty.actor = 'cashier-12';
 SELECT is(loyalty.adjust('shop', 'c2', 15, 'fix-4', 'missing receipt 1234', '2026-04-02'), 5::bigint, 'a positive adjustment');
 RESET loyalty.actor;
-SELECT is(actor, 'cashier-12', 'loyalty.actor names who posted') FROM loyalty.transfer WHERE id = 5;
+SELECT is(actor, 'cashier-12 via ' || session_user, 'loyalty.actor names who posted, and through which login') FROM loyalty.transfer WHERE id = 5;
 SELECT throws_ok($$SELECT loyalty.adjust('shop', 'c2', 16, 'fix-4', 'missing receipt 1234')$$, '23505',
                  'ref "fix-4" was already used for a different adjust', 'adjust is idempotent on ref too');
 
@@ -172,6 +174,13 @@ SELECT is(loyalty.balance('roll', 'm', '2026-10-31 23:59'), '30'::loyalty.points
 SELECT is(loyalty.balance('roll', 'm', '2026-11-01 00:00'), '0'::loyalty.points, 'rolling: everything expires 6 months after the last activity');
 SELECT is(loyalty.balance('roll', 'm', '2026-07-31 00:00'), '30'::loyalty.points, 'rolling: the first lot lives on through later activity');
 SELECT throws_ok($$SELECT loyalty.adjust('roll', 'm', -1, 'late', 'x', '2026-11-01')$$, 'LY001', 'insufficient points', 'rolling: expired points cannot be spent');
+-- lapsed points stay lapsed: new activity starts afresh
+SELECT loyalty.earn('roll', 'm', 5, 'e3', NULL, '2026-12-01 00:00');
+SELECT is(loyalty.balance('roll', 'm', '2026-12-01 00:00'), '5'::loyalty.points, 'rolling: activity after the lapse does not bring lapsed points back');
+SELECT is(loyalty.balance('roll', 'm', '2026-10-31 23:59'), '30'::loyalty.points, 'rolling: and the past is unchanged');
+SELECT is(loyalty.balance('roll', 'm', '2027-06-01 00:00'), '0'::loyalty.points, 'rolling: the new points lapse 6 months later');
+SELECT is(loyalty.adjust('roll', 'm', -5, 'spend', 'x', '2026-12-02') > 0, true, 'rolling: only the live points can be spent');
+SELECT throws_ok($$SELECT loyalty.adjust('roll', 'm', -1, 'spend-2', 'x', '2026-12-02')$$, 'LY001', 'insufficient points', 'rolling: and no more');
 
 SELECT loyalty.create_program('leap', 'Leap', 'UTC', '{"expiry": {"policy": "fixed", "after": "1 year"}}');
 SELECT loyalty.enroll('leap', 'm', occurred_at => '2024-01-01');

@@ -31,8 +31,22 @@ RESET ROLE;
 SELECT is(actor, session_user::text, 'the session user is recorded as the actor') FROM loyalty.transfer;
 SELECT is_empty($$SELECT p.oid::regprocedure FROM pg_proc p
                   WHERE p.pronamespace = 'loyalty'::regnamespace AND p.prosecdef
-                    AND NOT EXISTS (SELECT FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%')$$,
-                'every SECURITY DEFINER function pins its search_path');
+                    AND NOT EXISTS (SELECT FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%, pg\_temp')$$,
+                'every SECURITY DEFINER function pins its search_path with pg_temp last');
+
+-- Without pg_temp last, a caller's temporary objects (here a domain named
+-- text whose check runs the caller's code) would shadow the ones the
+-- function means, and run as the function's owner, a superuser.
+GRANT EXECUTE ON FUNCTION loyalty.enroll(text, text, text, text, date, text, jsonb, timestamptz) TO loyalty_test_app;
+SET ROLE loyalty_test_app;
+CREATE TEMP TABLE calls (who text);
+CREATE FUNCTION pg_temp.spy(text) RETURNS boolean LANGUAGE sql AS
+    $$ INSERT INTO pg_temp.calls VALUES (current_user) RETURNING true $$;
+CREATE DOMAIN pg_temp.text AS pg_catalog.text CHECK (pg_temp.spy(VALUE));
+SELECT loyalty.enroll('shop', 'c2', email => 'x@example.com', occurred_at => '2026-01-01') > 0 AS enrolled;
+SELECT is(loyalty.balance('shop', 'c1', '2026-02-01'), '100'::loyalty.points, 'balance still works');
+SELECT is_empty($$SELECT * FROM pg_temp.calls$$, 'the caller''s temporary objects never run inside the API');
+RESET ROLE;
 
 SELECT * FROM finish();
 DROP OWNED BY loyalty_test_app;

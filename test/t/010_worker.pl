@@ -1,7 +1,7 @@
 # The worker runs due jobs on its own in a preloaded server; SIGHUP turns
-# it on and changes its schedule; an error in one job (release_holds has no
-# handler yet) is logged once with context, recorded in job_run, and does not
-# stop the other jobs; SIGTERM (server stop) ends it cleanly.
+# it on and changes its schedule; an error in one job (a registered job whose
+# handler is not installed) is logged once with context, recorded in job_run,
+# and does not stop the other jobs; SIGTERM (server stop) ends it cleanly.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -33,6 +33,7 @@ SELECT loyalty.enroll('p', 'm' || i, occurred_at => '2020-01-01') FROM generate_
 SELECT loyalty.earn('p', 'm' || (i % 20 + 1), i, 'e' || i, occurred_at => '2020-01-02') FROM generate_series(1, 100) i;
 SELECT loyalty.earn('p', 'm1', 5, 'future', occurred_at => now() + interval '1 hour');
 SELECT loyalty.set_job('vest', enabled => false);
+INSERT INTO loyalty.job (name, handler, schedule) VALUES ('ghost', 'loyalty._job_ghost', '1 hour');
 });
 sleep 2;
 is($node->safe_psql('postgres', 'SELECT count(*) FROM loyalty.job_run'), '0',
@@ -57,17 +58,21 @@ is($node->safe_psql('postgres', q{
 is($node->safe_psql('postgres', q{SELECT count(*) FROM loyalty.job_run WHERE job = 'vest'}), '0',
 	'a disabled job does not run');
 
-# the job without a handler failed cleanly and was recorded
+# the job without a handler failed cleanly and was recorded; the jobs after
+# it in name order (release_holds, from the redemption capability) ran
 ok($node->poll_query_until('postgres',
-	"SELECT EXISTS (SELECT FROM loyalty.job_run WHERE job = 'release_holds')"),
-	'release_holds was attempted');
+	"SELECT EXISTS (SELECT FROM loyalty.job_run WHERE job = 'ghost')"),
+	'the job without a handler was attempted');
 is($node->safe_psql('postgres', q{
-	SELECT sqlstate, error, finished_at IS NOT NULL FROM loyalty.job_run WHERE job = 'release_holds'}),
-	'LY021|handler of job "release_holds" does not exist|t', 'its error is recorded in job_run');
+	SELECT sqlstate, error, finished_at IS NOT NULL FROM loyalty.job_run WHERE job = 'ghost'}),
+	'LY021|handler of job "ghost" does not exist|t', 'its error is recorded in job_run');
+ok($node->poll_query_until('postgres',
+	"SELECT EXISTS (SELECT FROM loyalty.job_run WHERE job = 'release_holds' AND finished_at IS NOT NULL AND error IS NULL)"),
+	'the next job ran');
 my $log = slurp_file($node->logfile);
-my @errors = ($log =~ /ERROR:  handler of job "release_holds" does not exist/g);
+my @errors = ($log =~ /ERROR:  handler of job "ghost" does not exist/g);
 is(scalar(@errors), 1, 'the error is logged once');
-like($log, qr/CONTEXT:  [^\n]*(\n\t[^\n]*)*\n\tloyalty job "release_holds" in database "postgres"\n/,
+like($log, qr/CONTEXT:  [^\n]*(\n\t[^\n]*)*\n\tloyalty job "ghost" in database "postgres"\n/,
 	'with the job and database as context');
 
 # a listed database that does not exist: its worker is retried once a
