@@ -8,6 +8,7 @@
 
 #include "accrual.h"
 #include "ledger.h"
+#include "worker.h"
 
 PG_MODULE_MAGIC;
 
@@ -18,5 +19,6 @@ _PG_init(void)
 {
 	LedgerInit();
 	AccrualInit();
+	WorkerInit();
 	MarkGUCPrefixReserved("loyalty");
 }

@@ -448,7 +448,7 @@ WHERE NOT EXISTS (SELECT 1 FROM pg_description ds
                     AND ds.objsubid = 0);
 SELECT count(*) AS commented_functions FROM pg_proc p
 WHERE p.pronamespace = 'loyalty'::regnamespace
-  AND (p.proname ~ '^points_|_points$' AND p.proname <> 'transfer_points'   -- the API's, not the type's
+  AND (p.proname ~ '^points_|_points$' AND p.proname NOT IN ('transfer_points', 'expiring_points')   -- the API's, not the type's
        OR (p.prokind = 'a' AND p.proargtypes[0] = 'loyalty.points'::regtype))
   AND obj_description(p.oid, 'pg_proc') IS NOT NULL;
 
