@@ -155,23 +155,6 @@ RETURNS timestamptz LANGUAGE sql STABLE PARALLEL SAFE AS $$
     END
 $$;
 
--- Under a rolling policy, the moment at which all of an account's points
--- expire as seen at p_as_of: its last activity up to then plus the allowed
--- inactivity. NULL when the program has no rolling policy or no activity yet.
-CREATE FUNCTION loyalty._rolling_deadline(p_account bigint, p_as_of timestamptz)
-RETURNS timestamptz LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT ((max(t.occurred_at) AT TIME ZONE p.time_zone) + (p.options #>> '{expiry,inactivity}')::interval)
-           AT TIME ZONE p.time_zone
-    FROM loyalty.account a
-    JOIN loyalty.program p ON p.id = a.program_id AND p.options #>> '{expiry,policy}' = 'rolling'
-    JOIN loyalty.transfer t ON (t.credit_account_id = a.id OR t.debit_account_id = a.id)
-                           AND t.occurred_at <= p_as_of
-                           AND CASE WHEN p.options #> '{expiry,activity}' IS NULL THEN t.kind <> 'expire'
-                                    ELSE p.options #> '{expiry,activity}' ? t.kind END
-    WHERE a.id = p_account
-    GROUP BY p.time_zone, p.options
-$$;
-
 -- Whether the account's program has a rolling expiry policy.
 CREATE FUNCTION loyalty._is_rolling(p_account bigint) RETURNS boolean
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
@@ -537,8 +520,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_t
                lag(s.hash) OVER (PARTITION BY s.side ORDER BY s.id) AS expected_prev,
                loyalty.transfer_hash(s.program_id, s.debit_account_id, s.credit_account_id, s.amount,
                                      s.kind, s.ref, s.occurred_at, s.posted_at, s.rule_version,
-                                     s.actor, s.reason, s.debit_prev_hash, s.credit_prev_hash) AS recomputed,
-               row_number() OVER (PARTITION BY s.side ORDER BY s.id DESC) = 1 AS is_last
+                                     s.actor, s.reason, s.debit_prev_hash, s.credit_prev_hash) AS recomputed
         FROM sides s
     ), broken AS (
         SELECT DISTINCT ON (l.side) l.side, l.id,
@@ -549,11 +531,17 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_t
         WHERE l.prev IS DISTINCT FROM l.expected_prev OR l.hash IS DISTINCT FROM l.recomputed
         ORDER BY l.side, l.id
     ), heads AS (
-        SELECT a.id AS side, l.id,
+        -- each account's last transfer, found through the two account
+        -- indexes of the journal (not by joining the links above)
+        SELECT a.id AS side, last.id,
                'account''s last hash does not match its last transfer' AS problem
         FROM p JOIN loyalty.account a ON a.program_id = p.id AND a.kind = 'member'
-        LEFT JOIN links l ON l.side = a.id AND l.is_last
-        WHERE a.last_hash IS DISTINCT FROM l.hash OR a.last_transfer_id IS DISTINCT FROM l.id
+        LEFT JOIN LATERAL (
+            SELECT t.id, t.hash FROM loyalty.transfer t
+            WHERE t.id = greatest((SELECT max(d.id) FROM loyalty.transfer d WHERE d.debit_account_id = a.id),
+                                  (SELECT max(c.id) FROM loyalty.transfer c WHERE c.credit_account_id = a.id))
+        ) last ON true
+        WHERE a.last_hash IS DISTINCT FROM last.hash OR a.last_transfer_id IS DISTINCT FROM last.id
     )
     SELECT b.side, m.member_ref, b.id, b.problem
     FROM (SELECT * FROM broken

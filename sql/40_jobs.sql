@@ -249,7 +249,7 @@ COMMENT ON FUNCTION loyalty._expire_ref(bigint) IS 'Internal: the deterministic 
 
 -- Candidates: at most p_limit lots with points left whose expiry is at or
 -- before as_of: a lot's own expires_at (fixed, calendar) or, under a rolling
--- policy, the account's deadline. Read without locks; _expire_due re-checks.
+-- policy, its lapse. Read without locks; _expire_due re-checks.
 -- Within one transaction (run_job) the scan resumes after the last batch
 -- (a transaction-local cursor), so that it does not wade again through the
 -- index entries of the lots it has just expired; a new transaction (a
@@ -311,7 +311,7 @@ BEGIN
         v_id := v_last_id;
     END IF;
 
-    -- rolling: every lot of an account whose deadline has passed, account by
+    -- rolling: every lot of an account whose lapse has passed, account by
     -- account (the last one is looked at again next time, in case the limit
     -- cut through its lots)
     IF v_n < p_limit THEN
@@ -321,10 +321,9 @@ BEGIN
                     AND EXISTS (SELECT FROM loyalty.lot o WHERE o.account_id = acc.id AND o.remaining > 0)
                   ORDER BY acc.id LOOP
             SELECT array_agg(x.id) INTO v_more
-              FROM (SELECT l.id FROM loyalty.lot l,
-                           (SELECT loyalty._rolling_deadline(r_acc.id, p_as_of) AS deadline) d
+              FROM (SELECT l.id FROM loyalty.lot l
                      WHERE l.account_id = r_acc.id AND l.remaining > 0
-                       AND d.deadline <= p_as_of AND l.occurred_at <= d.deadline
+                       AND loyalty._rolling_lapse(r_acc.id, l.occurred_at, p_as_of) <= p_as_of
                        AND NOT l.id = ANY (coalesce(v_lots, '{}'))
                      ORDER BY l.id LIMIT p_limit - v_n) x;
             v_lots := v_lots || v_more;
@@ -354,8 +353,7 @@ LANGUAGE sql STABLE SET search_path = loyalty, pg_catalog, pg_temp AS $$
         WHERE l.remaining > 0
     ), acct AS MATERIALIZED (
         SELECT a.id, a.program_id, b.id AS breakage_id,
-               CASE WHEN p.options #>> '{expiry,policy}' = 'rolling'
-                    THEN loyalty._rolling_deadline(a.id, p_as_of) END AS deadline
+               p.options #>> '{expiry,policy}' IS NOT DISTINCT FROM 'rolling' AS rolling
         FROM (SELECT DISTINCT l.account_id FROM lots l) x
         JOIN loyalty.account a ON a.id = x.account_id
         JOIN loyalty.program p ON p.id = a.program_id
@@ -369,7 +367,8 @@ LANGUAGE sql STABLE SET search_path = loyalty, pg_catalog, pg_temp AS $$
                                                      WHERE u.lot_id = x.id AND u.amount > 0)) END
     FROM (SELECT l.id, l.account_id, c.program_id, c.breakage_id, l.remaining, l.pending,
                  least(l.expires_at,
-                       CASE WHEN l.occurred_at <= c.deadline THEN c.deadline END) AS moment
+                       CASE WHEN c.rolling THEN loyalty._rolling_lapse(l.account_id, l.occurred_at, p_as_of) END)
+                   AS moment
           FROM lots l JOIN acct c ON c.id = l.account_id) x
     WHERE x.moment <= p_as_of
     ORDER BY x.account_id, x.moment, x.id

@@ -108,7 +108,7 @@ AccrualTakeLots(int64 account, int64 first_lot, int64 need, TimestampTz at,
 
 	LedgerPrepare(&plan_take,
 				  "SELECT id, remaining::bigint FROM loyalty.lot"
-				  " WHERE account_id = $1 AND remaining > 0 AND (expires_at IS NULL OR expires_at > $3)"
+				  " WHERE account_id = $1 AND remaining OPERATOR(loyalty.>) 0 AND (expires_at IS NULL OR expires_at > $3)"
 				  " ORDER BY id = $2 DESC, vests_at > $3 DESC, expires_at NULLS LAST, occurred_at, id"
 				  " FOR UPDATE",
 				  3, argtypes);

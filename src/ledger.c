@@ -298,7 +298,7 @@ LedgerChooseLots(const LedgerPosting *p, LedgerUse *use, int64 held)
 
 	LedgerPrepare(&plan_open_lots,
 				  "SELECT id, remaining::bigint, pending FROM loyalty.lot"
-				  " WHERE account_id = $1 AND remaining > 0"
+				  " WHERE account_id = $1 AND remaining OPERATOR(loyalty.>) 0"
 				  "   AND occurred_at <= $2 AND vests_at <= $2"
 				  "   AND (expires_at IS NULL OR expires_at > $2)"
 				  "   AND (NOT $3 OR $2 < loyalty._rolling_lapse($1, occurred_at, $2))"

@@ -146,6 +146,20 @@ SELECT a.available, a.pending FROM loyalty.account a JOIN loyalty.member m ON m.
 SELECT t.amount, t.occurred_at FROM loyalty.transfer t WHERE t.kind = 'expire' AND t.program_id = loyalty._program_id('part') ORDER BY t.id;
 SELECT * FROM loyalty.verify_chain('part');
 
+-- rolling: lapsed points stay lapsed. Earned in January, idle until
+-- November (lapse on 2024-07-10), active again in November: the job still
+-- expires the January points, dated at their lapse, and keeps the new ones.
+SELECT loyalty.create_program('lapse', 'Lapse', 'UTC',
+       '{"expiry": {"policy": "rolling", "inactivity": "6 months"}}') > 0 AS created;
+SELECT loyalty.enroll('lapse', 'l1', occurred_at => '2024-01-01') > 0 AS enrolled;
+SELECT loyalty.earn('lapse', 'l1', 10, 'jan', occurred_at => '2024-01-10') > 0;
+SELECT loyalty.earn('lapse', 'l1', 20, 'nov', occurred_at => '2024-11-01') > 0;
+SELECT * FROM loyalty.run_job('expire', '2024-11-02');
+SELECT t.amount, t.occurred_at FROM loyalty.transfer t WHERE t.kind = 'expire' AND t.program_id = loyalty._program_id('lapse') ORDER BY t.id;
+SELECT * FROM pg_temp.fig('lapse', 'l1', '2024-11-02');
+SELECT * FROM loyalty.run_job('expire', '2024-11-02');
+SELECT * FROM loyalty.verify_chain('lapse');
+
 -- expiring_points errors
 SELECT throws_ok($$SELECT * FROM loyalty.expiring_points('nope', 'x')$$, 'LY002', 'program "nope" does not exist');
 SELECT throws_ok($$SELECT * FROM loyalty.expiring_points('part', 'nobody')$$, 'LY003', 'member "nobody" does not exist in program "part"');
