@@ -14,34 +14,40 @@ INSERT INTO loyalty.transfer_kind VALUES
     ('adjust',  'Adjustment',      'adjust'),
     ('expire',  'Points expired',  'expire');
 
--- A bad program option: 22023 with the JSON path.
-CREATE FUNCTION loyalty._bad_option(p_path text, p_problem text) RETURNS void
+-- A bad option in an options document (a program's, a reward's): 22023
+-- with the JSON path, and the docs page that describes the document.
+CREATE FUNCTION loyalty._bad_option(p_path text, p_problem text, p_document text DEFAULT 'program',
+                                    p_page text DEFAULT 'ledger') RETURNS void
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
-    RAISE EXCEPTION 'invalid program options'
+    RAISE EXCEPTION 'invalid % options', p_document
         USING ERRCODE = 'invalid_parameter_value',
               DETAIL = format('At %s: %s.', p_path, p_problem),
-              HINT = 'See the program options in docs/ledger.md.';
+              HINT = format('See the %s options in docs/%s.md.', p_document, p_page);
 END $$;
+COMMENT ON FUNCTION loyalty._bad_option(text, text, text, text) IS 'Internal: raises 22023 for a bad option of an options document, with its JSON path';
 
-CREATE FUNCTION loyalty._check_interval(p_path text, p_value jsonb) RETURNS interval
+-- A positive interval written as a string in an options document.
+CREATE FUNCTION loyalty._check_interval(p_path text, p_value jsonb, p_document text DEFAULT 'program',
+                                        p_page text DEFAULT 'ledger') RETURNS interval
 LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
     v interval;
 BEGIN
     IF jsonb_typeof(p_value) IS DISTINCT FROM 'string' THEN
-        PERFORM loyalty._bad_option(p_path, 'expected an interval as a string, such as "12 months"');
+        PERFORM loyalty._bad_option(p_path, 'expected an interval as a string, such as "12 months"', p_document, p_page);
     END IF;
     BEGIN
         v := (p_value #>> '{}')::interval;
     EXCEPTION WHEN others THEN
-        PERFORM loyalty._bad_option(p_path, format('%s is not an interval', p_value));
+        PERFORM loyalty._bad_option(p_path, format('%s is not an interval', p_value), p_document, p_page);
     END;
     IF v <= interval '0' THEN
-        PERFORM loyalty._bad_option(p_path, format('%s must be positive', p_value));
+        PERFORM loyalty._bad_option(p_path, format('%s must be positive', p_value), p_document, p_page);
     END IF;
     RETURN v;
 END $$;
+COMMENT ON FUNCTION loyalty._check_interval(text, jsonb, text, text) IS 'Internal: a positive interval in an options document, or 22023 with its JSON path';
 
 CREATE FUNCTION loyalty._check_keys(p_path text, p_doc jsonb, p_allowed text[]) RETURNS void
 LANGUAGE plpgsql IMMUTABLE AS $$

@@ -245,36 +245,6 @@ LANGUAGE sql STABLE AS $$
 $$;
 COMMENT ON FUNCTION loyalty._available_for_hold(bigint, timestamptz) IS 'Internal: the points a member can still spend or hold at a moment: open lots less active holds';
 
-CREATE FUNCTION loyalty._bad_reward_option(p_path text, p_problem text) RETURNS void
-LANGUAGE plpgsql IMMUTABLE AS $$
-BEGIN
-    RAISE EXCEPTION 'invalid reward options'
-        USING ERRCODE = 'invalid_parameter_value',
-              DETAIL = format('At %s: %s.', p_path, p_problem),
-              HINT = 'See the reward options in docs/redemption.md.';
-END $$;
-COMMENT ON FUNCTION loyalty._bad_reward_option(text, text) IS 'Internal: raises 22023 for a bad reward option, with its JSON path';
-
-CREATE FUNCTION loyalty._reward_interval(p_path text, p_value jsonb) RETURNS interval
-LANGUAGE plpgsql IMMUTABLE AS $$
-DECLARE
-    v interval;
-BEGIN
-    IF jsonb_typeof(p_value) IS DISTINCT FROM 'string' THEN
-        PERFORM loyalty._bad_reward_option(p_path, 'expected an interval as a string, such as "1 month"');
-    END IF;
-    BEGIN
-        v := (p_value #>> '{}')::interval;
-    EXCEPTION WHEN others THEN
-        PERFORM loyalty._bad_reward_option(p_path, format('%s is not an interval', p_value));
-    END;
-    IF v <= interval '0' THEN
-        PERFORM loyalty._bad_reward_option(p_path, format('%s must be positive', p_value));
-    END IF;
-    RETURN v;
-END $$;
-COMMENT ON FUNCTION loyalty._reward_interval(text, jsonb) IS 'Internal: a positive interval in reward options, or 22023 with its JSON path';
-
 -- The rank of a tier when the tiers capability defines loyalty.tier
 -- (program_id, code, rank); NULL otherwise.
 CREATE FUNCTION loyalty._tier_rank(p_program bigint, p_tier text) RETURNS integer
@@ -329,65 +299,65 @@ BEGIN
     END IF;
     PERFORM loyalty._check_amount('cost', cost);
     IF jsonb_typeof(o) <> 'object' THEN
-        PERFORM loyalty._bad_reward_option('$', 'expected a JSON object');
+        PERFORM loyalty._bad_option('$', 'expected a JSON object', 'reward', 'redemption');
     END IF;
     FOR k IN SELECT jsonb_object_keys(o) ORDER BY 1 LOOP
         IF k NOT IN ('kind', 'stock', 'min_tier', 'valid_from', 'valid_until', 'limit',
                      'voucher_valid_for', 'charity') THEN
-            PERFORM loyalty._bad_reward_option('$.' || k, 'unknown key; expected one of kind, stock, min_tier, '
-                || 'valid_from, valid_until, limit, voucher_valid_for, charity');
+            PERFORM loyalty._bad_option('$.' || k, 'unknown key; expected one of kind, stock, min_tier, '
+                || 'valid_from, valid_until, limit, voucher_valid_for, charity', 'reward', 'redemption');
         END IF;
     END LOOP;
     IF v_kind NOT IN ('voucher', 'product', 'cashback', 'donation') OR jsonb_typeof(o -> 'kind') <> 'string' THEN
-        PERFORM loyalty._bad_reward_option('$.kind', 'expected "voucher", "product", "cashback" or "donation"');
+        PERFORM loyalty._bad_option('$.kind', 'expected "voucher", "product", "cashback" or "donation"', 'reward', 'redemption');
     END IF;
     IF o ? 'stock' THEN
         IF jsonb_typeof(o -> 'stock') <> 'number' OR (o ->> 'stock') !~ '^[0-9]{1,15}$' THEN
-            PERFORM loyalty._bad_reward_option('$.stock', 'expected a whole number of units, 0 or more');
+            PERFORM loyalty._bad_option('$.stock', 'expected a whole number of units, 0 or more', 'reward', 'redemption');
         END IF;
         v_stock := (o ->> 'stock')::bigint;
     END IF;
     IF o ? 'min_tier' AND (jsonb_typeof(o -> 'min_tier') <> 'string' OR o ->> 'min_tier' = '') THEN
-        PERFORM loyalty._bad_reward_option('$.min_tier', 'expected a tier code');
+        PERFORM loyalty._bad_option('$.min_tier', 'expected a tier code', 'reward', 'redemption');
     END IF;
     BEGIN
         v_from := (o ->> 'valid_from')::timestamptz;
     EXCEPTION WHEN others THEN
-        PERFORM loyalty._bad_reward_option('$.valid_from', 'expected a timestamp');
+        PERFORM loyalty._bad_option('$.valid_from', 'expected a timestamp', 'reward', 'redemption');
     END;
     BEGIN
         v_until := (o ->> 'valid_until')::timestamptz;
     EXCEPTION WHEN others THEN
-        PERFORM loyalty._bad_reward_option('$.valid_until', 'expected a timestamp');
+        PERFORM loyalty._bad_option('$.valid_until', 'expected a timestamp', 'reward', 'redemption');
     END;
     IF v_from >= v_until THEN
-        PERFORM loyalty._bad_reward_option('$.valid_until', 'must be after valid_from');
+        PERFORM loyalty._bad_option('$.valid_until', 'must be after valid_from', 'reward', 'redemption');
     END IF;
     IF o ? 'limit' THEN
         IF jsonb_typeof(o -> 'limit') <> 'object'
            OR EXISTS (SELECT FROM jsonb_object_keys(o -> 'limit') x WHERE x NOT IN ('count', 'period')) THEN
-            PERFORM loyalty._bad_reward_option('$.limit', 'expected an object with count and period');
+            PERFORM loyalty._bad_option('$.limit', 'expected an object with count and period', 'reward', 'redemption');
         END IF;
         IF jsonb_typeof(o #> '{limit,count}') IS DISTINCT FROM 'number'
            OR (o #>> '{limit,count}') !~ '^[0-9]{1,6}$' OR (o #>> '{limit,count}')::integer < 1 THEN
-            PERFORM loyalty._bad_reward_option('$.limit.count', 'expected a whole number of units above 0');
+            PERFORM loyalty._bad_option('$.limit.count', 'expected a whole number of units above 0', 'reward', 'redemption');
         END IF;
         v_count := (o #>> '{limit,count}')::integer;
         IF o #> '{limit,period}' IS NOT NULL THEN
-            v_period := loyalty._reward_interval('$.limit.period', o #> '{limit,period}');
+            v_period := loyalty._check_interval('$.limit.period', o #> '{limit,period}', 'reward', 'redemption');
         END IF;
     END IF;
     IF o ? 'voucher_valid_for' THEN
         IF v_kind <> 'voucher' THEN
-            PERFORM loyalty._bad_reward_option('$.voucher_valid_for', 'only a voucher reward issues vouchers');
+            PERFORM loyalty._bad_option('$.voucher_valid_for', 'only a voucher reward issues vouchers', 'reward', 'redemption');
         END IF;
-        v_valid := loyalty._reward_interval('$.voucher_valid_for', o -> 'voucher_valid_for');
+        v_valid := loyalty._check_interval('$.voucher_valid_for', o -> 'voucher_valid_for', 'reward', 'redemption');
     ELSIF v_kind = 'voucher' THEN
         v_valid := interval '1 year';
     END IF;
     IF o ? 'charity' THEN
         IF v_kind <> 'donation' THEN
-            PERFORM loyalty._bad_reward_option('$.charity', 'only a donation reward names a charity');
+            PERFORM loyalty._bad_option('$.charity', 'only a donation reward names a charity', 'reward', 'redemption');
         END IF;
         v_charity := o ->> 'charity';
         IF NOT EXISTS (SELECT FROM loyalty.account a WHERE a.program_id = v_program AND a.kind <> 'member' AND a.kind = 'donation'

@@ -821,16 +821,6 @@ AccrualEnrollUnknown(AccrualBatch *b, const char *source, Datum *args, char *nul
 
 /* ---- the function API ---- */
 
-static char *
-AccrualTextArg(FunctionCallInfo fcinfo, int n, const char *name)
-{
-	if (PG_ARGISNULL(n))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("%s must not be null", name)));
-	return text_to_cstring(PG_GETARG_TEXT_PP(n));
-}
-
 #define ACCRUE_SOURCE \
 	"SELECT $3::text AS ref, $4::text AS member_ref, $5::numeric AS amount," \
 	"       $6::timestamptz AS occurred_at, $7::text AS category, $8::text AS channel," \
@@ -865,15 +855,15 @@ loyalty_accrue(PG_FUNCTION_ARGS)
 {
 	static const Oid argtypes[] = {INT8OID, TIMESTAMPTZOID, TEXTOID, TEXTOID, NUMERICOID,
 		TIMESTAMPTZOID, TEXTOID, TEXTOID, TEXTOID, JSONBOID};
-	char	   *program = AccrualTextArg(fcinfo, 0, "program");
+	char	   *program = LedgerTextArg(fcinfo, 0, "program");
 	Datum		args[10];
 	char		nulls[10];
 	AccrualBatch b;
 	AccrualRow *r;
 	int64		points;
 
-	AccrualTextArg(fcinfo, 1, "member_ref");
-	AccrualTextArg(fcinfo, 3, "ref");
+	LedgerTextArg(fcinfo, 1, "member_ref");
+	LedgerTextArg(fcinfo, 3, "ref");
 	if (PG_ARGISNULL(2))
 		ereport(ERROR, (errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED), errmsg("amount must not be null")));
 	AccrualCheckRef(text_to_cstring(PG_GETARG_TEXT_PP(3)));

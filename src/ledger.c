@@ -623,7 +623,8 @@ LedgerPost(const LedgerPosting *p, bool *replayed)
 
 /* ---- SQL-callable functions ---- */
 
-static char *
+/* A required text argument of a SQL-callable function, or 22004. */
+char *
 LedgerTextArg(FunctionCallInfo fcinfo, int n, const char *name)
 {
 	if (PG_ARGISNULL(n))
@@ -631,6 +632,16 @@ LedgerTextArg(FunctionCallInfo fcinfo, int n, const char *name)
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("%s must not be null", name)));
 	return text_to_cstring(PG_GETARG_TEXT_PP(n));
+}
+
+static int64
+LedgerInt64Arg(FunctionCallInfo fcinfo, int n, const char *name)
+{
+	if (PG_ARGISNULL(n))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be null", name)));
+	return PG_GETARG_INT64(n);	/* points are int64 too */
 }
 
 static TimestampTz
@@ -723,15 +734,10 @@ loyalty_earn(PG_FUNCTION_ARGS)
 {
 	char	   *program = LedgerTextArg(fcinfo, 0, "program");
 	char	   *member_ref = LedgerTextArg(fcinfo, 1, "member_ref");
-	int64		points;
+	int64		points = LedgerInt64Arg(fcinfo, 2, "points");
 	char	   *ref = LedgerTextArg(fcinfo, 3, "ref");
 	char	   *reason = PG_ARGISNULL(4) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(4));
 
-	if (PG_ARGISNULL(2))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("points must not be null")));
-	points = PG_GETARG_POINTS(2);
 	if (points <= 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -749,15 +755,10 @@ loyalty_adjust(PG_FUNCTION_ARGS)
 {
 	char	   *program = LedgerTextArg(fcinfo, 0, "program");
 	char	   *member_ref = LedgerTextArg(fcinfo, 1, "member_ref");
-	int64		delta;
+	int64		delta = LedgerInt64Arg(fcinfo, 2, "delta");
 	char	   *ref = LedgerTextArg(fcinfo, 3, "ref");
 	char	   *reason = PG_ARGISNULL(4) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(4));
 
-	if (PG_ARGISNULL(2))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("delta must not be null")));
-	delta = PG_GETARG_INT64(2);
 	if (delta == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),

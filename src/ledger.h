@@ -6,6 +6,7 @@
 
 #include "datatype/timestamp.h"
 #include "executor/spi.h"
+#include "fmgr.h"
 
 /* SQLSTATEs of our own (class LY), listed in docs/errors.md */
 #define ERRCODE_LOYALTY_INSUFFICIENT_POINTS	MAKE_SQLSTATE('L','Y','0','0','1')
@@ -72,5 +73,6 @@ extern SPIPlanPtr LedgerPrepare(SPIPlanPtr *slot, const char *sql, int nargs, co
 extern void LedgerResolve(const char *program, const char *member_ref, const char *system_kind,
 						  TimestampTz occurred_at, LedgerTarget *target);
 extern int64 LedgerPost(const LedgerPosting *posting, bool *replayed);
+extern char *LedgerTextArg(FunctionCallInfo fcinfo, int n, const char *name);
 
 #endif
