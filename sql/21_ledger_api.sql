@@ -197,6 +197,18 @@ RETURNS timestamptz LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT min(lapse) FROM runs WHERE next_at IS NULL OR next_at >= lapse
 $$;
 
+-- A code (of a program, a reward): 1 to 63 letters, digits, "_", "." or
+-- "-", starting with a letter or digit; 22023 otherwise.
+CREATE FUNCTION loyalty._check_code(p_what text, p_code text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_code !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$' THEN
+        RAISE EXCEPTION 'invalid % code "%"', p_what, p_code
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('A %s code is 1 to 63 letters, digits, "_", "." or "-", starting with a letter or digit.', p_what);
+    END IF;
+END $$;
+
 -- A program's id, or a precise error.
 CREATE FUNCTION loyalty._program_id(p_program text) RETURNS bigint
 LANGUAGE plpgsql STABLE AS $$
@@ -281,11 +293,7 @@ BEGIN
         RAISE EXCEPTION 'code, name, time_zone and options must not be null'
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
-    IF code !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$' THEN
-        RAISE EXCEPTION 'invalid program code "%"', code
-            USING ERRCODE = 'invalid_parameter_value',
-                  DETAIL = 'A program code is 1 to 63 letters, digits, "_", "." or "-", starting with a letter or digit.';
-    END IF;
+    PERFORM loyalty._check_code('program', code);
     IF btrim(name) = '' THEN
         RAISE EXCEPTION 'program name must not be empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -558,3 +566,13 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_t
     ORDER BY 1, 3
 $$;
 COMMENT ON FUNCTION loyalty.verify_chain(text) IS 'Recomputes every member account''s hash chain; one row per broken account naming its first broken link (no rows: all verify)';
+
+COMMENT ON FUNCTION loyalty._account_of(text, text) IS 'Internal: a member''s account id, or LY002/LY003';
+COMMENT ON FUNCTION loyalty._check_code(text, text) IS 'Internal: 22023 unless a program or reward code is well formed';
+COMMENT ON FUNCTION loyalty._check_keys(text, jsonb, text[]) IS 'Internal: 22023 for an options object with a key not allowed at its JSON path';
+COMMENT ON FUNCTION loyalty._check_options(jsonb) IS 'Internal: validates a program options document, 22023 with the JSON path of the first problem';
+COMMENT ON FUNCTION loyalty._is_rolling(bigint) IS 'Internal: whether an account''s program has a rolling expiry policy';
+COMMENT ON FUNCTION loyalty._lot_expiry(jsonb, text, timestamptz) IS 'Internal: when a lot credited at a moment expires under a fixed or calendar policy, in the program''s time zone';
+COMMENT ON FUNCTION loyalty._lots_as_of(bigint, timestamptz) IS 'Internal: an account''s lots as they stood at a moment of business time';
+COMMENT ON FUNCTION loyalty._program_id(text) IS 'Internal: a program''s id, or LY002';
+COMMENT ON FUNCTION loyalty._rolling_lapse(bigint, timestamptz, timestamptz) IS 'Internal: under a rolling policy, when points credited at a moment lapse, as known at as_of';

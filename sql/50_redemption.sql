@@ -289,11 +289,7 @@ BEGIN
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
     v_program := loyalty._program_id(program);
-    IF code !~ '^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$' THEN
-        RAISE EXCEPTION 'invalid reward code "%"', code
-            USING ERRCODE = 'invalid_parameter_value',
-                  DETAIL = 'A reward code is 1 to 63 letters, digits, "_", "." or "-", starting with a letter or digit.';
-    END IF;
+    PERFORM loyalty._check_code('reward', code);
     IF btrim(name) = '' THEN
         RAISE EXCEPTION 'reward name must not be empty' USING ERRCODE = 'invalid_parameter_value';
     END IF;

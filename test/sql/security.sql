@@ -48,6 +48,11 @@ SELECT is(loyalty.balance('shop', 'c1', '2026-02-01'), '100'::loyalty.points, 'b
 SELECT is_empty($$SELECT * FROM pg_temp.calls$$, 'the caller''s temporary objects never run inside the API');
 RESET ROLE;
 
+SELECT is_empty($$SELECT p.oid::regprocedure FROM pg_proc p
+                  WHERE p.pronamespace = 'loyalty'::regnamespace
+                    AND obj_description(p.oid, 'pg_proc') IS NULL$$,
+                'every function of the extension has a comment (\df+ shows it)');
+
 SELECT * FROM finish();
 DROP OWNED BY loyalty_test_app;
 DROP ROLE loyalty_test_app;
