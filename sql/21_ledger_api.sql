@@ -87,6 +87,12 @@ BEGIN
     IF p ? 'shortfall' AND (p -> 'shortfall') NOT IN ('"debt"', '"negative"') THEN
         PERFORM loyalty._bad_option('$.shortfall', 'expected "debt" or "negative"');
     END IF;
+    IF (p -> 'shortfall') = '"negative"' THEN   -- refused rather than silently treated as debt
+        RAISE EXCEPTION 'shortfall "negative" is not supported yet'
+            USING ERRCODE = 'feature_not_supported',
+                  DETAIL = 'A refund of points already spent is recorded as a debt, recovered from later earnings.',
+                  HINT = 'Leave shortfall out, or set it to "debt".';
+    END IF;
     IF p ? 'welcome' THEN
         PERFORM loyalty._check_keys('$.welcome', p -> 'welcome', ARRAY['points']);
         IF jsonb_typeof(p #> '{welcome,points}') IS DISTINCT FROM 'number'
