@@ -155,7 +155,7 @@ AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code)
 
 	LedgerPrepare(&plan_program,
 				  "SELECT p.id, p.code, p.time_zone, coalesce(p.options ->> 'unknown_member', 'quarantine'),"
-				  "       coalesce(p.options ->> 'shortfall', 'debt'), s.id,"
+				  "       s.id,"
 				  "       EXISTS (SELECT FROM loyalty.accrual_debt d WHERE d.program_id = p.id AND d.outstanding > 0)"
 				  "  FROM loyalty.program p"
 				  "  JOIN loyalty.account s ON s.program_id = p.id AND s.kind = 'issuance' AND s.name = ''"
@@ -175,10 +175,8 @@ AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code)
 	tz = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3);
 	s = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 4);
 	b->enroll_unknown = strcmp(s, "enroll") == 0;
-	s = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 5);
-	b->shortfall_negative = strcmp(s, "negative") == 0;
-	b->issuance = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 6, &(bool){0}));
-	b->has_debts = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 7, &(bool){0}));
+	b->issuance = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 5, &(bool){0}));
+	b->has_debts = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 6, &(bool){0}));
 	b->tz = pg_tzset(tz);
 	if (b->tz == NULL)
 		elog(ERROR, "program \"%s\" has an unknown time zone \"%s\"", b->code, tz);

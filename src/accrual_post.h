@@ -44,7 +44,6 @@ typedef struct AccrualBatch
 	char	   *code;
 	pg_tz	   *tz;
 	bool		enroll_unknown;
-	bool		shortfall_negative;
 	bool		has_debts;		/* the program has outstanding refund debts */
 	int64		issuance;
 	Oid			source;			/* the application's table; InvalidOid for the function API */
