@@ -100,21 +100,6 @@ AccrualChunkMemory(AccrualBatch *b)
 	return MemoryContextSwitchTo(b->chunk_cxt != NULL ? b->chunk_cxt : CurrentMemoryContext);
 }
 
-const char *
-AccrualActor(void)
-{
-	if (loyalty_actor != NULL && loyalty_actor[0] != '\0')
-		return loyalty_actor;
-	return GetUserNameFromId(GetSessionUserId(), false);
-}
-
-void
-AccrualExpect(int got, int expected, const char *what)
-{
-	if (got != expected)
-		elog(ERROR, "%s failed: %s", what, SPI_result_code_string(got));
-}
-
 /*
  * The SQL of the read query around a source that yields (ref, member_ref,
  * amount, occurred_at, category, channel, store, attrs, whole) where whole
@@ -164,7 +149,7 @@ AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code)
 	args[0] = Int64GetDatum(program_id);
 	args[1] = code ? CStringGetTextDatum(code) : (Datum) 0;
 	nulls[1] = code ? ' ' : 'n';
-	AccrualExpect(SPI_execute_plan(plan_program, args, nulls, true, 1), SPI_OK_SELECT, "reading a program");
+	LedgerExpect(SPI_execute_plan(plan_program, args, nulls, true, 1), SPI_OK_SELECT, "reading a program");
 	if (SPI_processed == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_LOYALTY_UNKNOWN_PROGRAM),
@@ -321,7 +306,7 @@ AccrualLock(AccrualBatch *b)
 				  "SELECT id FROM loyalty.account WHERE id = ANY ($1) ORDER BY id FOR UPDATE",
 				  1, argtypes);
 	arg = AccrualInt64Array(ids, u);
-	AccrualExpect(SPI_execute_plan(plan_lock, &arg, NULL, false, 0), SPI_OK_SELECT, "locking accounts");
+	LedgerExpect(SPI_execute_plan(plan_lock, &arg, NULL, false, 0), SPI_OK_SELECT, "locking accounts");
 }
 
 static HTAB *
@@ -376,7 +361,7 @@ AccrualReadHistory(AccrualBatch *b)
 		LedgerPrepare(&plan_seen,
 					  "SELECT DISTINCT account_id FROM loyalty.accrual WHERE account_id = ANY ($1)",
 					  1, argtypes);
-		AccrualExpect(SPI_execute_plan(plan_seen, &arg, NULL, false, 0), SPI_OK_SELECT, "reading purchases");
+		LedgerExpect(SPI_execute_plan(plan_seen, &arg, NULL, false, 0), SPI_OK_SELECT, "reading purchases");
 		for (uint64 i = 0; i < SPI_processed; i++)
 			AccrualPut(b->days, DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1,
 															&(bool){0})), PG_INT32_MIN, 1);
@@ -387,7 +372,7 @@ AccrualReadHistory(AccrualBatch *b)
 					  "SELECT account_id, day - date '2000-01-01', sum(points)::bigint FROM loyalty.accrual"
 					  " WHERE account_id = ANY ($1) GROUP BY 1, 2",
 					  1, argtypes);
-		AccrualExpect(SPI_execute_plan(plan_days, &arg, NULL, false, 0), SPI_OK_SELECT, "reading daily points");
+		LedgerExpect(SPI_execute_plan(plan_days, &arg, NULL, false, 0), SPI_OK_SELECT, "reading daily points");
 		for (uint64 i = 0; i < SPI_processed; i++)
 		{
 			HeapTuple	t = SPI_tuptable->vals[i];
@@ -422,12 +407,12 @@ AccrualReadBudgets(AccrualBatch *b)
 	LedgerPrepare(&plan_campaign_add,
 				  "INSERT INTO loyalty.accrual_campaign (program_id, campaign)"
 				  " SELECT $1, unnest($2) ON CONFLICT DO NOTHING", 2, argtypes);
-	AccrualExpect(SPI_execute_plan(plan_campaign_add, args, NULL, false, 0), SPI_OK_INSERT, "adding campaigns");
+	LedgerExpect(SPI_execute_plan(plan_campaign_add, args, NULL, false, 0), SPI_OK_INSERT, "adding campaigns");
 	LedgerPrepare(&plan_campaign_lock,
 				  "SELECT campaign, used FROM loyalty.accrual_campaign"
 				  " WHERE program_id = $1 AND campaign = ANY ($2) ORDER BY campaign FOR UPDATE",
 				  2, argtypes);
-	AccrualExpect(SPI_execute_plan(plan_campaign_lock, args, NULL, false, 0), SPI_OK_SELECT, "locking campaigns");
+	LedgerExpect(SPI_execute_plan(plan_campaign_lock, args, NULL, false, 0), SPI_OK_SELECT, "locking campaigns");
 	b->state.budgets = palloc0(sizeof(AccrualBudget) * Max(SPI_processed, 1));
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
@@ -455,7 +440,7 @@ AccrualSaveBudgets(AccrualBatch *b)
 		args[0] = Int64GetDatum(b->program_id);
 		args[1] = CStringGetTextDatum(b->state.budgets[i].campaign);
 		args[2] = Int64GetDatum(b->state.budgets[i].added);
-		AccrualExpect(SPI_execute_plan(plan_campaign_save, args, NULL, false, 0), SPI_OK_UPDATE,
+		LedgerExpect(SPI_execute_plan(plan_campaign_save, args, NULL, false, 0), SPI_OK_UPDATE,
 					  "saving campaign budgets");
 	}
 }
@@ -578,7 +563,7 @@ AccrualWrite(AccrualBatch *b)
 	args[0] = Int64GetDatum(b->program_id);
 	args[1] = Int64GetDatum(b->issuance);
 	args[2] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
-	args[3] = CStringGetTextDatum(AccrualActor());
+	args[3] = CStringGetTextDatum(LedgerActor());
 	for (int c = 0; c < POST_COLS; c++)
 		args[4 + c] = AccrualArray(cols[c], nulls[c], n, types[c]);
 
@@ -637,7 +622,7 @@ AccrualWrite(AccrualBatch *b)
 				  "    FROM g JOIN t2 ON t2.tid = g.last WHERE a.id = g.account_id)"
 				  "SELECT count(*) FROM ins",
 				  4 + POST_COLS, argtypes);
-	AccrualExpect(SPI_execute_plan(n <= ACCRUAL_SMALL ? plan_post_small : plan_post, args, NULL, false, 0), SPI_OK_SELECT, "posting purchases");
+	LedgerExpect(SPI_execute_plan(n <= ACCRUAL_SMALL ? plan_post_small : plan_post, args, NULL, false, 0), SPI_OK_SELECT, "posting purchases");
 	b->ninserted = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &(bool){0}));
 }
 
@@ -689,7 +674,7 @@ AccrualQuarantine(AccrualBatch *b)
 				  " SELECT $1, $2, q.ref, q.member_ref, coalesce(q.row_data, '{}'), q.reason, q.sqlstate"
 				  "   FROM unnest($3, $4, $5, $6, $7) AS q(ref, member_ref, row_data, reason, sqlstate)",
 				  7, argtypes);
-	AccrualExpect(SPI_execute_plan(plan_quarantine, args, NULL, false, 0), SPI_OK_INSERT,
+	LedgerExpect(SPI_execute_plan(plan_quarantine, args, NULL, false, 0), SPI_OK_INSERT,
 				  "quarantining purchases");
 }
 
@@ -709,7 +694,7 @@ AccrualRecoverDebts(AccrualBatch *b)
 				  "SELECT DISTINCT account_id FROM loyalty.accrual_debt"
 				  " WHERE account_id = ANY ($1) AND outstanding > 0 ORDER BY 1",
 				  1, argtypes);
-	AccrualExpect(SPI_execute_plan(plan_debts, &arg, NULL, false, 0), SPI_OK_SELECT, "reading debts");
+	LedgerExpect(SPI_execute_plan(plan_debts, &arg, NULL, false, 0), SPI_OK_SELECT, "reading debts");
 	tab = SPI_tuptable;
 	n = SPI_processed;
 	for (uint64 i = 0; i < n; i++)
@@ -750,7 +735,7 @@ AccrualLockSql(const char *source)
 static void
 AccrualLockSource(AccrualBatch *b, SPIPlanPtr lock, Datum *args, char *nulls)
 {
-	AccrualExpect(SPI_execute_plan(lock, args, nulls, false, 0), SPI_OK_SELECT, "locking accounts");
+	LedgerExpect(SPI_execute_plan(lock, args, nulls, false, 0), SPI_OK_SELECT, "locking accounts");
 	b->naccounts = SPI_processed;
 	b->accounts = palloc(sizeof(int64) * Max(SPI_processed, 1));
 	for (uint64 i = 0; i < SPI_processed; i++)
@@ -814,7 +799,7 @@ AccrualEnrollUnknown(AccrualBatch *b, const char *source, Datum *args, char *nul
 				   " WHERE p.id = $1 AND btrim(s.member_ref) <> ''",
 				   source);
 	rc = SPI_execute_with_args(sql, nargs, argtypes, args, nulls, false, 0);
-	AccrualExpect(rc, SPI_OK_SELECT, "enrolling members");
+	LedgerExpect(rc, SPI_OK_SELECT, "enrolling members");
 }
 
 /* ---- the function API ---- */
@@ -899,7 +884,7 @@ loyalty_accrue(PG_FUNCTION_ARGS)
 
 	AccrualEnrollUnknown(&b, ACCRUE_SOURCE, args, nulls, 10, (Oid *) argtypes);
 	AccrualPrepare(&plan_accrue_read, 0, AccrualReadSql(ACCRUE_SOURCE), 10, argtypes);
-	AccrualExpect(SPI_execute_plan(plan_accrue_read, args, nulls, false, 0), SPI_OK_SELECT,
+	LedgerExpect(SPI_execute_plan(plan_accrue_read, args, nulls, false, 0), SPI_OK_SELECT,
 				  "reading the purchase");
 	AccrualReadRows(&b);
 	r = &b.rows[0];
@@ -915,7 +900,7 @@ loyalty_accrue(PG_FUNCTION_ARGS)
 	if (b.ninserted == 0)
 	{
 		/* the same ref was committed meanwhile by a posting for another member */
-		AccrualExpect(SPI_execute_plan(plan_accrue_read, args, nulls, false, 0), SPI_OK_SELECT,
+		LedgerExpect(SPI_execute_plan(plan_accrue_read, args, nulls, false, 0), SPI_OK_SELECT,
 					  "reading the purchase");
 		AccrualReadRows(&b);
 		r = &b.rows[0];

@@ -67,8 +67,6 @@ typedef struct AccrualBatch
 
 extern SPIPlanPtr AccrualPrepare(SPIPlanPtr *slot, int options, const char *sql, int nargs,
 								 const Oid *argtypes);
-extern const char *AccrualActor(void);
-extern void AccrualExpect(int got, int expected, const char *what);
 extern char *AccrualReadSql(const char *source);
 extern void AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code);
 extern void AccrualReadRows(AccrualBatch *b);

@@ -62,7 +62,7 @@ AccrualDescribeExisting(AccrualBatch *b, AccrualRow *r)
 				  2, argtypes);
 	args[0] = Int64GetDatum(b->program_id);
 	args[1] = CStringGetTextDatum(r->ref);
-	AccrualExpect(SPI_execute_plan(plan_existing, args, NULL, true, 1), SPI_OK_SELECT, "reading a purchase");
+	LedgerExpect(SPI_execute_plan(plan_existing, args, NULL, true, 1), SPI_OK_SELECT, "reading a purchase");
 	first = "?";
 	if (SPI_processed == 1)
 	{
@@ -90,7 +90,7 @@ AccrualLockAccount(int64 account)
 	Datum		arg = Int64GetDatum(account);
 
 	LedgerPrepare(&plan_account_lock, "SELECT 1 FROM loyalty.account WHERE id = $1 FOR UPDATE", 1, argtypes);
-	AccrualExpect(SPI_execute_plan(plan_account_lock, &arg, NULL, false, 1), SPI_OK_SELECT, "locking an account");
+	LedgerExpect(SPI_execute_plan(plan_account_lock, &arg, NULL, false, 1), SPI_OK_SELECT, "locking an account");
 }
 
 /*
@@ -115,7 +115,7 @@ AccrualTakeLots(int64 account, int64 first_lot, int64 need, TimestampTz at,
 	args[0] = Int64GetDatum(account);
 	args[1] = Int64GetDatum(first_lot);
 	args[2] = TimestampTzGetDatum(at);
-	AccrualExpect(SPI_execute_plan(plan_take, args, NULL, false, 0), SPI_OK_SELECT, "reading lots");
+	LedgerExpect(SPI_execute_plan(plan_take, args, NULL, false, 0), SPI_OK_SELECT, "reading lots");
 	*lots = palloc(sizeof(int64) * Max(SPI_processed, 1));
 	*amounts = palloc(sizeof(int64) * Max(SPI_processed, 1));
 	*n = 0;
@@ -180,7 +180,7 @@ AccrualRecover(AccrualBatch *b, int64 account)
 				  "  JOIN loyalty.member m ON m.id = a.member_id"
 				  " WHERE d.account_id = $1 AND d.outstanding > 0",
 				  1, argtypes);
-	AccrualExpect(SPI_execute_plan(plan_debt_list, &arg, NULL, false, 1), SPI_OK_SELECT, "reading a debt");
+	LedgerExpect(SPI_execute_plan(plan_debt_list, &arg, NULL, false, 1), SPI_OK_SELECT, "reading a debt");
 	if (SPI_processed == 0)
 		return;
 	debt = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &(bool){0}));
@@ -200,7 +200,7 @@ AccrualRecover(AccrualBatch *b, int64 account)
 	{
 		Datum		args[2] = {Int64GetDatum(account), Int64GetDatum(covered)};
 
-		AccrualExpect(SPI_execute_plan(plan_debt_pay, args, NULL, false, 0), SPI_OK_UPDATE, "paying a debt");
+		LedgerExpect(SPI_execute_plan(plan_debt_pay, args, NULL, false, 0), SPI_OK_UPDATE, "paying a debt");
 	}
 }
 
@@ -225,7 +225,7 @@ AccrualFindRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_nu
 	args[2] = CStringGetTextDatum(ref);
 	args[3] = amount;
 	nulls[3] = amount_null ? 'n' : ' ';
-	AccrualExpect(SPI_execute_plan(plan_refund_find, args, nulls, false, 1), SPI_OK_SELECT, "reading a refund");
+	LedgerExpect(SPI_execute_plan(plan_refund_find, args, nulls, false, 1), SPI_OK_SELECT, "reading a refund");
 	if (SPI_processed == 0)
 		return false;
 	t = SPI_tuptable->vals[0];
@@ -288,7 +288,7 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 	args[1] = CStringGetTextDatum(ref);
 	args[2] = amount;
 	nulls[2] = amount_null ? 'n' : ' ';
-	AccrualExpect(SPI_execute_plan(plan_purchase, args, nulls, false, 1), SPI_OK_SELECT, "reading a purchase");
+	LedgerExpect(SPI_execute_plan(plan_purchase, args, nulls, false, 1), SPI_OK_SELECT, "reading a purchase");
 	if (SPI_processed == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_LOYALTY_UNKNOWN_PURCHASE),
@@ -344,7 +344,7 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 	args[7] = TimestampTzGetDatum(now);
 	args[8] = Int64GetDatum(account);
 	args[9] = Int64GetDatum(0);
-	AccrualExpect(SPI_execute_plan(plan_refund_save, args, nulls, false, 0), SPI_OK_INSERT, "recording a refund");
+	LedgerExpect(SPI_execute_plan(plan_refund_save, args, nulls, false, 0), SPI_OK_INSERT, "recording a refund");
 	return Max(claw, 0);
 }
 

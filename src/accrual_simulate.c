@@ -20,6 +20,7 @@
 
 #include "accrual.h"
 #include "accrual_post.h"
+#include "ledger.h"
 
 PG_FUNCTION_INFO_V1(loyalty_simulate_accrual);
 
@@ -78,7 +79,7 @@ SimulateRun(AccrualBatch *b, AccrualRules *r, AccrualState *st, TimestampTz from
 	args[0] = Int64GetDatum(b->program_id);
 	args[1] = TimestampTzGetDatum(from);
 	args[2] = TimestampTzGetDatum(to);
-	AccrualExpect(SPI_execute_with_args(
+	LedgerExpect(SPI_execute_with_args(
 										"SELECT a.amount::float8, a.occurred_at, a.category, a.channel, a.store,"
 										"       a.breakdown #>> '{context,tier}',"
 										"       coalesce((a.breakdown #>> '{context,first_purchase}')::boolean, false),"

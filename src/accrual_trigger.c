@@ -62,7 +62,7 @@ AccrualLoadSource(Oid relid, AccrualSource *s)
 				  "       category_column, channel_column, store_column"
 				  "  FROM loyalty.accrual_source WHERE source = $1",
 				  1, argtypes);
-	AccrualExpect(SPI_execute_plan(plan_source, &arg, NULL, true, 1), SPI_OK_SELECT, "reading an attachment");
+	LedgerExpect(SPI_execute_plan(plan_source, &arg, NULL, true, 1), SPI_OK_SELECT, "reading an attachment");
 	if (SPI_processed == 0)
 		return false;
 	t = SPI_tuptable->vals[0];
@@ -147,7 +147,7 @@ AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, int64 nrows)
 	if (nrows <= loyalty_accrual_chunk)
 	{
 		/* one chunk: read it all, lock the accounts it names, post */
-		AccrualExpect(SPI_execute_plan(AccrualSourcePlan(AccrualReadSql(source), false, 3, argtypes),
+		LedgerExpect(SPI_execute_plan(AccrualSourcePlan(AccrualReadSql(source), false, 3, argtypes),
 									   args, nulls, false, 0), SPI_OK_SELECT, "reading new purchases");
 		AccrualReadRows(b);
 		AccrualPostBatch(b, true);
@@ -179,7 +179,7 @@ AccrualQuarantineRefund(AccrualBatch *b, const char *ref, Datum amount, bool amo
 							   " VALUES ($1, $2, $3, jsonb_build_object('refund_of', $3, 'amount', $6, 'refund_ref', $7),"
 							   "         $4, $5)",
 							   7, (Oid *) argtypes, args, nulls, false, 0);
-	AccrualExpect(rc, SPI_OK_INSERT, "quarantining a refund");
+	LedgerExpect(rc, SPI_OK_INSERT, "quarantining a refund");
 }
 
 /* One refund in a subtransaction; a failure is quarantined. */
@@ -240,7 +240,7 @@ AccrualOnChange(AccrualBatch *b, const AccrualSource *s, bool update)
 					   "  JOIN loyalty.accrual x ON x.program_id = $1 AND x.ref = o.ref"
 					   " ORDER BY o.ref",
 					   AccrualCol(s->ref, "text"));
-	AccrualExpect(SPI_execute_with_args(sql, 1, (Oid *) argtypes, &arg, NULL, false, 0), SPI_OK_SELECT,
+	LedgerExpect(SPI_execute_with_args(sql, 1, (Oid *) argtypes, &arg, NULL, false, 0), SPI_OK_SELECT,
 				  "reading changed purchases");
 	tab = SPI_tuptable;
 	n = SPI_processed;

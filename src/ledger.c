@@ -54,6 +54,7 @@ typedef struct LedgerSide
 	bool		has_prev;
 	uint8		prev[CHAIN_HASH_LEN];
 	int64		held;			/* points reserved by active holds */
+	bool		rolling;		/* the program's expiry policy is rolling */
 } LedgerSide;
 
 /* The lots a posting consumes or restores, and what that does to balances. */
@@ -105,7 +106,7 @@ LedgerPrepare(SPIPlanPtr *slot, const char *sql, int nargs, const Oid *argtypes)
 	return *slot;
 }
 
-static void
+void
 LedgerExpect(int got, int expected, const char *what)
 {
 	if (got != expected)
@@ -144,8 +145,7 @@ LedgerResolve(const char *program, const char *member_ref, const char *system_ki
 
 	LedgerPrepare(&plan_resolve,
 				  "SELECT p.id, m.id, m.status, a.id, s.id,"
-				  "       loyalty._lot_expiry(p.options -> 'expiry', p.time_zone, $4),"
-				  "       p.options #>> '{expiry,policy}' IS NOT DISTINCT FROM 'rolling'"
+				  "       loyalty._lot_expiry(p.options -> 'expiry', p.time_zone, $4)"
 				  "  FROM loyalty.program p"
 				  "  LEFT JOIN loyalty.member m ON m.program_id = p.id AND m.member_ref = $2"
 				  "  LEFT JOIN loyalty.account a ON a.member_id = m.id"
@@ -187,10 +187,12 @@ LedgerResolve(const char *program, const char *member_ref, const char *system_ki
 	d = LedgerGet(0, 6, &isnull);
 	target->expires = !isnull;
 	target->expires_at = isnull ? 0 : DatumGetTimestampTz(d);
-	target->rolling = DatumGetBool(LedgerGet(0, 7, &isnull));
 }
 
-/* Lock a member account and read the head of its chain. */
+/*
+ * Lock a member account and read the head of its chain, its held points and
+ * whether its program's expiry is rolling (which the debit path needs).
+ */
 static void
 LedgerLock(int64 account, LedgerSide *side)
 {
@@ -200,7 +202,10 @@ LedgerLock(int64 account, LedgerSide *side)
 	Datum		d;
 
 	LedgerPrepare(&plan_lock,
-				  "SELECT last_hash, held::bigint FROM loyalty.account WHERE id = $1 FOR UPDATE",
+				  "SELECT a.last_hash, a.held::bigint,"
+				  "       p.options #>> '{expiry,policy}' IS NOT DISTINCT FROM 'rolling'"
+				  "  FROM loyalty.account a JOIN loyalty.program p ON p.id = a.program_id"
+				  " WHERE a.id = $1 FOR UPDATE OF a",
 				  1, argtypes);
 	LedgerExpect(SPI_execute_plan(plan_lock, &arg, NULL, false, 1), SPI_OK_SELECT,
 				 "locking an account");
@@ -217,6 +222,7 @@ LedgerLock(int64 account, LedgerSide *side)
 		memcpy(side->prev, VARDATA_ANY(prev), CHAIN_HASH_LEN);
 	}
 	side->held = LedgerGetInt64(0, 2);
+	side->rolling = DatumGetBool(LedgerGet(0, 3, &isnull));
 }
 
 /* How an account is named in messages: the member_ref or the account kind. */
@@ -288,7 +294,7 @@ LedgerFindExisting(const LedgerPosting *p, int64 *id)
  * reserved by active holds (held) are not available.
  */
 static void
-LedgerChooseLots(const LedgerPosting *p, LedgerUse *use, int64 held)
+LedgerChooseLots(const LedgerPosting *p, LedgerUse *use, const LedgerSide *debit)
 {
 	static const Oid argtypes[] = {INT8OID, TIMESTAMPTZOID, BOOLOID};
 	Datum		args[3];
@@ -307,7 +313,7 @@ LedgerChooseLots(const LedgerPosting *p, LedgerUse *use, int64 held)
 				  3, argtypes);
 	args[0] = Int64GetDatum(p->debit_account);
 	args[1] = TimestampTzGetDatum(p->occurred_at);
-	args[2] = BoolGetDatum(p->rolling);
+	args[2] = BoolGetDatum(debit->rolling);
 	LedgerExpect(SPI_execute_plan(plan_open_lots, args, NULL, false, 0), SPI_OK_SELECT,
 				 "reading open lots");
 
@@ -335,20 +341,20 @@ LedgerChooseLots(const LedgerPosting *p, LedgerUse *use, int64 held)
 		else
 			use->from_available += take;
 	}
-	if (need > 0 && held == 0)
+	if (need > 0 && debit->held == 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_LOYALTY_INSUFFICIENT_POINTS),
 				 errmsg("insufficient points"),
 				 errdetail("%s has " INT64_FORMAT " points available at %s; " INT64_FORMAT " are needed.",
 						   p->debit_label, available, timestamptz_to_str(p->occurred_at), p->amount)));
-	if (need > 0 || available - held < p->amount)
+	if (need > 0 || available - debit->held < p->amount)
 		ereport(ERROR,
 				(errcode(ERRCODE_LOYALTY_INSUFFICIENT_POINTS),
 				 errmsg("insufficient points"),
 				 errdetail("%s has " INT64_FORMAT " points available at %s (" INT64_FORMAT " more are held); "
 						   INT64_FORMAT " are needed.",
-						   p->debit_label, Max(available - held, 0), timestamptz_to_str(p->occurred_at),
-						   held, p->amount)));
+						   p->debit_label, Max(available - debit->held, 0), timestamptz_to_str(p->occurred_at),
+						   debit->held, p->amount)));
 }
 
 /*
@@ -428,7 +434,7 @@ LedgerHashDatum(const uint8 *hash)
  * loyalty.actor ("cashier-12 via app"), so that a shared login still says
  * who acted and the setting cannot hide which login did.
  */
-static const char *
+const char *
 LedgerActor(void)
 {
 	char	   *user = GetUserNameFromId(GetSessionUserId(), false);
@@ -496,7 +502,7 @@ LedgerPost(const LedgerPosting *p, bool *replayed)
 	if (p->nuses > 0)
 		LedgerNamedLots(p, &use);
 	else if (p->debit_is_member)
-		LedgerChooseLots(p, &use, debit.held);
+		LedgerChooseLots(p, &use, &debit);
 
 	if (restore)
 	{
@@ -701,7 +707,6 @@ LedgerPostMember(const char *program, const char *member_ref, const char *system
 	p.ref = ref;
 	p.occurred_at = occurred_at;
 	p.reason = reason;
-	p.rolling = t.rolling;
 	if (delta > 0)
 	{
 		p.debit_account = t.system_account;

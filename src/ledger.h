@@ -36,7 +36,6 @@ typedef struct LedgerPosting
 	TimestampTz occurred_at;
 	const char *reason;			/* NULL for none */
 	int32		rule_version;	/* 0 for none */
-	bool		rolling;		/* the program's expiry policy is rolling */
 
 	/* credit side, when it is a member: the lot to create */
 	TimestampTz vests_at;
@@ -63,7 +62,6 @@ typedef struct LedgerTarget
 	int64		system_account;
 	bool		expires;		/* a lot credited at the given time expires */
 	TimestampTz expires_at;
-	bool		rolling;		/* the program's expiry policy is rolling */
 } LedgerTarget;
 
 extern char *loyalty_actor;
@@ -74,5 +72,7 @@ extern void LedgerResolve(const char *program, const char *member_ref, const cha
 						  TimestampTz occurred_at, LedgerTarget *target);
 extern int64 LedgerPost(const LedgerPosting *posting, bool *replayed);
 extern char *LedgerTextArg(FunctionCallInfo fcinfo, int n, const char *name);
+extern void LedgerExpect(int got, int expected, const char *what);
+extern const char *LedgerActor(void);
 
 #endif

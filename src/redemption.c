@@ -22,27 +22,6 @@
 
 PG_FUNCTION_INFO_V1(loyalty_redemption_post);
 
-static SPIPlanPtr plan_rolling;
-
-/* Whether the program's expiry policy is rolling (the ledger then applies the deadline). */
-static bool
-RedemptionRolling(int64 program_id)
-{
-	static const Oid argtypes[] = {INT8OID};
-	Datum		arg = Int64GetDatum(program_id);
-	bool		isnull;
-	Datum		d;
-
-	LedgerPrepare(&plan_rolling,
-				  "SELECT options #>> '{expiry,policy}' IS NOT DISTINCT FROM 'rolling'"
-				  "  FROM loyalty.program WHERE id = $1",
-				  1, argtypes);
-	if (SPI_execute_plan(plan_rolling, &arg, NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "program " INT64_FORMAT " does not exist", program_id);
-	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-	return !isnull && DatumGetBool(d);
-}
-
 /* Unpack a bigint[] argument into a palloc'd int64 array; returns its length. */
 static int
 RedemptionInt8Array(FunctionCallInfo fcinfo, int n, int64 **out)
@@ -116,7 +95,6 @@ loyalty_redemption_post(PG_FUNCTION_ARGS)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	p.rolling = RedemptionRolling(p.program_id);
 	id = LedgerPost(&p, NULL);
 	SPI_finish();
 	PG_RETURN_INT64(id);
