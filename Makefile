@@ -27,9 +27,6 @@ TAP_TESTS = 1
 PROVE_TESTS = $(sort $(wildcard test/t/*.pl))
 
 PG_CPPFLAGS = -I$(srcdir)/src
-# Every object depends on every header of ours: a changed struct must not
-# leave an object compiled against the old layout.
-$(OBJS): $(wildcard src/*.h)
 EXTRA_CLEAN = tmp_check_iso output_iso
 
 PGXS := $(shell $(PG_CONFIG) --pgxs 2>/dev/null)
@@ -41,6 +38,10 @@ all:
 	@echo "or 'make demo' / 'make test', which run it for you." >&2
 	@exit 1
 endif
+
+# Every object depends on every header of ours: a changed struct must not
+# leave an object compiled against the old layout.
+$(OBJS): $(wildcard src/*.h)
 
 $(DATA_built): $(SQL_TOPICS) loyalty.control Makefile
 	@{ printf '%s\n' '-- complain if script is sourced in psql, rather than via CREATE EXTENSION' \

@@ -310,6 +310,19 @@ AccrualInt64Array(int64 *v, int n)
 	return PointerGetDatum(construct_array(d, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
 }
 
+/* A table of AccrualHead by account, for about n accounts. */
+HTAB *
+AccrualHeadTable(long n)
+{
+	HASHCTL		ctl;
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(int64);
+	ctl.entrysize = sizeof(AccrualHead);
+	ctl.hcxt = CurrentMemoryContext;
+	return hash_create("loyalty accrual heads", Max(n, 16), &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+}
+
 /*
  * The heads of the locked accounts' chains, from the lock query's result
  * (id, last_hash, has a refund debt): set-based writes chain onto them in
@@ -318,14 +331,7 @@ AccrualInt64Array(int64 *v, int n)
 static void
 AccrualReadHeads(AccrualBatch *b)
 {
-	HASHCTL		ctl;
-
-	memset(&ctl, 0, sizeof(ctl));
-	ctl.keysize = sizeof(int64);
-	ctl.entrysize = sizeof(AccrualHead);
-	ctl.hcxt = CurrentMemoryContext;
-	b->heads = hash_create("loyalty accrual heads", Max(SPI_processed, 16), &ctl,
-						   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	b->heads = AccrualHeadTable(SPI_processed);
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
 		HeapTuple	t = SPI_tuptable->vals[i];
@@ -1039,14 +1045,21 @@ void
 AccrualPostBatch(AccrualBatch *b, bool quarantine)
 {
 	AccrualLock(b);
+	AccrualPostLocked(b);
+	if (quarantine)
+		AccrualQuarantine(b);
+}
+
+/* Post a batch of good rows whose member accounts are locked and heads read. */
+void
+AccrualPostLocked(AccrualBatch *b)
+{
 	AccrualReadHistory(b);
 	AccrualReadBudgets(b);
 	AccrualCompute(b);
 	AccrualWrite(b);
 	AccrualSaveBudgets(b);
 	AccrualRecoverDebts(b);
-	if (quarantine)
-		AccrualQuarantine(b);
 }
 
 /* The query locking the member accounts a source names, all of them, in id order. */

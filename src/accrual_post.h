@@ -5,8 +5,11 @@
 #ifndef LOYALTY_ACCRUAL_POST_H
 #define LOYALTY_ACCRUAL_POST_H
 
-#include "accrual.h"
+#include "commands/trigger.h"
+#include "executor/spi.h"
 #include "utils/hsearch.h"
+
+#include "accrual.h"
 
 typedef struct AccrualRow
 {
@@ -88,6 +91,9 @@ extern char *AccrualReadSql(const char *source);
 extern void AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code);
 extern void AccrualReadRows(AccrualBatch *b);
 extern void AccrualPostBatch(AccrualBatch *b, bool quarantine);
+extern void AccrualPostLocked(AccrualBatch *b);
+extern HTAB *AccrualHeadTable(long n);
+extern bool AccrualFastInsert(AccrualBatch *b, struct TriggerData *trig, const char *const *cols);
 extern char *AccrualLockSql(const char *source);
 extern void AccrualPostSource(AccrualBatch *b, SPIPlanPtr lock, SPIPlanPtr read, Datum *args,
 							  char *nulls);

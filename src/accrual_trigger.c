@@ -156,7 +156,7 @@ AccrualSourcePlan(const char *sql, bool custom, int nargs, const Oid *argtypes)
 
 /* INSERT: post the new rows. */
 static void
-AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, int64 nrows)
+AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, int64 nrows)
 {
 	static const Oid argtypes[] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID};
 	char	   *source = AccrualSourceSql(s, "loyalty_new");
@@ -166,6 +166,14 @@ AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, int64 nrows)
 	args[0] = Int64GetDatum(b->program_id);
 	args[1] = TimestampTzGetDatum(b->earliest);
 	args[2] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+	if (nrows == 1)
+	{
+		const char *const cols[7] = {s->ref, s->member, s->amount, s->occurred_at, s->category,
+		s->channel, s->store};
+
+		if (AccrualFastInsert(b, trig, cols))
+			return;
+	}
 	AccrualEnrollUnknown(b, source, args, nulls, 3, (Oid *) argtypes);
 	if (nrows <= loyalty_accrual_chunk)
 	{
@@ -303,7 +311,7 @@ accrual_trigger(PG_FUNCTION_ARGS)
 	b.source = relid;
 	AccrualLoadProgram(&b, s.program_id, NULL);
 	if (TRIGGER_FIRED_BY_INSERT(trig->tg_event))
-		AccrualOnInsert(&b, &s, tuplestore_tuple_count(trig->tg_newtable));
+		AccrualOnInsert(&b, &s, trig, tuplestore_tuple_count(trig->tg_newtable));
 	else
 		AccrualOnChange(&b, &s, TRIGGER_FIRED_BY_UPDATE(trig->tg_event));
 	SPI_finish();

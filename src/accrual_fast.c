@@ -1,0 +1,283 @@
+/*
+ * accrual_fast.c: a one-row INSERT into an attached table, posted without SQL
+ *
+ * Most sales arrive one per transaction. The general path reads the
+ * transition table with a query joined to members and earlier purchases,
+ * then locks the member account with another; for one row those two
+ * statements cost more than the sale's own insert. Here the row is taken
+ * from the transition table directly, the member, its account and an
+ * earlier purchase with the same ref are found through their unique indexes,
+ * and the account is locked with the table AM (FOR UPDATE, following the
+ * update chain under READ COMMITTED; a serialization failure under
+ * REPEATABLE READ, as a locking query would raise). Then the same compute
+ * and write as every batch (AccrualPostLocked).
+ *
+ * Anything unusual — a column type the path does not read, a missing or
+ * inactive member, a repeated ref, no rules in force, a NULL or negative
+ * amount, rules that need the birthday — returns false before anything is
+ * written or locked but the account, and the general path takes the row
+ * (it quarantines, enrols or replays exactly as for any statement).
+ */
+#include "postgres.h"
+
+#include "access/genam.h"
+#include "access/relscan.h"
+#include "access/stratnum.h"
+#include "access/table.h"
+#include "access/tableam.h"
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_type.h"
+#include "commands/trigger.h"
+#include "executor/executor.h"
+#include "executor/tuptable.h"
+#include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/lsyscache.h"
+#include "utils/numeric.h"
+#include "utils/rel.h"
+#include "utils/snapmgr.h"
+#include "utils/tuplestore.h"
+
+#include "accrual.h"
+#include "accrual_post.h"
+#include "chain.h"
+
+/* The value of a column of the application's row, if its type is one read here. */
+static bool
+FastColumn(TupleTableSlot *slot, const char *name, Oid want, Datum *value, bool *isnull)
+{
+	TupleDesc	desc = slot->tts_tupleDescriptor;
+
+	*isnull = true;
+	*value = (Datum) 0;
+	if (name == NULL)
+		return true;
+	for (int i = 0; i < desc->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, i);
+		Oid			type;
+
+		if (att->attisdropped || strcmp(NameStr(att->attname), name) != 0)
+			continue;
+		type = att->atttypid == VARCHAROID ? TEXTOID : att->atttypid;
+		if (type != want)
+			return false;
+		*value = slot_getattr(slot, i + 1, isnull);
+		return true;
+	}
+	return false;
+}
+
+static char *
+FastText(Datum v, bool isnull)
+{
+	return isnull ? NULL : TextDatumGetCString(v);
+}
+
+/*
+ * The row of rel whose unique index (named) has these keys, into slot; a
+ * btree equality scan like a catalog lookup.
+ */
+static bool
+FastFetch(Relation rel, const char *index, int nkeys, const Datum *keys, Snapshot snap,
+		  TupleTableSlot *slot)
+{
+	Oid			indexid = get_relname_relid(index, RelationGetNamespace(rel));
+	Relation	idx;
+	ScanKeyData sk[INDEX_MAX_KEYS];
+	IndexScanDesc scan;
+	bool		found;
+
+	if (!OidIsValid(indexid))
+		elog(ERROR, "index loyalty.%s does not exist", index);
+	idx = index_open(indexid, AccessShareLock);
+	for (int i = 0; i < nkeys; i++)
+	{
+		Oid			type = idx->rd_opcintype[i];
+		Oid			op = get_opfamily_member(idx->rd_opfamily[i], type, type, BTEqualStrategyNumber);
+
+		ScanKeyEntryInitialize(&sk[i], 0, i + 1, BTEqualStrategyNumber, type, idx->rd_indcollation[i],
+							   get_opcode(op), keys[i]);
+	}
+	scan = index_beginscan(rel, idx, snap, nkeys, 0);
+	index_rescan(scan, sk, nkeys, NULL, 0);
+	found = index_getnext_slot(scan, ForwardScanDirection, slot);
+	index_endscan(scan);
+	index_close(idx, NoLock);
+	return found;
+}
+
+static Relation
+FastOpen(const char *table)
+{
+	Oid			relid = get_relname_relid(table, get_namespace_oid("loyalty", false));
+
+	if (!OidIsValid(relid))
+		elog(ERROR, "table loyalty.%s does not exist", table);
+	return table_open(relid, RowShareLock);
+}
+
+/* A column of a loyalty table's row by name. */
+static Datum
+FastAttr(Relation rel, TupleTableSlot *slot, const char *name, bool *isnull)
+{
+	AttrNumber	att = get_attnum(RelationGetRelid(rel), name);
+
+	if (att == InvalidAttrNumber)
+		elog(ERROR, "loyalty.%s has no column \"%s\"", RelationGetRelationName(rel), name);
+	return slot_getattr(slot, att, isnull);
+}
+
+/* Lock the member account row FOR UPDATE; its latest version is left in slot. */
+static void
+FastLock(Relation rel, TupleTableSlot *slot, Snapshot snap)
+{
+	ItemPointerData tid = slot->tts_tid;
+	TM_FailureData tmfd;
+	TM_Result	res;
+	bool		xact_snapshot = IsolationUsesXactSnapshot();
+
+	res = table_tuple_lock(rel, &tid, snap, slot, GetCurrentCommandId(false), LockTupleExclusive,
+						   LockWaitBlock, xact_snapshot ? 0 : TUPLE_LOCK_FLAG_FIND_LAST_VERSION, &tmfd);
+	if (res == TM_Ok)
+		return;
+	if ((res == TM_Updated || res == TM_Deleted) && xact_snapshot)
+		ereport(ERROR,
+				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+				 errmsg("could not serialize access due to concurrent update")));
+	elog(ERROR, "could not lock member account: table AM result %d", (int) res);
+}
+
+/*
+ * Post the one row of an INSERT statement's transition table, if nothing
+ * about it needs the general path (see the top of this file). cols: the
+ * attachment's ref, member, amount, occurred_at, category, channel and
+ * store columns (NULL: none).
+ */
+bool
+AccrualFastInsert(AccrualBatch *b, TriggerData *trig, const char *const *cols)
+{
+	static const Oid want[7] = {TEXTOID, TEXTOID, NUMERICOID, TIMESTAMPTZOID, TEXTOID, TEXTOID, TEXTOID};
+	TupleTableSlot *in;
+	Datum		v[7];
+	bool		n[7];
+	AccrualRow *r;
+	Relation	member;
+	Relation	account;
+	Relation	accrual;
+	TupleTableSlot *ms;
+	TupleTableSlot *as;
+	TupleTableSlot *xs;
+	Snapshot	snap;
+	Datum		keys[2];
+	Datum		d;
+	bool		isnull;
+	bool		ok = false;
+
+	if (b->rules->uses_birthday || tuplestore_tuple_count(trig->tg_newtable) != 1)
+		return false;
+	in = MakeSingleTupleTableSlot(RelationGetDescr(trig->tg_relation), &TTSOpsMinimalTuple);
+	/* a read pointer of our own, as a scan of the transition table takes */
+	tuplestore_select_read_pointer(trig->tg_newtable,
+								   tuplestore_alloc_read_pointer(trig->tg_newtable, EXEC_FLAG_REWIND));
+	tuplestore_rescan(trig->tg_newtable);
+	if (!tuplestore_gettupleslot(trig->tg_newtable, true, true, in))
+		return false;
+	for (int c = 0; c < 7; c++)
+		if (!FastColumn(in, cols[c], want[c], &v[c], &n[c]))
+			return false;
+	if (n[3])
+	{
+		v[3] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+		n[3] = false;
+	}
+	if (n[0] || n[1] || n[2] || DatumGetTimestampTz(v[3]) < b->earliest)
+		return false;
+
+	r = palloc0(sizeof(AccrualRow));
+	r->ref = TextDatumGetCString(v[0]);
+	r->member_ref = TextDatumGetCString(v[1]);
+	r->amount = datumCopy(v[2], false, -1);	/* outlives the slot */
+	r->amount_d = DatumGetFloat8(DirectFunctionCall1(numeric_float8_no_overflow, r->amount));
+	r->occurred_at = DatumGetTimestampTz(v[3]);
+	r->category = FastText(v[4], n[4]);
+	r->channel = FastText(v[5], n[5]);
+	r->store = FastText(v[6], n[6]);
+	r->attrs_null = true;
+	r->whole_null = true;
+	if (r->amount_d < 0 || (r->rules = AccrualRulesAt(b->rules, r->occurred_at)) == NULL)
+		return false;
+	AccrualCheckRef(r->ref);
+
+	snap = RegisterSnapshot(GetTransactionSnapshot());
+	member = FastOpen("member");
+	account = FastOpen("account");
+	accrual = FastOpen("accrual");
+	ms = table_slot_create(member, NULL);
+	as = table_slot_create(account, NULL);
+	xs = table_slot_create(accrual, NULL);
+
+	keys[0] = Int64GetDatum(b->program_id);
+	keys[1] = v[1];
+	if (FastFetch(member, "member_program_id_member_ref_key", 2, keys, snap, ms) &&
+		strcmp(TextDatumGetCString(FastAttr(member, ms, "status", &isnull)), "active") == 0)
+	{
+		r->member_id = DatumGetInt64(FastAttr(member, ms, "id", &isnull));
+		d = FastAttr(member, ms, "tier", &isnull);
+		r->tier = FastText(d, isnull);
+		keys[0] = Int64GetDatum(b->program_id);
+		keys[1] = v[0];
+		ok = !FastFetch(accrual, "accrual_program_id_ref_key", 2, keys, snap, xs);
+		keys[0] = Int64GetDatum(r->member_id);
+		ok = ok && FastFetch(account, "account_member_id_key", 1, keys, snap, as);
+	}
+	if (ok)
+	{
+		Datum		head;
+		AccrualHead *h;
+
+		FastLock(account, as, snap);
+		r->account_id = DatumGetInt64(FastAttr(account, as, "id", &isnull));
+		b->nrows = 1;
+		b->rows = r;
+		b->naccounts = 1;
+		b->accounts = palloc(sizeof(int64));
+		b->accounts[0] = r->account_id;
+		b->heads = AccrualHeadTable(1);
+		h = hash_search(b->heads, &r->account_id, HASH_ENTER, NULL);
+		memset(h, 0, sizeof(AccrualHead));
+		h->account_id = r->account_id;
+		head = FastAttr(account, as, "last_hash", &isnull);
+		if (!isnull)
+		{
+			bytea	   *hv = DatumGetByteaPP(head);
+
+			if (VARSIZE_ANY_EXHDR(hv) != CHAIN_HASH_LEN)
+				elog(ERROR, "account %lld has a malformed last_hash", (long long) r->account_id);
+			memcpy(h->hash, VARDATA_ANY(hv), CHAIN_HASH_LEN);
+			h->has_hash = true;
+		}
+		keys[0] = Int64GetDatum(r->account_id);
+		{
+			Relation	debt = FastOpen("accrual_debt");
+			TupleTableSlot *ds = table_slot_create(debt, NULL);
+
+			b->has_debts = FastFetch(debt, "accrual_debt_open_idx", 1, keys, snap, ds);
+			ExecDropSingleTupleTableSlot(ds);
+			table_close(debt, NoLock);
+		}
+	}
+	ExecDropSingleTupleTableSlot(ms);
+	ExecDropSingleTupleTableSlot(as);
+	ExecDropSingleTupleTableSlot(xs);
+	ExecDropSingleTupleTableSlot(in);
+	table_close(member, NoLock);
+	table_close(account, NoLock);
+	table_close(accrual, NoLock);
+	UnregisterSnapshot(snap);
+	if (!ok)
+		return false;
+	AccrualPostLocked(b);
+	return true;
+}
