@@ -223,6 +223,39 @@ SELECT loyalty.balance('neg', 'n3') AS balance;
 SELECT * FROM pg_temp.lines('n3');
 SELECT available, lifetime_earned, lifetime_adjusted FROM loyalty.account_summary('neg', 'n3');
 
+-- Points credited otherwise than by a purchase do not repay at once: n4
+-- owes 100, gets 30 bonus points (-70), and cannot spend them while below
+-- zero; the next purchase repays the 100 from all its lots.
+SELECT loyalty.enroll('neg', 'n4', occurred_at => '2025-01-01 00:00+00') > 0 AS enrolled;
+SELECT loyalty.accrue('neg', 'n4', 100, 'd1', now() - interval '10 days') AS earned;
+SELECT loyalty.adjust('neg', 'n4', -100, 'd1-spend', 'spent in store', now() - interval '5 days') > 0 AS spent;
+UPDATE loyalty.program SET options = '{"shortfall": "negative"}' WHERE code = 'neg';
+SELECT loyalty.refund('neg', 'd1') AS clawed;
+SELECT loyalty.earn('neg', 'n4', 30, 'd-bonus', 'goodwill') > 0 AS bonus;
+SELECT loyalty.balance('neg', 'n4') AS balance;
+SELECT * FROM pg_temp.state('n4');
+SELECT throws_ok($$SELECT * FROM loyalty.redeem('neg', 'n4', 'cup', 'n4-cup')$$, 'LY001', 'insufficient points');
+SELECT throws_ok($$SELECT loyalty.hold('neg', 'n4', 1, 'n4-hold')$$, 'LY001', 'insufficient points');
+SELECT throws_ok($$SELECT loyalty.donate('neg', 'n4', 'trees', 1, 'n4-gift')$$, 'LY001', 'insufficient points');
+SELECT throws_ok($$SELECT loyalty.transfer_points('neg', 'n4', 'n1', 1, 'n4-move')$$, 'LY001', 'insufficient points');
+DO $$
+DECLARE d text; h text;
+BEGIN
+    PERFORM loyalty.redeem('neg', 'n4', 'cup', 'n4-cup');
+EXCEPTION WHEN sqlstate 'LY001' THEN
+    GET STACKED DIAGNOSTICS d = PG_EXCEPTION_DETAIL, h = PG_EXCEPTION_HINT;
+    RAISE NOTICE '% %', regexp_replace(d, ' at [^;]*;', ' at (now);'), h;
+END $$;
+-- 80 more points: the lots hold 110, 100 repay the debt, 10 are left
+SELECT loyalty.accrue('neg', 'n4', 80, 'd2') AS earned;
+SELECT loyalty.balance('neg', 'n4') AS balance;
+SELECT * FROM pg_temp.state('n4');
+SELECT * FROM pg_temp.lines('n4');
+SELECT points FROM loyalty.redeem('neg', 'n4', 'cup', 'n4-cup');
+SELECT loyalty.donate('neg', 'n4', 'trees', 5, 'n4-gift') > 0 AS donated;
+SELECT loyalty.donate('neg', 'n4', 'trees', 5, 'n4-gift') > 0 AS donated_again;
+SELECT loyalty.balance('neg', 'n4') AS balance;
+
 -- The books: the chains verify, each account row is the sum of its lots,
 -- and every point is in a member's lot or back in the issuance account.
 SELECT count(*) AS chain_problems FROM loyalty.verify_chain('neg');
