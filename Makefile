@@ -27,6 +27,9 @@ TAP_TESTS = 1
 PROVE_TESTS = $(sort $(wildcard test/t/*.pl))
 
 PG_CPPFLAGS = -I$(srcdir)/src
+# Every object depends on every header of ours: a changed struct must not
+# leave an object compiled against the old layout.
+$(OBJS): $(wildcard src/*.h)
 EXTRA_CLEAN = tmp_check_iso output_iso
 
 PGXS := $(shell $(PG_CONFIG) --pgxs 2>/dev/null)

@@ -1,5 +1,9 @@
 -- The ledger: programs, members, accounts, the append-only journal and lots.
 --
+-- Keys compared on every posting (member_ref, kind, ref) use the "C"
+-- collation: equality is the same under every deterministic collation, and
+-- their unique indexes then compare bytes instead of calling strcoll().
+--
 -- Integrity on the journal tables (transfer, lot, lot_use) is kept by the C
 -- posting routine, which locks the member accounts it touches, and checked by
 -- verify_chain(); they carry no foreign keys, whose per-row checks would cost
@@ -21,7 +25,7 @@ CREATE SEQUENCE loyalty.member_id_seq;
 CREATE TABLE loyalty.member (
     id          bigint PRIMARY KEY DEFAULT nextval('loyalty.member_id_seq'),
     program_id  bigint NOT NULL REFERENCES loyalty.program,
-    member_ref  text NOT NULL,
+    member_ref  text COLLATE "C" NOT NULL,
     status      text NOT NULL DEFAULT 'active'
                 CHECK (status IN ('active', 'suspended', 'closed', 'merged', 'forgotten')),
     enrolled_at timestamptz NOT NULL,
@@ -77,8 +81,8 @@ CREATE TABLE loyalty.transfer (
     debit_account_id   bigint NOT NULL,
     credit_account_id  bigint NOT NULL,
     amount             loyalty.points NOT NULL CHECK (amount > 0),
-    kind               text NOT NULL,
-    ref                text NOT NULL,
+    kind               text COLLATE "C" NOT NULL,
+    ref                text COLLATE "C" NOT NULL,
     occurred_at        timestamptz NOT NULL,
     posted_at          timestamptz NOT NULL,
     rule_version       integer,

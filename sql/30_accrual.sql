@@ -26,7 +26,7 @@ CREATE SEQUENCE loyalty.accrual_id_seq;
 CREATE TABLE loyalty.accrual (
     id              bigint PRIMARY KEY DEFAULT nextval('loyalty.accrual_id_seq'),
     program_id      bigint NOT NULL,
-    ref             text NOT NULL,
+    ref             text COLLATE "C" NOT NULL,
     member_id       bigint NOT NULL,
     account_id      bigint NOT NULL,
     amount          numeric NOT NULL,
@@ -48,7 +48,9 @@ CREATE TABLE loyalty.accrual (
 );
 ALTER SEQUENCE loyalty.accrual_id_seq OWNED BY loyalty.accrual.id;
 CREATE INDEX accrual_account_day_idx ON loyalty.accrual (account_id, day);
-CREATE INDEX accrual_program_time_idx ON loyalty.accrual (program_id, occurred_at);
+-- Purchases arrive roughly in time order: a BRIN index serves simulate_accrual's
+-- time windows at almost no cost per insert (a btree here cost a random insert).
+CREATE INDEX accrual_time_brin ON loyalty.accrual USING brin (occurred_at);
 COMMENT ON TABLE loyalty.accrual IS 'Every purchase posted by accrual: what it was, the rule version, points and their breakdown, and how much of it was refunded';
 
 CREATE TABLE loyalty.accrual_refund (
@@ -147,6 +149,18 @@ COMMENT ON FUNCTION loyalty._check_rules(jsonb) IS 'Internal: validates an earni
 CREATE FUNCTION loyalty._rules_changed() RETURNS void
 AS 'MODULE_PATHNAME', 'accrual_rules_changed' LANGUAGE C;
 COMMENT ON FUNCTION loyalty._rules_changed() IS 'Internal: tells every backend to drop its compiled earning rules (a relcache invalidation of loyalty.earning_rule)';
+
+-- Each backend keeps programs and attachments with its compiled rules; any
+-- change to the tables they come from drops that cache everywhere.
+CREATE FUNCTION loyalty._accrual_cache_trigger() RETURNS trigger
+AS 'MODULE_PATHNAME', 'accrual_cache_trigger' LANGUAGE C;
+COMMENT ON FUNCTION loyalty._accrual_cache_trigger() IS 'Internal trigger: a change to loyalty.program or loyalty.accrual_source drops every backend''s accrual cache';
+CREATE TRIGGER accrual_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON loyalty.program
+    FOR EACH STATEMENT EXECUTE FUNCTION loyalty._accrual_cache_trigger();
+CREATE TRIGGER accrual_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON loyalty.accrual_source
+    FOR EACH STATEMENT EXECUTE FUNCTION loyalty._accrual_cache_trigger();
+ALTER TABLE loyalty.program ENABLE ALWAYS TRIGGER accrual_cache;
+ALTER TABLE loyalty.accrual_source ENABLE ALWAYS TRIGGER accrual_cache;
 
 CREATE FUNCTION loyalty.set_earning_rules(program text, rules jsonb, effective_from timestamptz, note text DEFAULT NULL)
 RETURNS integer LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$

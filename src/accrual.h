@@ -9,6 +9,7 @@
 #include "lib/stringinfo.h"
 #include "pgtime.h"
 #include "utils/date.h"
+#include "utils/hsearch.h"
 #include "utils/jsonb.h"
 
 /* SQLSTATEs of accrual (LY010-LY019), listed in docs/accrual.md */
@@ -76,6 +77,13 @@ typedef struct AccrualProgramRules
 	bool		uses_birthday;
 	bool		uses_day_cap;
 	bool		uses_campaign;
+	/* the program itself, once AccrualLoadProgram has read it */
+	bool		has_program;
+	char	   *code;
+	pg_tz	   *tz;
+	bool		enroll_unknown;
+	int64		issuance;
+	bool		program_expires;	/* its expiry policy dates lots */
 } AccrualProgramRules;
 
 /* One purchase, as the rules see it. */
@@ -130,6 +138,9 @@ extern int	loyalty_accrual_chunk;
 
 extern void AccrualInit(void);
 extern AccrualProgramRules *AccrualProgram(int64 program_id);
+extern AccrualProgramRules *AccrualFindProgram(int64 program_id, const char *code);
+extern MemoryContext AccrualCacheMemory(void);
+extern HTAB *AccrualSourceCache(Size entrysize);
 extern AccrualRules *AccrualRulesAt(AccrualProgramRules *pr, TimestampTz at);
 extern AccrualRules *AccrualCompile(Jsonb *doc, MemoryContext cxt);
 extern int64 AccrualEvaluate(const AccrualRules *r, const AccrualInput *in, AccrualState *st,

@@ -14,10 +14,13 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
+#include "commands/sequence.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
+#include "nodes/makefuncs.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
@@ -30,7 +33,9 @@
 
 #include "accrual.h"
 #include "accrual_post.h"
+#include "chain.h"
 #include "ledger.h"
+#include "ledger_write.h"
 #include "points.h"
 
 PG_FUNCTION_INFO_V1(loyalty_accrue);
@@ -47,6 +52,9 @@ static SPIPlanPtr plan_post_small;
 static SPIPlanPtr plan_quarantine;
 static SPIPlanPtr plan_debts;
 static SPIPlanPtr plan_accrue_read;
+static SPIPlanPtr plan_expiry;
+static SPIPlanPtr plan_accounts;
+static SPIPlanPtr plan_accounts_small;
 
 /* Columns of the read query, in order. */
 enum
@@ -128,44 +136,66 @@ AccrualReadSql(const char *source)
 					source);
 }
 
-/* Read the program: time zone, options, issuance account. */
+/*
+ * Read the program: time zone, options, issuance account. What a program
+ * is does not change under a posting, so it is kept with the program's
+ * compiled rules (dropped with them when loyalty.program changes).
+ */
 void
 AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code)
 {
 	static const Oid argtypes[] = {INT8OID, TEXTOID};
 	Datum		args[2];
 	char		nulls[2] = {' ', ' '};
-	char	   *tz;
-	char	   *s;
+	AccrualProgramRules *pr = AccrualFindProgram(program_id, code);
 
-	LedgerPrepare(&plan_program,
-				  "SELECT p.id, p.code, p.time_zone, coalesce(p.options ->> 'unknown_member', 'quarantine'),"
-				  "       s.id,"
-				  "       EXISTS (SELECT FROM loyalty.accrual_debt d WHERE d.program_id = p.id AND d.outstanding > 0)"
-				  "  FROM loyalty.program p"
-				  "  JOIN loyalty.account s ON s.program_id = p.id AND s.kind = 'issuance' AND s.name = ''"
-				  " WHERE p.id = $1 OR p.code = $2",
-				  2, argtypes);
-	args[0] = Int64GetDatum(program_id);
-	args[1] = code ? CStringGetTextDatum(code) : (Datum) 0;
-	nulls[1] = code ? ' ' : 'n';
-	LedgerExpect(SPI_execute_plan(plan_program, args, nulls, true, 1), SPI_OK_SELECT, "reading a program");
-	if (SPI_processed == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_LOYALTY_UNKNOWN_PROGRAM),
-				 errmsg("program \"%s\" does not exist", code ? code : "?"),
-				 errhint("Create it with loyalty.create_program().")));
-	b->program_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &(bool){0}));
-	b->code = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
-	tz = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3);
-	s = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 4);
-	b->enroll_unknown = strcmp(s, "enroll") == 0;
-	b->issuance = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 5, &(bool){0}));
-	b->has_debts = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 6, &(bool){0}));
-	b->tz = pg_tzset(tz);
-	if (b->tz == NULL)
-		elog(ERROR, "program \"%s\" has an unknown time zone \"%s\"", b->code, tz);
-	b->rules = AccrualProgram(b->program_id);
+	if (pr == NULL)
+	{
+		HeapTuple	t;
+		TupleDesc	d;
+		char	   *tz;
+		MemoryContext old;
+
+		LedgerPrepare(&plan_program,
+					  "SELECT p.id, p.code, p.time_zone, coalesce(p.options ->> 'unknown_member', 'quarantine'),"
+					  "       s.id, coalesce(p.options #>> '{expiry,policy}' IN ('fixed', 'calendar'), false)"
+					  "  FROM loyalty.program p"
+					  "  JOIN loyalty.account s ON s.program_id = p.id AND s.kind = 'issuance' AND s.name = ''"
+					  " WHERE p.id = $1 OR p.code = $2",
+					  2, argtypes);
+		args[0] = Int64GetDatum(program_id);
+		args[1] = code ? CStringGetTextDatum(code) : (Datum) 0;
+		nulls[1] = code ? ' ' : 'n';
+		LedgerExpect(SPI_execute_plan(plan_program, args, nulls, true, 1), SPI_OK_SELECT, "reading a program");
+		if (SPI_processed == 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_LOYALTY_UNKNOWN_PROGRAM),
+					 errmsg("program \"%s\" does not exist", code ? code : "?"),
+					 errhint("Create it with loyalty.create_program().")));
+		t = SPI_tuptable->vals[0];
+		d = SPI_tuptable->tupdesc;
+		pr = AccrualProgram(DatumGetInt64(SPI_getbinval(t, d, 1, &(bool){0})));
+		old = MemoryContextSwitchTo(AccrualCacheMemory());
+		pr->code = SPI_getvalue(t, d, 2);
+		tz = SPI_getvalue(t, d, 3);
+		pr->enroll_unknown = strcmp(SPI_getvalue(t, d, 4), "enroll") == 0;
+		pr->issuance = DatumGetInt64(SPI_getbinval(t, d, 5, &(bool){0}));
+		pr->program_expires = DatumGetBool(SPI_getbinval(t, d, 6, &(bool){0}));
+		MemoryContextSwitchTo(old);
+		pr->tz = pg_tzset(tz);
+		if (pr->tz == NULL)
+			elog(ERROR, "program \"%s\" has an unknown time zone \"%s\"", pr->code, tz);
+		pr->has_program = true;
+		SPI_freetuptable(SPI_tuptable);
+	}
+	b->program_id = pr->program_id;
+	b->code = pr->code;
+	b->tz = pr->tz;
+	b->enroll_unknown = pr->enroll_unknown;
+	b->issuance = pr->issuance;
+	b->program_expires = pr->program_expires;
+	b->has_debts = false;		/* learnt per account when they are locked */
+	b->rules = pr;
 	b->earliest = b->rules->nversions > 0 ? b->rules->versions[0].effective_from : DT_NOEND;
 }
 
@@ -280,6 +310,50 @@ AccrualInt64Array(int64 *v, int n)
 	return PointerGetDatum(construct_array(d, n, INT8OID, 8, true, TYPALIGN_DOUBLE));
 }
 
+/*
+ * The heads of the locked accounts' chains, from the lock query's result
+ * (id, last_hash, has a refund debt): set-based writes chain onto them in
+ * memory.
+ */
+static void
+AccrualReadHeads(AccrualBatch *b)
+{
+	HASHCTL		ctl;
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(int64);
+	ctl.entrysize = sizeof(AccrualHead);
+	ctl.hcxt = CurrentMemoryContext;
+	b->heads = hash_create("loyalty accrual heads", Max(SPI_processed, 16), &ctl,
+						   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	t = SPI_tuptable->vals[i];
+		int64		id = DatumGetInt64(SPI_getbinval(t, SPI_tuptable->tupdesc, 1, &(bool){0}));
+		bool		isnull;
+		Datum		d = SPI_getbinval(t, SPI_tuptable->tupdesc, 2, &isnull);
+		AccrualHead *h = hash_search(b->heads, &id, HASH_ENTER, NULL);
+
+		if (DatumGetBool(SPI_getbinval(t, SPI_tuptable->tupdesc, 3, &(bool){0})))
+			b->has_debts = true;
+		memset(h, 0, sizeof(AccrualHead));
+		h->account_id = id;
+		if (!isnull)
+		{
+			bytea	   *v = DatumGetByteaPP(d);
+
+			if (VARSIZE_ANY_EXHDR(v) != CHAIN_HASH_LEN)
+				elog(ERROR, "account %lld has a malformed last_hash", (long long) id);
+			memcpy(h->hash, VARDATA_ANY(v), CHAIN_HASH_LEN);
+			h->has_hash = true;
+		}
+	}
+}
+
+/* Whether a member account has refund debt to recover, in a lock query. */
+#define ACCRUAL_HAS_DEBT(id) \
+	"EXISTS (SELECT FROM loyalty.accrual_debt d WHERE d.account_id = " id " AND d.outstanding > 0)"
+
 /* Lock the member accounts of the good rows, in account-id order. */
 static void
 AccrualLock(AccrualBatch *b)
@@ -303,10 +377,12 @@ AccrualLock(AccrualBatch *b)
 	if (u == 0)
 		return;
 	LedgerPrepare(&plan_lock,
-				  "SELECT id FROM loyalty.account WHERE id = ANY ($1) ORDER BY id FOR UPDATE",
+				  "SELECT a.id, a.last_hash, " ACCRUAL_HAS_DEBT("a.id")
+				  "  FROM loyalty.account a WHERE a.id = ANY ($1) ORDER BY a.id FOR UPDATE",
 				  1, argtypes);
 	arg = AccrualInt64Array(ids, u);
 	LedgerExpect(SPI_execute_plan(plan_lock, &arg, NULL, false, 0), SPI_OK_SELECT, "locking accounts");
+	AccrualReadHeads(b);
 }
 
 static HTAB *
@@ -502,128 +578,382 @@ AccrualArray(Datum *d, bool *nulls, int n, Oid type)
 	return PointerGetDatum(construct_md_array(d, nulls, 1, dims, lbs, type, len, byval, align));
 }
 
-#define POST_COLS 14
-
-/* Write the good rows: purchases, transfers, lots, balances. */
+/*
+ * When each good row's lot expires, for rows whose program or rule version
+ * dates lots (one query for the chunk; NULL for the others).
+ */
 static void
-AccrualWrite(AccrualBatch *b)
+AccrualExpiries(AccrualBatch *b)
 {
-	static const Oid types[POST_COLS] = {TEXTOID, INT8OID, INT8OID, NUMERICOID, TIMESTAMPTZOID, DATEOID,
-		TEXTOID, TEXTOID, TEXTOID, JSONBOID, INT4OID, INT8OID, TIMESTAMPTZOID, TEXTOID};
-	static const Oid argtypes[4 + POST_COLS] = {INT8OID, INT8OID, TIMESTAMPTZOID, TEXTOID,
-		TEXTARRAYOID, INT8ARRAYOID, INT8ARRAYOID, NUMERICARRAYOID, TIMESTAMPTZARRAYOID, DATEARRAYOID,
-		TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, JSONBARRAYOID, INT4ARRAYOID, INT8ARRAYOID,
-	TIMESTAMPTZARRAYOID, TEXTARRAYOID};
-	Datum	   *cols[POST_COLS];
-	bool	   *nulls[POST_COLS];
-	Datum		args[4 + POST_COLS];
+	static const Oid argtypes[] = {INT8OID, INT4ARRAYOID, TIMESTAMPTZARRAYOID};
+	Datum	   *versions;
+	Datum	   *times;
+	int		   *which;
 	int			n = 0;
-	MemoryContext old;
+	Datum		args[3];
+	MemoryContext old = AccrualChunkMemory(b);
 
-	old = AccrualChunkMemory(b);
-	for (int c = 0; c < POST_COLS; c++)
-	{
-		cols[c] = palloc(sizeof(Datum) * Max(b->nrows, 1));
-		nulls[c] = palloc0(sizeof(bool) * Max(b->nrows, 1));
-	}
+	versions = palloc(sizeof(Datum) * Max(b->nrows, 1));
+	times = palloc(sizeof(Datum) * Max(b->nrows, 1));
+	which = palloc(sizeof(int) * Max(b->nrows, 1));
 	for (int i = 0; i < b->nrows; i++)
 	{
 		AccrualRow *r = &b->rows[i];
 
-		if (r->problem != NULL || r->existing)
+		r->expires_null = true;
+		if (r->problem != NULL || r->existing || r->points <= 0)
 			continue;
-		cols[0][n] = CStringGetTextDatum(r->ref);
-		cols[1][n] = Int64GetDatum(r->member_id);
-		cols[2][n] = Int64GetDatum(r->account_id);
-		cols[3][n] = r->amount;
-		cols[4][n] = TimestampTzGetDatum(r->occurred_at);
-		cols[5][n] = DateADTGetDatum(r->day);
-		nulls[6][n] = r->category == NULL;
-		cols[6][n] = r->category ? CStringGetTextDatum(r->category) : (Datum) 0;
-		nulls[7][n] = r->channel == NULL;
-		cols[7][n] = r->channel ? CStringGetTextDatum(r->channel) : (Datum) 0;
-		nulls[8][n] = r->store == NULL;
-		cols[8][n] = r->store ? CStringGetTextDatum(r->store) : (Datum) 0;
-		nulls[9][n] = r->attrs_null;
-		cols[9][n] = r->attrs;
-		cols[10][n] = Int32GetDatum(r->rules->version);
-		cols[11][n] = Int64GetDatum(r->points);
-		cols[12][n] = TimestampTzGetDatum(r->vests_at);
-		cols[13][n] = CStringGetTextDatum(r->breakdown);
-		n++;
+		if (!b->program_expires && !r->rules->has_expiry)
+			continue;
+		versions[n] = Int32GetDatum(r->rules->version);
+		times[n] = TimestampTzGetDatum(r->occurred_at);
+		which[n++] = i;
 	}
-	b->nposted = n;
-	b->nposted_total += n;
 	if (n == 0)
 	{
 		MemoryContextSwitchTo(old);
 		return;
 	}
-
 	args[0] = Int64GetDatum(b->program_id);
-	args[1] = Int64GetDatum(b->issuance);
-	args[2] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
-	args[3] = CStringGetTextDatum(LedgerActor());
-	for (int c = 0; c < POST_COLS; c++)
-		args[4 + c] = AccrualArray(cols[c], nulls[c], n, types[c]);
-
+	args[1] = PointerGetDatum(construct_array(versions, n, INT4OID, 4, true, TYPALIGN_INT));
+	args[2] = PointerGetDatum(construct_array(times, n, TIMESTAMPTZOID, 8, true, TYPALIGN_DOUBLE));
 	MemoryContextSwitchTo(old);
+	AccrualPrepare(&plan_expiry, 0,
+				   "SELECT loyalty._lot_expiry(coalesce(r.rules -> 'expiry', p.options -> 'expiry'),"
+				   "                           p.time_zone, s.at)"
+				   "  FROM unnest($2, $3) WITH ORDINALITY AS s(version, at, i)"
+				   "  JOIN loyalty.program p ON p.id = $1"
+				   "  JOIN loyalty.earning_rule r ON r.program_id = $1 AND r.version = s.version"
+				   " ORDER BY s.i",
+				   3, argtypes);
+	LedgerExpect(SPI_execute_plan(plan_expiry, args, NULL, true, 0), SPI_OK_SELECT, "dating lots");
+	if (SPI_processed != (uint64) n)
+		elog(ERROR, "dating lots returned %llu rows for %d", (unsigned long long) SPI_processed, n);
+	for (int k = 0; k < n; k++)
+	{
+		AccrualRow *r = &b->rows[which[k]];
+		Datum		d = SPI_getbinval(SPI_tuptable->vals[k], SPI_tuptable->tupdesc, 1, &r->expires_null);
+
+		if (!r->expires_null)
+			r->expires_at = DatumGetTimestampTz(d);
+	}
+	SPI_freetuptable(SPI_tuptable);
+}
+
+#define POST_COLS 16
+
+/*
+ * The purchases of the chunk, with ids assigned here; returns how many were
+ * inserted and leaves ->accrual_id 0 on the rows a concurrent transaction
+ * posted first (ON CONFLICT DO NOTHING, the one race the member lock does
+ * not cover: the same ref for two members).
+ */
+static int64
+AccrualInsertPurchases(AccrualBatch *b, int64 *ids, int *which, int n)
+{
+	static const Oid types[POST_COLS] = {INT8OID, TEXTOID, INT8OID, INT8OID, NUMERICOID, TIMESTAMPTZOID,
+		DATEOID, TEXTOID, TEXTOID, TEXTOID, JSONBOID, INT4OID, INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+	TEXTOID};
+	static const Oid argtypes[2 + POST_COLS] = {INT8OID, TIMESTAMPTZOID,
+		INT8ARRAYOID, TEXTARRAYOID, INT8ARRAYOID, INT8ARRAYOID, NUMERICARRAYOID, TIMESTAMPTZARRAYOID,
+		DATEARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, JSONBARRAYOID, INT4ARRAYOID, INT8ARRAYOID,
+	TIMESTAMPTZARRAYOID, TIMESTAMPTZARRAYOID, TEXTARRAYOID};
+	Datum	   *cols[POST_COLS];
+	bool	   *nulls[POST_COLS];
+	Datum		args[2 + POST_COLS];
+	int64		inserted;
+	MemoryContext old = AccrualChunkMemory(b);
+
+	for (int c = 0; c < POST_COLS; c++)
+	{
+		cols[c] = palloc(sizeof(Datum) * n);
+		nulls[c] = palloc0(sizeof(bool) * n);
+	}
+	for (int k = 0; k < n; k++)
+	{
+		AccrualRow *r = &b->rows[which[k]];
+
+		cols[0][k] = Int64GetDatum(ids[k]);
+		cols[1][k] = CStringGetTextDatum(r->ref);
+		cols[2][k] = Int64GetDatum(r->member_id);
+		cols[3][k] = Int64GetDatum(r->account_id);
+		cols[4][k] = r->amount;
+		cols[5][k] = TimestampTzGetDatum(r->occurred_at);
+		cols[6][k] = DateADTGetDatum(r->day);
+		nulls[7][k] = r->category == NULL;
+		cols[7][k] = r->category ? CStringGetTextDatum(r->category) : (Datum) 0;
+		nulls[8][k] = r->channel == NULL;
+		cols[8][k] = r->channel ? CStringGetTextDatum(r->channel) : (Datum) 0;
+		nulls[9][k] = r->store == NULL;
+		cols[9][k] = r->store ? CStringGetTextDatum(r->store) : (Datum) 0;
+		nulls[10][k] = r->attrs_null;
+		cols[10][k] = r->attrs;
+		cols[11][k] = Int32GetDatum(r->rules->version);
+		cols[12][k] = Int64GetDatum(r->points);
+		cols[13][k] = TimestampTzGetDatum(r->vests_at);
+		nulls[14][k] = r->expires_null;
+		cols[14][k] = TimestampTzGetDatum(r->expires_at);
+		cols[15][k] = CStringGetTextDatum(r->breakdown);
+	}
+	args[0] = Int64GetDatum(b->program_id);
+	args[1] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+	for (int c = 0; c < POST_COLS; c++)
+		args[2 + c] = AccrualArray(cols[c], nulls[c], n, types[c]);
+	MemoryContextSwitchTo(old);
+
 	AccrualPrepare(n <= ACCRUAL_SMALL ? &plan_post_small : &plan_post,
 				   n <= ACCRUAL_SMALL ? CURSOR_OPT_GENERIC_PLAN : CURSOR_OPT_CUSTOM_PLAN,
-				   "WITH s AS ("
-				  "  SELECT * FROM unnest($5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
-				  "    AS s(ref, member_id, account_id, amount, occurred_at, day, category, channel, store,"
-				  "         attrs, rule_version, points, vests_at, breakdown)),"
-				  " e AS ("
-				  "  SELECT s.*, CASE WHEN s.points > 0 THEN loyalty._lot_expiry("
-				  "             coalesce(r.rules -> 'expiry', p.options -> 'expiry'), p.time_zone, s.occurred_at)"
-				  "         END AS expires_at"
-				  "    FROM s JOIN loyalty.program p ON p.id = $1"
-				  "    JOIN loyalty.earning_rule r ON r.program_id = $1 AND r.version = s.rule_version),"
-				  " ins AS ("
-				  "  INSERT INTO loyalty.accrual (program_id, ref, member_id, account_id, amount, occurred_at, day,"
-				  "         category, channel, store, attrs, rule_version, points, vests_at, expires_at,"
-				  "         breakdown, posted_at)"
-				  "  SELECT $1, ref, member_id, account_id, amount, occurred_at, day, category, channel, store,"
-				  "         coalesce(attrs, '{}'), rule_version, points, vests_at, expires_at, breakdown::jsonb, $3"
-				  "    FROM e"
-				  "  ON CONFLICT (program_id, ref) DO NOTHING"
-				  "  RETURNING ref, account_id, points, occurred_at, vests_at, expires_at, rule_version),"
-				  " t0 AS (SELECT ins.*, nextval('loyalty.transfer_id_seq') AS tid FROM ins WHERE points > 0),"
-				  " t1 AS ("
-				  "  SELECT t0.*, a.last_hash AS head,"
-				  "         loyalty.chain(a.last_hash, true, $1, $2, t0.account_id, t0.points::loyalty.points,"
-				  "                       'accrual', t0.ref, t0.occurred_at, $3, t0.rule_version, $4, NULL)"
-				  "           OVER (PARTITION BY t0.account_id ORDER BY t0.tid) AS hash"
-				  "    FROM t0 JOIN loyalty.account a ON a.id = t0.account_id),"
-				  " t2 AS ("
-				  "  SELECT t1.*, coalesce(lag(t1.hash) OVER (PARTITION BY t1.account_id ORDER BY t1.tid),"
-				  "                        t1.head) AS prev FROM t1),"
-				  " tr AS ("
-				  "  INSERT INTO loyalty.transfer (id, program_id, debit_account_id, credit_account_id, amount,"
-				  "         kind, ref, occurred_at, posted_at, rule_version, actor, reason, debit_prev_hash,"
-				  "         credit_prev_hash, hash)"
-				  "  SELECT tid, $1, $2, account_id, points::loyalty.points, 'accrual', ref, occurred_at, $3,"
-				  "         rule_version, $4, NULL, NULL, prev, hash FROM t2),"
-				  " lo AS ("
-				  "  INSERT INTO loyalty.lot (account_id, transfer_id, amount, remaining, occurred_at, vests_at,"
-				  "         expires_at, pending)"
-				  "  SELECT account_id, tid, points::loyalty.points, points::loyalty.points, occurred_at,"
-				  "         vests_at, expires_at, vests_at > occurred_at FROM t2),"
-				  " g AS ("
-				  "  SELECT account_id, sum(points) FILTER (WHERE vests_at <= occurred_at) AS avail,"
-				  "         sum(points) FILTER (WHERE vests_at > occurred_at) AS pend, max(tid) AS last"
-				  "    FROM t2 GROUP BY account_id),"
-				  " up AS ("
-				  "  UPDATE loyalty.account a"
-				  "     SET available = (a.available::bigint + coalesce(g.avail, 0)::bigint)::loyalty.points,"
-				  "         pending = (a.pending::bigint + coalesce(g.pend, 0)::bigint)::loyalty.points,"
-				  "         last_hash = t2.hash, last_transfer_id = g.last"
-				  "    FROM g JOIN t2 ON t2.tid = g.last WHERE a.id = g.account_id)"
-				  "SELECT count(*) FROM ins",
-				  4 + POST_COLS, argtypes);
-	LedgerExpect(SPI_execute_plan(n <= ACCRUAL_SMALL ? plan_post_small : plan_post, args, NULL, false, 0), SPI_OK_SELECT, "posting purchases");
-	b->ninserted = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &(bool){0}));
+				   "INSERT INTO loyalty.accrual (id, program_id, ref, member_id, account_id, amount,"
+				   "       occurred_at, day, category, channel, store, attrs, rule_version, points,"
+				   "       vests_at, expires_at, breakdown, posted_at)"
+				   " SELECT s.id, $1, s.ref, s.member_id, s.account_id, s.amount, s.occurred_at, s.day,"
+				   "        s.category, s.channel, s.store, coalesce(s.attrs, '{}'), s.rule_version,"
+				   "        s.points, s.vests_at, s.expires_at, s.breakdown::jsonb, $2"
+				   "   FROM unnest($3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
+				   "     AS s(id, ref, member_id, account_id, amount, occurred_at, day, category, channel,"
+				   "          store, attrs, rule_version, points, vests_at, expires_at, breakdown)"
+				   " ON CONFLICT (program_id, ref) DO NOTHING RETURNING id",
+				   2 + POST_COLS, argtypes);
+	LedgerExpect(SPI_execute_plan(n <= ACCRUAL_SMALL ? plan_post_small : plan_post, args, NULL, false, 0),
+				 SPI_OK_INSERT_RETURNING, "posting purchases");
+	inserted = SPI_processed;
+	if (inserted < n)
+	{
+		HASHCTL		ctl;
+		HTAB	   *got;
+
+		memset(&ctl, 0, sizeof(ctl));
+		ctl.keysize = ctl.entrysize = sizeof(int64);
+		ctl.hcxt = CurrentMemoryContext;
+		got = hash_create("loyalty accrual inserted", Max(inserted, 16), &ctl,
+						  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+		for (uint64 i = 0; i < SPI_processed; i++)
+		{
+			int64		id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1,
+														 &(bool){0}));
+
+			hash_search(got, &id, HASH_ENTER, NULL);
+		}
+		for (int k = 0; k < n; k++)
+			if (hash_search(got, &ids[k], HASH_FIND, NULL) == NULL)
+				b->rows[which[k]].accrual_id = 0;
+		hash_destroy(got);
+	}
+	SPI_freetuptable(SPI_tuptable);
+	return inserted;
+}
+
+static const char *const transfer_cols[] = {"id", "program_id", "debit_account_id", "credit_account_id",
+	"amount", "kind", "ref", "occurred_at", "posted_at", "rule_version", "actor", "reason",
+"debit_prev_hash", "credit_prev_hash", "hash"};
+static const char *const lot_cols[] = {"id", "account_id", "transfer_id", "amount", "remaining",
+"occurred_at", "vests_at", "expires_at", "pending"};
+
+static Datum
+AccrualHashDatum(const uint8 *hash)
+{
+	bytea	   *v = palloc(VARHDRSZ + CHAIN_HASH_LEN);
+
+	SET_VARSIZE(v, VARHDRSZ + CHAIN_HASH_LEN);
+	memcpy(VARDATA(v), hash, CHAIN_HASH_LEN);
+	return PointerGetDatum(v);
+}
+
+/*
+ * The transfer and the lot of one inserted purchase that earned points,
+ * chained onto its account's head; exactly what LedgerPost would write.
+ */
+static void
+AccrualWriteTransfer(AccrualBatch *b, AccrualRow *r, LedgerWriter *tw, LedgerWriter *lw,
+					 TimestampTz posted_at, const char *actor, Datum actor_d)
+{
+	AccrualHead *h = hash_search(b->heads, &r->account_id, HASH_FIND, NULL);
+	ChainContent c;
+	uint8		hash[CHAIN_HASH_LEN];
+	int64		tid = LedgerWriterNextId(tw);
+	bool		pending = r->vests_at > r->occurred_at;
+	Datum		ref = CStringGetTextDatum(r->ref);
+
+	if (h == NULL)
+		elog(ERROR, "account %lld was not locked", (long long) r->account_id);
+	memset(&c, 0, sizeof(c));
+	c.program_id = b->program_id;
+	c.debit_account = b->issuance;
+	c.credit_account = r->account_id;
+	c.amount = r->points;
+	c.kind = "accrual";
+	c.ref = r->ref;
+	c.occurred_at = r->occurred_at;
+	c.posted_at = posted_at;
+	c.has_rule_version = true;
+	c.rule_version = r->rules->version;
+	c.actor = actor;
+	if (h->has_hash)
+	{
+		c.credit_prev = h->hash;
+		c.credit_prev_len = CHAIN_HASH_LEN;
+	}
+	ChainHash(&c, hash);
+
+	memset(tw->nulls, 0, sizeof(tw->nulls));
+	tw->values[0] = Int64GetDatum(tid);
+	tw->values[1] = Int64GetDatum(b->program_id);
+	tw->values[2] = Int64GetDatum(b->issuance);
+	tw->values[3] = Int64GetDatum(r->account_id);
+	tw->values[4] = PointsGetDatum(r->points);
+	tw->values[5] = CStringGetTextDatum("accrual");
+	tw->values[6] = ref;
+	tw->values[7] = TimestampTzGetDatum(r->occurred_at);
+	tw->values[8] = TimestampTzGetDatum(posted_at);
+	tw->values[9] = Int32GetDatum(r->rules->version);
+	tw->values[10] = actor_d;
+	tw->nulls[11] = true;		/* reason */
+	tw->nulls[12] = true;		/* debit_prev_hash: the issuance account has no chain */
+	tw->nulls[13] = !h->has_hash;
+	tw->values[13] = h->has_hash ? AccrualHashDatum(h->hash) : (Datum) 0;
+	tw->values[14] = AccrualHashDatum(hash);
+	LedgerWriterInsert(tw);
+
+	memset(lw->nulls, 0, sizeof(lw->nulls));
+	lw->values[0] = Int64GetDatum(LedgerWriterNextId(lw));
+	lw->values[1] = Int64GetDatum(r->account_id);
+	lw->values[2] = Int64GetDatum(tid);
+	lw->values[3] = PointsGetDatum(r->points);
+	lw->values[4] = PointsGetDatum(r->points);
+	lw->values[5] = TimestampTzGetDatum(r->occurred_at);
+	lw->values[6] = TimestampTzGetDatum(r->vests_at);
+	lw->nulls[7] = r->expires_null;
+	lw->values[7] = TimestampTzGetDatum(r->expires_at);
+	lw->values[8] = BoolGetDatum(pending);
+	LedgerWriterInsert(lw);
+
+	memcpy(h->hash, hash, CHAIN_HASH_LEN);
+	h->has_hash = true;
+	h->touched = true;
+	h->last_transfer = tid;
+	if (pending)
+		h->pending += r->points;
+	else
+		h->available += r->points;
+}
+
+/* The member accounts the chunk credited: balances and chain heads. */
+static void
+AccrualWriteAccounts(AccrualBatch *b)
+{
+	static const Oid argtypes[] = {INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, BYTEAARRAYOID, INT8ARRAYOID};
+	HASH_SEQ_STATUS seq;
+	AccrualHead *h;
+	Datum	   *cols[5];
+	Datum		args[5];
+	int			n = 0;
+	MemoryContext old = AccrualChunkMemory(b);
+
+	for (int c = 0; c < 5; c++)
+		cols[c] = palloc(sizeof(Datum) * Max(b->naccounts, 1));
+	hash_seq_init(&seq, b->heads);
+	while ((h = hash_seq_search(&seq)) != NULL)
+	{
+		if (!h->touched)
+			continue;
+		cols[0][n] = Int64GetDatum(h->account_id);
+		cols[1][n] = Int64GetDatum(h->available);
+		cols[2][n] = Int64GetDatum(h->pending);
+		cols[3][n] = AccrualHashDatum(h->hash);
+		cols[4][n] = Int64GetDatum(h->last_transfer);
+		h->touched = false;
+		h->available = h->pending = 0;
+		n++;
+	}
+	if (n == 0)
+	{
+		MemoryContextSwitchTo(old);
+		return;
+	}
+	args[0] = AccrualArray(cols[0], NULL, n, INT8OID);
+	args[1] = AccrualArray(cols[1], NULL, n, INT8OID);
+	args[2] = AccrualArray(cols[2], NULL, n, INT8OID);
+	args[3] = AccrualArray(cols[3], NULL, n, BYTEAOID);
+	args[4] = AccrualArray(cols[4], NULL, n, INT8OID);
+	MemoryContextSwitchTo(old);
+	AccrualPrepare(n <= ACCRUAL_SMALL ? &plan_accounts_small : &plan_accounts,
+				   n <= ACCRUAL_SMALL ? CURSOR_OPT_GENERIC_PLAN : CURSOR_OPT_CUSTOM_PLAN,
+				   "UPDATE loyalty.account a"
+				   "   SET available = (a.available::bigint + d.available)::loyalty.points,"
+				   "       pending = (a.pending::bigint + d.pending)::loyalty.points,"
+				   "       last_hash = d.hash, last_transfer_id = d.last"
+				   "  FROM unnest($1, $2, $3, $4, $5) AS d(id, available, pending, hash, last)"
+				   " WHERE a.id = d.id",
+				   5, argtypes);
+	LedgerExpect(SPI_execute_plan(n <= ACCRUAL_SMALL ? plan_accounts_small : plan_accounts, args, NULL,
+								  false, 0), SPI_OK_UPDATE, "updating balances");
+	if (SPI_processed != (uint64) n)
+		elog(ERROR, "updated %llu member accounts of %d", (unsigned long long) SPI_processed, n);
+}
+
+/*
+ * Write the good rows: the purchases (one statement, idempotent on the
+ * ref), then for those that earned, transfers and lots appended directly
+ * (LedgerWriter) with their hashes chained in memory from the heads read
+ * under the lock, then the balances (one statement).
+ */
+static void
+AccrualWrite(AccrualBatch *b)
+{
+	int64	   *ids = palloc(sizeof(int64) * Max(b->nrows, 1));
+	int		   *which = palloc(sizeof(int) * Max(b->nrows, 1));
+	int			n = 0;
+	int			earning = 0;
+	Oid			seq;
+
+	for (int i = 0; i < b->nrows; i++)
+	{
+		AccrualRow *r = &b->rows[i];
+
+		r->accrual_id = 0;
+		if (r->problem != NULL || r->existing)
+			continue;
+		which[n++] = i;
+	}
+	b->nposted = n;
+	b->nposted_total += n;
+	b->ninserted = 0;
+	if (n == 0)
+		return;
+
+	AccrualExpiries(b);
+	seq = RangeVarGetRelid(makeRangeVar("loyalty", "accrual_id_seq", -1), NoLock, false);
+	for (int k = 0; k < n; k++)
+	{
+		ids[k] = nextval_internal(seq, false);
+		b->rows[which[k]].accrual_id = ids[k];
+		if (b->rows[which[k]].points > 0)
+			earning++;
+	}
+	b->ninserted = AccrualInsertPurchases(b, ids, which, n);
+	if (earning > 0 && b->ninserted > 0)
+	{
+		bool		bulk = earning > ACCRUAL_SMALL;
+		LedgerWriter *tw = LedgerWriterOpen("transfer", transfer_cols, lengthof(transfer_cols),
+											"transfer_id_seq", bulk);
+		LedgerWriter *lw = LedgerWriterOpen("lot", lot_cols, lengthof(lot_cols), "lot_id_seq", bulk);
+		TimestampTz posted_at = GetCurrentTransactionStartTimestamp();
+		const char *actor = LedgerActor();
+		Datum		actor_d = CStringGetTextDatum(actor);
+		MemoryContext old = AccrualChunkMemory(b);
+
+		for (int k = 0; k < n; k++)
+		{
+			AccrualRow *r = &b->rows[which[k]];
+
+			if (r->accrual_id != 0 && r->points > 0)
+				AccrualWriteTransfer(b, r, tw, lw, posted_at, actor, actor_d);
+		}
+		MemoryContextSwitchTo(old);
+		LedgerWriterClose(lw);
+		LedgerWriterClose(tw);
+		AccrualWriteAccounts(b);
+	}
 }
 
 /* Rows that could not earn, into the quarantine. */
@@ -723,7 +1053,7 @@ AccrualPostBatch(AccrualBatch *b, bool quarantine)
 char *
 AccrualLockSql(const char *source)
 {
-	return psprintf("SELECT a.id FROM loyalty.account a"
+	return psprintf("SELECT a.id, a.last_hash, " ACCRUAL_HAS_DEBT("a.id") " FROM loyalty.account a"
 					" WHERE a.id IN (SELECT a2.id FROM (%s) n"
 					"                JOIN loyalty.member m ON m.program_id = $1"
 					"                                     AND m.member_ref = n.member_ref"
@@ -741,6 +1071,7 @@ AccrualLockSource(AccrualBatch *b, SPIPlanPtr lock, Datum *args, char *nulls)
 	for (uint64 i = 0; i < SPI_processed; i++)
 		b->accounts[i] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1,
 													 &(bool){0}));
+	AccrualReadHeads(b);
 	SPI_freetuptable(SPI_tuptable);
 }
 

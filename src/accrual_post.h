@@ -35,8 +35,23 @@ typedef struct AccrualRow
 	DateADT		day;
 	int64		points;
 	TimestampTz vests_at;
+	TimestampTz expires_at;
+	bool		expires_null;
 	char	   *breakdown;
+	int64		accrual_id;		/* assigned before the write */
 } AccrualRow;
+
+/* A locked member account: the head of its chain and what a chunk adds. */
+typedef struct AccrualHead
+{
+	int64		account_id;		/* hash key */
+	bool		has_hash;
+	uint8		hash[32];
+	bool		touched;		/* by the chunk being written */
+	int64		available;
+	int64		pending;
+	int64		last_transfer;
+} AccrualHead;
 
 typedef struct AccrualBatch
 {
@@ -53,6 +68,8 @@ typedef struct AccrualBatch
 	AccrualRow *rows;
 	int64	   *accounts;		/* locked, in id order */
 	int			naccounts;
+	HTAB	   *heads;			/* AccrualHead of each locked account */
+	bool		program_expires;	/* the program's expiry policy dates lots */
 	HTAB	   *days;
 	AccrualState state;
 	int			nposted;		/* in the last chunk */

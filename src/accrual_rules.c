@@ -14,6 +14,7 @@
 
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
+#include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "utils/builtins.h"
@@ -34,9 +35,11 @@
 
 PG_FUNCTION_INFO_V1(accrual_check_rules);
 PG_FUNCTION_INFO_V1(accrual_rules_changed);
+PG_FUNCTION_INFO_V1(accrual_cache_trigger);
 
 static MemoryContext AccrualCacheCxt = NULL;
 static HTAB *AccrualCache = NULL;
+static HTAB *AccrualSources = NULL;
 static bool AccrualStale = true;
 static Oid	AccrualRulesRelid = InvalidOid;	/* loyalty.earning_rule, once known */
 static SPIPlanPtr plan_versions;
@@ -512,6 +515,7 @@ AccrualResetCache(void)
 	ctl.entrysize = sizeof(AccrualProgramRules);
 	ctl.hcxt = AccrualCacheCxt;
 	AccrualCache = hash_create("loyalty accrual rules", 16, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	AccrualSources = NULL;		/* freed with the context */
 	AccrualRulesRelid = get_relname_relid("earning_rule", get_namespace_oid("loyalty", false));
 	AccrualStale = false;
 }
@@ -539,6 +543,64 @@ AccrualFlags(AccrualProgramRules *pr, AccrualRules *r)
 	pr->uses_day_cap |= r->cap_day >= 0;
 }
 
+/*
+ * A program already read by AccrualLoadProgram, by id or (id 0) by code;
+ * NULL when it must be read.
+ */
+AccrualProgramRules *
+AccrualFindProgram(int64 program_id, const char *code)
+{
+	HASH_SEQ_STATUS seq;
+	AccrualProgramRules *pr;
+
+	AcceptInvalidationMessages();
+	if (AccrualStale || AccrualCache == NULL)
+		AccrualResetCache();
+	if (code == NULL)
+	{
+		pr = hash_search(AccrualCache, &program_id, HASH_FIND, NULL);
+		return pr != NULL && pr->has_program ? pr : NULL;
+	}
+	hash_seq_init(&seq, AccrualCache);
+	while ((pr = hash_seq_search(&seq)) != NULL)
+		if (pr->has_program && strcmp(pr->code, code) == 0)
+		{
+			hash_seq_term(&seq);
+			return pr;
+		}
+	return NULL;
+}
+
+/*
+ * The cached attachments of application tables (entries of entrysize bytes
+ * keyed by the table's Oid), dropped with the rules.
+ */
+HTAB *
+AccrualSourceCache(Size entrysize)
+{
+	HASHCTL		ctl;
+
+	AcceptInvalidationMessages();
+	if (AccrualStale || AccrualCache == NULL)
+		AccrualResetCache();
+	if (AccrualSources != NULL)
+		return AccrualSources;
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(Oid);
+	ctl.entrysize = entrysize;
+	ctl.hcxt = AccrualCacheCxt;
+	AccrualSources = hash_create("loyalty accrual sources", 16, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+	return AccrualSources;
+}
+
+/* Where cached programs keep what they hold. */
+MemoryContext
+AccrualCacheMemory(void)
+{
+	Assert(AccrualCacheCxt != NULL);
+	return AccrualCacheCxt;
+}
+
 /* A program's compiled rule versions (the caller is connected to SPI). */
 AccrualProgramRules *
 AccrualProgram(int64 program_id)
@@ -562,6 +624,7 @@ AccrualProgram(int64 program_id)
 	pr->nversions = 0;
 	pr->versions = NULL;
 	pr->uses_first = pr->uses_birthday = pr->uses_day_cap = pr->uses_campaign = false;
+	pr->has_program = false;
 	PG_TRY();
 	{
 		LedgerPrepare(&plan_versions,
@@ -899,6 +962,19 @@ accrual_check_rules(PG_FUNCTION_ARGS)
 {
 	AccrualCompile(PG_GETARG_JSONB_P(0), CurrentMemoryContext);
 	PG_RETURN_VOID();
+}
+
+/*
+ * _accrual_cache_trigger(): statement trigger on the tables the cache is
+ * made of (program, accrual_source): every backend drops it.
+ */
+Datum
+accrual_cache_trigger(PG_FUNCTION_ARGS)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		elog(ERROR, "_accrual_cache_trigger() must be called as a trigger");
+	DirectFunctionCall1(accrual_rules_changed, (Datum) 0);
+	return PointerGetDatum(NULL);
 }
 
 /* _rules_changed(): every backend drops its compiled rules at its next transaction */

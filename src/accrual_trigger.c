@@ -33,6 +33,8 @@ static SPIPlanPtr plan_source;
 /* The attachment of a table: which columns hold the purchase. */
 typedef struct AccrualSource
 {
+	Oid			relid;			/* hash key */
+	bool		attached;
 	int64		program_id;
 	char	   *member;
 	char	   *amount;
@@ -49,6 +51,10 @@ static char *plan_sql[PLAN_SLOTS];
 static bool plan_custom[PLAN_SLOTS];
 static SPIPlanPtr plan_read[PLAN_SLOTS];
 
+/*
+ * The attachment of an application table (kept with the compiled rules,
+ * dropped when loyalty.accrual_source changes); false when there is none.
+ */
 static bool
 AccrualLoadSource(Oid relid, AccrualSource *s)
 {
@@ -56,25 +62,42 @@ AccrualLoadSource(Oid relid, AccrualSource *s)
 	Datum		arg = ObjectIdGetDatum(relid);
 	HeapTuple	t;
 	TupleDesc	d;
+	HTAB	   *cache = AccrualSourceCache(sizeof(AccrualSource));
+	AccrualSource *c = hash_search(cache, &relid, HASH_FIND, NULL);
+	MemoryContext old;
 
+	if (c != NULL)
+	{
+		*s = *c;
+		return s->attached;
+	}
 	LedgerPrepare(&plan_source,
 				  "SELECT program_id, member_column, amount_column, ref_column, occurred_at_column,"
 				  "       category_column, channel_column, store_column"
 				  "  FROM loyalty.accrual_source WHERE source = $1",
 				  1, argtypes);
 	LedgerExpect(SPI_execute_plan(plan_source, &arg, NULL, true, 1), SPI_OK_SELECT, "reading an attachment");
+	c = hash_search(cache, &relid, HASH_ENTER, NULL);
+	c->attached = false;
 	if (SPI_processed == 0)
+	{
+		*s = *c;
 		return false;
+	}
 	t = SPI_tuptable->vals[0];
 	d = SPI_tuptable->tupdesc;
-	s->program_id = DatumGetInt64(SPI_getbinval(t, d, 1, &(bool){0}));
-	s->member = SPI_getvalue(t, d, 2);
-	s->amount = SPI_getvalue(t, d, 3);
-	s->ref = SPI_getvalue(t, d, 4);
-	s->occurred_at = SPI_getvalue(t, d, 5);
-	s->category = SPI_getvalue(t, d, 6);
-	s->channel = SPI_getvalue(t, d, 7);
-	s->store = SPI_getvalue(t, d, 8);
+	old = MemoryContextSwitchTo(AccrualCacheMemory());
+	c->program_id = DatumGetInt64(SPI_getbinval(t, d, 1, &(bool){0}));
+	c->member = SPI_getvalue(t, d, 2);
+	c->amount = SPI_getvalue(t, d, 3);
+	c->ref = SPI_getvalue(t, d, 4);
+	c->occurred_at = SPI_getvalue(t, d, 5);
+	c->category = SPI_getvalue(t, d, 6);
+	c->channel = SPI_getvalue(t, d, 7);
+	c->store = SPI_getvalue(t, d, 8);
+	MemoryContextSwitchTo(old);
+	c->attached = true;
+	*s = *c;
 	return true;
 }
 

@@ -1,0 +1,38 @@
+/*
+ * ledger_write.h: appending rows to a journal table without the executor
+ */
+#ifndef LOYALTY_LEDGER_WRITE_H
+#define LOYALTY_LEDGER_WRITE_H
+
+#include "access/heapam.h"
+#include "executor/executor.h"
+
+#define LEDGER_WRITER_MAX_COLS 20
+
+/*
+ * An open journal table: the relation, its indexes and constraints, and the
+ * values of the row being built, set by column (the order of the names given
+ * to LedgerWriterOpen).
+ */
+typedef struct LedgerWriter
+{
+	Relation	rel;
+	EState	   *estate;
+	ResultRelInfo *rri;
+	TupleTableSlot *slot;
+	BulkInsertState bistate;
+	CommandId	cid;
+	int			ncols;
+	AttrNumber	attno[LEDGER_WRITER_MAX_COLS];
+	Datum		values[LEDGER_WRITER_MAX_COLS];
+	bool		nulls[LEDGER_WRITER_MAX_COLS];
+	Oid			seq;			/* the sequence of the first column, or InvalidOid */
+} LedgerWriter;
+
+extern LedgerWriter *LedgerWriterOpen(const char *table, const char *const *columns, int ncols,
+									  const char *sequence, bool bulk);
+extern int64 LedgerWriterNextId(LedgerWriter *w);
+extern void LedgerWriterInsert(LedgerWriter *w);
+extern void LedgerWriterClose(LedgerWriter *w);
+
+#endif
