@@ -87,12 +87,6 @@ BEGIN
     IF p ? 'shortfall' AND (p -> 'shortfall') NOT IN ('"debt"', '"negative"') THEN
         PERFORM loyalty._bad_option('$.shortfall', 'expected "debt" or "negative"');
     END IF;
-    IF (p -> 'shortfall') = '"negative"' THEN   -- refused rather than silently treated as debt
-        RAISE EXCEPTION 'shortfall "negative" is not supported yet'
-            USING ERRCODE = 'feature_not_supported',
-                  DETAIL = 'A refund of points already spent is recorded as a debt, recovered from later earnings.',
-                  HINT = 'Leave shortfall out, or set it to "debt".';
-    END IF;
     IF p ? 'welcome' THEN
         PERFORM loyalty._check_keys('$.welcome', p -> 'welcome', ARRAY['points']);
         IF jsonb_typeof(p #> '{welcome,points}') IS DISTINCT FROM 'number'
@@ -447,12 +441,29 @@ CREATE AGGREGATE loyalty.chain(head bytea, credit_side boolean, program_id bigin
 );
 COMMENT ON AGGREGATE loyalty.chain(bytea, boolean, bigint, bigint, bigint, loyalty.points, text, text, timestamptz, timestamptz, integer, text, text) IS 'Window aggregate for set-based postings: OVER (PARTITION BY account ORDER BY transfer id) it gives each transfer''s hash, chained from head (the account''s last_hash) on the member side named by credit_side';
 
+-- What a member owes that the balance shows below zero at p_as_of (a
+-- refund's shortfall under the program option shortfall "negative"), and
+-- how the statement shows it. Nothing here: accrual (sql/31_accrual_shortfall.sql)
+-- replaces both functions.
+CREATE FUNCTION loyalty._negative_shortfall(p_account bigint, p_as_of timestamptz) RETURNS bigint
+LANGUAGE sql STABLE PARALLEL SAFE AS $$ SELECT 0::bigint $$;
+COMMENT ON FUNCTION loyalty._negative_shortfall(bigint, timestamptz) IS 'Internal: points a member owes that the balance shows below zero at a moment (none until accrual replaces it)';
+
+CREATE FUNCTION loyalty._negative_lines(p_account bigint)
+RETURNS TABLE (transfer_id bigint, occurred_at timestamptz, kind text, ref text, points bigint, note text)
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT NULL::bigint, NULL::timestamptz, NULL::text, NULL::text, NULL::bigint, NULL::text WHERE false
+$$;
+COMMENT ON FUNCTION loyalty._negative_lines(bigint) IS 'Internal: statement lines shown otherwise than their transfer (transfer_id set) or without one (NULL) because of a negative shortfall (none until accrual replaces it)';
+
 CREATE FUNCTION loyalty.balance(program text, member_ref text, as_of timestamptz DEFAULT now())
 RETURNS loyalty.points LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
-    SELECT greatest(coalesce(loyalty.sum(l.remaining), 0)
-                    - coalesce((SELECT h.held FROM loyalty.account h
-                                WHERE h.id = (SELECT loyalty._account_of(program, member_ref))
-                                  AND coalesce(as_of, now()) >= now()), 0), 0)
+    SELECT (greatest(coalesce(loyalty.sum(l.remaining), 0)
+                     - coalesce((SELECT h.held FROM loyalty.account h
+                                 WHERE h.id = (SELECT loyalty._account_of(program, member_ref))
+                                   AND coalesce(as_of, now()) >= now()), 0), 0)::bigint
+            - loyalty._negative_shortfall((SELECT loyalty._account_of(program, member_ref)),
+                                          coalesce(as_of, now())))::loyalty.points
     FROM (SELECT coalesce(as_of, now()) AS t) a,
          loyalty._lots_as_of((SELECT loyalty._account_of(program, member_ref)), a.t) l
     WHERE l.vests_at <= a.t AND (l.expires_at IS NULL OR a.t < l.expires_at)
@@ -482,8 +493,9 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_t
         LEFT JOIN loyalty.transfer_kind k ON k.kind = t.kind
         GROUP BY k.class
     )
-    SELECT greatest(coalesce((SELECT loyalty.sum(remaining) FROM lots WHERE vests_at <= as_of), 0)
-                    - CASE WHEN as_of >= now() THEN a.held ELSE 0 END, 0),
+    SELECT (greatest(coalesce((SELECT loyalty.sum(remaining) FROM lots WHERE vests_at <= as_of), 0)
+                     - CASE WHEN as_of >= now() THEN a.held ELSE 0 END, 0)::bigint
+            - n.shortfall)::loyalty.points,
            coalesce((SELECT loyalty.sum(remaining) FROM lots WHERE vests_at > as_of), 0),
            a.held,
            coalesce((SELECT loyalty.sum(remaining) FROM lots
@@ -493,8 +505,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_t
            coalesce((SELECT loyalty.sum(debited) FROM moves WHERE class IN ('redeem', 'move')), 0),
            coalesce((SELECT loyalty.sum(debited) FROM moves WHERE class = 'expire'), 0),
            coalesce((SELECT sum(coalesce(credited::bigint, 0) - coalesce(debited::bigint, 0))
-                     FROM moves WHERE class = 'adjust'), 0)::bigint
-    FROM a
+                     FROM moves WHERE class = 'adjust'), 0)::bigint - n.shortfall
+    FROM a CROSS JOIN LATERAL (SELECT loyalty._negative_shortfall(a.id, as_of) AS shortfall) n
 $$;
 COMMENT ON FUNCTION loyalty.account_summary(text, text, timestamptz) IS 'A member''s figures at as_of: available, pending, held, expiring within the program''s notice period, and lifetime totals';
 
@@ -504,21 +516,29 @@ RETURNS TABLE (transfer_id bigint, occurred_at timestamptz, posted_at timestampt
                points bigint, balance bigint, explanation text)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
     WITH a AS (SELECT (SELECT loyalty._account_of(program, member_ref)) AS id),
+    shown AS (SELECT n.* FROM a, loyalty._negative_lines(a.id) n),
     lines AS (
         SELECT t.id, t.occurred_at, t.posted_at, t.kind, t.ref, t.reason, t.actor, t.rule_version,
-               CASE WHEN t.credit_account_id = a.id THEN t.amount::bigint ELSE -t.amount::bigint END AS delta
+               coalesce(s.points, CASE WHEN t.credit_account_id = a.id THEN t.amount::bigint
+                                       ELSE -t.amount::bigint END) AS delta, s.note
         FROM a JOIN loyalty.transfer t ON t.credit_account_id = a.id OR t.debit_account_id = a.id
+        LEFT JOIN shown s ON s.transfer_id = t.id
+        UNION ALL   -- a negative shortfall whose refund took nothing, so posted no transfer
+        SELECT NULL, s.occurred_at, s.occurred_at, s.kind, s.ref, NULL, NULL, NULL, s.points, s.note
+        FROM shown s WHERE s.transfer_id IS NULL
     ), running AS (
-        SELECT l.*, sum(l.delta) OVER (ORDER BY l.occurred_at, l.id) AS balance FROM lines l
+        SELECT l.*, sum(l.delta) OVER (ORDER BY l.occurred_at, l.id, l.ref ROWS UNBOUNDED PRECEDING) AS balance
+        FROM lines l
     )
     SELECT r.id, r.occurred_at, r.posted_at, r.kind, r.ref, r.delta, r.balance::bigint,
            coalesce(k.label, r.kind)
-           || CASE WHEN k.class = 'adjust' THEN ' by ' || r.actor ELSE '' END
+           || CASE WHEN k.class = 'adjust' THEN coalesce(' by ' || r.actor, '') ELSE '' END
            || CASE WHEN r.rule_version IS NOT NULL THEN ' (rule version ' || r.rule_version || ')' ELSE '' END
            || coalesce(': ' || r.reason, '')
+           || coalesce(' (' || r.note || ')', '')
     FROM running r LEFT JOIN loyalty.transfer_kind k ON k.kind = r.kind
     WHERE r.occurred_at >= coalesce(from_ts, '-infinity') AND r.occurred_at < coalesce(to_ts, 'infinity')
-    ORDER BY r.occurred_at, r.id
+    ORDER BY r.occurred_at, r.id, r.ref
 $$;
 COMMENT ON FUNCTION loyalty.statement(text, text, timestamptz, timestamptz) IS 'A member''s journal lines between from_ts and to_ts (business time) with the running balance and an explanation of each';
 

@@ -74,11 +74,15 @@ CREATE TABLE loyalty.accrual_debt (
     refund_ref  text NOT NULL,
     amount      bigint NOT NULL CHECK (amount > 0),
     outstanding bigint NOT NULL CHECK (outstanding >= 0),
-    created_at  timestamptz NOT NULL DEFAULT now()
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    shown_as_negative boolean NOT NULL DEFAULT false
 );
 ALTER SEQUENCE loyalty.accrual_debt_id_seq OWNED BY loyalty.accrual_debt.id;
 CREATE INDEX accrual_debt_open_idx ON loyalty.accrual_debt (account_id) WHERE outstanding > 0;
 COMMENT ON TABLE loyalty.accrual_debt IS 'Points a refund could not claw back because the member had spent them; recovered from later earnings';
+CREATE INDEX accrual_debt_negative_idx ON loyalty.accrual_debt (account_id) WHERE shown_as_negative;
+COMMENT ON COLUMN loyalty.accrual_debt.created_at IS 'When the refund was posted (its occurred_at): the debt counts from then';
+COMMENT ON COLUMN loyalty.accrual_debt.shown_as_negative IS 'The program option shortfall was "negative" when the refund was posted: the member''s balance shows the debt below zero until it is recovered';
 
 CREATE TABLE loyalty.accrual_campaign (
     program_id bigint NOT NULL,

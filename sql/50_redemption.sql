@@ -227,7 +227,9 @@ END $$;
 COMMENT ON FUNCTION loyalty._redemption_member(text, text, boolean) IS 'Internal: resolves (and with p_lock, locks the account of) an active member, with LY002, LY003, LY004';
 
 -- The points of an account available at p_at for a new hold: vested,
--- unexpired lots less the active holds. The caller holds the account lock.
+-- unexpired lots less the active holds, less what the member owes below zero
+-- (a refund's shortfall under the program option shortfall "negative",
+-- docs/accrual.md). The caller holds the account lock.
 CREATE FUNCTION loyalty._available_for_hold(p_account bigint, p_at timestamptz) RETURNS bigint
 LANGUAGE sql STABLE AS $$
     WITH r AS (
@@ -240,10 +242,10 @@ LANGUAGE sql STABLE AS $$
                        AND l.occurred_at <= p_at AND l.vests_at <= p_at
                        AND (l.expires_at IS NULL OR l.expires_at > p_at)
                        AND (NOT r.rolling OR p_at < loyalty._rolling_lapse(p_account, l.occurred_at, p_at))), 0)
-           - r.held
+           - r.held - loyalty._negative_shortfall(p_account, p_at)
     FROM r
 $$;
-COMMENT ON FUNCTION loyalty._available_for_hold(bigint, timestamptz) IS 'Internal: the points a member can still spend or hold at a moment: open lots less active holds';
+COMMENT ON FUNCTION loyalty._available_for_hold(bigint, timestamptz) IS 'Internal: the points a member can still spend or hold at a moment: open lots less active holds and less what it owes below zero';
 
 -- The rank of a tier when the tiers capability defines loyalty.tier
 -- (program_id, code, rank); NULL otherwise.

@@ -1,7 +1,9 @@
 /*
  * accrual_refund.c: refunds claw back a purchase's points in proportion to
  * the amount returned; what the member already spent becomes a debt,
- * recovered from later earnings
+ * recovered from later earnings (under the program option shortfall
+ * "negative" the debt is also shown as a balance below zero: the debt row
+ * records the mode in force at the refund, see sql/31_accrual_shortfall.sql)
  *
  * Points are taken from the purchase's own lot first (pending or not), then
  * from the member's other lots, those still pending first, then the
@@ -330,8 +332,10 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 				  " a AS (UPDATE loyalty.accrual SET refunded_amount = refunded_amount + $4,"
 				  "              refunded_points = refunded_points + $5"
 				  "        WHERE program_id = $1 AND ref = $3)"
-				  " INSERT INTO loyalty.accrual_debt (program_id, account_id, refund_ref, amount, outstanding)"
-				  " SELECT $1, $9, $2, $7, $7 WHERE $7 > 0",
+				  " INSERT INTO loyalty.accrual_debt (program_id, account_id, refund_ref, amount, outstanding,"
+				  "        created_at, shown_as_negative)"
+				  " SELECT $1, $9, $2, $7, $7, $8, coalesce(p.options ->> 'shortfall' = 'negative', false)"
+				  "   FROM loyalty.program p WHERE p.id = $1 AND $7 > 0",
 				  10, saveargs);
 	memset(nulls, ' ', sizeof(nulls));
 	args[0] = Int64GetDatum(b->program_id);

@@ -6,7 +6,8 @@
  * post it here, through LedgerPost: it locks the member accounts in
  * account-id order, checks idempotency on (program, kind, ref), consumes
  * lots earliest expiry first (leaving the points of active holds alone) or
- * restores the lots named, and chains the hashes.
+ * restores the lots named, and chains the hashes. A member below zero can
+ * spend only what is left after what it owes (RedemptionCheckOwed).
  */
 #include "postgres.h"
 
@@ -44,6 +45,71 @@ RedemptionInt8Array(FunctionCallInfo fcinfo, int n, int64 **out)
 		(*out)[i] = DatumGetInt64(elems[i]);
 	}
 	return count;
+}
+
+/*
+ * A member below zero (a refund's shortfall under the program option
+ * shortfall "negative", docs/accrual.md) may have lots, credited since,
+ * that its balance shows net of what it owes: a spending debit may take
+ * only what is left after the debt. Checked under the member accounts'
+ * locks, taken here in id order as LedgerPost takes them; nothing is
+ * locked for a member who owes nothing. A capture spends a hold, which was
+ * checked when it was taken.
+ */
+static void
+RedemptionCheckOwed(const LedgerPosting *p)
+{
+	static SPIPlanPtr plan_owes;
+	static SPIPlanPtr plan_lock;
+	static SPIPlanPtr plan_left;
+	static const Oid argtypes[] = {INT8OID, TIMESTAMPTZOID};
+	static const Oid lockargs[] = {INT8OID, INT8OID};
+	static const Oid leftargs[] = {INT8OID, TIMESTAMPTZOID, INT8OID, TEXTOID, TEXTOID};
+	Datum		args[5];
+	bool		isnull;
+	int64		owed;
+	int64		left;
+
+	if (!p->debit_is_member || p->nuses > 0 || strcmp(p->kind, "capture") == 0)
+		return;
+	LedgerPrepare(&plan_owes, "SELECT loyalty._negative_shortfall($1, $2)", 2, argtypes);
+	args[0] = Int64GetDatum(p->debit_account);
+	args[1] = TimestampTzGetDatum(p->occurred_at);
+	LedgerExpect(SPI_execute_plan(plan_owes, args, NULL, true, 1), SPI_OK_SELECT, "reading what is owed");
+	if (DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)) <= 0)
+		return;
+
+	/* lock, then read in a statement of its own, which sees what the lock waited for */
+	LedgerPrepare(&plan_lock,
+				  "SELECT id FROM loyalty.account WHERE id IN ($1, $2) AND kind = 'member' ORDER BY id FOR UPDATE",
+				  2, lockargs);
+	args[0] = Int64GetDatum(p->debit_account);
+	args[1] = Int64GetDatum(p->credit_is_member ? p->credit_account : p->debit_account);
+	LedgerExpect(SPI_execute_plan(plan_lock, args, NULL, false, 0), SPI_OK_SELECT, "locking accounts");
+
+	/* a repeat of a posted transfer is LedgerPost's to answer */
+	LedgerPrepare(&plan_left,
+				  "SELECT loyalty._negative_shortfall($1, $2), loyalty._available_for_hold($1, $2),"
+				  "       EXISTS (SELECT FROM loyalty.transfer t WHERE t.program_id = $3 AND t.kind = $4 AND t.ref = $5)",
+				  5, leftargs);
+	args[0] = Int64GetDatum(p->debit_account);
+	args[1] = TimestampTzGetDatum(p->occurred_at);
+	args[2] = Int64GetDatum(p->program_id);
+	args[3] = CStringGetTextDatum(p->kind);
+	args[4] = CStringGetTextDatum(p->ref);
+	LedgerExpect(SPI_execute_plan(plan_left, args, NULL, false, 1), SPI_OK_SELECT, "reading what is owed");
+	owed = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	left = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
+	if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull)))
+		return;
+	if (owed > 0 && left < p->amount)
+		ereport(ERROR,
+				(errcode(ERRCODE_LOYALTY_INSUFFICIENT_POINTS),
+				 errmsg("insufficient points"),
+				 errdetail("%s owes " INT64_FORMAT " points a refund could not take back, which leaves "
+						   INT64_FORMAT " points available at %s; " INT64_FORMAT " are needed.",
+						   p->debit_label, owed, left, timestamptz_to_str(p->occurred_at), p->amount),
+				 errhint("The member's next purchases repay what is owed first.")));
 }
 
 /*
@@ -95,6 +161,7 @@ loyalty_redemption_post(PG_FUNCTION_ARGS)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
+	RedemptionCheckOwed(&p);
 	id = LedgerPost(&p, NULL);
 	SPI_finish();
 	PG_RETURN_INT64(id);

@@ -90,3 +90,186 @@ SELECT * FROM finish();
 
 SELECT count(*) AS chain_problems FROM loyalty.verify_chain('shop');
 SELECT kind, count(*), sum(amount::bigint) FROM loyalty.transfer GROUP BY 1 ORDER BY 1;
+
+-- ---- shortfall "negative" ----
+-- Program neg shows a refund's shortfall as a balance below zero. Business
+-- times before the refund are relative to now(), so that the statement (by
+-- occurred_at) lists the lines in the order they were posted; refunds and
+-- recoveries occur at their posting time.
+SELECT loyalty.create_program('neg', 'Negative', 'UTC', '{"shortfall": "negative"}') > 0 AS created;
+SELECT loyalty.enroll('neg', m, occurred_at => '2025-01-01 00:00+00') > 0 AS enrolled
+FROM unnest(ARRAY['n1', 'n2', 'n3']) m;
+SELECT loyalty.set_earning_rules('neg', '{"base": {"per": 1, "points": 1}}', '2025-01-01') AS version;
+SELECT loyalty.add_reward('neg', 'cup', 'A cup', 5) AS reward;
+SELECT loyalty.add_charity('neg', 'trees') > 0 AS charity;
+CREATE FUNCTION pg_temp.lines(m text) RETURNS TABLE (has_transfer boolean, kind text, ref text, points bigint,
+                                                    balance bigint, explanation text)
+LANGUAGE sql AS $$
+    SELECT transfer_id IS NOT NULL, kind,
+           CASE WHEN kind = 'recover' THEN 'recovery' ELSE ref END,   -- its ref names ids
+           points, balance, explanation
+    FROM loyalty.statement('neg', m)
+$$;
+CREATE FUNCTION pg_temp.refund_at(r text) RETURNS timestamptz LANGUAGE sql AS $$
+    SELECT occurred_at FROM loyalty.accrual_refund WHERE refund_ref = r
+$$;
+
+-- n1 earns 100, spends 60, returns the whole order: 40 are taken from the
+-- lot, 60 are owed, and the balance is 40 - 100 = -60. The account row and
+-- the lots stay at 0 (they are the same as under "debt").
+SELECT loyalty.accrue('neg', 'n1', 100, 'a1', now() - interval '10 days') AS earned;
+SELECT loyalty.adjust('neg', 'n1', -60, 'a1-spend', 'spent in store', now() - interval '5 days') > 0 AS spent;
+SELECT loyalty.refund('neg', 'a1') AS clawed;
+SELECT loyalty.balance('neg', 'n1') AS balance;
+SELECT * FROM pg_temp.state('n1');
+SELECT refund_ref, taken, shortfall FROM loyalty.accrual_refund WHERE purchase_ref = 'a1';
+SELECT d.refund_ref, d.amount, d.outstanding, d.shown_as_negative, d.created_at = pg_temp.refund_at('a1') AS at_refund
+FROM loyalty.accrual_debt d WHERE d.refund_ref = 'a1';
+-- earned 100, adjusted -60 (spend) - 100 (the whole clawback): -160
+SELECT available, pending, held, expiring_soon, next_expiry_at, lifetime_earned, lifetime_redeemed,
+       lifetime_expired, lifetime_adjusted
+FROM loyalty.account_summary('neg', 'n1');
+-- the refund line claws all 100 back, so the running balance goes to -60
+SELECT * FROM pg_temp.lines('n1');
+-- before the refund the balance was 40; from the refund on, -60
+SELECT loyalty.balance('neg', 'n1', pg_temp.refund_at('a1') - interval '1 microsecond') AS before_refund,
+       loyalty.balance('neg', 'n1', pg_temp.refund_at('a1')) AS at_refund;
+SELECT available, lifetime_adjusted
+FROM loyalty.account_summary('neg', 'n1', pg_temp.refund_at('a1') - interval '1 microsecond');
+-- Nothing can be spent while the balance is below zero: there are no lots.
+SELECT throws_ok($$SELECT * FROM loyalty.redeem('neg', 'n1', 'cup', 'n1-cup')$$, 'LY001', 'insufficient points');
+SELECT throws_ok($$SELECT loyalty.hold('neg', 'n1', 1, 'n1-hold')$$, 'LY001', 'insufficient points');
+SELECT throws_ok($$SELECT loyalty.donate('neg', 'n1', 'trees', 1, 'n1-gift')$$, 'LY001', 'insufficient points');
+SELECT throws_ok($$SELECT loyalty.transfer_points('neg', 'n1', 'n2', 1, 'n1-move')$$, 'LY001', 'insufficient points');
+SELECT throws_ok($$SELECT loyalty.adjust('neg', 'n1', -1, 'n1-fix', 'test')$$, 'LY001', 'insufficient points');
+
+-- A later purchase of 50 repays 50 of the 60 at once: -10. The recover
+-- line shows 0, its 50 points being already in the refund line.
+SELECT loyalty.accrue('neg', 'n1', 50, 'a2') AS earned;
+SELECT loyalty.balance('neg', 'n1') AS balance;
+SELECT * FROM pg_temp.state('n1');
+SELECT * FROM pg_temp.lines('n1');
+SELECT throws_ok($$SELECT * FROM loyalty.redeem('neg', 'n1', 'cup', 'n1-cup')$$, 'LY001', 'insufficient points');
+-- A purchase of 30 through an attached table repays the last 10: 20.
+CREATE TABLE public.neg_orders (id text, customer text, total numeric, placed_at timestamptz DEFAULT now());
+SELECT loyalty.attach_accrual('public.neg_orders', 'neg', member_column => 'customer', amount_column => 'total',
+                              ref_column => 'id', occurred_at_column => 'placed_at');
+INSERT INTO public.neg_orders (id, customer, total) VALUES ('a3', 'n1', 30);
+SELECT loyalty.balance('neg', 'n1') AS balance;
+SELECT * FROM pg_temp.state('n1');
+SELECT * FROM pg_temp.lines('n1');
+SELECT loyalty.account_summary('neg', 'n1') AS summary;
+-- as of each recovery: -10 after the first, 20 after the second
+SELECT loyalty.balance('neg', 'n1', t.occurred_at - interval '1 microsecond') AS just_before,
+       loyalty.balance('neg', 'n1', t.occurred_at) AS after
+FROM loyalty.transfer t JOIN loyalty.account a ON a.id = t.debit_account_id
+JOIN loyalty.member m ON m.id = a.member_id
+WHERE m.member_ref = 'n1' AND t.kind = 'recover' ORDER BY t.id;
+-- now spending works again, up to the balance
+SELECT points FROM loyalty.redeem('neg', 'n1', 'cup', 'n1-cup');
+SELECT loyalty.balance('neg', 'n1') AS balance;
+
+-- Partial refunds and a repeat: n2 earns 100, spends 90.
+SELECT loyalty.accrue('neg', 'n2', 100, 'b1', now() - interval '10 days') AS earned;
+SELECT loyalty.adjust('neg', 'n2', -90, 'b1-spend', 'spent in store', now() - interval '5 days') > 0 AS spent;
+-- 30.00 of 100.00: 30 points, 10 from the lot, 20 owed: -20
+SELECT loyalty.refund('neg', 'b1', 30.00, 'b1-r1') AS clawed;
+SELECT loyalty.balance('neg', 'n2') AS balance;
+-- the same refund again changes nothing
+SELECT loyalty.refund('neg', 'b1', 30.00, 'b1-r1') AS replayed;
+SELECT loyalty.balance('neg', 'n2') AS balance;
+-- 20.00 more: round(100 * 50 / 100) - 30 = 20 points, all owed (no lot
+-- left, so no transfer: the statement still shows the line): -40
+SELECT loyalty.refund('neg', 'b1', 20.00, 'b1-r2') AS clawed;
+SELECT loyalty.refund('neg', 'b1', 20.00, 'b1-r2') AS replayed;
+SELECT loyalty.balance('neg', 'n2') AS balance;
+SELECT * FROM pg_temp.state('n2');
+SELECT refund_ref, points, taken, shortfall FROM loyalty.accrual_refund WHERE purchase_ref = 'b1' ORDER BY refund_ref;
+SELECT * FROM pg_temp.lines('n2');
+SELECT loyalty.balance('neg', 'n2', pg_temp.refund_at('b1-r2') - interval '1 microsecond') AS before_second,
+       loyalty.balance('neg', 'n2', pg_temp.refund_at('b1-r2')) AS after_second;
+SELECT available, lifetime_earned, lifetime_adjusted FROM loyalty.account_summary('neg', 'n2');
+-- a statement from the second refund on: its line, the running balance counting every line before it
+SELECT transfer_id IS NULL AS no_transfer, kind, ref, points, balance
+FROM loyalty.statement('neg', 'n2', pg_temp.refund_at('b1-r2'));
+
+-- The mode is the one in force at the refund. n3 earns 100 and spends it.
+-- Under "debt", returning 30.00 owes 30, which the balance does not show.
+SELECT loyalty.accrue('neg', 'n3', 100, 'c1', now() - interval '10 days') AS earned;
+SELECT loyalty.adjust('neg', 'n3', -100, 'c1-spend', 'spent in store', now() - interval '5 days') > 0 AS spent;
+UPDATE loyalty.program SET options = '{"shortfall": "debt"}' WHERE code = 'neg';
+SELECT loyalty.refund('neg', 'c1', 30.00, 'c1-r1') AS clawed;
+SELECT loyalty.balance('neg', 'n3') AS balance;
+-- switched to "negative": the 30 stay hidden; returning 20.00 more shows -20
+UPDATE loyalty.program SET options = '{"shortfall": "negative"}' WHERE code = 'neg';
+SELECT loyalty.balance('neg', 'n3') AS balance;
+SELECT loyalty.refund('neg', 'c1', 20.00, 'c1-r2') AS clawed;
+SELECT loyalty.balance('neg', 'n3') AS balance;
+-- switched back to "debt": the 20 stay shown
+UPDATE loyalty.program SET options = '{"shortfall": "debt"}' WHERE code = 'neg';
+SELECT loyalty.balance('neg', 'n3') AS balance;
+SELECT refund_ref, amount, outstanding, shown_as_negative FROM loyalty.accrual_debt
+WHERE refund_ref LIKE 'c1-%' ORDER BY id;
+-- a purchase of 40 repays the oldest debt first: the 30 hidden, then 10 of
+-- the 20 shown: -10; the recover line shows only the 30 not shown before
+SELECT loyalty.accrue('neg', 'n3', 40, 'c2') AS earned;
+SELECT loyalty.balance('neg', 'n3') AS balance;
+SELECT * FROM pg_temp.state('n3');
+SELECT refund_ref, amount, outstanding, shown_as_negative FROM loyalty.accrual_debt
+WHERE refund_ref LIKE 'c1-%' ORDER BY id;
+SELECT * FROM pg_temp.lines('n3');
+SELECT loyalty.accrue('neg', 'n3', 10, 'c3') AS earned;
+SELECT loyalty.balance('neg', 'n3') AS balance;
+SELECT * FROM pg_temp.lines('n3');
+SELECT available, lifetime_earned, lifetime_adjusted FROM loyalty.account_summary('neg', 'n3');
+
+-- Points credited otherwise than by a purchase do not repay at once: n4
+-- owes 100, gets 30 bonus points (-70), and cannot spend them while below
+-- zero; the next purchase repays the 100 from all its lots.
+SELECT loyalty.enroll('neg', 'n4', occurred_at => '2025-01-01 00:00+00') > 0 AS enrolled;
+SELECT loyalty.accrue('neg', 'n4', 100, 'd1', now() - interval '10 days') AS earned;
+SELECT loyalty.adjust('neg', 'n4', -100, 'd1-spend', 'spent in store', now() - interval '5 days') > 0 AS spent;
+UPDATE loyalty.program SET options = '{"shortfall": "negative"}' WHERE code = 'neg';
+SELECT loyalty.refund('neg', 'd1') AS clawed;
+SELECT loyalty.earn('neg', 'n4', 30, 'd-bonus', 'goodwill') > 0 AS bonus;
+SELECT loyalty.balance('neg', 'n4') AS balance;
+SELECT * FROM pg_temp.state('n4');
+SELECT throws_ok($$SELECT * FROM loyalty.redeem('neg', 'n4', 'cup', 'n4-cup')$$, 'LY001', 'insufficient points');
+SELECT throws_ok($$SELECT loyalty.hold('neg', 'n4', 1, 'n4-hold')$$, 'LY001', 'insufficient points');
+SELECT throws_ok($$SELECT loyalty.donate('neg', 'n4', 'trees', 1, 'n4-gift')$$, 'LY001', 'insufficient points');
+SELECT throws_ok($$SELECT loyalty.transfer_points('neg', 'n4', 'n1', 1, 'n4-move')$$, 'LY001', 'insufficient points');
+DO $$
+DECLARE d text; h text;
+BEGIN
+    PERFORM loyalty.redeem('neg', 'n4', 'cup', 'n4-cup');
+EXCEPTION WHEN sqlstate 'LY001' THEN
+    GET STACKED DIAGNOSTICS d = PG_EXCEPTION_DETAIL, h = PG_EXCEPTION_HINT;
+    RAISE NOTICE '% %', regexp_replace(d, ' at [^;]*;', ' at (now);'), h;
+END $$;
+-- 80 more points: the lots hold 110, 100 repay the debt, 10 are left
+SELECT loyalty.accrue('neg', 'n4', 80, 'd2') AS earned;
+SELECT loyalty.balance('neg', 'n4') AS balance;
+SELECT * FROM pg_temp.state('n4');
+SELECT * FROM pg_temp.lines('n4');
+SELECT points FROM loyalty.redeem('neg', 'n4', 'cup', 'n4-cup');
+SELECT loyalty.donate('neg', 'n4', 'trees', 5, 'n4-gift') > 0 AS donated;
+SELECT loyalty.donate('neg', 'n4', 'trees', 5, 'n4-gift') > 0 AS donated_again;
+SELECT loyalty.balance('neg', 'n4') AS balance;
+
+-- The books: the chains verify, each account row is the sum of its lots,
+-- and every point is in a member's lot or back in the issuance account.
+SELECT count(*) AS chain_problems FROM loyalty.verify_chain('neg');
+SELECT m.member_ref, a.available::bigint + a.pending::bigint AS account,
+       (SELECT sum(l.remaining::bigint) FROM loyalty.lot l WHERE l.account_id = a.id) AS lots,
+       (SELECT coalesce(sum(CASE WHEN t.credit_account_id = a.id THEN t.amount::bigint ELSE -t.amount::bigint END), 0)
+        FROM loyalty.transfer t WHERE a.id IN (t.credit_account_id, t.debit_account_id)) AS journal
+FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id
+JOIN loyalty.program p ON p.id = m.program_id WHERE p.code = 'neg' ORDER BY 1;
+SELECT sum(CASE WHEN a.kind = 'member' THEN 1 ELSE 0 END * (a.available::bigint + a.pending::bigint)) AS members,
+       (SELECT sum(t.amount::bigint) FROM loyalty.transfer t JOIN loyalty.account s ON s.id = t.debit_account_id
+        WHERE s.kind <> 'member' AND t.program_id = p.id)
+       - (SELECT sum(t.amount::bigint) FROM loyalty.transfer t JOIN loyalty.account s ON s.id = t.credit_account_id
+          WHERE s.kind <> 'member' AND t.program_id = p.id) AS out_of_system_accounts
+FROM loyalty.account a JOIN loyalty.program p ON p.id = a.program_id WHERE p.code = 'neg' GROUP BY p.id;
+SELECT loyalty.detach_accrual('public.neg_orders');
+DROP TABLE public.neg_orders;
