@@ -248,6 +248,7 @@ AccrualFastInsert(AccrualBatch *b, TriggerData *trig, const char *const *cols)
 		h = hash_search(b->heads, &r->account_id, HASH_ENTER, NULL);
 		memset(h, 0, sizeof(AccrualHead));
 		h->account_id = r->account_id;
+		ItemPointerCopy(&as->tts_tid, &h->tid);
 		head = FastAttr(account, as, "last_hash", &isnull);
 		if (!isnull)
 		{

@@ -17,10 +17,12 @@
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/sequence.h"
+#include "common/int.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
+#include "storage/itemptr.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
@@ -47,14 +49,10 @@ static SPIPlanPtr plan_days;
 static SPIPlanPtr plan_campaign_add;
 static SPIPlanPtr plan_campaign_lock;
 static SPIPlanPtr plan_campaign_save;
-static SPIPlanPtr plan_post;
-static SPIPlanPtr plan_post_small;
 static SPIPlanPtr plan_quarantine;
 static SPIPlanPtr plan_debts;
 static SPIPlanPtr plan_accrue_read;
 static SPIPlanPtr plan_expiry;
-static SPIPlanPtr plan_accounts;
-static SPIPlanPtr plan_accounts_small;
 
 /* Columns of the read query, in order. */
 enum
@@ -325,8 +323,8 @@ AccrualHeadTable(long n)
 
 /*
  * The heads of the locked accounts' chains, from the lock query's result
- * (id, last_hash, has a refund debt): set-based writes chain onto them in
- * memory.
+ * (id, last_hash, has a refund debt, ctid of the locked version): writes
+ * chain onto them in memory and update the rows in place.
  */
 static void
 AccrualReadHeads(AccrualBatch *b)
@@ -344,6 +342,7 @@ AccrualReadHeads(AccrualBatch *b)
 			b->has_debts = true;
 		memset(h, 0, sizeof(AccrualHead));
 		h->account_id = id;
+		ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(t, SPI_tuptable->tupdesc, 4, &(bool){0})), &h->tid);
 		if (!isnull)
 		{
 			bytea	   *v = DatumGetByteaPP(d);
@@ -383,7 +382,7 @@ AccrualLock(AccrualBatch *b)
 	if (u == 0)
 		return;
 	LedgerPrepare(&plan_lock,
-				  "SELECT a.id, a.last_hash, " ACCRUAL_HAS_DEBT("a.id")
+				  "SELECT a.id, a.last_hash, " ACCRUAL_HAS_DEBT("a.id") ", a.ctid"
 				  "  FROM loyalty.account a WHERE a.id = ANY ($1) ORDER BY a.id FOR UPDATE",
 				  1, argtypes);
 	arg = AccrualInt64Array(ids, u);
@@ -646,106 +645,70 @@ AccrualExpiries(AccrualBatch *b)
 	SPI_freetuptable(SPI_tuptable);
 }
 
-#define POST_COLS 16
+static const char *const accrual_cols[] = {"id", "program_id", "ref", "member_id", "account_id",
+	"amount", "occurred_at", "day", "category", "channel", "store", "attrs", "rule_version", "points",
+"vests_at", "expires_at", "breakdown", "refunded_amount", "refunded_points", "posted_at"};
+
+static Datum
+AccrualTextOrNull(const char *s, bool *isnull)
+{
+	*isnull = s == NULL;
+	return s ? CStringGetTextDatum(s) : (Datum) 0;
+}
 
 /*
- * The purchases of the chunk, with ids assigned here; returns how many were
- * inserted and leaves ->accrual_id 0 on the rows a concurrent transaction
- * posted first (ON CONFLICT DO NOTHING, the one race the member lock does
- * not cover: the same ref for two members).
+ * The purchases of the chunk (rows listed in which[]); returns how many
+ * were inserted and leaves ->accrual_id 0 on the rows a concurrent
+ * transaction posted first (ON CONFLICT DO NOTHING on the ref: the one race
+ * the member lock does not cover, the same ref for two members).
  */
 static int64
-AccrualInsertPurchases(AccrualBatch *b, int64 *ids, int *which, int n)
+AccrualInsertPurchases(AccrualBatch *b, Oid seq, int *which, int n)
 {
-	static const Oid types[POST_COLS] = {INT8OID, TEXTOID, INT8OID, INT8OID, NUMERICOID, TIMESTAMPTZOID,
-		DATEOID, TEXTOID, TEXTOID, TEXTOID, JSONBOID, INT4OID, INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID,
-	TEXTOID};
-	static const Oid argtypes[2 + POST_COLS] = {INT8OID, TIMESTAMPTZOID,
-		INT8ARRAYOID, TEXTARRAYOID, INT8ARRAYOID, INT8ARRAYOID, NUMERICARRAYOID, TIMESTAMPTZARRAYOID,
-		DATEARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID, JSONBARRAYOID, INT4ARRAYOID, INT8ARRAYOID,
-	TIMESTAMPTZARRAYOID, TIMESTAMPTZARRAYOID, TEXTARRAYOID};
-	Datum	   *cols[POST_COLS];
-	bool	   *nulls[POST_COLS];
-	Datum		args[2 + POST_COLS];
-	int64		inserted;
+	LedgerWriter *w = LedgerWriterOpen("accrual", accrual_cols, lengthof(accrual_cols), NULL,
+									   n > ACCRUAL_SMALL, "accrual_program_id_ref_key");
+	Datum		program = Int64GetDatum(b->program_id);
+	Datum		posted = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+	Datum		empty = DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"));
+	Datum		zero = DirectFunctionCall3(numeric_in, CStringGetDatum("0"), ObjectIdGetDatum(InvalidOid),
+										   Int32GetDatum(-1));
+	int64		inserted = 0;
 	MemoryContext old = AccrualChunkMemory(b);
 
-	for (int c = 0; c < POST_COLS; c++)
-	{
-		cols[c] = palloc(sizeof(Datum) * n);
-		nulls[c] = palloc0(sizeof(bool) * n);
-	}
 	for (int k = 0; k < n; k++)
 	{
 		AccrualRow *r = &b->rows[which[k]];
 
-		cols[0][k] = Int64GetDatum(ids[k]);
-		cols[1][k] = CStringGetTextDatum(r->ref);
-		cols[2][k] = Int64GetDatum(r->member_id);
-		cols[3][k] = Int64GetDatum(r->account_id);
-		cols[4][k] = r->amount;
-		cols[5][k] = TimestampTzGetDatum(r->occurred_at);
-		cols[6][k] = DateADTGetDatum(r->day);
-		nulls[7][k] = r->category == NULL;
-		cols[7][k] = r->category ? CStringGetTextDatum(r->category) : (Datum) 0;
-		nulls[8][k] = r->channel == NULL;
-		cols[8][k] = r->channel ? CStringGetTextDatum(r->channel) : (Datum) 0;
-		nulls[9][k] = r->store == NULL;
-		cols[9][k] = r->store ? CStringGetTextDatum(r->store) : (Datum) 0;
-		nulls[10][k] = r->attrs_null;
-		cols[10][k] = r->attrs;
-		cols[11][k] = Int32GetDatum(r->rules->version);
-		cols[12][k] = Int64GetDatum(r->points);
-		cols[13][k] = TimestampTzGetDatum(r->vests_at);
-		nulls[14][k] = r->expires_null;
-		cols[14][k] = TimestampTzGetDatum(r->expires_at);
-		cols[15][k] = CStringGetTextDatum(r->breakdown);
+		r->accrual_id = nextval_internal(seq, false);
+		memset(w->nulls, 0, sizeof(w->nulls));
+		w->values[0] = Int64GetDatum(r->accrual_id);
+		w->values[1] = program;
+		w->values[2] = CStringGetTextDatum(r->ref);
+		w->values[3] = Int64GetDatum(r->member_id);
+		w->values[4] = Int64GetDatum(r->account_id);
+		w->values[5] = r->amount;
+		w->values[6] = TimestampTzGetDatum(r->occurred_at);
+		w->values[7] = DateADTGetDatum(r->day);
+		w->values[8] = AccrualTextOrNull(r->category, &w->nulls[8]);
+		w->values[9] = AccrualTextOrNull(r->channel, &w->nulls[9]);
+		w->values[10] = AccrualTextOrNull(r->store, &w->nulls[10]);
+		w->values[11] = r->attrs_null ? empty : r->attrs;
+		w->values[12] = Int32GetDatum(r->rules->version);
+		w->values[13] = Int64GetDatum(r->points);
+		w->values[14] = TimestampTzGetDatum(r->vests_at);
+		w->nulls[15] = r->expires_null;
+		w->values[15] = TimestampTzGetDatum(r->expires_at);
+		w->values[16] = DirectFunctionCall1(jsonb_in, CStringGetDatum(r->breakdown));
+		w->values[17] = zero;
+		w->values[18] = Int64GetDatum(0);
+		w->values[19] = posted;
+		if (LedgerWriterInsertIfNew(w))
+			inserted++;
+		else
+			r->accrual_id = 0;
 	}
-	args[0] = Int64GetDatum(b->program_id);
-	args[1] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
-	for (int c = 0; c < POST_COLS; c++)
-		args[2 + c] = AccrualArray(cols[c], nulls[c], n, types[c]);
 	MemoryContextSwitchTo(old);
-
-	AccrualPrepare(n <= ACCRUAL_SMALL ? &plan_post_small : &plan_post,
-				   n <= ACCRUAL_SMALL ? CURSOR_OPT_GENERIC_PLAN : CURSOR_OPT_CUSTOM_PLAN,
-				   "INSERT INTO loyalty.accrual (id, program_id, ref, member_id, account_id, amount,"
-				   "       occurred_at, day, category, channel, store, attrs, rule_version, points,"
-				   "       vests_at, expires_at, breakdown, posted_at)"
-				   " SELECT s.id, $1, s.ref, s.member_id, s.account_id, s.amount, s.occurred_at, s.day,"
-				   "        s.category, s.channel, s.store, coalesce(s.attrs, '{}'), s.rule_version,"
-				   "        s.points, s.vests_at, s.expires_at, s.breakdown::jsonb, $2"
-				   "   FROM unnest($3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)"
-				   "     AS s(id, ref, member_id, account_id, amount, occurred_at, day, category, channel,"
-				   "          store, attrs, rule_version, points, vests_at, expires_at, breakdown)"
-				   " ON CONFLICT (program_id, ref) DO NOTHING RETURNING id",
-				   2 + POST_COLS, argtypes);
-	LedgerExpect(SPI_execute_plan(n <= ACCRUAL_SMALL ? plan_post_small : plan_post, args, NULL, false, 0),
-				 SPI_OK_INSERT_RETURNING, "posting purchases");
-	inserted = SPI_processed;
-	if (inserted < n)
-	{
-		HASHCTL		ctl;
-		HTAB	   *got;
-
-		memset(&ctl, 0, sizeof(ctl));
-		ctl.keysize = ctl.entrysize = sizeof(int64);
-		ctl.hcxt = CurrentMemoryContext;
-		got = hash_create("loyalty accrual inserted", Max(inserted, 16), &ctl,
-						  HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
-		for (uint64 i = 0; i < SPI_processed; i++)
-		{
-			int64		id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1,
-														 &(bool){0}));
-
-			hash_search(got, &id, HASH_ENTER, NULL);
-		}
-		for (int k = 0; k < n; k++)
-			if (hash_search(got, &ids[k], HASH_FIND, NULL) == NULL)
-				b->rows[which[k]].accrual_id = 0;
-		hash_destroy(got);
-	}
-	SPI_freetuptable(SPI_tuptable);
+	LedgerWriterClose(w);
 	return inserted;
 }
 
@@ -843,58 +806,56 @@ AccrualWriteTransfer(AccrualBatch *b, AccrualRow *r, LedgerWriter *tw, LedgerWri
 		h->available += r->points;
 }
 
-/* The member accounts the chunk credited: balances and chain heads. */
+static const char *const account_cols[] = {"id", "program_id", "kind", "member_id", "name",
+"available", "pending", "held", "last_transfer_id", "last_hash"};
+
+static int64
+AccrualAddPoints(int64 a, int64 b)
+{
+	int64		sum;
+
+	if (pg_add_s64_overflow(a, b, &sum))
+		ereport(ERROR,
+				(errcode(ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE),
+				 errmsg("points out of range")));
+	return sum;
+}
+
+/*
+ * The member accounts the chunk credited: balances and chain heads, each
+ * row rewritten in place (it is locked; its balance columns are in no
+ * index, so the new version is usually heap-only).
+ */
 static void
 AccrualWriteAccounts(AccrualBatch *b)
 {
-	static const Oid argtypes[] = {INT8ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, BYTEAARRAYOID, INT8ARRAYOID};
 	HASH_SEQ_STATUS seq;
 	AccrualHead *h;
-	Datum	   *cols[5];
-	Datum		args[5];
-	int			n = 0;
-	MemoryContext old = AccrualChunkMemory(b);
+	LedgerWriter *w;
 
-	for (int c = 0; c < 5; c++)
-		cols[c] = palloc(sizeof(Datum) * Max(b->naccounts, 1));
+	/* the rows may have been written by this command: see them */
+	CommandCounterIncrement();
+	w = LedgerWriterOpen("account", account_cols, lengthof(account_cols), NULL, false, NULL);
 	hash_seq_init(&seq, b->heads);
 	while ((h = hash_seq_search(&seq)) != NULL)
 	{
 		if (!h->touched)
 			continue;
-		cols[0][n] = Int64GetDatum(h->account_id);
-		cols[1][n] = Int64GetDatum(h->available);
-		cols[2][n] = Int64GetDatum(h->pending);
-		cols[3][n] = AccrualHashDatum(h->hash);
-		cols[4][n] = Int64GetDatum(h->last_transfer);
+		LedgerWriterFetch(w, &h->tid);
+		if (DatumGetInt64(w->values[0]) != h->account_id)
+			elog(ERROR, "row (%u,%u) is not account %lld", ItemPointerGetBlockNumber(&h->tid),
+				 ItemPointerGetOffsetNumber(&h->tid), (long long) h->account_id);
+		w->values[5] = PointsGetDatum(AccrualAddPoints(DatumGetPoints(w->values[5]), h->available));
+		w->values[6] = PointsGetDatum(AccrualAddPoints(DatumGetPoints(w->values[6]), h->pending));
+		w->values[8] = Int64GetDatum(h->last_transfer);
+		w->nulls[8] = false;
+		w->values[9] = AccrualHashDatum(h->hash);
+		w->nulls[9] = false;
+		LedgerWriterUpdate(w, &h->tid);
 		h->touched = false;
 		h->available = h->pending = 0;
-		n++;
 	}
-	if (n == 0)
-	{
-		MemoryContextSwitchTo(old);
-		return;
-	}
-	args[0] = AccrualArray(cols[0], NULL, n, INT8OID);
-	args[1] = AccrualArray(cols[1], NULL, n, INT8OID);
-	args[2] = AccrualArray(cols[2], NULL, n, INT8OID);
-	args[3] = AccrualArray(cols[3], NULL, n, BYTEAOID);
-	args[4] = AccrualArray(cols[4], NULL, n, INT8OID);
-	MemoryContextSwitchTo(old);
-	AccrualPrepare(n <= ACCRUAL_SMALL ? &plan_accounts_small : &plan_accounts,
-				   n <= ACCRUAL_SMALL ? CURSOR_OPT_GENERIC_PLAN : CURSOR_OPT_CUSTOM_PLAN,
-				   "UPDATE loyalty.account a"
-				   "   SET available = (a.available::bigint + d.available)::loyalty.points,"
-				   "       pending = (a.pending::bigint + d.pending)::loyalty.points,"
-				   "       last_hash = d.hash, last_transfer_id = d.last"
-				   "  FROM unnest($1, $2, $3, $4, $5) AS d(id, available, pending, hash, last)"
-				   " WHERE a.id = d.id",
-				   5, argtypes);
-	LedgerExpect(SPI_execute_plan(n <= ACCRUAL_SMALL ? plan_accounts_small : plan_accounts, args, NULL,
-								  false, 0), SPI_OK_UPDATE, "updating balances");
-	if (SPI_processed != (uint64) n)
-		elog(ERROR, "updated %llu member accounts of %d", (unsigned long long) SPI_processed, n);
+	LedgerWriterClose(w);
 }
 
 /*
@@ -906,7 +867,6 @@ AccrualWriteAccounts(AccrualBatch *b)
 static void
 AccrualWrite(AccrualBatch *b)
 {
-	int64	   *ids = palloc(sizeof(int64) * Max(b->nrows, 1));
 	int		   *which = palloc(sizeof(int) * Max(b->nrows, 1));
 	int			n = 0;
 	int			earning = 0;
@@ -930,19 +890,15 @@ AccrualWrite(AccrualBatch *b)
 	AccrualExpiries(b);
 	seq = RangeVarGetRelid(makeRangeVar("loyalty", "accrual_id_seq", -1), NoLock, false);
 	for (int k = 0; k < n; k++)
-	{
-		ids[k] = nextval_internal(seq, false);
-		b->rows[which[k]].accrual_id = ids[k];
 		if (b->rows[which[k]].points > 0)
 			earning++;
-	}
-	b->ninserted = AccrualInsertPurchases(b, ids, which, n);
+	b->ninserted = AccrualInsertPurchases(b, seq, which, n);
 	if (earning > 0 && b->ninserted > 0)
 	{
 		bool		bulk = earning > ACCRUAL_SMALL;
 		LedgerWriter *tw = LedgerWriterOpen("transfer", transfer_cols, lengthof(transfer_cols),
-											"transfer_id_seq", bulk);
-		LedgerWriter *lw = LedgerWriterOpen("lot", lot_cols, lengthof(lot_cols), "lot_id_seq", bulk);
+											"transfer_id_seq", bulk, NULL);
+		LedgerWriter *lw = LedgerWriterOpen("lot", lot_cols, lengthof(lot_cols), "lot_id_seq", bulk, NULL);
 		TimestampTz posted_at = GetCurrentTransactionStartTimestamp();
 		const char *actor = LedgerActor();
 		Datum		actor_d = CStringGetTextDatum(actor);
@@ -1066,7 +1022,7 @@ AccrualPostLocked(AccrualBatch *b)
 char *
 AccrualLockSql(const char *source)
 {
-	return psprintf("SELECT a.id, a.last_hash, " ACCRUAL_HAS_DEBT("a.id") " FROM loyalty.account a"
+	return psprintf("SELECT a.id, a.last_hash, " ACCRUAL_HAS_DEBT("a.id") ", a.ctid FROM loyalty.account a"
 					" WHERE a.id IN (SELECT a2.id FROM (%s) n"
 					"                JOIN loyalty.member m ON m.program_id = $1"
 					"                                     AND m.member_ref = n.member_ref"

@@ -50,6 +50,7 @@ typedef struct AccrualHead
 	int64		account_id;		/* hash key */
 	bool		has_hash;
 	uint8		hash[32];
+	ItemPointerData tid;		/* the locked version of the account row */
 	bool		touched;		/* by the chunk being written */
 	int64		available;
 	int64		pending;

@@ -17,6 +17,7 @@
  */
 #include "postgres.h"
 
+#include "access/heapam.h"
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
@@ -24,6 +25,8 @@
 #include "commands/sequence.h"
 #include "executor/executor.h"
 #include "nodes/makefuncs.h"
+#include "storage/lmgr.h"
+#include "utils/snapmgr.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 
@@ -37,7 +40,7 @@
  */
 LedgerWriter *
 LedgerWriterOpen(const char *table, const char *const *columns, int ncols, const char *sequence,
-				 bool bulk)
+				 bool bulk, const char *arbiter)
 {
 	LedgerWriter *w = palloc0(sizeof(LedgerWriter));
 	Oid			relid;
@@ -64,8 +67,18 @@ LedgerWriterOpen(const char *table, const char *const *columns, int ncols, const
 	w->estate = CreateExecutorState();
 	w->rri = makeNode(ResultRelInfo);
 	InitResultRelInfo(w->rri, w->rel, 0, NULL, 0);
-	ExecOpenIndices(w->rri, false);
+	ExecOpenIndices(w->rri, arbiter != NULL);
+	if (arbiter != NULL)
+	{
+		Oid			idx = get_relname_relid(arbiter, RelationGetNamespace(w->rel));
+
+		if (!OidIsValid(idx))
+			elog(ERROR, "index loyalty.%s does not exist", arbiter);
+		w->arbiters = list_make1_oid(idx);
+	}
 	w->slot = table_slot_create(w->rel, NULL);
+	w->update_slot = MakeSingleTupleTableSlot(RelationGetDescr(w->rel), &TTSOpsHeapTuple);
+	w->fetch_slot = table_slot_create(w->rel, NULL);
 	w->bistate = bulk ? GetBulkInsertState() : NULL;
 	w->cid = GetCurrentCommandId(true);
 	if (sequence != NULL)
@@ -81,22 +94,72 @@ LedgerWriterNextId(LedgerWriter *w)
 	return nextval_internal(w->seq, false);
 }
 
-/* Append the row in w->values/w->nulls, with its index entries. */
-void
-LedgerWriterInsert(LedgerWriter *w)
+/* The row in w->values/w->nulls, in the writer's slot, NOT NULL checked. */
+static TupleTableSlot *
+LedgerWriterSlot(LedgerWriter *w)
 {
 	TupleTableSlot *slot = w->slot;
-	List	   *recheck;
+	TupleDesc	desc = RelationGetDescr(w->rel);
 
 	ExecClearTuple(slot);
 	for (int c = 0; c < w->ncols; c++)
 	{
-		slot->tts_values[w->attno[c] - 1] = w->values[c];
-		slot->tts_isnull[w->attno[c] - 1] = w->nulls[c];
+		AttrNumber	a = w->attno[c];
+
+		if (w->nulls[c] && TupleDescAttr(desc, a - 1)->attnotnull)
+			ereport(ERROR,
+					(errcode(ERRCODE_NOT_NULL_VIOLATION),
+					 errmsg("null value in column \"%s\" of relation \"%s\" violates not-null constraint",
+							NameStr(TupleDescAttr(desc, a - 1)->attname), RelationGetRelationName(w->rel))));
+		slot->tts_values[a - 1] = w->values[c];
+		slot->tts_isnull[a - 1] = w->nulls[c];
 	}
-	ExecStoreVirtualTuple(slot);
-	if (RelationGetDescr(w->rel)->constr != NULL)
-		ExecConstraints(w->rri, slot, w->estate);
+	return ExecStoreVirtualTuple(slot);
+}
+
+/*
+ * Append the row unless a row with the same key in the arbiter index exists
+ * or is being inserted (then, as ON CONFLICT DO NOTHING does, wait for its
+ * transaction and skip if it committed): returns whether it was appended.
+ */
+bool
+LedgerWriterInsertIfNew(LedgerWriter *w)
+{
+	TupleTableSlot *slot = LedgerWriterSlot(w);
+	ItemPointerData conflict;
+
+	Assert(w->arbiters != NIL);
+	for (;;)
+	{
+		uint32		token;
+		bool		lost = false;
+		List	   *recheck;
+
+		if (!ExecCheckIndexConstraints(w->rri, slot, w->estate, &conflict, w->arbiters))
+		{
+			ResetPerTupleExprContext(w->estate);
+			return false;
+		}
+		token = SpeculativeInsertionLockAcquire(GetCurrentTransactionId());
+		table_tuple_insert_speculative(w->rel, slot, w->cid, 0, w->bistate, token);
+		recheck = ExecInsertIndexTuples(w->rri, slot, w->estate, false, true, &lost, w->arbiters);
+		table_tuple_complete_speculative(w->rel, slot, token, !lost);
+		SpeculativeInsertionLockRelease(GetCurrentTransactionId());
+		list_free(recheck);
+		ResetPerTupleExprContext(w->estate);
+		if (!lost)
+			return true;
+		/* a concurrent insert won the race: check again, which waits for it */
+	}
+}
+
+/* Append the row in w->values/w->nulls, with its index entries. */
+void
+LedgerWriterInsert(LedgerWriter *w)
+{
+	TupleTableSlot *slot = LedgerWriterSlot(w);
+	List	   *recheck;
+
 	table_tuple_insert(w->rel, slot, w->cid, 0, w->bistate);
 	if (w->rri->ri_NumIndices > 0)
 	{
@@ -106,6 +169,48 @@ LedgerWriterInsert(LedgerWriter *w)
 	ResetPerTupleExprContext(w->estate);
 }
 
+/*
+ * Replace the row at *tid, which the caller has locked, with w->values: the
+ * update of a posting (a member account's balances); index entries only
+ * when the new version is not a heap-only tuple. *tid becomes the new
+ * version's.
+ */
+void
+LedgerWriterUpdate(LedgerWriter *w, ItemPointer tid)
+{
+	TupleTableSlot *slot = LedgerWriterSlot(w);
+	HeapTuple	tuple = ExecFetchSlotHeapTuple(slot, true, NULL);
+
+	simple_heap_update(w->rel, tid, tuple);
+	*tid = tuple->t_self;
+	if (w->rri->ri_NumIndices > 0 && !HeapTupleIsHeapOnly(tuple))
+	{
+		ExecStoreHeapTuple(tuple, w->update_slot, false);
+		list_free(ExecInsertIndexTuples(w->rri, w->update_slot, w->estate, true, false, NULL, NIL));
+	}
+	ResetPerTupleExprContext(w->estate);
+}
+
+/*
+ * Read the row at tid (locked by the caller) into w->values/w->nulls, in
+ * the writer's column order, to be changed and written back.
+ */
+void
+LedgerWriterFetch(LedgerWriter *w, ItemPointer tid)
+{
+	TupleTableSlot *slot = w->fetch_slot;
+
+	if (!table_tuple_fetch_row_version(w->rel, tid, SnapshotAny, slot))
+		elog(ERROR, "row (%u,%u) of loyalty.%s is gone", ItemPointerGetBlockNumber(tid),
+			 ItemPointerGetOffsetNumber(tid), RelationGetRelationName(w->rel));
+	slot_getallattrs(slot);
+	for (int c = 0; c < w->ncols; c++)
+	{
+		w->values[c] = slot->tts_values[w->attno[c] - 1];
+		w->nulls[c] = slot->tts_isnull[w->attno[c] - 1];
+	}
+}
+
 void
 LedgerWriterClose(LedgerWriter *w)
 {
@@ -113,6 +218,8 @@ LedgerWriterClose(LedgerWriter *w)
 	if (w->bistate != NULL)
 		FreeBulkInsertState(w->bistate);
 	ExecDropSingleTupleTableSlot(w->slot);
+	ExecDropSingleTupleTableSlot(w->update_slot);
+	ExecDropSingleTupleTableSlot(w->fetch_slot);
 	FreeExecutorState(w->estate);
 	table_close(w->rel, NoLock);
 	pfree(w);

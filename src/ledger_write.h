@@ -7,7 +7,7 @@
 #include "access/heapam.h"
 #include "executor/executor.h"
 
-#define LEDGER_WRITER_MAX_COLS 20
+#define LEDGER_WRITER_MAX_COLS 24
 
 /*
  * An open journal table: the relation, its indexes and constraints, and the
@@ -20,6 +20,9 @@ typedef struct LedgerWriter
 	EState	   *estate;
 	ResultRelInfo *rri;
 	TupleTableSlot *slot;
+	TupleTableSlot *update_slot;	/* a heap tuple slot: LedgerWriterUpdate */
+	TupleTableSlot *fetch_slot; /* the table's own slot: LedgerWriterFetch */
+	List	   *arbiters;		/* LedgerWriterInsertIfNew's unique index */
 	BulkInsertState bistate;
 	CommandId	cid;
 	int			ncols;
@@ -30,9 +33,12 @@ typedef struct LedgerWriter
 } LedgerWriter;
 
 extern LedgerWriter *LedgerWriterOpen(const char *table, const char *const *columns, int ncols,
-									  const char *sequence, bool bulk);
+									  const char *sequence, bool bulk, const char *arbiter);
 extern int64 LedgerWriterNextId(LedgerWriter *w);
 extern void LedgerWriterInsert(LedgerWriter *w);
+extern bool LedgerWriterInsertIfNew(LedgerWriter *w);
+extern void LedgerWriterFetch(LedgerWriter *w, ItemPointer tid);
+extern void LedgerWriterUpdate(LedgerWriter *w, ItemPointer tid);
 extern void LedgerWriterClose(LedgerWriter *w);
 
 #endif
