@@ -54,7 +54,11 @@ LedgerWriterOpen(const char *table, const char *const *columns, int ncols, const
 	w->ncols = ncols;
 	for (int c = 0; c < ncols; c++)
 	{
-		w->attno[c] = get_attnum(relid, columns[c]);
+		w->attno[c] = InvalidAttrNumber;
+		for (int i = 0; i < desc->natts && w->attno[c] == InvalidAttrNumber; i++)
+			if (!TupleDescAttr(desc, i)->attisdropped &&
+				strcmp(NameStr(TupleDescAttr(desc, i)->attname), columns[c]) == 0)
+				w->attno[c] = i + 1;
 		if (w->attno[c] == InvalidAttrNumber)
 			elog(ERROR, "loyalty.%s has no column \"%s\"", table, columns[c]);
 	}
