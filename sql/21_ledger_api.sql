@@ -578,8 +578,13 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_t
         FROM p JOIN loyalty.account a ON a.program_id = p.id AND a.kind = 'member'
         LEFT JOIN LATERAL (
             SELECT t.id, t.hash FROM loyalty.transfer t
-            WHERE t.id = greatest((SELECT max(d.id) FROM loyalty.transfer d WHERE d.debit_account_id = a.id),
-                                  (SELECT max(c.id) FROM loyalty.transfer c WHERE c.credit_account_id = a.id))
+            -- ordered by both columns of the account's index, so that the
+            -- plan cannot walk the primary key backwards filtering on the
+            -- account (a whole-journal scan for an account with no debits)
+            WHERE t.id = greatest((SELECT d.id FROM loyalty.transfer d WHERE d.debit_account_id = a.id
+                                   ORDER BY d.debit_account_id DESC, d.id DESC LIMIT 1),
+                                  (SELECT c.id FROM loyalty.transfer c WHERE c.credit_account_id = a.id
+                                   ORDER BY c.credit_account_id DESC, c.id DESC LIMIT 1))
         ) last ON true
         WHERE a.last_hash IS DISTINCT FROM last.hash OR a.last_transfer_id IS DISTINCT FROM last.id
     )

@@ -914,7 +914,8 @@ AccrualWrite(AccrualBatch *b)
 		MemoryContextSwitchTo(old);
 		LedgerWriterClose(lw);
 		LedgerWriterClose(tw);
-		AccrualWriteAccounts(b);
+		if (!b->defer_accounts)
+			AccrualWriteAccounts(b);
 	}
 }
 
@@ -1060,6 +1061,12 @@ AccrualPostSource(AccrualBatch *b, SPIPlanPtr lock, SPIPlanPtr read, Datum *args
 	AccrualReadBudgets(b);
 	b->chunk_cxt = AllocSetContextCreate(CurrentMemoryContext, "loyalty accrual chunk",
 										 ALLOCSET_DEFAULT_SIZES);
+	/*
+	 * Balances are written once, after the last chunk: a row rewritten per
+	 * chunk would leave a chain of versions of one transaction that every
+	 * later chunk's lookups of the account walk through.
+	 */
+	b->defer_accounts = true;
 	cursor = SPI_cursor_open(NULL, read, args, nulls, false);
 	for (;;)
 	{
@@ -1076,6 +1083,7 @@ AccrualPostSource(AccrualBatch *b, SPIPlanPtr lock, SPIPlanPtr read, Datum *args
 		b->nrows = 0;
 	}
 	SPI_cursor_close(cursor);
+	AccrualWriteAccounts(b);
 	AccrualSaveBudgets(b);
 	AccrualRecoverDebts(b);
 }

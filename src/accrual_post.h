@@ -73,6 +73,7 @@ typedef struct AccrualBatch
 	int64	   *accounts;		/* locked, in id order */
 	int			naccounts;
 	HTAB	   *heads;			/* AccrualHead of each locked account */
+	bool		defer_accounts; /* write balances once, after the last chunk */
 	bool		program_expires;	/* the program's expiry policy dates lots */
 	HTAB	   *days;
 	AccrualState state;
