@@ -16,7 +16,9 @@
  * inactive member, a repeated ref, no rules in force, a NULL or negative
  * amount, rules that need the birthday — returns false before anything is
  * written or locked but the account, and the general path takes the row
- * (it quarantines, enrols or replays exactly as for any statement).
+ * (it quarantines, enrols or replays exactly as for any statement). So does
+ * a ref another transaction posted for another member while this one
+ * waited (nothing is written then).
  */
 #include "postgres.h"
 
@@ -280,5 +282,11 @@ AccrualFastInsert(AccrualBatch *b, TriggerData *trig, const char *const *cols)
 	if (!ok)
 		return false;
 	AccrualPostLocked(b);
-	return true;
+
+	/*
+	 * A concurrent transaction posted the same ref meanwhile (for another
+	 * member: this one's account was locked): nothing was written, and the
+	 * general path tells a repeat from a different purchase (quarantined).
+	 */
+	return b->ninserted > 0;
 }

@@ -72,7 +72,12 @@ RedemptionCheckOwed(const LedgerPosting *p)
 
 	if (!p->debit_is_member || p->nuses > 0 || strcmp(p->kind, "capture") == 0)
 		return;
-	LedgerPrepare(&plan_owes, "SELECT loyalty._negative_shortfall($1, $2)", 2, argtypes);
+	/* the common case, no debt shown as negative, without a PL/pgSQL call */
+	LedgerPrepare(&plan_owes,
+				  "SELECT CASE WHEN EXISTS (SELECT FROM loyalty.accrual_debt n"
+				  "                         WHERE n.account_id = $1 AND n.shown_as_negative)"
+				  "            THEN loyalty._negative_shortfall($1, $2) ELSE 0 END",
+				  2, argtypes);
 	args[0] = Int64GetDatum(p->debit_account);
 	args[1] = TimestampTzGetDatum(p->occurred_at);
 	LedgerExpect(SPI_execute_plan(plan_owes, args, NULL, true, 1), SPI_OK_SELECT, "reading what is owed");
