@@ -542,14 +542,9 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_t
 $$;
 COMMENT ON FUNCTION loyalty.statement(text, text, timestamptz, timestamptz) IS 'A member''s journal lines between from_ts and to_ts (business time) with the running balance and an explanation of each';
 
--- verify_chain reads a program's whole journal: hash joins are right for it
--- whatever the statistics say, and right after a bulk load (before
--- autovacuum's ANALYZE) they said the journal was empty, which planned a
--- nested loop of 1,600,000 account lookups that ran for minutes.
 CREATE FUNCTION loyalty.verify_chain(program text)
 RETURNS TABLE (account_id bigint, member_ref text, transfer_id bigint, problem text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp
-SET enable_nestloop = off AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
     WITH p AS (
         SELECT loyalty._program_id(program) AS id
     ), sides AS (
