@@ -43,7 +43,7 @@
 
 #include "accrual.h"
 #include "accrual_post.h"
-#include "chain.h"
+#include "ledger_write.h"
 
 /* The value of a column of the application's row, if its type is one read here. */
 static bool
@@ -124,11 +124,7 @@ FastOpen(const char *table)
 static Datum
 FastAttr(Relation rel, TupleTableSlot *slot, const char *name, bool *isnull)
 {
-	AttrNumber	att = get_attnum(RelationGetRelid(rel), name);
-
-	if (att == InvalidAttrNumber)
-		elog(ERROR, "loyalty.%s has no column \"%s\"", RelationGetRelationName(rel), name);
-	return slot_getattr(slot, att, isnull);
+	return slot_getattr(slot, LedgerAttnum(rel, name), isnull);
 }
 
 /* Lock the member account row FOR UPDATE; its latest version is left in slot. */
@@ -237,7 +233,6 @@ AccrualFastInsert(AccrualBatch *b, TriggerData *trig, const char *const *cols)
 	if (ok)
 	{
 		Datum		head;
-		AccrualHead *h;
 
 		FastLock(account, as, snap);
 		r->account_id = DatumGetInt64(FastAttr(account, as, "id", &isnull));
@@ -247,20 +242,8 @@ AccrualFastInsert(AccrualBatch *b, TriggerData *trig, const char *const *cols)
 		b->accounts = palloc(sizeof(int64));
 		b->accounts[0] = r->account_id;
 		b->heads = AccrualHeadTable(1);
-		h = hash_search(b->heads, &r->account_id, HASH_ENTER, NULL);
-		memset(h, 0, sizeof(AccrualHead));
-		h->account_id = r->account_id;
-		ItemPointerCopy(&as->tts_tid, &h->tid);
 		head = FastAttr(account, as, "last_hash", &isnull);
-		if (!isnull)
-		{
-			bytea	   *hv = DatumGetByteaPP(head);
-
-			if (VARSIZE_ANY_EXHDR(hv) != CHAIN_HASH_LEN)
-				elog(ERROR, "account %lld has a malformed last_hash", (long long) r->account_id);
-			memcpy(h->hash, VARDATA_ANY(hv), CHAIN_HASH_LEN);
-			h->has_hash = true;
-		}
+		AccrualAddHead(b, r->account_id, head, isnull, &as->tts_tid);
 		keys[0] = Int64GetDatum(r->account_id);
 		{
 			Relation	debt = FastOpen("accrual_debt");

@@ -4,12 +4,14 @@
  *
  * A batch is: read the purchases joined with their members (one query over
  * the source: the trigger's transition table or the function's arguments),
- * lock the member accounts in id order, read what the rules need about the
- * members' earlier purchases, compute every purchase's points in C with the
- * compiled rules, and write everything in one statement: the purchases,
- * their transfers chained per member account by loyalty.chain(), their lots
- * and the member balances aggregated per account. Bad purchases raise (the
- * function) or go to the quarantine (the trigger).
+ * lock the member accounts in id order (reading their chain heads), read
+ * what the rules need about the members' earlier purchases, compute every
+ * purchase's points in C with the compiled rules, and write without SQL
+ * (LedgerWriter): the purchases (ON CONFLICT DO NOTHING on the ref), their
+ * transfers chained in memory per member account, their lots, and each
+ * member account's balances once. Bad purchases raise (the function) or go
+ * to the quarantine (the trigger). A one-row INSERT is read and locked by
+ * accrual_fast.c and joins here at AccrualPostLocked.
  */
 #include "postgres.h"
 
@@ -321,6 +323,27 @@ AccrualHeadTable(long n)
 	return hash_create("loyalty accrual heads", Max(n, 16), &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 }
 
+/* Add a locked account to the batch's heads: its last_hash and row version. */
+AccrualHead *
+AccrualAddHead(AccrualBatch *b, int64 account, Datum last_hash, bool isnull, ItemPointer tid)
+{
+	AccrualHead *h = hash_search(b->heads, &account, HASH_ENTER, NULL);
+
+	memset(h, 0, sizeof(AccrualHead));
+	h->account_id = account;
+	ItemPointerCopy(tid, &h->tid);
+	if (!isnull)
+	{
+		bytea	   *v = DatumGetByteaPP(last_hash);
+
+		if (VARSIZE_ANY_EXHDR(v) != CHAIN_HASH_LEN)
+			elog(ERROR, "account %lld has a malformed last_hash", (long long) account);
+		memcpy(h->hash, VARDATA_ANY(v), CHAIN_HASH_LEN);
+		h->has_hash = true;
+	}
+	return h;
+}
+
 /*
  * The heads of the locked accounts' chains, from the lock query's result
  * (id, last_hash, has a refund debt, ctid of the locked version): writes
@@ -336,22 +359,11 @@ AccrualReadHeads(AccrualBatch *b)
 		int64		id = DatumGetInt64(SPI_getbinval(t, SPI_tuptable->tupdesc, 1, &(bool){0}));
 		bool		isnull;
 		Datum		d = SPI_getbinval(t, SPI_tuptable->tupdesc, 2, &isnull);
-		AccrualHead *h = hash_search(b->heads, &id, HASH_ENTER, NULL);
 
 		if (DatumGetBool(SPI_getbinval(t, SPI_tuptable->tupdesc, 3, &(bool){0})))
 			b->has_debts = true;
-		memset(h, 0, sizeof(AccrualHead));
-		h->account_id = id;
-		ItemPointerCopy((ItemPointer) DatumGetPointer(SPI_getbinval(t, SPI_tuptable->tupdesc, 4, &(bool){0})), &h->tid);
-		if (!isnull)
-		{
-			bytea	   *v = DatumGetByteaPP(d);
-
-			if (VARSIZE_ANY_EXHDR(v) != CHAIN_HASH_LEN)
-				elog(ERROR, "account %lld has a malformed last_hash", (long long) id);
-			memcpy(h->hash, VARDATA_ANY(v), CHAIN_HASH_LEN);
-			h->has_hash = true;
-		}
+		AccrualAddHead(b, id, d, isnull,
+					   (ItemPointer) DatumGetPointer(SPI_getbinval(t, SPI_tuptable->tupdesc, 4, &(bool){0})));
 	}
 }
 

@@ -95,6 +95,8 @@ extern void AccrualReadRows(AccrualBatch *b);
 extern void AccrualPostBatch(AccrualBatch *b, bool quarantine);
 extern void AccrualPostLocked(AccrualBatch *b);
 extern HTAB *AccrualHeadTable(long n);
+extern AccrualHead *AccrualAddHead(AccrualBatch *b, int64 account, Datum last_hash, bool isnull,
+								   ItemPointer tid);
 extern bool AccrualFastInsert(AccrualBatch *b, struct TriggerData *trig, const char *const *cols);
 extern char *AccrualLockSql(const char *source);
 extern void AccrualPostSource(AccrualBatch *b, SPIPlanPtr lock, SPIPlanPtr read, Datum *args,

@@ -33,6 +33,23 @@
 #include "ledger_write.h"
 
 /*
+ * The number of a column of a loyalty table, from the relation's descriptor
+ * (no catalog look-up on the posting path); an error if there is none.
+ */
+AttrNumber
+LedgerAttnum(Relation rel, const char *name)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+
+	for (int i = 0; i < desc->natts; i++)
+		if (!TupleDescAttr(desc, i)->attisdropped &&
+			strcmp(NameStr(TupleDescAttr(desc, i)->attname), name) == 0)
+			return i + 1;
+	elog(ERROR, "loyalty.%s has no column \"%s\"", RelationGetRelationName(rel), name);
+	return InvalidAttrNumber;	/* keep the compiler quiet */
+}
+
+/*
  * Open loyalty.<table> for appending rows whose columns are named, in the
  * order the caller sets them. sequence, when given, is the sequence of the
  * first column (LedgerWriterNextId). bulk: many rows will follow (a bulk
@@ -53,15 +70,7 @@ LedgerWriterOpen(const char *table, const char *const *columns, int ncols, const
 	desc = RelationGetDescr(w->rel);
 	w->ncols = ncols;
 	for (int c = 0; c < ncols; c++)
-	{
-		w->attno[c] = InvalidAttrNumber;
-		for (int i = 0; i < desc->natts && w->attno[c] == InvalidAttrNumber; i++)
-			if (!TupleDescAttr(desc, i)->attisdropped &&
-				strcmp(NameStr(TupleDescAttr(desc, i)->attname), columns[c]) == 0)
-				w->attno[c] = i + 1;
-		if (w->attno[c] == InvalidAttrNumber)
-			elog(ERROR, "loyalty.%s has no column \"%s\"", table, columns[c]);
-	}
+		w->attno[c] = LedgerAttnum(w->rel, columns[c]);
 	for (int i = 0; i < desc->natts; i++)
 		if (!TupleDescAttr(desc, i)->attisdropped)
 			given++;

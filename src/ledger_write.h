@@ -32,6 +32,7 @@ typedef struct LedgerWriter
 	Oid			seq;			/* the sequence of the first column, or InvalidOid */
 } LedgerWriter;
 
+extern AttrNumber LedgerAttnum(Relation rel, const char *name);
 extern LedgerWriter *LedgerWriterOpen(const char *table, const char *const *columns, int ncols,
 									  const char *sequence, bool bulk, const char *arbiter);
 extern int64 LedgerWriterNextId(LedgerWriter *w);
