@@ -131,6 +131,20 @@ c3	c2	\N	2025-04-01 10:00:00+00	books
 SELECT ref, points FROM loyalty.accrual WHERE ref IN ('c1', 'c2') ORDER BY ref;
 SELECT ref, reason FROM loyalty.accrual_quarantine WHERE ref = 'c3';
 
+-- A sale that would take a balance past 2^63 - 1 points raises 22003 and
+-- posts nothing (one-row path and multi-row statement alike): 900 points
+-- plus the first-purchase bonus of 100 do not fit in the 807 left.
+SELECT loyalty.enroll('shop', 'rich', occurred_at => '2025-01-01') > 0 AS enrolled;
+SELECT loyalty.earn('shop', 'rich', 9223372036854775000, 'rich-gift', NULL, '2025-01-02') > 0 AS earned;
+\set VERBOSITY terse
+INSERT INTO public.orders VALUES ('r1', 'rich', 900.00, '2025-02-01', 'books', NULL);
+INSERT INTO public.orders VALUES ('r2', 'rich', 900.00, '2025-02-01', 'books', NULL),
+                                 ('r3', 'c1', 1.00, '2025-02-01', 'books', NULL);
+\set VERBOSITY default
+SELECT count(*) AS posted FROM loyalty.accrual WHERE ref IN ('r1', 'r2', 'r3');
+SELECT count(*) AS orders FROM public.orders WHERE id IN ('r1', 'r2', 'r3');
+SELECT loyalty.balance('shop', 'rich') AS rich_balance;
+
 -- Detach: the triggers go, what was posted stays.
 SELECT loyalty.detach_accrual('public.orders');
 SELECT count(*) AS triggers FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass;
