@@ -178,14 +178,14 @@ AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, int6
 	if (nrows <= loyalty_accrual_chunk)
 	{
 		/* one chunk: read it all, lock the accounts it names, post */
-		LedgerExpect(SPI_execute_plan(AccrualSourcePlan(AccrualReadSql(source), false, 3, argtypes),
+		LedgerExpect(SPI_execute_plan(AccrualSourcePlan(AccrualReadSql(source, b->rules->uses_birthday), false, 3, argtypes),
 									   args, nulls, false, 0), SPI_OK_SELECT, "reading new purchases");
 		AccrualReadRows(b);
 		AccrualPostBatch(b, true);
 		return;
 	}
 	AccrualPostSource(b, AccrualSourcePlan(AccrualLockSql(source), true, 3, argtypes),
-					  AccrualSourcePlan(AccrualReadSql(source), true, 3, argtypes), args, nulls);
+					  AccrualSourcePlan(AccrualReadSql(source, b->rules->uses_birthday), true, 3, argtypes), args, nulls);
 }
 
 /* Quarantine one refund that failed. */
