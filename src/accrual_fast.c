@@ -13,12 +13,12 @@
  * and write as every batch (AccrualPostLocked).
  *
  * Anything unusual — a column type the path does not read, a missing or
- * inactive member, a repeated ref, no rules in force, a NULL or negative
- * amount, rules that need the birthday — returns false before anything is
- * written or locked but the account, and the general path takes the row
- * (it quarantines, enrols or replays exactly as for any statement). So does
- * a ref another transaction posted for another member while this one
- * waited (nothing is written then).
+ * inactive member, a repeated ref, an empty or overlong ref, no rules in
+ * force, a NULL or negative amount, rules that need the birthday — returns
+ * false before anything is written or locked but the account, and the
+ * general path takes the row (it quarantines, enrols or replays exactly as
+ * for any statement). So does a ref another transaction posted for another
+ * member while this one waited (nothing is written then).
  */
 #include "postgres.h"
 
@@ -180,33 +180,33 @@ AccrualFastInsert(AccrualBatch *b, TriggerData *trig, const char *const *cols)
 	tuplestore_select_read_pointer(trig->tg_newtable,
 								   tuplestore_alloc_read_pointer(trig->tg_newtable, EXEC_FLAG_REWIND));
 	tuplestore_rescan(trig->tg_newtable);
-	if (!tuplestore_gettupleslot(trig->tg_newtable, true, true, in))
-		return false;
-	for (int c = 0; c < 7; c++)
-		if (!FastColumn(in, cols[c], want[c], &v[c], &n[c]))
-			return false;
-	if (n[3])
-	{
-		v[3] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
-		n[3] = false;
-	}
-	if (n[0] || n[1] || n[2] || DatumGetTimestampTz(v[3]) < b->earliest)
-		return false;
-
+	ok = tuplestore_gettupleslot(trig->tg_newtable, true, true, in);
+	for (int c = 0; c < 7 && ok; c++)
+		ok = FastColumn(in, cols[c], want[c], &v[c], &n[c]);
+	ok = ok && !n[0] && !n[1] && !n[2];
 	r = palloc0(sizeof(AccrualRow));
-	r->ref = TextDatumGetCString(v[0]);
-	r->member_ref = TextDatumGetCString(v[1]);
-	r->amount = datumCopy(v[2], false, -1);	/* outlives the slot */
+	if (ok)
+	{
+		/* copies: the slot goes before anything else can fail */
+		r->ref = TextDatumGetCString(v[0]);
+		r->member_ref = TextDatumGetCString(v[1]);
+		r->amount = datumCopy(v[2], false, -1);
+		r->occurred_at = n[3] ? GetCurrentTransactionStartTimestamp() : DatumGetTimestampTz(v[3]);
+		r->category = FastText(v[4], n[4]);
+		r->channel = FastText(v[5], n[5]);
+		r->store = FastText(v[6], n[6]);
+	}
+	ExecDropSingleTupleTableSlot(in);
+	if (!ok || r->occurred_at < b->earliest)
+		return false;
 	r->amount_d = DatumGetFloat8(DirectFunctionCall1(numeric_float8_no_overflow, r->amount));
-	r->occurred_at = DatumGetTimestampTz(v[3]);
-	r->category = FastText(v[4], n[4]);
-	r->channel = FastText(v[5], n[5]);
-	r->store = FastText(v[6], n[6]);
 	r->attrs_null = true;
 	r->whole_null = true;
-	if (r->amount_d < 0 || (r->rules = AccrualRulesAt(b->rules, r->occurred_at)) == NULL)
+	/* never raise for the application's row: an odd one is the general path's */
+	if (r->amount_d < 0 || r->ref[0] == '\0' || strlen(r->ref) > 200 ||
+		(r->rules = AccrualRulesAt(b->rules, r->occurred_at)) == NULL)
 		return false;
-	AccrualCheckRef(r->ref);
+	ok = false;
 
 	snap = RegisterSnapshot(GetTransactionSnapshot());
 	member = FastOpen("member");
@@ -217,7 +217,7 @@ AccrualFastInsert(AccrualBatch *b, TriggerData *trig, const char *const *cols)
 	xs = table_slot_create(accrual, NULL);
 
 	keys[0] = Int64GetDatum(b->program_id);
-	keys[1] = v[1];
+	keys[1] = CStringGetTextDatum(r->member_ref);
 	if (FastFetch(member, "member_program_id_member_ref_key", 2, keys, snap, ms) &&
 		strcmp(TextDatumGetCString(FastAttr(member, ms, "status", &isnull)), "active") == 0)
 	{
@@ -225,7 +225,7 @@ AccrualFastInsert(AccrualBatch *b, TriggerData *trig, const char *const *cols)
 		d = FastAttr(member, ms, "tier", &isnull);
 		r->tier = FastText(d, isnull);
 		keys[0] = Int64GetDatum(b->program_id);
-		keys[1] = v[0];
+		keys[1] = CStringGetTextDatum(r->ref);
 		ok = !FastFetch(accrual, "accrual_program_id_ref_key", 2, keys, snap, xs);
 		keys[0] = Int64GetDatum(r->member_id);
 		ok = ok && FastFetch(account, "account_member_id_key", 1, keys, snap, as);
@@ -257,7 +257,6 @@ AccrualFastInsert(AccrualBatch *b, TriggerData *trig, const char *const *cols)
 	ExecDropSingleTupleTableSlot(ms);
 	ExecDropSingleTupleTableSlot(as);
 	ExecDropSingleTupleTableSlot(xs);
-	ExecDropSingleTupleTableSlot(in);
 	table_close(member, NoLock);
 	table_close(account, NoLock);
 	table_close(accrual, NoLock);

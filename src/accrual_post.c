@@ -220,6 +220,9 @@ AccrualProblem(AccrualBatch *b, AccrualRow *r, HeapTuple tup, TupleDesc desc)
 
 	if (r->ref == NULL)
 		r->problem = "the purchase has no ref", r->sqlstate = "22004";
+	else if (r->ref[0] == '\0' || strlen(r->ref) > 200)
+		r->problem = psprintf("invalid ref \"%s\": a ref has 1 to 200 characters", r->ref),
+			r->sqlstate = "22023";
 	else if (r->member_ref == NULL)
 		r->problem = "the purchase has no member", r->sqlstate = "22004";
 	else if (r->amount_null)

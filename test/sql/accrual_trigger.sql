@@ -145,6 +145,16 @@ SELECT count(*) AS posted FROM loyalty.accrual WHERE ref IN ('r1', 'r2', 'r3');
 SELECT count(*) AS orders FROM public.orders WHERE id IN ('r1', 'r2', 'r3');
 SELECT loyalty.balance('shop', 'rich') AS rich_balance;
 
+-- An order number the ledger cannot take as a ref (empty, or longer than
+-- 200 characters) does not fail the sale: it is quarantined (22023), one
+-- row or several.
+INSERT INTO public.orders VALUES ('', 'c1', 5.00, '2025-02-01', 'books', NULL);
+INSERT INTO public.orders VALUES (repeat('x', 201), 'c1', 5.00, '2025-02-01', 'books', NULL),
+                                 ('ok-1', 'c1', 5.00, '2025-02-01', 'books', NULL);
+SELECT left(ref, 10) AS ref, sqlstate, left(reason, 40) AS reason
+FROM loyalty.accrual_quarantine WHERE ref = '' OR ref LIKE 'xxx%' ORDER BY id;
+SELECT ref, points FROM loyalty.accrual WHERE ref = 'ok-1';
+
 -- Detach: the triggers go, what was posted stays.
 SELECT loyalty.detach_accrual('public.orders');
 SELECT count(*) AS triggers FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass;
