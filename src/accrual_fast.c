@@ -28,17 +28,17 @@
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
-#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/executor.h"
 #include "executor/tuptable.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
-#include "utils/lsyscache.h"
+#include "utils/fmgroids.h"
 #include "utils/numeric.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
+#include "utils/timestamp.h"
 #include "utils/tuplestore.h"
 
 #include "accrual.h"
@@ -85,22 +85,20 @@ static bool
 FastFetch(Relation rel, const char *index, int nkeys, const Datum *keys, Snapshot snap,
 		  TupleTableSlot *slot)
 {
-	Oid			indexid = get_relname_relid(index, RelationGetNamespace(rel));
-	Relation	idx;
+	Relation	idx = index_open(LedgerIndexOid(rel, index), AccessShareLock);
 	ScanKeyData sk[INDEX_MAX_KEYS];
 	IndexScanDesc scan;
 	bool		found;
 
-	if (!OidIsValid(indexid))
-		elog(ERROR, "index loyalty.%s does not exist", index);
-	idx = index_open(indexid, AccessShareLock);
 	for (int i = 0; i < nkeys; i++)
 	{
+		/* the keys of the indexes looked up here are bigint or text */
 		Oid			type = idx->rd_opcintype[i];
-		Oid			op = get_opfamily_member(idx->rd_opfamily[i], type, type, BTEqualStrategyNumber);
 
+		if (type != INT8OID && type != TEXTOID)
+			elog(ERROR, "index loyalty.%s has a key of type %u", index, type);
 		ScanKeyEntryInitialize(&sk[i], 0, i + 1, BTEqualStrategyNumber, type, idx->rd_indcollation[i],
-							   get_opcode(op), keys[i]);
+							   type == INT8OID ? F_INT8EQ : F_TEXTEQ, keys[i]);
 	}
 	scan = index_beginscan(rel, idx, snap, nkeys, 0);
 	index_rescan(scan, sk, nkeys, NULL, 0);
@@ -108,16 +106,6 @@ FastFetch(Relation rel, const char *index, int nkeys, const Datum *keys, Snapsho
 	index_endscan(scan);
 	index_close(idx, NoLock);
 	return found;
-}
-
-static Relation
-FastOpen(const char *table)
-{
-	Oid			relid = get_relname_relid(table, get_namespace_oid("loyalty", false));
-
-	if (!OidIsValid(relid))
-		elog(ERROR, "table loyalty.%s does not exist", table);
-	return table_open(relid, RowShareLock);
 }
 
 /* A column of a loyalty table's row by name. */
@@ -209,9 +197,9 @@ AccrualFastInsert(AccrualBatch *b, TriggerData *trig, const char *const *cols)
 	ok = false;
 
 	snap = RegisterSnapshot(GetTransactionSnapshot());
-	member = FastOpen("member");
-	account = FastOpen("account");
-	accrual = FastOpen("accrual");
+	member = LedgerOpenTable("member", RowShareLock);
+	account = LedgerOpenTable("account", RowShareLock);
+	accrual = LedgerOpenTable("accrual", RowShareLock);
 	ms = table_slot_create(member, NULL);
 	as = table_slot_create(account, NULL);
 	xs = table_slot_create(accrual, NULL);
@@ -246,7 +234,7 @@ AccrualFastInsert(AccrualBatch *b, TriggerData *trig, const char *const *cols)
 		AccrualAddHead(b, r->account_id, head, isnull, &as->tts_tid);
 		keys[0] = Int64GetDatum(r->account_id);
 		{
-			Relation	debt = FastOpen("accrual_debt");
+			Relation	debt = LedgerOpenTable("accrual_debt", AccessShareLock);
 			TupleTableSlot *ds = table_slot_create(debt, NULL);
 
 			b->has_debts = FastFetch(debt, "accrual_debt_open_idx", 1, keys, snap, ds);

@@ -16,14 +16,11 @@
 #include "postgres.h"
 
 #include "access/xact.h"
-#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
-#include "commands/sequence.h"
 #include "common/int.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
-#include "nodes/makefuncs.h"
 #include "storage/itemptr.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -681,9 +678,9 @@ AccrualTextOrNull(const char *s, bool *isnull)
  * the member lock does not cover, the same ref for two members).
  */
 static int64
-AccrualInsertPurchases(AccrualBatch *b, Oid seq, int *which, int n)
+AccrualInsertPurchases(AccrualBatch *b, int *which, int n)
 {
-	LedgerWriter *w = LedgerWriterOpen("accrual", accrual_cols, lengthof(accrual_cols), NULL,
+	LedgerWriter *w = LedgerWriterOpen("accrual", accrual_cols, lengthof(accrual_cols), "accrual_id_seq",
 									   n > ACCRUAL_SMALL, "accrual_program_id_ref_key");
 	Datum		program = Int64GetDatum(b->program_id);
 	Datum		posted = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
@@ -697,7 +694,7 @@ AccrualInsertPurchases(AccrualBatch *b, Oid seq, int *which, int n)
 	{
 		AccrualRow *r = &b->rows[which[k]];
 
-		r->accrual_id = nextval_internal(seq, false);
+		r->accrual_id = LedgerWriterNextId(w);
 		memset(w->nulls, 0, sizeof(w->nulls));
 		w->values[0] = Int64GetDatum(r->accrual_id);
 		w->values[1] = program;
@@ -888,7 +885,6 @@ AccrualWrite(AccrualBatch *b)
 	int		   *which = palloc(sizeof(int) * Max(b->nrows, 1));
 	int			n = 0;
 	int			earning = 0;
-	Oid			seq;
 
 	for (int i = 0; i < b->nrows; i++)
 	{
@@ -906,11 +902,10 @@ AccrualWrite(AccrualBatch *b)
 		return;
 
 	AccrualExpiries(b);
-	seq = RangeVarGetRelid(makeRangeVar("loyalty", "accrual_id_seq", -1), NoLock, false);
 	for (int k = 0; k < n; k++)
 		if (b->rows[which[k]].points > 0)
 			earning++;
-	b->ninserted = AccrualInsertPurchases(b, seq, which, n);
+	b->ninserted = AccrualInsertPurchases(b, which, n);
 	if (earning > 0 && b->ninserted > 0)
 	{
 		bool		bulk = earning > ACCRUAL_SMALL;

@@ -32,6 +32,24 @@
 
 #include "ledger_write.h"
 
+/* Open loyalty.<table> with the lock given. */
+Relation
+LedgerOpenTable(const char *table, LOCKMODE mode)
+{
+	return table_open(RangeVarGetRelid(makeRangeVar("loyalty", (char *) table, -1), mode, false), NoLock);
+}
+
+/* The Oid of an index of a loyalty table, by name; an error if there is none. */
+Oid
+LedgerIndexOid(Relation rel, const char *index)
+{
+	Oid			idx = get_relname_relid(index, RelationGetNamespace(rel));
+
+	if (!OidIsValid(idx))
+		elog(ERROR, "index loyalty.%s does not exist", index);
+	return idx;
+}
+
 /*
  * The number of a column of a loyalty table, from the relation's descriptor
  * (no catalog look-up on the posting path); an error if there is none.
@@ -60,13 +78,11 @@ LedgerWriterOpen(const char *table, const char *const *columns, int ncols, const
 				 bool bulk, const char *arbiter)
 {
 	LedgerWriter *w = palloc0(sizeof(LedgerWriter));
-	Oid			relid;
 	TupleDesc	desc;
 	int			given = 0;
 
 	Assert(ncols <= LEDGER_WRITER_MAX_COLS);
-	relid = RangeVarGetRelid(makeRangeVar("loyalty", (char *) table, -1), RowExclusiveLock, false);
-	w->rel = table_open(relid, NoLock);
+	w->rel = LedgerOpenTable(table, RowExclusiveLock);
 	desc = RelationGetDescr(w->rel);
 	w->ncols = ncols;
 	for (int c = 0; c < ncols; c++)
@@ -83,11 +99,7 @@ LedgerWriterOpen(const char *table, const char *const *columns, int ncols, const
 	ExecOpenIndices(w->rri, arbiter != NULL);
 	if (arbiter != NULL)
 	{
-		Oid			idx = get_relname_relid(arbiter, RelationGetNamespace(w->rel));
-
-		if (!OidIsValid(idx))
-			elog(ERROR, "index loyalty.%s does not exist", arbiter);
-		w->arbiters = list_make1_oid(idx);
+		w->arbiters = list_make1_oid(LedgerIndexOid(w->rel, arbiter));
 	}
 	w->slot = table_slot_create(w->rel, NULL);
 	w->update_slot = MakeSingleTupleTableSlot(RelationGetDescr(w->rel), &TTSOpsHeapTuple);

@@ -32,6 +32,8 @@ typedef struct LedgerWriter
 	Oid			seq;			/* the sequence of the first column, or InvalidOid */
 } LedgerWriter;
 
+extern Relation LedgerOpenTable(const char *table, LOCKMODE mode);
+extern Oid	LedgerIndexOid(Relation rel, const char *index);
 extern AttrNumber LedgerAttnum(Relation rel, const char *name);
 extern LedgerWriter *LedgerWriterOpen(const char *table, const char *const *columns, int ncols,
 									  const char *sequence, bool bulk, const char *arbiter);
