@@ -40,7 +40,7 @@ CREATE TABLE loyalty.accrual (
     points          bigint NOT NULL,
     vests_at        timestamptz NOT NULL,
     expires_at      timestamptz,
-    breakdown       jsonb NOT NULL,
+    breakdown       json NOT NULL,
     refunded_amount numeric NOT NULL DEFAULT 0,
     refunded_points bigint NOT NULL DEFAULT 0,
     posted_at       timestamptz NOT NULL DEFAULT now(),
@@ -218,7 +218,7 @@ DECLARE
     v_program bigint := loyalty._program_id(program);
     v jsonb;
 BEGIN
-    SELECT a.breakdown || jsonb_build_object(
+    SELECT a.breakdown::jsonb || jsonb_build_object(
                'ref', a.ref, 'member_ref', m.member_ref, 'amount', a.amount,
                'occurred_at', a.occurred_at, 'category', a.category, 'channel', a.channel,
                'store', a.store, 'expires_at', a.expires_at,

@@ -713,7 +713,7 @@ AccrualInsertPurchases(AccrualBatch *b, int *which, int n)
 		w->values[14] = TimestampTzGetDatum(r->vests_at);
 		w->nulls[15] = r->expires_null;
 		w->values[15] = TimestampTzGetDatum(r->expires_at);
-		w->values[16] = DirectFunctionCall1(jsonb_in, CStringGetDatum(r->breakdown));
+		w->values[16] = CStringGetTextDatum(r->breakdown);
 		w->values[17] = zero;
 		w->values[18] = Int64GetDatum(0);
 		w->values[19] = posted;

@@ -722,13 +722,22 @@ AccrualExcluded(const AccrualCond *c, const AccrualInput *in)
 		AccrualIn(in->tier, c->ntier, c->tier);
 }
 
-/* A number as JSON: at most 6 decimals, no trailing zeros. */
+/*
+ * A number as JSON: at most 6 decimals, no trailing zeros.  The breakdown is
+ * stored as json text without being parsed again, so it must always be valid:
+ * a non-finite value (never posted: rounding refuses it) is written as null.
+ */
 static void
 AccrualNumber(StringInfo buf, double d)
 {
-	char		s[64];
+	char		s[400];
 	int			len;
 
+	if (!isfinite(d))
+	{
+		appendStringInfoString(buf, "null");
+		return;
+	}
 	snprintf(s, sizeof(s), "%.6f", d);
 	len = strlen(s);
 	while (len > 0 && s[len - 1] == '0')

@@ -119,14 +119,14 @@ FROM (VALUES
 ORDER BY at;
 
 -- Each breakdown reproduces the points posted.
-SELECT ref, rule_version, points, breakdown FROM loyalty.accrual ORDER BY occurred_at;
+SELECT ref, rule_version, points, breakdown::jsonb FROM loyalty.accrual ORDER BY occurred_at;
 -- (posted amount = breakdown points = rounded + bonuses - caps cut; no row differs)
 SELECT a.ref, a.points, t.amount AS posted
 FROM loyalty.accrual a LEFT JOIN loyalty.transfer t ON t.kind = 'accrual' AND t.ref = a.ref
 WHERE coalesce(t.amount::bigint, 0) <> a.points
-   OR (a.breakdown ? 'rounded' AND (a.breakdown ->> 'rounded')::bigint
-        + coalesce((SELECT sum((b ->> 'points')::bigint) FROM jsonb_array_elements(a.breakdown -> 'bonuses') b), 0)
-        - coalesce((SELECT sum((c ->> 'cut')::bigint) FROM jsonb_array_elements(a.breakdown -> 'caps') c), 0)
+   OR (a.breakdown::jsonb ? 'rounded' AND (a.breakdown ->> 'rounded')::bigint
+        + coalesce((SELECT sum((b ->> 'points')::bigint) FROM json_array_elements(a.breakdown -> 'bonuses') b), 0)
+        - coalesce((SELECT sum((c ->> 'cut')::bigint) FROM json_array_elements(a.breakdown -> 'caps') c), 0)
         <> a.points);
 SELECT * FROM loyalty.accrual_campaign;
 
