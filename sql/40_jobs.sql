@@ -57,8 +57,10 @@ SELECT pg_catalog.pg_extension_config_dump('loyalty.job_run_id_seq', '');
 REVOKE ALL ON loyalty.job, loyalty.job_run FROM PUBLIC;
 REVOKE ALL ON SEQUENCE loyalty.job_run_id_seq FROM PUBLIC;
 
--- The expire job finds due lots by expiry; the vest job finds pending lots.
-CREATE INDEX lot_expiry_idx ON loyalty.lot (expires_at, id) WHERE remaining > 0;
+-- The expire job finds due lots by expiry (lots that never expire have no
+-- entry: a program without expiry pays nothing for it); the vest job finds
+-- pending lots.
+CREATE INDEX lot_expiry_idx ON loyalty.lot (expires_at, id) WHERE remaining > 0 AND expires_at IS NOT NULL;
 CREATE INDEX lot_pending_idx ON loyalty.lot (vests_at) WHERE pending;
 
 -- The handler of a job, resolved now, or a precise error.
