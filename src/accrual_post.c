@@ -671,6 +671,42 @@ AccrualTextOrNull(const char *s, bool *isnull)
 	return s ? CStringGetTextDatum(s) : (Datum) 0;
 }
 
+static bool
+AccrualSameText(const char *s, Datum d, bool isnull)
+{
+	if (s == NULL || isnull)
+		return s == NULL && isnull;
+	return strcmp(s, TextDatumGetCString(d)) == 0;
+}
+
+/*
+ * A purchase whose ref a concurrent transaction posted first (the row at
+ * tid, which it committed): the same purchase is a replay and earns
+ * nothing more; a different one is refused as it would have been had it
+ * come second (23505, quarantined or raised by the caller).
+ */
+static void
+AccrualLostRace(AccrualRow *r, LedgerWriter *w, ItemPointer tid)
+{
+	Datum		attrs = r->attrs_null ? DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")) : r->attrs;
+	bool		same;
+
+	r->accrual_id = 0;
+	LedgerWriterFetch(w, tid);
+	same = DatumGetInt64(w->values[3]) == r->member_id &&
+		DatumGetBool(DirectFunctionCall2(numeric_eq, w->values[5], r->amount)) &&
+		DatumGetTimestampTz(w->values[6]) == r->occurred_at &&
+		AccrualSameText(r->category, w->values[8], w->nulls[8]) &&
+		AccrualSameText(r->channel, w->values[9], w->nulls[9]) &&
+		AccrualSameText(r->store, w->values[10], w->nulls[10]) &&
+		DatumGetBool(DirectFunctionCall2(jsonb_eq, w->values[11], attrs));
+	r->existing = true;
+	r->existing_points = DatumGetInt64(w->values[13]);
+	if (!same)
+		r->problem = psprintf("ref \"%s\" was already used for a different purchase", r->ref),
+			r->sqlstate = "23505";
+}
+
 /*
  * The purchases of the chunk (rows listed in which[]); returns how many
  * were inserted and leaves ->accrual_id 0 on the rows a concurrent
@@ -688,6 +724,7 @@ AccrualInsertPurchases(AccrualBatch *b, int *which, int n)
 	Datum		zero = DirectFunctionCall3(numeric_in, CStringGetDatum("0"), ObjectIdGetDatum(InvalidOid),
 										   Int32GetDatum(-1));
 	int64		inserted = 0;
+	ItemPointerData conflict;
 	MemoryContext old = AccrualChunkMemory(b);
 
 	for (int k = 0; k < n; k++)
@@ -717,10 +754,10 @@ AccrualInsertPurchases(AccrualBatch *b, int *which, int n)
 		w->values[17] = zero;
 		w->values[18] = Int64GetDatum(0);
 		w->values[19] = posted;
-		if (LedgerWriterInsertIfNew(w))
+		if (LedgerWriterInsertIfNew(w, &conflict))
 			inserted++;
 		else
-			r->accrual_id = 0;
+			AccrualLostRace(r, w, &conflict);
 	}
 	MemoryContextSwitchTo(old);
 	LedgerWriterClose(w);
@@ -932,6 +969,43 @@ AccrualWrite(AccrualBatch *b)
 	}
 }
 
+/*
+ * The application's row of a purchase refused only when it was written (a
+ * ref posted meanwhile by another transaction, or twice in one statement):
+ * the read query keeps whole rows only for the problems it sees, so it is
+ * read again from the transition table, for the quarantine to keep it.
+ */
+static void
+AccrualWholeRow(AccrualBatch *b, AccrualRow *r)
+{
+	Oid			types[6] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID, TEXTOID, TEXTOID, NUMERICOID};
+	Datum		args[6];
+	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
+	char	   *sql;
+
+	if (b->source_sql == NULL || !r->whole_null)
+		return;
+	args[0] = Int64GetDatum(b->program_id);
+	args[1] = TimestampTzGetDatum(b->earliest);
+	args[2] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+	args[3] = CStringGetTextDatum(r->ref);
+	args[4] = CStringGetTextDatum(r->member_ref);
+	args[5] = r->amount;
+	sql = psprintf("SELECT to_jsonb(n.whole) FROM (%s) n"
+				   " WHERE n.ref = $4 AND n.member_ref = $5 AND n.amount = $6 LIMIT 1",
+				   b->source_sql);
+	LedgerExpect(SPI_execute_with_args(sql, 6, types, args, nulls, true, 1), SPI_OK_SELECT,
+				 "reading a refused purchase");
+	if (SPI_processed == 1)
+	{
+		Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &r->whole_null);
+
+		if (!r->whole_null)
+			r->whole = datumCopy(d, false, -1);
+	}
+	SPI_freetuptable(SPI_tuptable);
+}
+
 /* Rows that could not earn, into the quarantine. */
 static void
 AccrualQuarantine(AccrualBatch *b)
@@ -956,6 +1030,8 @@ AccrualQuarantine(AccrualBatch *b)
 
 		if (r->problem == NULL)
 			continue;
+		if (r->existing && r->whole_null)
+			AccrualWholeRow(b, r);
 		nulls[0][n] = r->ref == NULL;
 		cols[0][n] = r->ref ? CStringGetTextDatum(r->ref) : (Datum) 0;
 		nulls[1][n] = r->member_ref == NULL;

@@ -66,6 +66,7 @@ typedef struct AccrualBatch
 	bool		has_debts;		/* the program has outstanding refund debts */
 	int64		issuance;
 	Oid			source;			/* the application's table; InvalidOid for the function API */
+	const char *source_sql;		/* the trigger's query over its transition table, or NULL */
 	AccrualProgramRules *rules;
 	TimestampTz earliest;		/* when the first rule version starts */
 	int			nrows;

@@ -166,6 +166,7 @@ AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, int6
 	args[0] = Int64GetDatum(b->program_id);
 	args[1] = TimestampTzGetDatum(b->earliest);
 	args[2] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+	b->source_sql = source;
 	if (nrows == 1)
 	{
 		const char *const cols[7] = {s->ref, s->member, s->amount, s->occurred_at, s->category,

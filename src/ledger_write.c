@@ -146,12 +146,13 @@ LedgerWriterSlot(LedgerWriter *w)
  * Append the row unless a row with the same key in the arbiter index exists
  * or is being inserted (then, as ON CONFLICT DO NOTHING does, wait for its
  * transaction and skip if it committed): returns whether it was appended.
+ * When it was not, *conflict (if given) is the row that holds the key.
  */
 bool
-LedgerWriterInsertIfNew(LedgerWriter *w)
+LedgerWriterInsertIfNew(LedgerWriter *w, ItemPointer conflict)
 {
 	TupleTableSlot *slot = LedgerWriterSlot(w);
-	ItemPointerData conflict;
+	ItemPointerData found;
 
 	Assert(w->arbiters != NIL);
 	for (;;)
@@ -160,8 +161,10 @@ LedgerWriterInsertIfNew(LedgerWriter *w)
 		bool		lost = false;
 		List	   *recheck;
 
-		if (!ExecCheckIndexConstraints(w->rri, slot, w->estate, &conflict, w->arbiters))
+		if (!ExecCheckIndexConstraints(w->rri, slot, w->estate, &found, w->arbiters))
 		{
+			if (conflict != NULL)
+				*conflict = found;
 			ResetPerTupleExprContext(w->estate);
 			return false;
 		}

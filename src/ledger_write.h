@@ -39,7 +39,7 @@ extern LedgerWriter *LedgerWriterOpen(const char *table, const char *const *colu
 									  const char *sequence, bool bulk, const char *arbiter);
 extern int64 LedgerWriterNextId(LedgerWriter *w);
 extern void LedgerWriterInsert(LedgerWriter *w);
-extern bool LedgerWriterInsertIfNew(LedgerWriter *w);
+extern bool LedgerWriterInsertIfNew(LedgerWriter *w, ItemPointer conflict);
 extern void LedgerWriterFetch(LedgerWriter *w, ItemPointer tid);
 extern void LedgerWriterUpdate(LedgerWriter *w, ItemPointer tid);
 extern void LedgerWriterClose(LedgerWriter *w);

@@ -67,14 +67,20 @@ SELECT count(*) AS accrual_transfers FROM loyalty.transfer WHERE kind = 'accrual
 SELECT loyalty.accrue('shop', 'c1', 20.00, 'o2', '2025-02-01 11:00+00', 'electronics') AS replay_same;
 -- A second shop's table feeding the same program: a row reusing the ref of a
 -- different purchase goes to the quarantine (23505), the same one is skipped.
+-- Within one statement too: w1 twice is one purchase; w2 for c2 then for c1
+-- earns for c2, and c1's row is quarantined with all its data.
 CREATE TABLE public.web_orders (ref text, member text, amount numeric, at timestamptz);
 SELECT loyalty.attach_accrual('public.web_orders', 'shop', 'member', 'amount', 'ref', 'at');
 INSERT INTO public.web_orders VALUES ('o1', 'c1', 10.00, '2025-02-01 10:00+00'),
                                      ('o2', 'c1', 99.00, '2025-02-01 11:00+00'),
                                      ('w1', 'c2', 1.00, '2025-02-01 11:00+00'),
-                                     ('w1', 'c2', 1.00, '2025-02-01 11:00+00');
-SELECT ref, sqlstate, reason FROM loyalty.accrual_quarantine WHERE source = 'public.web_orders'::regclass;
-SELECT ref, points FROM loyalty.accrual WHERE ref = 'w1';
+                                     ('w1', 'c2', 1.00, '2025-02-01 11:00+00'),
+                                     ('w2', 'c2', 3.00, '2025-02-01 12:00+00'),
+                                     ('w2', 'c1', 4.00, '2025-02-01 12:00+00');
+SELECT ref, member_ref, sqlstate, reason, row_data FROM loyalty.accrual_quarantine
+WHERE source = 'public.web_orders'::regclass ORDER BY id;
+SELECT a.ref, m.member_ref, a.points FROM loyalty.accrual a JOIN loyalty.member m ON m.id = a.member_id
+WHERE a.ref IN ('w1', 'w2') ORDER BY a.ref;
 SELECT loyalty.detach_accrual('public.web_orders');
 
 -- UPDATE lowering an amount refunds in proportion; raising it does not earn.
