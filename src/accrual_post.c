@@ -970,35 +970,61 @@ AccrualWrite(AccrualBatch *b)
 }
 
 /*
- * The application's row of a purchase refused only when it was written (a
- * ref posted meanwhile by another transaction, or twice in one statement):
- * the read query keeps whole rows only for the problems it sees, so it is
- * read again from the transition table, for the quarantine to keep it.
+ * The application's rows of purchases refused only when they were written
+ * (a ref posted meanwhile by another transaction, or twice in one
+ * statement): the read query keeps whole rows only for the problems it
+ * sees, so they are read again from the transition table, all in one
+ * join, for the quarantine to keep them.
  */
 static void
-AccrualWholeRow(AccrualBatch *b, AccrualRow *r)
+AccrualWholeRows(AccrualBatch *b)
 {
-	Oid			types[6] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID, TEXTOID, TEXTOID, NUMERICOID};
-	Datum		args[6];
-	char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
+	static const Oid types[] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID, INT4ARRAYOID, TEXTARRAYOID,
+	TEXTARRAYOID, NUMERICARRAYOID};
+	Datum		args[7];
+	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	Datum	   *cols[4];
+	int			n = 0;
 	char	   *sql;
 
-	if (b->source_sql == NULL || !r->whole_null)
+	if (b->source_sql == NULL)
+		return;
+	for (int c = 0; c < 4; c++)
+		cols[c] = palloc(sizeof(Datum) * Max(b->nrows, 1));
+	for (int i = 0; i < b->nrows; i++)
+	{
+		AccrualRow *r = &b->rows[i];
+
+		if (r->problem == NULL || !r->existing || !r->whole_null)
+			continue;
+		cols[0][n] = Int32GetDatum(i);
+		cols[1][n] = CStringGetTextDatum(r->ref);
+		cols[2][n] = CStringGetTextDatum(r->member_ref);
+		cols[3][n] = r->amount;
+		n++;
+	}
+	if (n == 0)
 		return;
 	args[0] = Int64GetDatum(b->program_id);
 	args[1] = TimestampTzGetDatum(b->earliest);
 	args[2] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
-	args[3] = CStringGetTextDatum(r->ref);
-	args[4] = CStringGetTextDatum(r->member_ref);
-	args[5] = r->amount;
-	sql = psprintf("SELECT to_jsonb(n.whole) FROM (%s) n"
-				   " WHERE n.ref = $4 AND n.member_ref = $5 AND n.amount = $6 LIMIT 1",
+	args[3] = AccrualArray(cols[0], NULL, n, INT4OID);
+	args[4] = AccrualArray(cols[1], NULL, n, TEXTOID);
+	args[5] = AccrualArray(cols[2], NULL, n, TEXTOID);
+	args[6] = AccrualArray(cols[3], NULL, n, NUMERICOID);
+	sql = psprintf("SELECT DISTINCT ON (q.i) q.i, to_jsonb(n.whole)"
+				   "  FROM unnest($4, $5, $6, $7) AS q(i, ref, member_ref, amount)"
+				   "  JOIN (%s) n ON n.ref = q.ref AND n.member_ref = q.member_ref AND n.amount = q.amount"
+				   " ORDER BY q.i",
 				   b->source_sql);
-	LedgerExpect(SPI_execute_with_args(sql, 6, types, args, nulls, true, 1), SPI_OK_SELECT,
-				 "reading a refused purchase");
-	if (SPI_processed == 1)
+	LedgerExpect(SPI_execute_with_args(sql, 7, (Oid *) types, args, nulls, true, 0), SPI_OK_SELECT,
+				 "reading refused purchases");
+	for (uint64 k = 0; k < SPI_processed; k++)
 	{
-		Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &r->whole_null);
+		HeapTuple	tup = SPI_tuptable->vals[k];
+		bool		isnull;
+		AccrualRow *r = &b->rows[DatumGetInt32(SPI_getbinval(tup, SPI_tuptable->tupdesc, 1, &isnull))];
+		Datum		d = SPI_getbinval(tup, SPI_tuptable->tupdesc, 2, &r->whole_null);
 
 		if (!r->whole_null)
 			r->whole = datumCopy(d, false, -1);
@@ -1019,6 +1045,7 @@ AccrualQuarantine(AccrualBatch *b)
 	int			n = 0;
 	MemoryContext old = AccrualChunkMemory(b);
 
+	AccrualWholeRows(b);
 	for (int c = 0; c < 5; c++)
 	{
 		cols[c] = palloc(sizeof(Datum) * Max(b->nrows, 1));
@@ -1030,8 +1057,6 @@ AccrualQuarantine(AccrualBatch *b)
 
 		if (r->problem == NULL)
 			continue;
-		if (r->existing && r->whole_null)
-			AccrualWholeRow(b, r);
 		nulls[0][n] = r->ref == NULL;
 		cols[0][n] = r->ref ? CStringGetTextDatum(r->ref) : (Datum) 0;
 		nulls[1][n] = r->member_ref == NULL;
