@@ -18,10 +18,12 @@
 #include "postgres.h"
 
 #include "access/heapam.h"
+#include "access/relation.h"
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_class.h"
 #include "commands/sequence.h"
 #include "executor/executor.h"
 #include "nodes/makefuncs.h"
@@ -32,11 +34,57 @@
 
 #include "ledger_write.h"
 
+/*
+ * The loyalty tables a backend has opened, by name: a sale opens half a
+ * dozen, and looking each name up in the catalog was a visible part of its
+ * cost. An entry is only a guess, checked on every use (the relation with
+ * that Oid is still a table of that name in the same schema), so a dropped
+ * and re-created extension is simply looked up again.
+ */
+#define LEDGER_TABLES 16
+
+typedef struct LedgerTableOid
+{
+	const char *name;			/* a string constant of our code */
+	Oid			relid;
+	Oid			nsp;
+} LedgerTableOid;
+
+static LedgerTableOid ledger_tables[LEDGER_TABLES];
+
+static LedgerTableOid *
+LedgerTableEntry(const char *table)
+{
+	for (int i = 0; i < LEDGER_TABLES; i++)
+		if (ledger_tables[i].name == NULL || strcmp(ledger_tables[i].name, table) == 0)
+			return &ledger_tables[i];
+	return NULL;
+}
+
 /* Open loyalty.<table> with the lock given. */
 Relation
 LedgerOpenTable(const char *table, LOCKMODE mode)
 {
-	return table_open(RangeVarGetRelid(makeRangeVar("loyalty", (char *) table, -1), mode, false), NoLock);
+	LedgerTableOid *e = LedgerTableEntry(table);
+	Relation	rel;
+	Oid			relid;
+
+	if (e != NULL && e->name != NULL && (rel = try_relation_open(e->relid, mode)) != NULL)
+	{
+		if (rel->rd_rel->relkind == RELKIND_RELATION && RelationGetNamespace(rel) == e->nsp &&
+			strcmp(RelationGetRelationName(rel), table) == 0)
+			return rel;
+		relation_close(rel, mode);
+	}
+	relid = RangeVarGetRelid(makeRangeVar("loyalty", (char *) table, -1), mode, false);
+	rel = table_open(relid, NoLock);
+	if (e != NULL)
+	{
+		e->name = table;
+		e->relid = relid;
+		e->nsp = RelationGetNamespace(rel);
+	}
+	return rel;
 }
 
 /* The Oid of an index of a loyalty table, by name; an error if there is none. */
@@ -96,9 +144,10 @@ LedgerWriterOpen(const char *table, const char *const *columns, int ncols, const
 	w->estate = CreateExecutorState();
 	w->rri = makeNode(ResultRelInfo);
 	InitResultRelInfo(w->rri, w->rel, 0, NULL, 0);
-	ExecOpenIndices(w->rri, arbiter != NULL);
 	if (arbiter != NULL)
 	{
+		ExecOpenIndices(w->rri, true);
+		w->indices_open = true;
 		w->arbiters = list_make1_oid(LedgerIndexOid(w->rel, arbiter));
 	}
 	w->slot = table_slot_create(w->rel, NULL);
@@ -117,6 +166,20 @@ LedgerWriterNextId(LedgerWriter *w)
 {
 	Assert(OidIsValid(w->seq));
 	return nextval_internal(w->seq, false);
+}
+
+/*
+ * The table's indexes, opened when first needed: a writer that only
+ * rewrites rows in place (heap-only updates) never opens them.
+ */
+static void
+LedgerWriterIndices(LedgerWriter *w)
+{
+	if (!w->indices_open)
+	{
+		ExecOpenIndices(w->rri, false);
+		w->indices_open = true;
+	}
 }
 
 /* The row in w->values/w->nulls, in the writer's slot, NOT NULL checked. */
@@ -189,6 +252,7 @@ LedgerWriterInsert(LedgerWriter *w)
 	List	   *recheck;
 
 	table_tuple_insert(w->rel, slot, w->cid, 0, w->bistate);
+	LedgerWriterIndices(w);
 	if (w->rri->ri_NumIndices > 0)
 	{
 		recheck = ExecInsertIndexTuples(w->rri, slot, w->estate, false, false, NULL, NIL);
@@ -211,10 +275,12 @@ LedgerWriterUpdate(LedgerWriter *w, ItemPointer tid)
 
 	simple_heap_update(w->rel, tid, tuple);
 	*tid = tuple->t_self;
-	if (w->rri->ri_NumIndices > 0 && !HeapTupleIsHeapOnly(tuple))
+	if (!HeapTupleIsHeapOnly(tuple))
 	{
+		LedgerWriterIndices(w);
 		ExecStoreHeapTuple(tuple, w->update_slot, false);
-		list_free(ExecInsertIndexTuples(w->rri, w->update_slot, w->estate, true, false, NULL, NIL));
+		if (w->rri->ri_NumIndices > 0)
+			list_free(ExecInsertIndexTuples(w->rri, w->update_slot, w->estate, true, false, NULL, NIL));
 	}
 	ResetPerTupleExprContext(w->estate);
 }
@@ -242,7 +308,8 @@ LedgerWriterFetch(LedgerWriter *w, ItemPointer tid)
 void
 LedgerWriterClose(LedgerWriter *w)
 {
-	ExecCloseIndices(w->rri);
+	if (w->indices_open)
+		ExecCloseIndices(w->rri);
 	if (w->bistate != NULL)
 		FreeBulkInsertState(w->bistate);
 	ExecDropSingleTupleTableSlot(w->slot);

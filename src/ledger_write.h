@@ -23,6 +23,7 @@ typedef struct LedgerWriter
 	TupleTableSlot *update_slot;	/* a heap tuple slot: LedgerWriterUpdate */
 	TupleTableSlot *fetch_slot; /* the table's own slot: LedgerWriterFetch */
 	List	   *arbiters;		/* LedgerWriterInsertIfNew's unique index */
+	bool		indices_open;	/* ExecOpenIndices done (when first needed) */
 	BulkInsertState bistate;
 	CommandId	cid;
 	int			ncols;
