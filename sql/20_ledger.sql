@@ -21,6 +21,19 @@ CREATE TABLE loyalty.program (
 ALTER SEQUENCE loyalty.program_id_seq OWNED BY loyalty.program.id;
 COMMENT ON TABLE loyalty.program IS 'A loyalty program: code, name, time zone and options (point value, expiry policy, ...)';
 
+-- Every options document a program has had, with the note that explains
+-- the change (create_program writes version 1, update_program the next).
+CREATE TABLE loyalty.program_version (
+    program_id  bigint NOT NULL REFERENCES loyalty.program,
+    version     integer NOT NULL CHECK (version > 0),
+    options     jsonb NOT NULL,
+    note        text NOT NULL,
+    changed_by  text NOT NULL DEFAULT session_user,
+    changed_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (program_id, version)
+);
+COMMENT ON TABLE loyalty.program_version IS 'Every options document of each program, with the note, author and time of the change; append-only';
+
 CREATE SEQUENCE loyalty.member_id_seq;
 CREATE TABLE loyalty.member (
     id          bigint PRIMARY KEY DEFAULT nextval('loyalty.member_id_seq'),
@@ -131,6 +144,7 @@ COMMENT ON TABLE loyalty.lot_use IS 'Which lots each debit consumed (positive am
 
 SELECT pg_catalog.pg_extension_config_dump('loyalty.program', '');
 SELECT pg_catalog.pg_extension_config_dump('loyalty.program_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('loyalty.program_version', '');
 SELECT pg_catalog.pg_extension_config_dump('loyalty.member', '');
 SELECT pg_catalog.pg_extension_config_dump('loyalty.member_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('loyalty.member_contact', '');
@@ -166,6 +180,12 @@ CREATE TRIGGER lot_no_truncate BEFORE TRUNCATE ON loyalty.lot
     FOR EACH STATEMENT EXECUTE FUNCTION loyalty.refuse_change();
 ALTER TABLE loyalty.lot ENABLE ALWAYS TRIGGER lot_no_delete;
 ALTER TABLE loyalty.lot ENABLE ALWAYS TRIGGER lot_no_truncate;
+CREATE TRIGGER program_version_append_only BEFORE UPDATE OR DELETE ON loyalty.program_version
+    FOR EACH ROW EXECUTE FUNCTION loyalty.refuse_change();
+CREATE TRIGGER program_version_no_truncate BEFORE TRUNCATE ON loyalty.program_version
+    FOR EACH STATEMENT EXECUTE FUNCTION loyalty.refuse_change();
+ALTER TABLE loyalty.program_version ENABLE ALWAYS TRIGGER program_version_append_only;
+ALTER TABLE loyalty.program_version ENABLE ALWAYS TRIGGER program_version_no_truncate;
 
 REVOKE ALL ON ALL TABLES IN SCHEMA loyalty FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA loyalty FROM PUBLIC;

@@ -320,9 +320,43 @@ BEGIN
     END IF;
     INSERT INTO loyalty.account (program_id, kind)
     SELECT v_id, k FROM unnest(ARRAY['issuance', 'breakage', 'redemption', 'adjustment', 'donation']) k;
+    INSERT INTO loyalty.program_version (program_id, version, options, note)
+    VALUES (v_id, 1, options, 'created');
     RETURN v_id;
 END $$;
 COMMENT ON FUNCTION loyalty.create_program(text, text, text, jsonb) IS 'Creates a program with its system accounts; idempotent on code when the settings are the same';
+
+CREATE FUNCTION loyalty.update_program(code text, options jsonb, note text)
+RETURNS integer LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
+#variable_conflict use_column
+DECLARE
+    v_program loyalty.program;
+    v_version integer;
+BEGIN
+    IF code IS NULL OR options IS NULL OR note IS NULL THEN
+        RAISE EXCEPTION 'code, options and note must not be null'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
+    IF btrim(note) = '' THEN
+        RAISE EXCEPTION 'a change of program options needs a note'
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Say why the options change: the note is kept with the new version.';
+    END IF;
+    PERFORM loyalty._check_options(options);
+    -- the program's row lock orders concurrent changes; versions follow it
+    SELECT * INTO v_program FROM loyalty.program p
+    WHERE p.id = loyalty._program_id(update_program.code) FOR UPDATE;
+    SELECT max(v.version) INTO v_version FROM loyalty.program_version v WHERE v.program_id = v_program.id;
+    IF v_program.options = options THEN
+        RETURN v_version;
+    END IF;
+    v_version := coalesce(v_version, 0) + 1;
+    INSERT INTO loyalty.program_version (program_id, version, options, note)
+    VALUES (v_program.id, v_version, options, note);
+    UPDATE loyalty.program p SET options = update_program.options WHERE p.id = v_program.id;
+    RETURN v_version;
+END $$;
+COMMENT ON FUNCTION loyalty.update_program(text, jsonb, text) IS 'Replaces a program''s options document (validated as in create_program), keeping the previous ones with the note that explains the change; returns the version in force (unchanged when the options are the same)';
 
 CREATE FUNCTION loyalty.enroll(program text, member_ref text, email text DEFAULT NULL, phone text DEFAULT NULL,
                                birthday date DEFAULT NULL, country text DEFAULT NULL, attrs jsonb DEFAULT '{}',

@@ -197,16 +197,16 @@ FROM loyalty.statement('neg', 'n2', pg_temp.refund_at('b1-r2'));
 -- Under "debt", returning 30.00 owes 30, which the balance does not show.
 SELECT loyalty.accrue('neg', 'n3', 100, 'c1', now() - interval '10 days') AS earned;
 SELECT loyalty.adjust('neg', 'n3', -100, 'c1-spend', 'spent in store', now() - interval '5 days') > 0 AS spent;
-UPDATE loyalty.program SET options = '{"shortfall": "debt"}' WHERE code = 'neg';
+SELECT loyalty.update_program('neg', '{"shortfall": "debt"}', 'shortfall shown as debt') > 0 AS updated;
 SELECT loyalty.refund('neg', 'c1', 30.00, 'c1-r1') AS clawed;
 SELECT loyalty.balance('neg', 'n3') AS balance;
 -- switched to "negative": the 30 stay hidden; returning 20.00 more shows -20
-UPDATE loyalty.program SET options = '{"shortfall": "negative"}' WHERE code = 'neg';
+SELECT loyalty.update_program('neg', '{"shortfall": "negative"}', 'shortfall shown as a negative balance') > 0 AS updated;
 SELECT loyalty.balance('neg', 'n3') AS balance;
 SELECT loyalty.refund('neg', 'c1', 20.00, 'c1-r2') AS clawed;
 SELECT loyalty.balance('neg', 'n3') AS balance;
 -- switched back to "debt": the 20 stay shown
-UPDATE loyalty.program SET options = '{"shortfall": "debt"}' WHERE code = 'neg';
+SELECT loyalty.update_program('neg', '{"shortfall": "debt"}', 'shortfall shown as debt') > 0 AS updated;
 SELECT loyalty.balance('neg', 'n3') AS balance;
 SELECT refund_ref, amount, outstanding, shown_as_negative FROM loyalty.accrual_debt
 WHERE refund_ref LIKE 'c1-%' ORDER BY id;
@@ -229,7 +229,7 @@ SELECT available, lifetime_earned, lifetime_adjusted FROM loyalty.account_summar
 SELECT loyalty.enroll('neg', 'n4', occurred_at => '2025-01-01 00:00+00') > 0 AS enrolled;
 SELECT loyalty.accrue('neg', 'n4', 100, 'd1', now() - interval '10 days') AS earned;
 SELECT loyalty.adjust('neg', 'n4', -100, 'd1-spend', 'spent in store', now() - interval '5 days') > 0 AS spent;
-UPDATE loyalty.program SET options = '{"shortfall": "negative"}' WHERE code = 'neg';
+SELECT loyalty.update_program('neg', '{"shortfall": "negative"}', 'shortfall shown as a negative balance') > 0 AS updated;
 SELECT loyalty.refund('neg', 'd1') AS clawed;
 SELECT loyalty.earn('neg', 'n4', 30, 'd-bonus', 'goodwill') > 0 AS bonus;
 SELECT loyalty.balance('neg', 'n4') AS balance;

@@ -103,7 +103,7 @@ SELECT * FROM loyalty.replay_quarantine('shop');
 SELECT ref, points FROM loyalty.accrual WHERE ref IN ('o5', 'o6', 'o7') ORDER BY ref;
 
 -- Unknown members enrolled on first purchase, when the program says so.
-UPDATE loyalty.program SET options = '{"unknown_member": "enroll"}' WHERE code = 'shop';
+SELECT loyalty.update_program('shop', '{"unknown_member": "enroll"}', 'enrol unknown members') AS version;
 INSERT INTO public.orders VALUES ('o10', 'newbie', 7.00, '2025-02-03 10:00+00', 'books', NULL);
 SELECT m.member_ref, a.points FROM loyalty.accrual a JOIN loyalty.member m ON m.id = a.member_id WHERE a.ref = 'o10';
 -- and through the function API
