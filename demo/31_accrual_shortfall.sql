@@ -38,3 +38,11 @@ SELECT available, lifetime_earned, lifetime_adjusted FROM loyalty.account_summar
 \echo
 \echo == The journal and the lots are those of "debt": the chain verifies
 SELECT count(*) AS chain_problems FROM loyalty.verify_chain('kiosk');
+
+\echo
+\echo == The owner switches the kiosk to "debt", with a note: every options version is kept
+SELECT loyalty.update_program('kiosk', '{"shortfall": "debt"}',
+       'Owed points are kept apart from the balance from now on.') AS version;
+SELECT v.version, v.options, v.note
+FROM loyalty.program_version v JOIN loyalty.program p ON p.id = v.program_id
+WHERE p.code = 'kiosk' ORDER BY v.version;

@@ -14,7 +14,7 @@
  *
  * Anything unusual — a column type the path does not read, a missing or
  * inactive member, a repeated ref, an empty or overlong ref, no rules in
- * force, a NULL or negative amount, rules that need the birthday — returns
+ * force, a NULL or negative amount — returns
  * false before anything is written or locked but the account, and the
  * general path takes the row (it quarantines, enrols or replays exactly as
  * for any statement). So does a ref another transaction posted for another
@@ -33,6 +33,8 @@
 #include "executor/executor.h"
 #include "executor/tuptable.h"
 #include "utils/builtins.h"
+#include "utils/date.h"
+#include "utils/datetime.h"
 #include "utils/datum.h"
 #include "utils/fmgroids.h"
 #include "utils/numeric.h"
@@ -136,6 +138,40 @@ FastLock(Relation rel, TupleTableSlot *slot, Snapshot snap)
 }
 
 /*
+ * The month of the member's birthday (from its contact row, through the
+ * primary key), or 0 when it is not known: only for rules that use
+ * birthday_month, as the general path's read query joins the contact only
+ * for them.
+ */
+static int
+FastBirthMonth(int64 member_id, Snapshot snap)
+{
+	Relation	contact = LedgerOpenTable("member_contact", AccessShareLock);
+	TupleTableSlot *cs = table_slot_create(contact, NULL);
+	Datum		key = Int64GetDatum(member_id);
+	int			month = 0;
+
+	if (FastFetch(contact, "member_contact_pkey", 1, &key, snap, cs))
+	{
+		bool		isnull;
+		Datum		d = FastAttr(contact, cs, "birthday", &isnull);
+
+		if (!isnull && !DATE_NOT_FINITE(DatumGetDateADT(d)))
+		{
+			int			y,
+						m,
+						day;
+
+			j2date(DatumGetDateADT(d) + POSTGRES_EPOCH_JDATE, &y, &m, &day);
+			month = m;
+		}
+	}
+	ExecDropSingleTupleTableSlot(cs);
+	table_close(contact, NoLock);
+	return month;
+}
+
+/*
  * Post the one row of an INSERT statement's transition table, if nothing
  * about it needs the general path (see the top of this file). cols: the
  * attachment's ref, member, amount, occurred_at, category, channel and
@@ -149,19 +185,9 @@ AccrualFastInsert(AccrualBatch *b, TriggerData *trig, const char *const *cols)
 	Datum		v[7];
 	bool		n[7];
 	AccrualRow *r;
-	Relation	member;
-	Relation	account;
-	Relation	accrual;
-	TupleTableSlot *ms;
-	TupleTableSlot *as;
-	TupleTableSlot *xs;
-	Snapshot	snap;
-	Datum		keys[2];
-	Datum		d;
-	bool		isnull;
-	bool		ok = false;
+	bool		ok;
 
-	if (b->rules->uses_birthday || tuplestore_tuple_count(trig->tg_newtable) != 1)
+	if (tuplestore_tuple_count(trig->tg_newtable) != 1)
 		return false;
 	in = MakeSingleTupleTableSlot(RelationGetDescr(trig->tg_relation), &TTSOpsMinimalTuple);
 	/* a read pointer of our own, as a scan of the transition table takes */
@@ -185,17 +211,50 @@ AccrualFastInsert(AccrualBatch *b, TriggerData *trig, const char *const *cols)
 		r->store = FastText(v[6], n[6]);
 	}
 	ExecDropSingleTupleTableSlot(in);
-	if (!ok || r->occurred_at < b->earliest)
+	if (!ok)
+		return false;
+	r->attrs_null = true;
+	return AccrualFastPost(b, r);
+}
+
+/*
+ * Post one purchase (r: ref, member_ref, amount, occurred_at, category,
+ * channel, store and attrs set) if nothing about it needs the general path:
+ * an INSERT of one row into an attached table, or accrue(). Returns whether
+ * it was posted; when not, nothing was written and the caller's general
+ * path takes it.
+ */
+bool
+AccrualFastPost(AccrualBatch *b, AccrualRow *r)
+{
+	Relation	member;
+	Relation	account;
+	Relation	accrual;
+	TupleTableSlot *ms;
+	TupleTableSlot *as;
+	TupleTableSlot *xs;
+	Snapshot	snap;
+	Datum		keys[2];
+	Datum		d;
+	bool		isnull;
+	bool		ok = false;
+
+	if (r->occurred_at < b->earliest)
 		return false;
 	r->amount_d = DatumGetFloat8(DirectFunctionCall1(numeric_float8_no_overflow, r->amount));
-	r->attrs_null = true;
 	r->whole_null = true;
 	/* never raise for the application's row: an odd one is the general path's */
 	if (r->amount_d < 0 || r->ref[0] == '\0' || strlen(r->ref) > 200 ||
 		(r->rules = AccrualRulesAt(b->rules, r->occurred_at)) == NULL)
 		return false;
-	ok = false;
 
+	/*
+	 * Make what this transaction wrote so far visible to the look-ups and
+	 * the lock below, and this posting's writes a command of their own: a
+	 * statement calling accrue() for many rows (no SQL runs between the
+	 * calls on this path) must see each call's balance update in the next.
+	 */
+	CommandCounterIncrement();
 	snap = RegisterSnapshot(GetTransactionSnapshot());
 	member = LedgerOpenTable("member", RowShareLock);
 	account = LedgerOpenTable("account", RowShareLock);
@@ -217,6 +276,8 @@ AccrualFastInsert(AccrualBatch *b, TriggerData *trig, const char *const *cols)
 		ok = !FastFetch(accrual, "accrual_program_id_ref_key", 2, keys, snap, xs);
 		keys[0] = Int64GetDatum(r->member_id);
 		ok = ok && FastFetch(account, "account_member_id_key", 1, keys, snap, as);
+		if (ok && b->rules->uses_birthday)
+			r->birth_month = FastBirthMonth(r->member_id, snap);
 	}
 	if (ok)
 	{

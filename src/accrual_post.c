@@ -1304,6 +1304,24 @@ loyalty_accrue(PG_FUNCTION_ARGS)
 		nulls[9] = ' ';
 	}
 
+	/* an ordinary purchase: the one-row path, no query planned or run */
+	r = palloc0(sizeof(AccrualRow));
+	r->ref = TextDatumGetCString(args[2]);
+	r->member_ref = TextDatumGetCString(args[3]);
+	r->amount = args[4];
+	r->occurred_at = DatumGetTimestampTz(args[5]);
+	r->category = PG_ARGISNULL(5) ? NULL : TextDatumGetCString(args[6]);
+	r->channel = PG_ARGISNULL(6) ? NULL : TextDatumGetCString(args[7]);
+	r->store = PG_ARGISNULL(7) ? NULL : TextDatumGetCString(args[8]);
+	r->attrs = args[9];
+	if (AccrualFastPost(&b, r))
+	{
+		points = r->points;
+		SPI_finish();
+		PG_RETURN_INT64(points);
+	}
+
+	/* anything else (an unknown member, a replay, ...): read through SQL */
 	AccrualEnrollUnknown(&b, ACCRUE_SOURCE, args, nulls, 10, (Oid *) argtypes);
 	AccrualPrepare(&plan_accrue_read, 0, AccrualReadSql(ACCRUE_SOURCE, true), 10, argtypes);
 	LedgerExpect(SPI_execute_plan(plan_accrue_read, args, nulls, false, 0), SPI_OK_SELECT,

@@ -99,6 +99,7 @@ extern HTAB *AccrualHeadTable(long n);
 extern AccrualHead *AccrualAddHead(AccrualBatch *b, int64 account, Datum last_hash, bool isnull,
 								   ItemPointer tid);
 extern bool AccrualFastInsert(AccrualBatch *b, struct TriggerData *trig, const char *const *cols);
+extern bool AccrualFastPost(AccrualBatch *b, AccrualRow *r);
 extern char *AccrualLockSql(const char *source);
 extern void AccrualPostSource(AccrualBatch *b, SPIPlanPtr lock, SPIPlanPtr read, Datum *args,
 							  char *nulls);

@@ -161,6 +161,25 @@ SELECT left(ref, 10) AS ref, sqlstate, left(reason, 40) AS reason
 FROM loyalty.accrual_quarantine WHERE ref = '' OR ref LIKE 'xxx%' ORDER BY id;
 SELECT ref, points FROM loyalty.accrual WHERE ref = 'ok-1';
 
+-- Rules that use the birthday: a one-row sale reads the member's birthday
+-- month as a statement of many rows does. A sale in that month doubles, one
+-- outside it does not, a member without a birthday never gets it.
+SELECT loyalty.create_program('bday', 'Birthday', 'UTC') > 0 AS created;
+SELECT loyalty.enroll('bday', 'b1', birthday => '1990-03-15', occurred_at => '2025-01-01') > 0 AS b1,
+       loyalty.enroll('bday', 'b2', occurred_at => '2025-01-01') > 0 AS b2;
+SELECT loyalty.set_earning_rules('bday', '{"base": {"per": 1, "points": 1},
+  "bonuses": [{"when": {"birthday_month": true}, "factor": 2}]}', '2025-01-01') AS version;
+CREATE TABLE public.bday_sales (ref text, who text, total numeric, at timestamptz);
+SELECT loyalty.attach_accrual('public.bday_sales', 'bday', 'who', 'total', 'ref', 'at');
+INSERT INTO public.bday_sales VALUES ('b-1', 'b1', 10, '2025-03-20');     -- March: 20
+INSERT INTO public.bday_sales VALUES ('b-2', 'b1', 10, '2025-04-20');     -- April: 10
+INSERT INTO public.bday_sales VALUES ('b-3', 'b2', 10, '2025-03-20');     -- no birthday: 10
+INSERT INTO public.bday_sales VALUES ('b-4', 'b1', 10, '2025-03-21'),     -- two rows: 20
+                                     ('b-5', 'b2', 10, '2025-03-21');     -- and 10
+SELECT ref, points, breakdown::jsonb #> '{context,birthday_month}' AS birthday_month
+FROM loyalty.accrual WHERE ref LIKE 'b-%' ORDER BY ref;
+SELECT loyalty.detach_accrual('public.bday_sales');
+
 -- Detach: the triggers go, what was posted stays.
 SELECT loyalty.detach_accrual('public.orders');
 SELECT count(*) AS triggers FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass;
