@@ -13,12 +13,12 @@
  * and write as every batch (AccrualPostLocked).
  *
  * Anything unusual — a column type the path does not read, a missing or
- * inactive member, a repeated ref, an empty or overlong ref, no rules in
- * force, a NULL or negative amount — returns
- * false before anything is written or locked but the account, and the
- * general path takes the row (it quarantines, enrols or replays exactly as
- * for any statement). So does a ref another transaction posted for another
- * member while this one waited (nothing is written then).
+ * inactive member, an empty or overlong ref, no rules in force, a NULL or
+ * negative amount — returns false before anything is written or locked but
+ * the account, and the general path takes the row (it quarantines, enrols
+ * or replays exactly as for any statement). So does a ref posted before:
+ * the purchase's own insert finds it (or a look-up before computing, when
+ * a debt or a campaign budget is involved), and nothing is written.
  */
 #include "postgres.h"
 
@@ -271,11 +271,8 @@ AccrualFastPost(AccrualBatch *b, AccrualRow *r)
 		r->member_id = DatumGetInt64(FastAttr(member, ms, "id", &isnull));
 		d = FastAttr(member, ms, "tier", &isnull);
 		r->tier = FastText(d, isnull);
-		keys[0] = Int64GetDatum(b->program_id);
-		keys[1] = CStringGetTextDatum(r->ref);
-		ok = !FastFetch(accrual, "accrual_program_id_ref_key", 2, keys, snap, xs);
 		keys[0] = Int64GetDatum(r->member_id);
-		ok = ok && FastFetch(account, "account_member_id_key", 1, keys, snap, as);
+		ok = FastFetch(account, "account_member_id_key", 1, keys, snap, as);
 		if (ok && b->rules->uses_birthday)
 			r->birth_month = FastBirthMonth(r->member_id, snap);
 	}
@@ -301,6 +298,19 @@ AccrualFastPost(AccrualBatch *b, AccrualRow *r)
 			b->has_debts = FastFetch(debt, "accrual_debt_open_idx", 1, keys, snap, ds);
 			ExecDropSingleTupleTableSlot(ds);
 			table_close(debt, NoLock);
+		}
+
+		/*
+		 * A ref posted before is the general path's (a replay, or 23505).
+		 * The purchase's own insert finds it too, and hands the row back;
+		 * looking first matters only where computing a replay leaves a
+		 * trace: a debt it would start recovering, a campaign budget.
+		 */
+		if (b->has_debts || b->rules->uses_campaign)
+		{
+			keys[0] = Int64GetDatum(b->program_id);
+			keys[1] = CStringGetTextDatum(r->ref);
+			ok = !FastFetch(accrual, "accrual_program_id_ref_key", 2, keys, snap, xs);
 		}
 	}
 	ExecDropSingleTupleTableSlot(ms);
