@@ -17,6 +17,7 @@
 
 #include "access/xact.h"
 #include "catalog/pg_type.h"
+#include "common/hashfn.h"
 #include "common/int.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -541,6 +542,92 @@ AccrualSaveBudgets(AccrualBatch *b)
 	}
 }
 
+static bool
+AccrualSameStr(const char *a, const char *b)
+{
+	return (a == NULL || b == NULL) ? a == b : strcmp(a, b) == 0;
+}
+
+/* Two rows of one batch are the same purchase (attrs: none is {}). */
+static bool
+AccrualSameRow(const AccrualRow *a, const AccrualRow *b)
+{
+	Datum		empty;
+
+	if (a->member_id != b->member_id || a->occurred_at != b->occurred_at ||
+		!AccrualSameStr(a->category, b->category) || !AccrualSameStr(a->channel, b->channel) ||
+		!AccrualSameStr(a->store, b->store) ||
+		!DatumGetBool(DirectFunctionCall2(numeric_eq, a->amount, b->amount)))
+		return false;
+	if (a->attrs_null && b->attrs_null)
+		return true;
+	empty = DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"));
+	return DatumGetBool(DirectFunctionCall2(jsonb_eq, a->attrs_null ? empty : a->attrs,
+											b->attrs_null ? empty : b->attrs));
+}
+
+typedef struct AccrualRefKey
+{
+	uint32		hash;
+	int			row;
+} AccrualRefKey;
+
+static int
+AccrualCmpRefKey(const void *a, const void *b)
+{
+	const AccrualRefKey *x = a,
+			   *y = b;
+
+	if (x->hash != y->hash)
+		return x->hash < y->hash ? -1 : 1;
+	return x->row < y->row ? -1 : x->row > y->row ? 1 : 0;
+}
+
+/*
+ * A ref twice in the batch (a line repeated by the point of sale or an
+ * import): the first row is the purchase; a later one is a repeat of it
+ * (nothing to post) or, with other content, refused (23505). Decided before
+ * anything is computed, so that a repeat does not count towards the
+ * member's first purchase, day cap or a campaign budget.
+ */
+static void
+AccrualDuplicates(AccrualBatch *b)
+{
+	AccrualRefKey *keys;
+	int			n = 0;
+
+	if (b->nrows < 2)
+		return;
+	keys = palloc(sizeof(AccrualRefKey) * b->nrows);
+	for (int i = 0; i < b->nrows; i++)
+	{
+		AccrualRow *r = &b->rows[i];
+
+		if (r->problem != NULL || r->existing)
+			continue;
+		keys[n].hash = hash_bytes((const unsigned char *) r->ref, strlen(r->ref));
+		keys[n].row = i;
+		n++;
+	}
+	qsort(keys, n, sizeof(AccrualRefKey), AccrualCmpRefKey);
+	for (int k = 1; k < n; k++)
+		for (int j = k - 1; j >= 0 && keys[j].hash == keys[k].hash; j--)
+		{
+			AccrualRow *first = &b->rows[keys[j].row];
+			AccrualRow *r = &b->rows[keys[k].row];
+
+			if (first->existing || strcmp(first->ref, r->ref) != 0)
+				continue;
+			r->existing = true;
+			r->existing_points = 0;
+			if (!AccrualSameRow(first, r))
+				r->problem = psprintf("ref \"%s\" was already used for a different purchase", r->ref),
+					r->sqlstate = "23505";
+			break;
+		}
+	pfree(keys);
+}
+
 /* Compute the points of every good row, in the order of the statement. */
 static void
 AccrualCompute(AccrualBatch *b)
@@ -548,6 +635,7 @@ AccrualCompute(AccrualBatch *b)
 	StringInfoData buf;
 	MemoryContext old = AccrualChunkMemory(b);
 
+	AccrualDuplicates(b);
 	initStringInfo(&buf);
 	for (int i = 0; i < b->nrows; i++)
 	{
@@ -980,17 +1068,24 @@ static void
 AccrualWholeRows(AccrualBatch *b)
 {
 	static const Oid types[] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID, INT4ARRAYOID, TEXTARRAYOID,
-	TEXTARRAYOID, NUMERICARRAYOID};
-	Datum		args[7];
-	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
-	Datum	   *cols[4];
+		TEXTARRAYOID, NUMERICARRAYOID, TIMESTAMPTZARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
+	TEXTARRAYOID};
+	static const Oid coltypes[] = {INT4OID, TEXTOID, TEXTOID, NUMERICOID, TIMESTAMPTZOID, TEXTOID,
+	TEXTOID, TEXTOID};
+	Datum		args[11];
+	char		nulls[11];
+	Datum	   *cols[8];
+	bool	   *colnulls[8];
 	int			n = 0;
 	char	   *sql;
 
 	if (b->source_sql == NULL)
 		return;
-	for (int c = 0; c < 4; c++)
+	for (int c = 0; c < 8; c++)
+	{
 		cols[c] = palloc(sizeof(Datum) * Max(b->nrows, 1));
+		colnulls[c] = palloc0(sizeof(bool) * Max(b->nrows, 1));
+	}
 	for (int i = 0; i < b->nrows; i++)
 	{
 		AccrualRow *r = &b->rows[i];
@@ -1001,23 +1096,29 @@ AccrualWholeRows(AccrualBatch *b)
 		cols[1][n] = CStringGetTextDatum(r->ref);
 		cols[2][n] = CStringGetTextDatum(r->member_ref);
 		cols[3][n] = r->amount;
+		cols[4][n] = TimestampTzGetDatum(r->occurred_at);
+		cols[5][n] = AccrualTextOrNull(r->category, &colnulls[5][n]);
+		cols[6][n] = AccrualTextOrNull(r->channel, &colnulls[6][n]);
+		cols[7][n] = AccrualTextOrNull(r->store, &colnulls[7][n]);
 		n++;
 	}
 	if (n == 0)
 		return;
+	memset(nulls, ' ', sizeof(nulls));
 	args[0] = Int64GetDatum(b->program_id);
 	args[1] = TimestampTzGetDatum(b->earliest);
 	args[2] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
-	args[3] = AccrualArray(cols[0], NULL, n, INT4OID);
-	args[4] = AccrualArray(cols[1], NULL, n, TEXTOID);
-	args[5] = AccrualArray(cols[2], NULL, n, TEXTOID);
-	args[6] = AccrualArray(cols[3], NULL, n, NUMERICOID);
+	for (int c = 0; c < 8; c++)
+		args[3 + c] = AccrualArray(cols[c], colnulls[c], n, coltypes[c]);
 	sql = psprintf("SELECT DISTINCT ON (q.i) q.i, to_jsonb(n.whole)"
-				   "  FROM unnest($4, $5, $6, $7) AS q(i, ref, member_ref, amount)"
+				   "  FROM unnest($4, $5, $6, $7, $8, $9, $10, $11)"
+				   "       AS q(i, ref, member_ref, amount, occurred_at, category, channel, store)"
 				   "  JOIN (%s) n ON n.ref = q.ref AND n.member_ref = q.member_ref AND n.amount = q.amount"
+				   "   AND n.occurred_at = q.occurred_at AND n.category IS NOT DISTINCT FROM q.category"
+				   "   AND n.channel IS NOT DISTINCT FROM q.channel AND n.store IS NOT DISTINCT FROM q.store"
 				   " ORDER BY q.i",
 				   b->source_sql);
-	LedgerExpect(SPI_execute_with_args(sql, 7, (Oid *) types, args, nulls, true, 0), SPI_OK_SELECT,
+	LedgerExpect(SPI_execute_with_args(sql, 11, (Oid *) types, args, nulls, true, 0), SPI_OK_SELECT,
 				 "reading refused purchases");
 	for (uint64 k = 0; k < SPI_processed; k++)
 	{

@@ -180,6 +180,25 @@ SELECT ref, points, breakdown::jsonb #> '{context,birthday_month}' AS birthday_m
 FROM loyalty.accrual WHERE ref LIKE 'b-%' ORDER BY ref;
 SELECT loyalty.detach_accrual('public.bday_sales');
 
+-- A line repeated within one statement (an import sending an order twice)
+-- is one purchase: the repeat counts neither towards the day cap nor the
+-- first purchase, so the member's next order that day still earns; the
+-- same ref with another amount is quarantined with its own row.
+SELECT loyalty.create_program('capped', 'Capped', 'UTC') > 0 AS created;
+SELECT loyalty.enroll('capped', 'k1', occurred_at => '2025-01-01') > 0 AS enrolled;
+SELECT loyalty.set_earning_rules('capped', '{"base": {"per": 1, "points": 1},
+  "caps": {"per_member_per_day": 100}}', '2025-01-01') AS version;
+CREATE TABLE public.import (ref text, who text, total numeric, at timestamptz, note text);
+SELECT loyalty.attach_accrual('public.import', 'capped', 'who', 'total', 'ref', 'at');
+INSERT INTO public.import VALUES ('i-1', 'k1', 80, '2025-03-01 10:00+00', 'first'),
+                                 ('i-1', 'k1', 80, '2025-03-01 10:00+00', 'repeated line'),
+                                 ('i-1', 'k1', 90, '2025-03-01 10:00+00', 'other amount'),
+                                 ('i-2', 'k1', 20, '2025-03-01 11:00+00', 'next order');
+SELECT ref, points FROM loyalty.accrual WHERE ref LIKE 'i-%' ORDER BY ref;
+SELECT ref, sqlstate, row_data ->> 'note' AS note FROM loyalty.accrual_quarantine WHERE ref LIKE 'i-%';
+SELECT loyalty.balance('capped', 'k1') AS balance;
+SELECT loyalty.detach_accrual('public.import');
+
 -- Detach: the triggers go, what was posted stays.
 SELECT loyalty.detach_accrual('public.orders');
 SELECT count(*) AS triggers FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass;
