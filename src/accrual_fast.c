@@ -79,37 +79,6 @@ FastText(Datum v, bool isnull)
 	return isnull ? NULL : TextDatumGetCString(v);
 }
 
-/*
- * The row of rel whose unique index (named) has these keys, into slot; a
- * btree equality scan like a catalog lookup.
- */
-static bool
-FastFetch(Relation rel, const char *index, int nkeys, const Datum *keys, Snapshot snap,
-		  TupleTableSlot *slot)
-{
-	Relation	idx = index_open(LedgerIndexOid(rel, index), AccessShareLock);
-	ScanKeyData sk[INDEX_MAX_KEYS];
-	IndexScanDesc scan;
-	bool		found;
-
-	for (int i = 0; i < nkeys; i++)
-	{
-		/* the keys of the indexes looked up here are bigint or text */
-		Oid			type = idx->rd_opcintype[i];
-
-		if (type != INT8OID && type != TEXTOID)
-			elog(ERROR, "index loyalty.%s has a key of type %u", index, type);
-		ScanKeyEntryInitialize(&sk[i], 0, i + 1, BTEqualStrategyNumber, type, idx->rd_indcollation[i],
-							   type == INT8OID ? F_INT8EQ : F_TEXTEQ, keys[i]);
-	}
-	scan = index_beginscan(rel, idx, snap, nkeys, 0);
-	index_rescan(scan, sk, nkeys, NULL, 0);
-	found = index_getnext_slot(scan, ForwardScanDirection, slot);
-	index_endscan(scan);
-	index_close(idx, NoLock);
-	return found;
-}
-
 /* A column of a loyalty table's row by name. */
 static Datum
 FastAttr(Relation rel, TupleTableSlot *slot, const char *name, bool *isnull)
@@ -151,7 +120,7 @@ FastBirthMonth(int64 member_id, Snapshot snap)
 	Datum		key = Int64GetDatum(member_id);
 	int			month = 0;
 
-	if (FastFetch(contact, "member_contact_pkey", 1, &key, snap, cs))
+	if (LedgerIndexFetch(contact, "member_contact_pkey", 1, &key, snap, cs))
 	{
 		bool		isnull;
 		Datum		d = FastAttr(contact, cs, "birthday", &isnull);
@@ -265,14 +234,14 @@ AccrualFastPost(AccrualBatch *b, AccrualRow *r)
 
 	keys[0] = Int64GetDatum(b->program_id);
 	keys[1] = CStringGetTextDatum(r->member_ref);
-	if (FastFetch(member, "member_program_id_member_ref_key", 2, keys, snap, ms) &&
+	if (LedgerIndexFetch(member, "member_program_id_member_ref_key", 2, keys, snap, ms) &&
 		strcmp(TextDatumGetCString(FastAttr(member, ms, "status", &isnull)), "active") == 0)
 	{
 		r->member_id = DatumGetInt64(FastAttr(member, ms, "id", &isnull));
 		d = FastAttr(member, ms, "tier", &isnull);
 		r->tier = FastText(d, isnull);
 		keys[0] = Int64GetDatum(r->member_id);
-		ok = FastFetch(account, "account_member_id_key", 1, keys, snap, as);
+		ok = LedgerIndexFetch(account, "account_member_id_key", 1, keys, snap, as);
 		if (ok && b->rules->uses_birthday)
 			r->birth_month = FastBirthMonth(r->member_id, snap);
 	}
@@ -295,7 +264,7 @@ AccrualFastPost(AccrualBatch *b, AccrualRow *r)
 			Relation	debt = LedgerOpenTable("accrual_debt", AccessShareLock);
 			TupleTableSlot *ds = table_slot_create(debt, NULL);
 
-			b->has_debts = FastFetch(debt, "accrual_debt_open_idx", 1, keys, snap, ds);
+			b->has_debts = LedgerIndexFetch(debt, "accrual_debt_open_idx", 1, keys, snap, ds);
 			ExecDropSingleTupleTableSlot(ds);
 			table_close(debt, NoLock);
 		}
@@ -310,7 +279,7 @@ AccrualFastPost(AccrualBatch *b, AccrualRow *r)
 		{
 			keys[0] = Int64GetDatum(b->program_id);
 			keys[1] = CStringGetTextDatum(r->ref);
-			ok = !FastFetch(accrual, "accrual_program_id_ref_key", 2, keys, snap, xs);
+			ok = !LedgerIndexFetch(accrual, "accrual_program_id_ref_key", 2, keys, snap, xs);
 		}
 	}
 	ExecDropSingleTupleTableSlot(ms);

@@ -15,12 +15,14 @@
  */
 #include "postgres.h"
 
+#include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
 #include "common/int.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "lib/bloomfilter.h"
 #include "miscadmin.h"
 #include "storage/itemptr.h"
 #include "utils/array.h"
@@ -31,6 +33,7 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/numeric.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "accrual.h"
@@ -583,6 +586,98 @@ AccrualCmpRefKey(const void *a, const void *b)
 	return x->row < y->row ? -1 : x->row > y->row ? 1 : 0;
 }
 
+/* A text column of a posted purchase equals s (NULL equals NULL). */
+static bool
+AccrualStoredText(Relation rel, TupleTableSlot *slot, const char *column, const char *s)
+{
+	bool		isnull;
+	Datum		d = slot_getattr(slot, LedgerAttnum(rel, column), &isnull);
+
+	if (s == NULL || isnull)
+		return s == NULL && isnull;
+	return strcmp(s, TextDatumGetCString(d)) == 0;
+}
+
+/*
+ * The purchase r under a ref already posted (the loyalty.accrual row in
+ * slot): the same purchase is a repeat and earns nothing more; a different
+ * one is refused as a ref used twice (23505, quarantined or raised by the
+ * caller).
+ */
+static void
+AccrualPostedBefore(AccrualRow *r, Relation rel, TupleTableSlot *slot)
+{
+	Datum		attrs = r->attrs_null ? DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")) : r->attrs;
+	bool		isnull;
+	bool		same;
+
+	same = DatumGetInt64(slot_getattr(slot, LedgerAttnum(rel, "member_id"), &isnull)) == r->member_id &&
+		DatumGetBool(DirectFunctionCall2(numeric_eq, slot_getattr(slot, LedgerAttnum(rel, "amount"), &isnull),
+										 r->amount)) &&
+		DatumGetTimestampTz(slot_getattr(slot, LedgerAttnum(rel, "occurred_at"), &isnull)) == r->occurred_at &&
+		AccrualStoredText(rel, slot, "category", r->category) &&
+		AccrualStoredText(rel, slot, "channel", r->channel) &&
+		AccrualStoredText(rel, slot, "store", r->store) &&
+		DatumGetBool(DirectFunctionCall2(jsonb_eq, slot_getattr(slot, LedgerAttnum(rel, "attrs"), &isnull),
+										 attrs));
+	r->existing = true;
+	r->existing_points = DatumGetInt64(slot_getattr(slot, LedgerAttnum(rel, "points"), &isnull));
+	if (!same)
+		r->problem = psprintf("ref \"%s\" was already used for a different purchase", r->ref),
+			r->sqlstate = "23505";
+}
+
+/*
+ * Rows of a later chunk whose ref an earlier chunk of the same statement
+ * posted (the read query's snapshot, taken when the statement's cursor
+ * opened, cannot see those): found through a Bloom filter of the refs
+ * posted so far, then the purchase itself, so that a repeat is decided
+ * before anything is computed, as within a chunk.
+ */
+static void
+AccrualEarlierChunks(AccrualBatch *b)
+{
+	Relation	rel = NULL;
+	TupleTableSlot *slot = NULL;
+	Snapshot	snap = NULL;
+
+	for (int i = 0; i < b->nrows; i++)
+	{
+		AccrualRow *r = &b->rows[i];
+		Datum		keys[2];
+
+		if (r->problem != NULL || r->existing ||
+			bloom_lacks_element(b->posted_refs, (unsigned char *) r->ref, strlen(r->ref)))
+			continue;
+		if (rel == NULL)
+		{
+			CommandCounterIncrement();	/* the earlier chunks' purchases */
+			snap = RegisterSnapshot(GetTransactionSnapshot());
+			rel = LedgerOpenTable("accrual", AccessShareLock);
+			slot = table_slot_create(rel, NULL);
+		}
+		keys[0] = Int64GetDatum(b->program_id);
+		keys[1] = CStringGetTextDatum(r->ref);
+		if (LedgerIndexFetch(rel, "accrual_program_id_ref_key", 2, keys, snap, slot))
+			AccrualPostedBefore(r, rel, slot);
+	}
+	if (rel != NULL)
+	{
+		ExecDropSingleTupleTableSlot(slot);
+		table_close(rel, NoLock);
+		UnregisterSnapshot(snap);
+	}
+}
+
+/* Remember the refs this chunk posted, for the statement's later chunks. */
+static void
+AccrualRememberRefs(AccrualBatch *b)
+{
+	for (int i = 0; i < b->nrows; i++)
+		if (b->rows[i].accrual_id != 0)
+			bloom_add_element(b->posted_refs, (unsigned char *) b->rows[i].ref, strlen(b->rows[i].ref));
+}
+
 /*
  * A ref twice in the batch (a line repeated by the point of sale or an
  * import): the first row is the purchase; a later one is a repeat of it
@@ -596,6 +691,8 @@ AccrualDuplicates(AccrualBatch *b)
 	AccrualRefKey *keys;
 	int			n = 0;
 
+	if (b->posted_refs != NULL)
+		AccrualEarlierChunks(b);
 	if (b->nrows < 2)
 		return;
 	keys = palloc(sizeof(AccrualRefKey) * b->nrows);
@@ -759,40 +856,18 @@ AccrualTextOrNull(const char *s, bool *isnull)
 	return s ? CStringGetTextDatum(s) : (Datum) 0;
 }
 
-static bool
-AccrualSameText(const char *s, Datum d, bool isnull)
-{
-	if (s == NULL || isnull)
-		return s == NULL && isnull;
-	return strcmp(s, TextDatumGetCString(d)) == 0;
-}
-
 /*
- * A purchase whose ref a concurrent transaction posted first (the row at
- * tid, which it committed): the same purchase is a replay and earns
- * nothing more; a different one is refused as it would have been had it
- * come second (23505, quarantined or raised by the caller).
+ * A purchase whose ref a concurrent transaction (or this statement) posted
+ * first: the row at tid, which its insert found.
  */
 static void
 AccrualLostRace(AccrualRow *r, LedgerWriter *w, ItemPointer tid)
 {
-	Datum		attrs = r->attrs_null ? DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")) : r->attrs;
-	bool		same;
-
 	r->accrual_id = 0;
-	LedgerWriterFetch(w, tid);
-	same = DatumGetInt64(w->values[3]) == r->member_id &&
-		DatumGetBool(DirectFunctionCall2(numeric_eq, w->values[5], r->amount)) &&
-		DatumGetTimestampTz(w->values[6]) == r->occurred_at &&
-		AccrualSameText(r->category, w->values[8], w->nulls[8]) &&
-		AccrualSameText(r->channel, w->values[9], w->nulls[9]) &&
-		AccrualSameText(r->store, w->values[10], w->nulls[10]) &&
-		DatumGetBool(DirectFunctionCall2(jsonb_eq, w->values[11], attrs));
-	r->existing = true;
-	r->existing_points = DatumGetInt64(w->values[13]);
-	if (!same)
-		r->problem = psprintf("ref \"%s\" was already used for a different purchase", r->ref),
-			r->sqlstate = "23505";
+	if (!table_tuple_fetch_row_version(w->rel, tid, SnapshotAny, w->fetch_slot))
+		elog(ERROR, "row (%u,%u) of loyalty.accrual is gone", ItemPointerGetBlockNumber(tid),
+			 ItemPointerGetOffsetNumber(tid));
+	AccrualPostedBefore(r, w->rel, w->fetch_slot);
 }
 
 /*
@@ -1282,6 +1357,7 @@ AccrualPostSource(AccrualBatch *b, SPIPlanPtr lock, SPIPlanPtr read, Datum *args
 	 * later chunk's lookups of the account walk through.
 	 */
 	b->defer_accounts = true;
+	b->posted_refs = bloom_create(Max(b->statement_rows, loyalty_accrual_chunk), 4096, 0);
 	cursor = SPI_cursor_open(NULL, read, args, nulls, false);
 	for (;;)
 	{
@@ -1292,12 +1368,15 @@ AccrualPostSource(AccrualBatch *b, SPIPlanPtr lock, SPIPlanPtr read, Datum *args
 		SPI_freetuptable(SPI_tuptable);
 		AccrualCompute(b);
 		AccrualWrite(b);
+		AccrualRememberRefs(b);
 		AccrualQuarantine(b);
 		MemoryContextReset(b->chunk_cxt);
 		b->rows = NULL;
 		b->nrows = 0;
 	}
 	SPI_cursor_close(cursor);
+	bloom_free(b->posted_refs);
+	b->posted_refs = NULL;
 	AccrualWriteAccounts(b);
 	AccrualSaveBudgets(b);
 	AccrualRecoverDebts(b);

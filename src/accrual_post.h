@@ -67,6 +67,8 @@ typedef struct AccrualBatch
 	int64		issuance;
 	Oid			source;			/* the application's table; InvalidOid for the function API */
 	const char *source_sql;		/* the trigger's query over its transition table, or NULL */
+	int64		statement_rows; /* rows in that transition table, when known */
+	struct bloom_filter *posted_refs;	/* refs posted by earlier chunks of the statement */
 	AccrualProgramRules *rules;
 	TimestampTz earliest;		/* when the first rule version starts */
 	int			nrows;

@@ -167,6 +167,7 @@ AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, int6
 	args[1] = TimestampTzGetDatum(b->earliest);
 	args[2] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
 	b->source_sql = source;
+	b->statement_rows = nrows;
 	if (nrows == 1)
 	{
 		const char *const cols[7] = {s->ref, s->member, s->amount, s->occurred_at, s->category,

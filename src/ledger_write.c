@@ -17,20 +17,25 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
 #include "access/heapam.h"
 #include "access/relation.h"
+#include "access/relscan.h"
+#include "access/stratnum.h"
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_type.h"
 #include "commands/sequence.h"
 #include "executor/executor.h"
 #include "nodes/makefuncs.h"
 #include "storage/lmgr.h"
-#include "utils/snapmgr.h"
+#include "utils/fmgroids.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
+#include "utils/snapmgr.h"
 
 #include "ledger_write.h"
 
@@ -318,4 +323,35 @@ LedgerWriterClose(LedgerWriter *w)
 	FreeExecutorState(w->estate);
 	table_close(w->rel, NoLock);
 	pfree(w);
+}
+
+/*
+ * The row of rel whose unique index (named) has these keys, into slot; a
+ * btree equality scan like a catalog lookup.
+ */
+bool
+LedgerIndexFetch(Relation rel, const char *index, int nkeys, const Datum *keys, Snapshot snap,
+				 TupleTableSlot *slot)
+{
+	Relation	idx = index_open(LedgerIndexOid(rel, index), AccessShareLock);
+	ScanKeyData sk[INDEX_MAX_KEYS];
+	IndexScanDesc scan;
+	bool		found;
+
+	for (int i = 0; i < nkeys; i++)
+	{
+		/* the keys of the indexes looked up here are bigint or text */
+		Oid			type = idx->rd_opcintype[i];
+
+		if (type != INT8OID && type != TEXTOID)
+			elog(ERROR, "index loyalty.%s has a key of type %u", index, type);
+		ScanKeyEntryInitialize(&sk[i], 0, i + 1, BTEqualStrategyNumber, type, idx->rd_indcollation[i],
+							   type == INT8OID ? F_INT8EQ : F_TEXTEQ, keys[i]);
+	}
+	scan = index_beginscan(rel, idx, snap, nkeys, 0);
+	index_rescan(scan, sk, nkeys, NULL, 0);
+	found = index_getnext_slot(scan, ForwardScanDirection, slot);
+	index_endscan(scan);
+	index_close(idx, NoLock);
+	return found;
 }

@@ -44,5 +44,7 @@ extern bool LedgerWriterInsertIfNew(LedgerWriter *w, ItemPointer conflict);
 extern void LedgerWriterFetch(LedgerWriter *w, ItemPointer tid);
 extern void LedgerWriterUpdate(LedgerWriter *w, ItemPointer tid);
 extern void LedgerWriterClose(LedgerWriter *w);
+extern bool LedgerIndexFetch(Relation rel, const char *index, int nkeys, const Datum *keys,
+							 Snapshot snap, TupleTableSlot *slot);
 
 #endif

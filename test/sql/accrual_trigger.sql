@@ -197,6 +197,20 @@ INSERT INTO public.import VALUES ('i-1', 'k1', 80, '2025-03-01 10:00+00', 'first
 SELECT ref, points FROM loyalty.accrual WHERE ref LIKE 'i-%' ORDER BY ref;
 SELECT ref, sqlstate, row_data ->> 'note' AS note FROM loyalty.accrual_quarantine WHERE ref LIKE 'i-%';
 SELECT loyalty.balance('capped', 'k1') AS balance;
+-- The same across chunks of one statement (two rows a chunk here): the
+-- repeat and the other amount of j-1 come in the second chunk, j-2 in the
+-- third; j-2 still earns the 20 left under the cap.
+SELECT loyalty.enroll('capped', 'k2', occurred_at => '2025-01-01') > 0 AS enrolled;
+SET loyalty.accrual_chunk = 2;
+INSERT INTO public.import VALUES ('j-1', 'k2', 80, '2025-03-01 10:00+00', 'first'),
+                                 ('j-x', 'k2', 5, '2025-03-02 10:00+00', 'another day'),
+                                 ('j-1', 'k2', 80, '2025-03-01 10:00+00', 'repeated line'),
+                                 ('j-1', 'k2', 90, '2025-03-01 10:00+00', 'other amount'),
+                                 ('j-2', 'k2', 20, '2025-03-01 11:00+00', 'next order');
+RESET loyalty.accrual_chunk;
+SELECT ref, points FROM loyalty.accrual WHERE ref LIKE 'j-%' ORDER BY ref;
+SELECT ref, sqlstate, row_data ->> 'note' AS note FROM loyalty.accrual_quarantine WHERE ref LIKE 'j-%';
+SELECT loyalty.balance('capped', 'k2') AS balance;
 SELECT loyalty.detach_accrual('public.import');
 
 -- Detach: the triggers go, what was posted stays.
