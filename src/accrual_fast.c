@@ -1,16 +1,18 @@
 /*
- * accrual_fast.c: a one-row INSERT into an attached table, posted without SQL
+ * accrual_fast.c: one purchase posted without SQL (a one-row INSERT into an
+ * attached table, or accrue())
  *
  * Most sales arrive one per transaction. The general path reads the
- * transition table with a query joined to members and earlier purchases,
- * then locks the member account with another; for one row those two
- * statements cost more than the sale's own insert. Here the row is taken
- * from the transition table directly, the member, its account and an
- * earlier purchase with the same ref are found through their unique indexes,
- * and the account is locked with the table AM (FOR UPDATE, following the
- * update chain under READ COMMITTED; a serialization failure under
- * REPEATABLE READ, as a locking query would raise). Then the same compute
- * and write as every batch (AccrualPostLocked).
+ * transition table (or accrue()'s arguments) with a query joined to members
+ * and earlier purchases, then locks the member account with another; for
+ * one row those two statements cost more than the sale's own insert. Here
+ * the row is taken from the transition table directly (or from the
+ * arguments), the member, its account and, when the rules need it, its
+ * contact row are found through their unique indexes, and the account is
+ * locked with the table AM (FOR UPDATE, following the update chain under
+ * READ COMMITTED; a serialization failure under REPEATABLE READ, as a
+ * locking query would raise). Then the same compute and write as every
+ * batch (AccrualPostLocked).
  *
  * Anything unusual — a column type the path does not read, a missing or
  * inactive member, an empty or overlong ref, no rules in force, a NULL or
@@ -22,9 +24,6 @@
  */
 #include "postgres.h"
 
-#include "access/genam.h"
-#include "access/relscan.h"
-#include "access/stratnum.h"
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
@@ -36,7 +35,6 @@
 #include "utils/date.h"
 #include "utils/datetime.h"
 #include "utils/datum.h"
-#include "utils/fmgroids.h"
 #include "utils/numeric.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"

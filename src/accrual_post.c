@@ -864,10 +864,7 @@ static void
 AccrualLostRace(AccrualRow *r, LedgerWriter *w, ItemPointer tid)
 {
 	r->accrual_id = 0;
-	if (!table_tuple_fetch_row_version(w->rel, tid, SnapshotAny, w->fetch_slot))
-		elog(ERROR, "row (%u,%u) of loyalty.accrual is gone", ItemPointerGetBlockNumber(tid),
-			 ItemPointerGetOffsetNumber(tid));
-	AccrualPostedBefore(r, w->rel, w->fetch_slot);
+	AccrualPostedBefore(r, w->rel, LedgerWriterRow(w, tid));
 }
 
 /*

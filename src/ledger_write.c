@@ -290,12 +290,9 @@ LedgerWriterUpdate(LedgerWriter *w, ItemPointer tid)
 	ResetPerTupleExprContext(w->estate);
 }
 
-/*
- * Read the row at tid (locked by the caller) into w->values/w->nulls, in
- * the writer's column order, to be changed and written back.
- */
-void
-LedgerWriterFetch(LedgerWriter *w, ItemPointer tid)
+/* The row at tid (any version: the caller knows which it wants), in w->fetch_slot. */
+TupleTableSlot *
+LedgerWriterRow(LedgerWriter *w, ItemPointer tid)
 {
 	TupleTableSlot *slot = w->fetch_slot;
 
@@ -303,6 +300,18 @@ LedgerWriterFetch(LedgerWriter *w, ItemPointer tid)
 		elog(ERROR, "row (%u,%u) of loyalty.%s is gone", ItemPointerGetBlockNumber(tid),
 			 ItemPointerGetOffsetNumber(tid), RelationGetRelationName(w->rel));
 	slot_getallattrs(slot);
+	return slot;
+}
+
+/*
+ * Read the row at tid (locked by the caller) into w->values/w->nulls, in
+ * the writer's column order, to be changed and written back.
+ */
+void
+LedgerWriterFetch(LedgerWriter *w, ItemPointer tid)
+{
+	TupleTableSlot *slot = LedgerWriterRow(w, tid);
+
 	for (int c = 0; c < w->ncols; c++)
 	{
 		w->values[c] = slot->tts_values[w->attno[c] - 1];

@@ -41,6 +41,7 @@ extern LedgerWriter *LedgerWriterOpen(const char *table, const char *const *colu
 extern int64 LedgerWriterNextId(LedgerWriter *w);
 extern void LedgerWriterInsert(LedgerWriter *w);
 extern bool LedgerWriterInsertIfNew(LedgerWriter *w, ItemPointer conflict);
+extern TupleTableSlot *LedgerWriterRow(LedgerWriter *w, ItemPointer tid);
 extern void LedgerWriterFetch(LedgerWriter *w, ItemPointer tid);
 extern void LedgerWriterUpdate(LedgerWriter *w, ItemPointer tid);
 extern void LedgerWriterClose(LedgerWriter *w);
