@@ -930,16 +930,6 @@ static const char *const transfer_cols[] = {"id", "program_id", "debit_account_i
 static const char *const lot_cols[] = {"id", "account_id", "transfer_id", "amount", "remaining",
 "occurred_at", "vests_at", "expires_at", "pending"};
 
-static Datum
-AccrualHashDatum(const uint8 *hash)
-{
-	bytea	   *v = palloc(VARHDRSZ + CHAIN_HASH_LEN);
-
-	SET_VARSIZE(v, VARHDRSZ + CHAIN_HASH_LEN);
-	memcpy(VARDATA(v), hash, CHAIN_HASH_LEN);
-	return PointerGetDatum(v);
-}
-
 /*
  * The transfer and the lot of one inserted purchase that earned points,
  * chained onto its account's head; exactly what LedgerPost would write.
@@ -991,8 +981,8 @@ AccrualWriteTransfer(AccrualBatch *b, AccrualRow *r, LedgerWriter *tw, LedgerWri
 	tw->nulls[11] = true;		/* reason */
 	tw->nulls[12] = true;		/* debit_prev_hash: the issuance account has no chain */
 	tw->nulls[13] = !h->has_hash;
-	tw->values[13] = h->has_hash ? AccrualHashDatum(h->hash) : (Datum) 0;
-	tw->values[14] = AccrualHashDatum(hash);
+	tw->values[13] = h->has_hash ? ChainHashBytea(h->hash) : (Datum) 0;
+	tw->values[14] = ChainHashBytea(hash);
 	LedgerWriterInsert(tw);
 
 	memset(lw->nulls, 0, sizeof(lw->nulls));
@@ -1061,7 +1051,7 @@ AccrualWriteAccounts(AccrualBatch *b)
 		w->values[6] = PointsGetDatum(AccrualAddPoints(DatumGetPoints(w->values[6]), h->pending));
 		w->values[8] = Int64GetDatum(h->last_transfer);
 		w->nulls[8] = false;
-		w->values[9] = AccrualHashDatum(h->hash);
+		w->values[9] = ChainHashBytea(h->hash);
 		w->nulls[9] = false;
 		LedgerWriterUpdate(w, &h->tid);
 		h->touched = false;

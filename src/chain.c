@@ -111,6 +111,17 @@ ChainRequiredNull(FunctionCallInfo fcinfo, int first)
 	return false;
 }
 
+/* A hash as the bytea the journal stores (transfer.hash, the prev hashes, account.last_hash). */
+Datum
+ChainHashBytea(const uint8 *hash)
+{
+	bytea	   *result = palloc(VARHDRSZ + CHAIN_HASH_LEN);
+
+	SET_VARSIZE(result, VARHDRSZ + CHAIN_HASH_LEN);
+	memcpy(VARDATA(result), hash, CHAIN_HASH_LEN);
+	return PointerGetDatum(result);
+}
+
 static bytea *
 ChainHashDatum(const ChainContent *c)
 {

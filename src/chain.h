@@ -30,5 +30,6 @@ typedef struct ChainContent
 } ChainContent;
 
 extern void ChainHash(const ChainContent *content, uint8 *out);
+extern Datum ChainHashBytea(const uint8 *hash);
 
 #endif

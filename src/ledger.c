@@ -419,16 +419,6 @@ LedgerNamedLots(const LedgerPosting *p, LedgerUse *use)
 			 p->ref, total, p->amount);
 }
 
-static Datum
-LedgerHashDatum(const uint8 *hash)
-{
-	bytea	   *b = palloc(VARHDRSZ + CHAIN_HASH_LEN);
-
-	SET_VARSIZE(b, VARHDRSZ + CHAIN_HASH_LEN);
-	memcpy(VARDATA(b), hash, CHAIN_HASH_LEN);
-	return PointerGetDatum(b);
-}
-
 /*
  * Who posts: the session user, and the person the application names in
  * loyalty.actor ("cashier-12 via app"), so that a shared login still says
@@ -591,11 +581,11 @@ LedgerPost(const LedgerPosting *p, bool *replayed)
 	args[9] = CStringGetTextDatum(c.actor);
 	args[10] = p->reason ? CStringGetTextDatum(p->reason) : (Datum) 0;
 	nulls[10] = p->reason ? ' ' : 'n';
-	args[11] = debit.has_prev ? LedgerHashDatum(debit.prev) : (Datum) 0;
+	args[11] = debit.has_prev ? ChainHashBytea(debit.prev) : (Datum) 0;
 	nulls[11] = debit.has_prev ? ' ' : 'n';
-	args[12] = credit.has_prev ? LedgerHashDatum(credit.prev) : (Datum) 0;
+	args[12] = credit.has_prev ? ChainHashBytea(credit.prev) : (Datum) 0;
 	nulls[12] = credit.has_prev ? ' ' : 'n';
-	args[13] = LedgerHashDatum(hash);
+	args[13] = ChainHashBytea(hash);
 	args[14] = PointerGetDatum(construct_array(use.lots, use.n, INT8OID, 8, true, TYPALIGN_DOUBLE));
 	args[15] = PointerGetDatum(construct_array(use.amounts, use.n, INT8OID, 8, true, TYPALIGN_DOUBLE));
 	args[16] = Int64GetDatum(use.n > 0 ? use.account : p->debit_account);
