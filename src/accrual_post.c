@@ -212,6 +212,21 @@ AccrualText(HeapTuple tup, TupleDesc desc, int col)
 	return isnull ? NULL : TextDatumGetCString(d);
 }
 
+/*
+ * The row repeats a ref already used for another purchase (posted before,
+ * or earlier in the batch): its content is the first one's (a repeat) or
+ * it is refused, 23505.
+ */
+static void
+AccrualRepeat(AccrualRow *r, int64 first_points, bool same)
+{
+	r->existing = true;
+	r->existing_points = first_points;
+	if (!same)
+		r->problem = psprintf("ref \"%s\" was already used for a different purchase", r->ref),
+			r->sqlstate = "23505";
+}
+
 /* Decide what is wrong with a row, if anything. */
 static void
 AccrualProblem(AccrualBatch *b, AccrualRow *r, HeapTuple tup, TupleDesc desc)
@@ -238,13 +253,8 @@ AccrualProblem(AccrualBatch *b, AccrualRow *r, HeapTuple tup, TupleDesc desc)
 		r->problem = psprintf("member \"%s\" of program \"%s\" is %s", r->member_ref, b->code, status),
 			r->sqlstate = "LY004";
 	else if (DatumGetBool(SPI_getbinval(tup, desc, COL_EXISTS, &isnull)))
-	{
-		r->existing = true;
-		r->existing_points = DatumGetInt64(SPI_getbinval(tup, desc, COL_EXISTING_POINTS, &isnull));
-		if (!DatumGetBool(SPI_getbinval(tup, desc, COL_SAME, &isnull)))
-			r->problem = psprintf("ref \"%s\" was already used for a different purchase", r->ref),
-				r->sqlstate = "23505";
-	}
+		AccrualRepeat(r, DatumGetInt64(SPI_getbinval(tup, desc, COL_EXISTING_POINTS, &isnull)),
+					  DatumGetBool(SPI_getbinval(tup, desc, COL_SAME, &isnull)));
 	else if ((r->rules = AccrualRulesAt(b->rules, r->occurred_at)) == NULL)
 		r->problem = psprintf("program \"%s\" has no earning rules in force at %s", b->code,
 							  timestamptz_to_str(r->occurred_at)),
@@ -620,11 +630,7 @@ AccrualPostedBefore(AccrualRow *r, Relation rel, TupleTableSlot *slot)
 		AccrualStoredText(rel, slot, "store", r->store) &&
 		DatumGetBool(DirectFunctionCall2(jsonb_eq, slot_getattr(slot, LedgerAttnum(rel, "attrs"), &isnull),
 										 attrs));
-	r->existing = true;
-	r->existing_points = DatumGetInt64(slot_getattr(slot, LedgerAttnum(rel, "points"), &isnull));
-	if (!same)
-		r->problem = psprintf("ref \"%s\" was already used for a different purchase", r->ref),
-			r->sqlstate = "23505";
+	AccrualRepeat(r, DatumGetInt64(slot_getattr(slot, LedgerAttnum(rel, "points"), &isnull)), same);
 }
 
 /*
@@ -715,11 +721,7 @@ AccrualDuplicates(AccrualBatch *b)
 
 			if (first->existing || strcmp(first->ref, r->ref) != 0)
 				continue;
-			r->existing = true;
-			r->existing_points = 0;
-			if (!AccrualSameRow(first, r))
-				r->problem = psprintf("ref \"%s\" was already used for a different purchase", r->ref),
-					r->sqlstate = "23505";
+			AccrualRepeat(r, 0, AccrualSameRow(first, r));
 			break;
 		}
 	pfree(keys);
