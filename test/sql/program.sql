@@ -61,3 +61,17 @@ SELECT throws_ok($$TRUNCATE loyalty.program_version$$, 'LY005', NULL, 'versions 
 SELECT is((SELECT count(*) FROM loyalty.program_version), 3::bigint, 'three versions kept');
 
 SELECT * FROM finish();
+
+-- The extension dropped and created again in one session: the tables the
+-- backend remembered are gone, and posting looks them up again.
+SET client_min_messages = warning;
+DROP EXTENSION loyalty CASCADE;
+CREATE EXTENSION loyalty;
+RESET client_min_messages;
+SELECT loyalty.create_program('shop', 'The Shop', 'UTC') AS program;
+SELECT loyalty.enroll('shop', 'walkin', occurred_at => '2025-01-01') AS member;
+SELECT loyalty.set_earning_rules('shop', '{"base": {"per": 1, "points": 1}}', '2025-01-01', 'again') AS version;
+SELECT loyalty.attach_accrual('public.sales', 'shop', 'customer', 'total', 'ref', 'at');
+INSERT INTO public.sales VALUES ('s4', 'walkin', 7, '2025-02-04');
+SELECT loyalty.accrue('shop', 'walkin', 3, 's5', '2025-02-05') AS points;
+SELECT loyalty.balance('shop', 'walkin') AS balance, (SELECT count(*) FROM loyalty.verify_chain('shop')) AS chain_problems;
