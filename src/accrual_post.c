@@ -561,7 +561,10 @@ AccrualSameStr(const char *a, const char *b)
 	return (a == NULL || b == NULL) ? a == b : strcmp(a, b) == 0;
 }
 
-/* Two rows of one batch are the same purchase (attrs: none is {}). */
+/*
+ * Two purchases are the same: member, amount, time, category, channel,
+ * store and attrs (none is {}); the read query's COL_SAME says the same.
+ */
 static bool
 AccrualSameRow(const AccrualRow *a, const AccrualRow *b)
 {
@@ -596,41 +599,37 @@ AccrualCmpRefKey(const void *a, const void *b)
 	return x->row < y->row ? -1 : x->row > y->row ? 1 : 0;
 }
 
-/* A text column of a posted purchase equals s (NULL equals NULL). */
-static bool
-AccrualStoredText(Relation rel, TupleTableSlot *slot, const char *column, const char *s)
+/* A text column of a posted purchase, or NULL. */
+static char *
+AccrualStoredText(Relation rel, TupleTableSlot *slot, const char *column)
 {
 	bool		isnull;
 	Datum		d = slot_getattr(slot, LedgerAttnum(rel, column), &isnull);
 
-	if (s == NULL || isnull)
-		return s == NULL && isnull;
-	return strcmp(s, TextDatumGetCString(d)) == 0;
+	return isnull ? NULL : TextDatumGetCString(d);
 }
 
 /*
  * The purchase r under a ref already posted (the loyalty.accrual row in
- * slot): the same purchase is a repeat and earns nothing more; a different
- * one is refused as a ref used twice (23505, quarantined or raised by the
- * caller).
+ * slot): the same purchase (as AccrualSameRow tells) is a repeat and earns
+ * nothing more; a different one is refused as a ref used twice (23505,
+ * quarantined or raised by the caller).
  */
 static void
 AccrualPostedBefore(AccrualRow *r, Relation rel, TupleTableSlot *slot)
 {
-	Datum		attrs = r->attrs_null ? DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")) : r->attrs;
+	AccrualRow	posted = {0};
 	bool		isnull;
-	bool		same;
 
-	same = DatumGetInt64(slot_getattr(slot, LedgerAttnum(rel, "member_id"), &isnull)) == r->member_id &&
-		DatumGetBool(DirectFunctionCall2(numeric_eq, slot_getattr(slot, LedgerAttnum(rel, "amount"), &isnull),
-										 r->amount)) &&
-		DatumGetTimestampTz(slot_getattr(slot, LedgerAttnum(rel, "occurred_at"), &isnull)) == r->occurred_at &&
-		AccrualStoredText(rel, slot, "category", r->category) &&
-		AccrualStoredText(rel, slot, "channel", r->channel) &&
-		AccrualStoredText(rel, slot, "store", r->store) &&
-		DatumGetBool(DirectFunctionCall2(jsonb_eq, slot_getattr(slot, LedgerAttnum(rel, "attrs"), &isnull),
-										 attrs));
-	AccrualRepeat(r, DatumGetInt64(slot_getattr(slot, LedgerAttnum(rel, "points"), &isnull)), same);
+	posted.member_id = DatumGetInt64(slot_getattr(slot, LedgerAttnum(rel, "member_id"), &isnull));
+	posted.amount = slot_getattr(slot, LedgerAttnum(rel, "amount"), &isnull);
+	posted.occurred_at = DatumGetTimestampTz(slot_getattr(slot, LedgerAttnum(rel, "occurred_at"), &isnull));
+	posted.category = AccrualStoredText(rel, slot, "category");
+	posted.channel = AccrualStoredText(rel, slot, "channel");
+	posted.store = AccrualStoredText(rel, slot, "store");
+	posted.attrs = slot_getattr(slot, LedgerAttnum(rel, "attrs"), &posted.attrs_null);
+	AccrualRepeat(r, DatumGetInt64(slot_getattr(slot, LedgerAttnum(rel, "points"), &isnull)),
+				  AccrualSameRow(&posted, r));
 }
 
 /*
