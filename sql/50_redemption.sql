@@ -238,7 +238,7 @@ LANGUAGE sql STABLE AS $$
         WHERE a.id = p_account
     )
     SELECT coalesce((SELECT sum(l.remaining::bigint) FROM loyalty.lot l
-                     WHERE l.account_id = p_account AND l.remaining::bigint > 0
+                     WHERE l.account_id = p_account AND l.remaining OPERATOR(loyalty.>) 0
                        AND l.occurred_at <= p_at AND l.vests_at <= p_at
                        AND (l.expires_at IS NULL OR l.expires_at > p_at)
                        AND (NOT r.rolling OR p_at < loyalty._rolling_lapse(p_account, l.occurred_at, p_at))), 0)
