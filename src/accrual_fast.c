@@ -277,7 +277,7 @@ AccrualFastPost(AccrualBatch *b, AccrualRow *r)
 		{
 			keys[0] = Int64GetDatum(b->program_id);
 			keys[1] = CStringGetTextDatum(r->ref);
-			ok = !LedgerIndexFetch(accrual, "accrual_program_id_ref_key", 2, keys, snap, xs);
+			ok = !LedgerIndexFetch(accrual, "accrual_pkey", 2, keys, snap, xs);
 		}
 	}
 	ExecDropSingleTupleTableSlot(ms);

@@ -663,7 +663,7 @@ AccrualEarlierChunks(AccrualBatch *b)
 		}
 		keys[0] = Int64GetDatum(b->program_id);
 		keys[1] = CStringGetTextDatum(r->ref);
-		if (LedgerIndexFetch(rel, "accrual_program_id_ref_key", 2, keys, snap, slot))
+		if (LedgerIndexFetch(rel, "accrual_pkey", 2, keys, snap, slot))
 			AccrualPostedBefore(r, rel, slot);
 	}
 	if (rel != NULL)
@@ -878,7 +878,7 @@ static int64
 AccrualInsertPurchases(AccrualBatch *b, int *which, int n)
 {
 	LedgerWriter *w = LedgerWriterOpen("accrual", accrual_cols, lengthof(accrual_cols), "accrual_id_seq",
-									   n > ACCRUAL_SMALL, "accrual_program_id_ref_key");
+									   n > ACCRUAL_SMALL, "accrual_pkey");
 	Datum		program = Int64GetDatum(b->program_id);
 	Datum		posted = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
 	Datum		empty = DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"));
