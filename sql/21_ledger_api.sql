@@ -184,7 +184,7 @@ RETURNS timestamptz LANGUAGE sql STABLE PARALLEL SAFE AS $$
     ), act AS (
         SELECT DISTINCT t.occurred_at AS at
         FROM p, loyalty.transfer t
-        WHERE (t.credit_account_id = p_account OR t.debit_account_id = p_account)
+        WHERE (t.credit_account_id = p_account OR (t.debit_account_id = p_account AND t.kind <> 'accrual'))
           AND t.occurred_at >= p_credited AND t.occurred_at <= p_as_of
           AND CASE WHEN p.activity IS NULL THEN t.kind <> 'expire' ELSE p.activity ? t.kind END
         UNION
@@ -522,7 +522,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_t
         SELECT k.class,
                loyalty.sum(t.amount) FILTER (WHERE t.credit_account_id = a.id) AS credited,
                loyalty.sum(t.amount) FILTER (WHERE t.debit_account_id = a.id) AS debited
-        FROM a JOIN loyalty.transfer t ON (t.credit_account_id = a.id OR t.debit_account_id = a.id)
+        FROM a JOIN loyalty.transfer t ON (t.credit_account_id = a.id OR (t.debit_account_id = a.id AND t.kind <> 'accrual'))
                                       AND t.occurred_at <= as_of
         LEFT JOIN loyalty.transfer_kind k ON k.kind = t.kind
         GROUP BY k.class
@@ -555,7 +555,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_t
         SELECT t.id, t.occurred_at, t.posted_at, t.kind, t.ref, t.reason, t.actor, t.rule_version,
                coalesce(s.points, CASE WHEN t.credit_account_id = a.id THEN t.amount::bigint
                                        ELSE -t.amount::bigint END) AS delta, s.note
-        FROM a JOIN loyalty.transfer t ON t.credit_account_id = a.id OR t.debit_account_id = a.id
+        FROM a JOIN loyalty.transfer t ON t.credit_account_id = a.id OR (t.debit_account_id = a.id AND t.kind <> 'accrual')
         LEFT JOIN shown s ON s.transfer_id = t.id
         UNION ALL   -- a negative shortfall whose refund took nothing, so posted no transfer
         SELECT NULL, s.occurred_at, s.occurred_at, s.kind, s.ref, NULL, NULL, NULL, s.points, s.note
@@ -615,7 +615,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_t
             -- ordered by both columns of the account's index, so that the
             -- plan cannot walk the primary key backwards filtering on the
             -- account (a whole-journal scan for an account with no debits)
-            WHERE t.id = greatest((SELECT d.id FROM loyalty.transfer d WHERE d.debit_account_id = a.id
+            WHERE t.id = greatest((SELECT d.id FROM loyalty.transfer d WHERE d.debit_account_id = a.id AND d.kind <> 'accrual'
                                    ORDER BY d.debit_account_id DESC, d.id DESC LIMIT 1),
                                   (SELECT c.id FROM loyalty.transfer c WHERE c.credit_account_id = a.id
                                    ORDER BY c.credit_account_id DESC, c.id DESC LIMIT 1))
