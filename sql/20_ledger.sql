@@ -104,8 +104,7 @@ CREATE TABLE loyalty.transfer (
     debit_prev_hash    bytea,
     credit_prev_hash   bytea,
     hash               bytea NOT NULL,
-    CHECK (debit_account_id <> credit_account_id),
-    UNIQUE (program_id, kind, ref)
+    CHECK (debit_account_id <> credit_account_id)
 );
 ALTER SEQUENCE loyalty.transfer_id_seq OWNED BY loyalty.transfer.id;
 -- An accrual always debits the program's issuance account, a system account
@@ -114,6 +113,12 @@ ALTER SEQUENCE loyalty.transfer_id_seq OWNED BY loyalty.transfer.id;
 -- path). A read of a member's debits says kind <> 'accrual' (a member is
 -- never an accrual's debit side), so that the planner can use this index.
 CREATE INDEX transfer_debit_idx ON loyalty.transfer (debit_account_id, id) WHERE kind <> 'accrual';
+-- Idempotency of every posting kind but accrual: a purchase's ref is already
+-- the primary key of loyalty.accrual, which holds at most one transfer per
+-- purchase (accrual.transfer_id), so a second unique entry per purchase
+-- would guard nothing and cost the hot path an index insertion. Writers of
+-- other kinds name it in ON CONFLICT with the same WHERE.
+CREATE UNIQUE INDEX transfer_ref_key ON loyalty.transfer (program_id, kind, ref) WHERE kind <> 'accrual';
 CREATE INDEX transfer_credit_idx ON loyalty.transfer (credit_account_id, id);
 COMMENT ON TABLE loyalty.transfer IS 'The journal: each row moves amount points from the debit account to the credit account; append-only, idempotent on (program, kind, ref), hash-chained per member account';
 

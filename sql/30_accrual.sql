@@ -44,6 +44,10 @@ CREATE TABLE loyalty.accrual (
     refunded_amount numeric NOT NULL DEFAULT 0,
     refunded_points bigint NOT NULL DEFAULT 0,
     posted_at       timestamptz NOT NULL DEFAULT now(),
+    -- The journal line that credited its points (NULL when it earned none):
+    -- accrual transfers are found through here, not through the journal's
+    -- ref index, which leaves them out (sql/20_ledger.sql).
+    transfer_id     bigint,
     -- A purchase is known by its ref: this key decides replays. id only
     -- orders purchases (nothing looks one up by it), so it has no index of
     -- its own, which saves an index entry on every purchase.
@@ -230,7 +234,7 @@ BEGIN
       INTO v
     FROM loyalty.accrual a
     JOIN loyalty.member m ON m.id = a.member_id
-    LEFT JOIN loyalty.transfer t ON t.program_id = a.program_id AND t.kind = 'accrual' AND t.ref = a.ref
+    LEFT JOIN loyalty.transfer t ON t.id = a.transfer_id
     WHERE a.program_id = v_program AND a.ref = explain_accrual.ref;
     IF v IS NULL THEN
         RAISE EXCEPTION 'purchase "%" does not exist in program "%"', ref, program

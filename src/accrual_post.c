@@ -848,7 +848,7 @@ AccrualExpiries(AccrualBatch *b)
 
 static const char *const accrual_cols[] = {"id", "program_id", "ref", "member_id", "account_id",
 	"amount", "occurred_at", "day", "category", "channel", "store", "attrs", "rule_version", "points",
-"vests_at", "expires_at", "breakdown", "refunded_amount", "refunded_points", "posted_at"};
+"vests_at", "expires_at", "breakdown", "refunded_amount", "refunded_points", "posted_at", "transfer_id"};
 
 static Datum
 AccrualTextOrNull(const char *s, bool *isnull)
@@ -872,10 +872,13 @@ AccrualLostRace(AccrualRow *r, LedgerWriter *w, ItemPointer tid)
  * The purchases of the chunk (rows listed in which[]); returns how many
  * were inserted and leaves ->accrual_id 0 on the rows a concurrent
  * transaction posted first (ON CONFLICT DO NOTHING on the ref: the one race
- * the member lock does not cover, the same ref for two members).
+ * the member lock does not cover, the same ref for two members). A purchase
+ * that earns is given the id of its transfer (from tw's sequence) before it
+ * is written: accrual.transfer_id is how its journal line is found, since
+ * accrual transfers have no entry in the journal's ref index.
  */
 static int64
-AccrualInsertPurchases(AccrualBatch *b, int *which, int n)
+AccrualInsertPurchases(AccrualBatch *b, int *which, int n, LedgerWriter *tw)
 {
 	LedgerWriter *w = LedgerWriterOpen("accrual", accrual_cols, lengthof(accrual_cols), "accrual_id_seq",
 									   n > ACCRUAL_SMALL, "accrual_pkey");
@@ -915,6 +918,9 @@ AccrualInsertPurchases(AccrualBatch *b, int *which, int n)
 		w->values[17] = zero;
 		w->values[18] = Int64GetDatum(0);
 		w->values[19] = posted;
+		r->transfer_id = r->points > 0 ? LedgerWriterNextId(tw) : 0;
+		w->nulls[20] = r->transfer_id == 0;
+		w->values[20] = Int64GetDatum(r->transfer_id);
 		if (LedgerWriterInsertIfNew(w, &conflict))
 			inserted++;
 		else
@@ -942,7 +948,7 @@ AccrualWriteTransfer(AccrualBatch *b, AccrualRow *r, LedgerWriter *tw, LedgerWri
 	AccrualHead *h = hash_search(b->heads, &r->account_id, HASH_FIND, NULL);
 	ChainContent c;
 	uint8		hash[CHAIN_HASH_LEN];
-	int64		tid = LedgerWriterNextId(tw);
+	int64		tid = r->transfer_id;
 	bool		pending = r->vests_at > r->occurred_at;
 	Datum		ref = CStringGetTextDatum(r->ref);
 
@@ -1073,6 +1079,7 @@ AccrualWrite(AccrualBatch *b)
 	int		   *which = palloc(sizeof(int) * Max(b->nrows, 1));
 	int			n = 0;
 	int			earning = 0;
+	LedgerWriter *tw;
 
 	for (int i = 0; i < b->nrows; i++)
 	{
@@ -1093,12 +1100,12 @@ AccrualWrite(AccrualBatch *b)
 	for (int k = 0; k < n; k++)
 		if (b->rows[which[k]].points > 0)
 			earning++;
-	b->ninserted = AccrualInsertPurchases(b, which, n);
+	tw = earning == 0 ? NULL : LedgerWriterOpen("transfer", transfer_cols, lengthof(transfer_cols),
+												"transfer_id_seq", earning > ACCRUAL_SMALL, NULL);
+	b->ninserted = AccrualInsertPurchases(b, which, n, tw);
 	if (earning > 0 && b->ninserted > 0)
 	{
 		bool		bulk = earning > ACCRUAL_SMALL;
-		LedgerWriter *tw = LedgerWriterOpen("transfer", transfer_cols, lengthof(transfer_cols),
-											"transfer_id_seq", bulk, NULL);
 		LedgerWriter *lw = LedgerWriterOpen("lot", lot_cols, lengthof(lot_cols), "lot_id_seq", bulk, NULL);
 		TimestampTz posted_at = GetCurrentTransactionStartTimestamp();
 		const char *actor = LedgerActor();
@@ -1114,10 +1121,11 @@ AccrualWrite(AccrualBatch *b)
 		}
 		MemoryContextSwitchTo(old);
 		LedgerWriterClose(lw);
-		LedgerWriterClose(tw);
 		if (!b->defer_accounts)
 			AccrualWriteAccounts(b);
 	}
+	if (tw != NULL)
+		LedgerWriterClose(tw);
 }
 
 /*

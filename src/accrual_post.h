@@ -42,6 +42,7 @@ typedef struct AccrualRow
 	bool		expires_null;
 	char	   *breakdown;
 	int64		accrual_id;		/* assigned before the write */
+	int64		transfer_id;	/* likewise, when it earns points */
 } AccrualRow;
 
 /* A locked member account: the head of its chain and what a chunk adds. */

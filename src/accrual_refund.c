@@ -279,9 +279,8 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 				  "             THEN a.points"
 				  "             ELSE round(a.points * (a.refunded_amount + coalesce($3, 0)) / a.amount)::bigint"
 				  "        END - a.refunded_points,"
-				  "        coalesce((SELECT l.id FROM loyalty.transfer t JOIN loyalty.lot l ON l.transfer_id = t.id"
-				  "                   AND l.account_id = a.account_id AND l.remaining OPERATOR(loyalty.>) 0"
-				  "                  WHERE t.program_id = $1 AND t.kind = 'accrual' AND t.ref = a.ref), 0),"
+				  "        coalesce((SELECT l.id FROM loyalty.lot l WHERE l.transfer_id = a.transfer_id"
+				  "                   AND l.account_id = a.account_id AND l.remaining OPERATOR(loyalty.>) 0), 0),"
 				  "        format('%s of %s already refunded', a.refunded_amount, a.amount)"
 				  "   FROM a JOIN loyalty.member m ON m.id = a.member_id",
 				  3, argtypes);

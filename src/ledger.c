@@ -464,6 +464,9 @@ LedgerPost(const LedgerPosting *p, bool *replayed)
 				credit_pend = 0;
 
 	Assert(p->amount > 0);
+	/* accrual transfers are idempotent through loyalty.accrual's key only */
+	if (strcmp(p->kind, "accrual") == 0)
+		elog(ERROR, "accrual transfers are posted by accrual, not by LedgerPost");
 	if (replayed)
 		*replayed = false;
 
@@ -538,7 +541,7 @@ LedgerPost(const LedgerPosting *p, bool *replayed)
 				  "         amount, kind, ref, occurred_at, posted_at, rule_version, actor, reason,"
 				  "         debit_prev_hash, credit_prev_hash, hash)"
 				  "  VALUES ($1, $2, $3, $4::loyalty.points, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
-				  "  ON CONFLICT (program_id, kind, ref) DO NOTHING"
+				  "  ON CONFLICT (program_id, kind, ref) WHERE kind <> 'accrual' DO NOTHING"
 				  "  RETURNING id),"
 				  " u AS ("
 				  "  INSERT INTO loyalty.lot_use (transfer_id, lot_id, account_id, amount, occurred_at)"

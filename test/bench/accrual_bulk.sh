@@ -58,15 +58,15 @@ BEGIN
                                          * CASE WHEN extract(isodow FROM NEW.placed_at) IN (6, 7) THEN 2 ELSE 1 END))
              END;
     v_vests := NEW.placed_at + interval '30 days';
+    v_id := CASE WHEN v_pts > 0 THEN nextval('loyalty.transfer_id_seq') END;
     INSERT INTO loyalty.accrual (program_id, ref, member_id, account_id, amount, occurred_at, day, category,
-                                 rule_version, points, vests_at, breakdown)
+                                 rule_version, points, vests_at, breakdown, transfer_id)
     VALUES (v_prog, NEW.id, v_mem, v_acc, NEW.total, NEW.placed_at, NEW.placed_at::date, NEW.category,
-            1, v_pts, v_vests, jsonb_build_object('rule_version', 1, 'points', v_pts))
+            1, v_pts, v_vests, jsonb_build_object('rule_version', 1, 'points', v_pts), v_id)
     ON CONFLICT DO NOTHING;
     IF NOT FOUND OR v_pts = 0 THEN
         RETURN NULL;
     END IF;
-    v_id := nextval('loyalty.transfer_id_seq');
     v_hash := loyalty.transfer_hash(v_prog, v_iss, v_acc, v_pts::loyalty.points, 'accrual', NEW.id, NEW.placed_at,
                                     v_now, 1, session_user::text, NULL, NULL, v_prev);
     INSERT INTO loyalty.transfer (id, program_id, debit_account_id, credit_account_id, amount, kind, ref,

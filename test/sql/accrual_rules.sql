@@ -129,6 +129,16 @@ WHERE coalesce(t.amount::bigint, 0) <> a.points
         - coalesce((SELECT sum((c ->> 'cut')::bigint) FROM json_array_elements(a.breakdown -> 'caps') c), 0)
         <> a.points);
 SELECT * FROM loyalty.accrual_campaign;
+-- accrual.transfer_id is the purchase's journal line: same ref, member and
+-- points; NULL exactly when it earned nothing; every accrual transfer has
+-- its purchase (no row differs).
+SELECT a.ref, a.transfer_id, t.id, t.ref AS transfer_ref
+FROM loyalty.accrual a FULL JOIN (SELECT * FROM loyalty.transfer WHERE kind = 'accrual') t ON t.id = a.transfer_id
+WHERE CASE WHEN t.id IS NULL THEN a.points <> 0 OR a.transfer_id IS NOT NULL
+           WHEN a.ref IS NULL THEN true
+           ELSE a.ref <> t.ref OR a.account_id <> t.credit_account_id OR a.points <> t.amount::bigint END;
+SELECT count(*) FILTER (WHERE transfer_id IS NULL) AS earned_nothing, count(transfer_id) AS earned
+FROM loyalty.accrual;
 
 -- Idempotency: the same purchase again earns nothing more; other content is refused.
 SELECT loyalty.accrue('shop', 'c1', 10.50, 'p1', '2027-01-04 10:00+00', 'books') AS replayed;

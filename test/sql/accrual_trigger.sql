@@ -219,3 +219,10 @@ SELECT count(*) AS triggers FROM pg_trigger WHERE tgrelid = 'public.orders'::reg
 INSERT INTO public.orders VALUES ('o99', 'c1', 100.00, '2025-05-01', 'books', NULL);
 SELECT count(*) AS o99 FROM loyalty.accrual WHERE ref = 'o99';
 SELECT count(*) AS chain_problems FROM loyalty.verify_chain('shop');
+-- Every purchase posted above (bulk, chunks, repeated refs, quarantined
+-- rows) points to its own journal line, and only those that earned do.
+SELECT count(*) AS misfiled_transfers
+FROM loyalty.accrual a FULL JOIN (SELECT * FROM loyalty.transfer WHERE kind = 'accrual') t ON t.id = a.transfer_id
+WHERE CASE WHEN t.id IS NULL THEN a.points <> 0 OR a.transfer_id IS NOT NULL
+           WHEN a.ref IS NULL THEN true
+           ELSE a.ref <> t.ref OR a.account_id <> t.credit_account_id OR a.points <> t.amount::bigint END;
