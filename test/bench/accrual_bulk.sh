@@ -11,7 +11,7 @@ q() { psql -X -q -v ON_ERROR_STOP=1 -At "$@"; }
 now() { date +%s.%N; }
 
 echo "set-up: $n purchases of $m members" >&2
-q <<SQL
+q >/dev/null <<SQL
 SELECT loyalty.create_program(p, p, 'UTC') FROM unnest(ARRAY['acc', 'plp']) p;
 SELECT count(loyalty.enroll(p, 'm' || i, occurred_at => '2025-01-01'))
 FROM unnest(ARRAY['acc', 'plp']) p, generate_series(1, $m) i;

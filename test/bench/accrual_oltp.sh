@@ -11,7 +11,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 echo "set-up: $m members, ${secs} s per run" >&2
-q <<SQL
+q >/dev/null <<SQL
 SELECT loyalty.create_program('shop', 'Shop', 'UTC');
 SELECT count(loyalty.enroll('shop', 'm' || i, occurred_at => '2025-01-01')) FROM generate_series(1, $m) i;
 SELECT loyalty.set_earning_rules('shop', '{"base": {"per": 1, "points": 1, "rounding": "floor"},
