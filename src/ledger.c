@@ -261,7 +261,8 @@ LedgerFindExisting(const LedgerPosting *p, int64 *id)
 
 	LedgerPrepare(&plan_find,
 				  "SELECT id, debit_account_id, credit_account_id, amount::bigint"
-				  "  FROM loyalty.transfer WHERE program_id = $1 AND kind = $2 AND ref = $3",
+				  "  FROM loyalty.transfer WHERE program_id = $1 AND kind = $2 AND ref = $3"
+				  "   AND kind <> 'accrual'",	/* transfer_ref_key's predicate: the plan uses it */
 				  3, argtypes);
 	args[0] = Int64GetDatum(p->program_id);
 	args[1] = CStringGetTextDatum(p->kind);

@@ -95,7 +95,8 @@ RedemptionCheckOwed(const LedgerPosting *p)
 	/* a repeat of a posted transfer is LedgerPost's to answer */
 	LedgerPrepare(&plan_left,
 				  "SELECT loyalty._negative_shortfall($1, $2), loyalty._available_for_hold($1, $2),"
-				  "       EXISTS (SELECT FROM loyalty.transfer t WHERE t.program_id = $3 AND t.kind = $4 AND t.ref = $5)",
+				  "       EXISTS (SELECT FROM loyalty.transfer t WHERE t.program_id = $3 AND t.kind = $4 AND t.ref = $5"
+				  "                 AND t.kind <> 'accrual')",	/* so that transfer_ref_key serves it */
 				  5, leftargs);
 	args[0] = Int64GetDatum(p->debit_account);
 	args[1] = TimestampTzGetDatum(p->occurred_at);

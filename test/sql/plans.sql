@@ -1,0 +1,110 @@
+-- Every look-up on the posting and reading paths finds its rows through an
+-- index, never by scanning a whole ledger table. Partial indexes make this
+-- easy to break without a failing result: a query that does not spell an
+-- index's predicate (kind <> 'accrual' on the journal, remaining > 0 on the
+-- lots) silently becomes a scan of the table, correct and ever slower. So
+-- with sequential scans disabled (the planner then takes one only where no
+-- index can serve), each operation runs in a transaction of its own and
+-- pg_stat_xact_user_tables must count no sequential scan of the ledger's
+-- big tables. The plans are the real ones: the C code's saved SPI plans
+-- (generic after their first executions) and the SQL functions'.
+SET client_min_messages = warning;
+DROP EXTENSION IF EXISTS loyalty CASCADE;
+CREATE EXTENSION loyalty;
+CREATE EXTENSION IF NOT EXISTS pgtap;
+RESET client_min_messages;
+SET TIME ZONE 'UTC';
+SELECT * FROM no_plan();
+
+SELECT loyalty.create_program('shop', 'The Shop', 'UTC',
+    '{"expiry": {"policy": "fixed", "after": "12 months"}, "shortfall": "debt"}') AS program;
+SELECT count(loyalty.enroll('shop', 'm' || i, occurred_at => '2026-01-01')) AS members FROM generate_series(1, 3) i;
+SELECT loyalty.set_earning_rules('shop', '{"base": {"per": 1, "points": 1, "rounding": "floor"},
+  "caps": {"per_member_per_day": 1000}, "bonuses": [{"when": {"first_purchase": true}, "points": 10}],
+  "pending_days": 14}', '2026-01-01', 'plans') AS version;
+DROP TABLE IF EXISTS plans_orders;
+CREATE TABLE plans_orders (id text PRIMARY KEY, customer text, total numeric, placed_at timestamptz);
+SELECT loyalty.attach_accrual('plans_orders', 'shop', 'customer', 'total', 'id', 'placed_at');
+SELECT loyalty.add_reward('shop', 'mug', 'A mug', 50) AS reward;
+
+SET enable_seqscan = off;
+
+-- mark() notes the sequential scans counted so far (the counts of
+-- pg_stat_xact_user_tables include earlier transactions not yet flushed);
+-- seq_scans() lists the ledger tables scanned since, in this transaction.
+CREATE TEMP TABLE scan_mark (relname name, seq_scan bigint);
+CREATE FUNCTION pg_temp.mark() RETURNS void LANGUAGE sql AS $$
+    DELETE FROM pg_temp.scan_mark;
+    INSERT INTO pg_temp.scan_mark
+        SELECT relname, seq_scan FROM pg_stat_xact_user_tables WHERE schemaname = 'loyalty';
+$$;
+CREATE FUNCTION pg_temp.seq_scans() RETURNS text LANGUAGE sql AS $$
+    SELECT coalesce(string_agg(s.relname || ' ' || (s.seq_scan - coalesce(m.seq_scan, 0)), ', ' ORDER BY s.relname), '')
+    FROM pg_stat_xact_user_tables s LEFT JOIN pg_temp.scan_mark m ON m.relname = s.relname
+    WHERE s.schemaname = 'loyalty' AND s.seq_scan > coalesce(m.seq_scan, 0)
+      AND s.relname IN ('transfer', 'lot', 'lot_use', 'accrual', 'account', 'member', 'member_contact',
+                        'accrual_debt', 'accrual_refund', 'hold', 'redemption', 'voucher')
+$$;
+
+-- Each step twice, so that saved plans are also run a second time (and the
+-- SQL functions' plans are cached as they are in a long session).
+BEGIN;
+SELECT pg_temp.mark();
+INSERT INTO plans_orders VALUES ('o1', 'm1', 120, '2026-02-01 10:00'), ('o2', 'm2', 80, '2026-02-01 11:00');
+INSERT INTO plans_orders VALUES ('o3', 'm1', 30, '2026-02-02 10:00');
+INSERT INTO plans_orders VALUES ('o4', 'm3', 60, '2026-02-02 12:00');
+SELECT is(pg_temp.seq_scans(), '', 'accrual through the trigger, one-row and multi-row statements');
+COMMIT;
+
+BEGIN;
+SELECT pg_temp.mark();
+SELECT loyalty.accrue('shop', 'm2', 45, 'f1', '2026-02-03 09:00') AS points;
+SELECT loyalty.accrue('shop', 'm2', 45, 'f1', '2026-02-03 09:00') AS replayed;
+SELECT is(pg_temp.seq_scans(), '', 'accrue() and its replay');
+COMMIT;
+
+BEGIN;
+SELECT pg_temp.mark();
+SELECT loyalty.run_job('vest', '2026-03-01') IS NOT NULL AS vested;
+SELECT is(pg_temp.seq_scans(), '', 'the vest job');
+COMMIT;
+
+BEGIN;
+SELECT pg_temp.mark();
+SELECT loyalty.earn('shop', 'm1', 25, 'bonus-1', 'goodwill', '2026-03-01') AS earned;
+SELECT loyalty.earn('shop', 'm1', 25, 'bonus-1', 'goodwill', '2026-03-01') AS earn_replayed;
+SELECT loyalty.adjust('shop', 'm3', -5, 'fix-1', 'typo', '2026-03-01') AS adjusted;
+SELECT is(pg_temp.seq_scans(), '', 'earn, its replay and adjust (LedgerPost)');
+COMMIT;
+
+BEGIN;
+SELECT pg_temp.mark();
+SELECT points AS redeemed FROM loyalty.redeem('shop', 'm1', 'mug', 'r1', occurred_at => '2026-03-02');
+SELECT points AS redeem_replayed FROM loyalty.redeem('shop', 'm1', 'mug', 'r1', occurred_at => '2026-03-02');
+SELECT is(pg_temp.seq_scans(), '', 'redeem and its replay');
+COMMIT;
+
+BEGIN;
+SELECT pg_temp.mark();
+SELECT loyalty.refund('shop', 'o1', 60, 'o1-half') AS clawed_back;
+SELECT loyalty.refund('shop', 'o1', 60, 'o1-half') AS refund_replayed;
+DELETE FROM plans_orders WHERE id = 'o4';
+SELECT is(pg_temp.seq_scans(), '', 'refunds, through the function and a DELETE on the attached table');
+COMMIT;
+
+BEGIN;
+SELECT pg_temp.mark();
+SELECT loyalty.balance('shop', 'm1', '2026-03-03') AS balance, loyalty.balance('shop', 'm1', '2026-02-15') AS earlier;
+SELECT available, pending, lifetime_earned FROM loyalty.account_summary('shop', 'm1', '2026-03-03');
+SELECT count(*) AS lines FROM loyalty.statement('shop', 'm1');
+SELECT loyalty.explain_accrual('shop', 'o1') ->> 'posted_points' AS posted;
+SELECT is(pg_temp.seq_scans(), '', 'balance, account_summary, statement, explain_accrual');
+COMMIT;
+
+BEGIN;
+SELECT pg_temp.mark();
+SELECT loyalty.run_job('expire', '2027-03-01') IS NOT NULL AS expired;
+SELECT is(pg_temp.seq_scans(), '', 'the expire job');
+COMMIT;
+
+SELECT * FROM finish();
