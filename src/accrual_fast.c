@@ -289,7 +289,9 @@ AccrualFastPost(AccrualBatch *b, AccrualRow *r)
 	UnregisterSnapshot(snap);
 	if (!ok)
 		return false;
+	b->refs_unchecked = !(b->has_debts || b->rules->uses_campaign);
 	AccrualPostLocked(b);
+	b->refs_unchecked = false;
 
 	/*
 	 * A concurrent transaction posted the same ref meanwhile (for another

@@ -215,12 +215,21 @@ LedgerWriterSlot(LedgerWriter *w)
  * or is being inserted (then, as ON CONFLICT DO NOTHING does, wait for its
  * transaction and skip if it committed): returns whether it was appended.
  * When it was not, *conflict (if given) is the row that holds the key.
+ *
+ * likely_new: the caller looked the key up already and found nothing, so
+ * the first attempt skips the pre-check (a descent of the arbiter index).
+ * That is still exact: the index insertion itself checks the key
+ * (UNIQUE_CHECK_PARTIAL) and reports a row inserted meanwhile, and then the
+ * speculative row is killed and the pre-check, which waits, runs as usual.
+ * A key that does exist costs a dead row and dead index entries that way,
+ * which is why only a caller that looked first asks for it.
  */
 bool
-LedgerWriterInsertIfNew(LedgerWriter *w, ItemPointer conflict)
+LedgerWriterInsertIfNew(LedgerWriter *w, ItemPointer conflict, bool likely_new)
 {
 	TupleTableSlot *slot = LedgerWriterSlot(w);
 	ItemPointerData found;
+	bool		precheck = !likely_new;
 
 	Assert(w->arbiters != NIL);
 	for (;;)
@@ -229,7 +238,8 @@ LedgerWriterInsertIfNew(LedgerWriter *w, ItemPointer conflict)
 		bool		lost = false;
 		List	   *recheck;
 
-		if (!ExecCheckIndexConstraints(w->rri, slot, w->estate, &found, w->arbiters))
+		if (precheck &&
+			!ExecCheckIndexConstraints(w->rri, slot, w->estate, &found, w->arbiters))
 		{
 			if (conflict != NULL)
 				*conflict = found;
@@ -246,6 +256,7 @@ LedgerWriterInsertIfNew(LedgerWriter *w, ItemPointer conflict)
 		if (!lost)
 			return true;
 		/* a concurrent insert won the race: check again, which waits for it */
+		precheck = true;
 	}
 }
 
