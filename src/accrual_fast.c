@@ -31,6 +31,7 @@
 #include "commands/trigger.h"
 #include "executor/executor.h"
 #include "executor/tuptable.h"
+#include "storage/bufmgr.h"
 #include "utils/builtins.h"
 #include "utils/date.h"
 #include "utils/datetime.h"
@@ -260,10 +261,19 @@ AccrualFastPost(AccrualBatch *b, AccrualRow *r)
 		keys[0] = Int64GetDatum(r->account_id);
 		{
 			Relation	debt = LedgerOpenTable("accrual_debt", AccessShareLock);
-			TupleTableSlot *ds = table_slot_create(debt, NULL);
 
-			b->has_debts = LedgerIndexFetch(debt, "accrual_debt_open_idx", 1, keys, snap, ds);
-			ExecDropSingleTupleTableSlot(ds);
+			/*
+			 * A program that never clawed back more than a member held has
+			 * no debt row at all: an empty table answers without a probe.
+			 */
+			b->has_debts = false;
+			if (RelationGetNumberOfBlocks(debt) > 0)
+			{
+				TupleTableSlot *ds = table_slot_create(debt, NULL);
+
+				b->has_debts = LedgerIndexFetch(debt, "accrual_debt_open_idx", 1, keys, snap, ds);
+				ExecDropSingleTupleTableSlot(ds);
+			}
 			table_close(debt, NoLock);
 		}
 
