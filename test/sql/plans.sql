@@ -86,6 +86,28 @@ COMMIT;
 
 BEGIN;
 SELECT pg_temp.mark();
+SELECT loyalty.add_charity('shop', 'trees') AS charity;
+SELECT loyalty.hold('shop', 'm1', 10, 'h1', occurred_at => '2026-03-02') AS held;
+SELECT loyalty.capture('shop', 'h1', occurred_at => '2026-03-02') AS captured;
+SELECT loyalty.hold('shop', 'm1', 5, 'h2', occurred_at => '2026-03-02') AS held_again;
+SELECT loyalty.release('shop', 'h2') AS released;
+SELECT loyalty.transfer_points('shop', 'm1', 'm2', 5, 't1', '2026-03-02') AS transferred;
+SELECT loyalty.donate('shop', 'm1', 'trees', 5, 'd1', '2026-03-02') AS donated;
+SELECT loyalty.cancel_redemption('shop', 'r1') AS cancelled;
+SELECT count(*) AS expiring FROM loyalty.expiring_points('shop', 'm1', as_of => '2027-01-20');
+SELECT is(pg_temp.seq_scans(), '', 'hold, capture, release, transfer_points, donate, cancel_redemption, expiring_points');
+COMMIT;
+
+BEGIN;
+SELECT pg_temp.mark();
+INSERT INTO plans_orders VALUES ('q1', 'newcomer', 20, '2026-03-02 10:00');
+SELECT loyalty.enroll('shop', 'newcomer', occurred_at => '2026-03-01') > 0 AS enrolled;
+SELECT * FROM loyalty.replay_quarantine('shop');
+SELECT is(pg_temp.seq_scans(), '', 'a quarantined purchase and its replay');
+COMMIT;
+
+BEGIN;
+SELECT pg_temp.mark();
 SELECT loyalty.refund('shop', 'o1', 60, 'o1-half') AS clawed_back;
 SELECT loyalty.refund('shop', 'o1', 60, 'o1-half') AS refund_replayed;
 DELETE FROM plans_orders WHERE id = 'o4';
