@@ -5,10 +5,7 @@
 # transfer with its chained hash, lot, member balance).
 # Budgets: <= 3x the bare insert; >= 3x faster than the PL/pgSQL trigger.
 set -euo pipefail
-n=$(awk -v s="$BENCH_SCALE" 'BEGIN { printf "%d", 1000000 * s }')
-m=$(awk -v s="$BENCH_SCALE" 'BEGIN { v = int(10000 * s); if (v < 100) v = 100; printf "%d", v }')
-q() { psql -X -q -v ON_ERROR_STOP=1 -At "$@"; }
-now() { date +%s.%N; }
+. "$(dirname "$0")/bulk.bash"
 
 echo "set-up: $n purchases of $m members" >&2
 q >/dev/null <<SQL
@@ -22,14 +19,7 @@ SELECT loyalty.set_earning_rules(p, '{"base": {"per": 1, "points": 1, "rounding"
   "caps": {"per_purchase": 10000}, "pending_days": 30, "min_amount": 1}', '2025-01-01', 'bench')
 FROM unnest(ARRAY['acc', 'plp']) p;
 
-CREATE TABLE src AS
-SELECT 'o' || i AS id, 'm' || (i % $m + 1) AS customer,
-       ((i::bigint * 7919) % 20000 / 100.0 + 0.5)::numeric(12,2) AS total,
-       timestamptz '2025-03-01' + (i % 100000) * interval '1 minute' AS placed_at,
-       (ARRAY['books', 'food', 'electronics', 'toys', 'gift_card'])[i % 5 + 1] AS category
-FROM generate_series(1, $n) i;
-CREATE TABLE orders_bare (id text PRIMARY KEY, customer text, total numeric(12,2),
-                          placed_at timestamptz, category text);
+$(bulk_src)
 CREATE TABLE orders_acc (LIKE orders_bare INCLUDING ALL);
 CREATE TABLE orders_plp (LIKE orders_bare INCLUDING ALL);
 SELECT loyalty.attach_accrual('orders_acc', 'acc', 'customer', 'total', 'id', 'placed_at', 'category');
@@ -84,18 +74,9 @@ CREATE TRIGGER plp_accrue AFTER INSERT ON orders_plp FOR EACH ROW EXECUTE FUNCTI
 VACUUM ANALYZE;
 SQL
 
-timed() {       # timed TABLE: seconds for INSERT INTO TABLE SELECT * FROM src
-    q -c "CHECKPOINT" >/dev/null
-    local s e
-    s=$(now)
-    q -c "INSERT INTO $1 SELECT * FROM src" >/dev/null
-    e=$(now)
-    awk -v s="$s" -v e="$e" 'BEGIN { printf "%.2f", e - s }'
-}
-
-bare=$(timed orders_bare);  echo "bare insert: ${bare} s" >&2
-acc=$(timed orders_acc);    echo "accrual attached: ${acc} s" >&2
-plp=$(timed orders_plp);    echo "PL/pgSQL row trigger: ${plp} s" >&2
+bare=$(timed "INSERT INTO orders_bare SELECT * FROM src");  echo "bare insert: ${bare} s" >&2
+acc=$(timed "INSERT INTO orders_acc SELECT * FROM src");    echo "accrual attached: ${acc} s" >&2
+plp=$(timed "INSERT INTO orders_plp SELECT * FROM src");    echo "PL/pgSQL row trigger: ${plp} s" >&2
 
 # Both posted the same points, and the chains verify (after the ANALYZE a
 # DBA runs after a bulk load: verify_chain planned with the statistics of

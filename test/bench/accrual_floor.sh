@@ -10,10 +10,7 @@
 # (<= 3x bare) is from what the data model itself costs. See
 # docs/performance.md, "The floor of the data model".
 set -euo pipefail
-n=$(awk -v s="$BENCH_SCALE" 'BEGIN { printf "%d", 1000000 * s }')
-m=$(awk -v s="$BENCH_SCALE" 'BEGIN { v = int(10000 * s); if (v < 100) v = 100; printf "%d", v }')
-q() { psql -X -q -v ON_ERROR_STOP=1 -At "$@"; }
-now() { date +%s.%N; }
+. "$(dirname "$0")/bulk.bash"
 
 echo "set-up: $n purchases of $m members" >&2
 q >/dev/null <<SQL
@@ -21,14 +18,7 @@ SELECT loyalty.create_program('acc', 'acc', 'UTC');
 SELECT count(loyalty.enroll('acc', 'm' || i, occurred_at => '2025-01-01')) FROM generate_series(1, $m) i;
 SELECT loyalty.set_earning_rules('acc', '{"base": {"per": 1, "points": 1, "rounding": "floor"},
   "caps": {"per_purchase": 10000}, "pending_days": 30, "min_amount": 1}', '2025-01-01', 'bench');
-CREATE TABLE src AS
-SELECT 'o' || i AS id, 'm' || (i % $m + 1) AS customer,
-       ((i::bigint * 7919) % 20000 / 100.0 + 0.5)::numeric(12,2) AS total,
-       timestamptz '2025-03-01' + (i % 100000) * interval '1 minute' AS placed_at,
-       (ARRAY['books', 'food', 'electronics', 'toys', 'gift_card'])[i % 5 + 1] AS category
-FROM generate_series(1, $n) i;
-CREATE TABLE orders_bare (id text PRIMARY KEY, customer text, total numeric(12,2),
-                          placed_at timestamptz, category text);
+$(bulk_src)
 CREATE TABLE orders_acc (LIKE orders_bare INCLUDING ALL);
 SELECT loyalty.attach_accrual('orders_acc', 'acc', 'customer', 'total', 'id', 'placed_at', 'category');
 -- The three rows a purchase posts, in copies of the real tables.
@@ -52,15 +42,6 @@ FROM src s JOIN loyalty.member mb ON mb.member_ref = s.customer
 JOIN loyalty.account a ON a.member_id = mb.id;
 VACUUM ANALYZE;
 SQL
-
-timed() {       # timed SQL: seconds the statement takes, after a checkpoint
-    q -c "CHECKPOINT" >/dev/null
-    local s e
-    s=$(now)
-    q -c "$1" >/dev/null
-    e=$(now)
-    awk -v s="$s" -v e="$e" 'BEGIN { printf "%.2f", e - s }'
-}
 
 purchase_cols="program_id, ref, member_id, account_id, amount, occurred_at, day, category, rule_version, points, vests_at, breakdown"
 purchase_vals="1, id, member_id, account_id, total, placed_at, day, category, 1, points, vests_at, breakdown"

@@ -1,0 +1,34 @@
+# Shared by the bulk accrual benches (sourced, not run: scripts/bench runs
+# only *.sh). One definition of the purchases they insert, so that their
+# figures stay comparable, and of how a statement is timed.
+#
+#   n, m        purchases and members at BENCH_SCALE (1,000,000 and 10,000)
+#   q           psql for the bench database
+#   bulk_src    SQL creating src (the purchases) and orders_bare (the bare table)
+#   timed SQL   seconds the statement takes, after a checkpoint
+
+n=$(awk -v s="$BENCH_SCALE" 'BEGIN { printf "%d", 1000000 * s }')
+m=$(awk -v s="$BENCH_SCALE" 'BEGIN { v = int(10000 * s); if (v < 100) v = 100; printf "%d", v }')
+q() { psql -X -q -v ON_ERROR_STOP=1 -At "$@"; }
+
+bulk_src() {
+    cat <<SQL
+CREATE TABLE src AS
+SELECT 'o' || i AS id, 'm' || (i % $m + 1) AS customer,
+       ((i::bigint * 7919) % 20000 / 100.0 + 0.5)::numeric(12,2) AS total,
+       timestamptz '2025-03-01' + (i % 100000) * interval '1 minute' AS placed_at,
+       (ARRAY['books', 'food', 'electronics', 'toys', 'gift_card'])[i % 5 + 1] AS category
+FROM generate_series(1, $n) i;
+CREATE TABLE orders_bare (id text PRIMARY KEY, customer text, total numeric(12,2),
+                          placed_at timestamptz, category text);
+SQL
+}
+
+timed() {
+    local s e
+    q -c "CHECKPOINT" >/dev/null
+    s=$(date +%s.%N)
+    q -c "$1" >/dev/null
+    e=$(date +%s.%N)
+    awk -v s="$s" -v e="$e" 'BEGIN { printf "%.2f", e - s }'
+}
