@@ -111,7 +111,9 @@ ALTER SEQUENCE loyalty.transfer_id_seq OWNED BY loyalty.transfer.id;
 -- whose lines are only ever summed, never looked up by account: leaving
 -- accruals out of the debit index saves an entry on every purchase (the hot
 -- path). A read of a member's debits says kind <> 'accrual' (a member is
--- never an accrual's debit side), so that the planner can use this index.
+-- never an accrual's debit side), so that the planner can use this index:
+-- loyalty._account_transfers() reads a member's lines so, and verify_chain's
+-- heads ask for the last debit the same way.
 CREATE INDEX transfer_debit_idx ON loyalty.transfer (debit_account_id, id) WHERE kind <> 'accrual';
 -- Idempotency of every posting kind but accrual: a purchase's ref is already
 -- the primary key of loyalty.accrual, which holds at most one transfer per

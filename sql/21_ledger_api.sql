@@ -169,6 +169,17 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
     WHERE a.id = p_account
 $$;
 
+-- The journal lines of a member account: those it is credited by, and those
+-- it is debited by. A member is never an accrual's debit side, and saying so
+-- (kind <> 'accrual') is what lets the planner use transfer_debit_idx, which
+-- leaves accruals out (sql/20_ledger.sql). Inlined into the caller's query.
+CREATE FUNCTION loyalty._account_transfers(p_account bigint) RETURNS SETOF loyalty.transfer
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT t.* FROM loyalty.transfer t
+    WHERE t.credit_account_id = p_account OR (t.debit_account_id = p_account AND t.kind <> 'accrual')
+$$;
+COMMENT ON FUNCTION loyalty._account_transfers(bigint) IS 'Internal: the journal lines of a member account (credited or debited), written so that both account indexes serve it';
+
 -- Under a rolling policy, when points credited at p_credited lapse, as far
 -- as is known at p_as_of: at the end of the first stretch of `inactivity`
 -- without activity that starts at or after their credit (the credit itself
@@ -183,9 +194,8 @@ RETURNS timestamptz LANGUAGE sql STABLE PARALLEL SAFE AS $$
         WHERE a.id = p_account AND p.options #>> '{expiry,policy}' = 'rolling'
     ), act AS (
         SELECT DISTINCT t.occurred_at AS at
-        FROM p, loyalty.transfer t
-        WHERE (t.credit_account_id = p_account OR (t.debit_account_id = p_account AND t.kind <> 'accrual'))
-          AND t.occurred_at >= p_credited AND t.occurred_at <= p_as_of
+        FROM p, loyalty._account_transfers(p_account) t
+        WHERE t.occurred_at >= p_credited AND t.occurred_at <= p_as_of
           AND CASE WHEN p.activity IS NULL THEN t.kind <> 'expire' ELSE p.activity ? t.kind END
         UNION
         SELECT p_credited FROM p
@@ -522,9 +532,9 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_t
         SELECT k.class,
                loyalty.sum(t.amount) FILTER (WHERE t.credit_account_id = a.id) AS credited,
                loyalty.sum(t.amount) FILTER (WHERE t.debit_account_id = a.id) AS debited
-        FROM a JOIN loyalty.transfer t ON (t.credit_account_id = a.id OR (t.debit_account_id = a.id AND t.kind <> 'accrual'))
-                                      AND t.occurred_at <= as_of
+        FROM a CROSS JOIN LATERAL loyalty._account_transfers(a.id) t
         LEFT JOIN loyalty.transfer_kind k ON k.kind = t.kind
+        WHERE t.occurred_at <= as_of
         GROUP BY k.class
     )
     SELECT (greatest(coalesce((SELECT loyalty.sum(remaining) FROM lots WHERE vests_at <= as_of), 0)
@@ -555,7 +565,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_t
         SELECT t.id, t.occurred_at, t.posted_at, t.kind, t.ref, t.reason, t.actor, t.rule_version,
                coalesce(s.points, CASE WHEN t.credit_account_id = a.id THEN t.amount::bigint
                                        ELSE -t.amount::bigint END) AS delta, s.note
-        FROM a JOIN loyalty.transfer t ON t.credit_account_id = a.id OR (t.debit_account_id = a.id AND t.kind <> 'accrual')
+        FROM a CROSS JOIN LATERAL loyalty._account_transfers(a.id) t
         LEFT JOIN shown s ON s.transfer_id = t.id
         UNION ALL   -- a negative shortfall whose refund took nothing, so posted no transfer
         SELECT NULL, s.occurred_at, s.occurred_at, s.kind, s.ref, NULL, NULL, NULL, s.points, s.note

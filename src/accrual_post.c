@@ -1079,6 +1079,7 @@ AccrualWrite(AccrualBatch *b)
 	int		   *which = palloc(sizeof(int) * Max(b->nrows, 1));
 	int			n = 0;
 	int			earning = 0;
+	bool		bulk;
 	LedgerWriter *tw;
 
 	for (int i = 0; i < b->nrows; i++)
@@ -1100,12 +1101,12 @@ AccrualWrite(AccrualBatch *b)
 	for (int k = 0; k < n; k++)
 		if (b->rows[which[k]].points > 0)
 			earning++;
+	bulk = earning > ACCRUAL_SMALL;
 	tw = earning == 0 ? NULL : LedgerWriterOpen("transfer", transfer_cols, lengthof(transfer_cols),
-												"transfer_id_seq", earning > ACCRUAL_SMALL, NULL);
+												"transfer_id_seq", bulk, NULL);
 	b->ninserted = AccrualInsertPurchases(b, which, n, tw);
 	if (earning > 0 && b->ninserted > 0)
 	{
-		bool		bulk = earning > ACCRUAL_SMALL;
 		LedgerWriter *lw = LedgerWriterOpen("lot", lot_cols, lengthof(lot_cols), "lot_id_seq", bulk, NULL);
 		TimestampTz posted_at = GetCurrentTransactionStartTimestamp();
 		const char *actor = LedgerActor();
