@@ -224,9 +224,13 @@ AccrualFastPost(AccrualBatch *b, AccrualRow *r)
 	 */
 	CommandCounterIncrement();
 	snap = RegisterSnapshot(GetTransactionSnapshot());
-	member = LedgerOpenTable("member", RowShareLock);
-	account = LedgerOpenTable("account", RowShareLock);
-	accrual = LedgerOpenTable("accrual", RowShareLock);
+	/*
+	 * The locks the writers take next (one entry each in the lock table,
+	 * rather than a weaker one first and a second when writing).
+	 */
+	member = LedgerOpenTable("member", AccessShareLock);
+	account = LedgerOpenTable("account", RowExclusiveLock);
+	accrual = LedgerOpenTable("accrual", RowExclusiveLock);
 	ms = table_slot_create(member, NULL);
 	as = table_slot_create(account, NULL);
 	xs = table_slot_create(accrual, NULL);
@@ -299,9 +303,7 @@ AccrualFastPost(AccrualBatch *b, AccrualRow *r)
 	UnregisterSnapshot(snap);
 	if (!ok)
 		return false;
-	b->refs_unchecked = !(b->has_debts || b->rules->uses_campaign);
 	AccrualPostLocked(b);
-	b->refs_unchecked = false;
 
 	/*
 	 * A concurrent transaction posted the same ref meanwhile (for another

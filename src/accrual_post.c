@@ -921,7 +921,7 @@ AccrualInsertPurchases(AccrualBatch *b, int *which, int n, LedgerWriter *tw)
 		r->transfer_id = r->points > 0 ? LedgerWriterNextId(tw) : 0;
 		w->nulls[20] = r->transfer_id == 0;
 		w->values[20] = Int64GetDatum(r->transfer_id);
-		if (LedgerWriterInsertIfNew(w, &conflict, !b->refs_unchecked))
+		if (LedgerWriterInsertIfNew(w, &conflict, true))
 			inserted++;
 		else
 			AccrualLostRace(r, w, &conflict);

@@ -65,7 +65,6 @@ typedef struct AccrualBatch
 	pg_tz	   *tz;
 	bool		enroll_unknown;
 	bool		has_debts;		/* the program has outstanding refund debts */
-	bool		refs_unchecked; /* the rows' refs were not looked up before computing */
 	int64		issuance;
 	Oid			source;			/* the application's table; InvalidOid for the function API */
 	const char *source_sql;		/* the trigger's query over its transition table, or NULL */

@@ -159,23 +159,25 @@ static void
 AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, int64 nrows)
 {
 	static const Oid argtypes[] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID};
-	char	   *source = AccrualSourceSql(s, "loyalty_new");
+	char	   *source;
 	Datum		args[3];
 	char		nulls[3] = {' ', ' ', ' '};
 
-	args[0] = Int64GetDatum(b->program_id);
-	args[1] = TimestampTzGetDatum(b->earliest);
-	args[2] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
-	b->source_sql = source;
 	b->statement_rows = nrows;
 	if (nrows == 1)
 	{
 		const char *const cols[7] = {s->ref, s->member, s->amount, s->occurred_at, s->category,
 		s->channel, s->store};
 
+		/* before any SQL is built: a sale that posts here needs none */
 		if (AccrualFastInsert(b, trig, cols))
 			return;
 	}
+	source = AccrualSourceSql(s, "loyalty_new");
+	args[0] = Int64GetDatum(b->program_id);
+	args[1] = TimestampTzGetDatum(b->earliest);
+	args[2] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+	b->source_sql = source;
 	AccrualEnrollUnknown(b, source, args, nulls, 3, (Oid *) argtypes);
 	if (nrows <= loyalty_accrual_chunk)
 	{
