@@ -121,8 +121,58 @@ CREATE INDEX transfer_debit_idx ON loyalty.transfer (debit_account_id, id) WHERE
 -- would guard nothing and cost the hot path an index insertion. Writers of
 -- other kinds name it in ON CONFLICT with the same WHERE.
 CREATE UNIQUE INDEX transfer_ref_key ON loyalty.transfer (program_id, kind, ref) WHERE kind <> 'accrual';
-CREATE INDEX transfer_credit_idx ON loyalty.transfer (credit_account_id, id);
+-- A member's credits. Accruals are left out here too: a purchase's journal
+-- line is found from loyalty.accrual, whose accrual_account_day_idx already
+-- holds every purchase of the account, through accrual.transfer_id (the
+-- primary key). So a purchase costs one per-account index entry, not two:
+-- these are the entries that land on a random leaf page of a large index.
+-- loyalty._account_transfers() reads a member's lines both ways.
+CREATE INDEX transfer_credit_idx ON loyalty.transfer (credit_account_id, id) WHERE kind <> 'accrual';
 COMMENT ON TABLE loyalty.transfer IS 'The journal: each row moves amount points from the debit account to the credit account; append-only, idempotent on (program, kind, ref), hash-chained per member account';
+
+-- Every purchase posted by accrual (docs/accrual.md). Created with the
+-- journal because the journal's account indexes leave accruals out: a
+-- member's purchase lines are found from here (loyalty._account_transfers).
+CREATE SEQUENCE loyalty.accrual_id_seq;
+CREATE TABLE loyalty.accrual (
+    id              bigint NOT NULL DEFAULT nextval('loyalty.accrual_id_seq'),
+    program_id      bigint NOT NULL,
+    ref             text COLLATE "C" NOT NULL,
+    member_id       bigint NOT NULL,
+    account_id      bigint NOT NULL,
+    amount          numeric NOT NULL,
+    occurred_at     timestamptz NOT NULL,
+    day             date NOT NULL,
+    category        text,
+    channel         text,
+    store           text,
+    attrs           jsonb NOT NULL DEFAULT '{}',
+    rule_version    integer NOT NULL,
+    points          bigint NOT NULL,
+    vests_at        timestamptz NOT NULL,
+    expires_at      timestamptz,
+    breakdown       json NOT NULL,
+    refunded_amount numeric NOT NULL DEFAULT 0,
+    refunded_points bigint NOT NULL DEFAULT 0,
+    posted_at       timestamptz NOT NULL DEFAULT now(),
+    -- The journal line that credited its points (NULL when it earned none):
+    -- accrual transfers are found through here, not through the journal's
+    -- ref index, which leaves them out (transfer_ref_key, above).
+    transfer_id     bigint,
+    -- A purchase is known by its ref: this key decides replays. id only
+    -- orders purchases (nothing looks one up by it), so it has no index of
+    -- its own, which saves an index entry on every purchase.
+    PRIMARY KEY (program_id, ref)
+);
+ALTER SEQUENCE loyalty.accrual_id_seq OWNED BY loyalty.accrual.id;
+-- A member's purchases: the day cap and first purchase when posting, and
+-- a member's purchase lines in the journal (statement, account_summary,
+-- verify_chain's heads), which transfer_credit_idx leaves out.
+CREATE INDEX accrual_account_day_idx ON loyalty.accrual (account_id, day);
+-- Purchases arrive roughly in time order: a BRIN index serves simulate_accrual's
+-- time windows at almost no cost per insert (a btree here cost a random insert).
+CREATE INDEX accrual_time_brin ON loyalty.accrual USING brin (occurred_at);
+COMMENT ON TABLE loyalty.accrual IS 'Every purchase posted by accrual: what it was, the rule version, points and their breakdown, and how much of it was refunded';
 
 CREATE SEQUENCE loyalty.lot_id_seq;
 CREATE TABLE loyalty.lot (

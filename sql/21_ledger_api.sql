@@ -170,13 +170,18 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
 $$;
 
 -- The journal lines of a member account: those it is credited by, and those
--- it is debited by. A member is never an accrual's debit side, and saying so
--- (kind <> 'accrual') is what lets the planner use transfer_debit_idx, which
--- leaves accruals out (sql/20_ledger.sql). Inlined into the caller's query.
+-- it is debited by. Both account indexes of the journal leave accruals out
+-- (sql/20_ledger.sql), and saying kind <> 'accrual' is what lets the planner
+-- use them; a member's purchases come from loyalty.accrual (by account)
+-- through the transfer each one earned. A member is never an accrual's
+-- debit side. Inlined into the caller's query.
 CREATE FUNCTION loyalty._account_transfers(p_account bigint) RETURNS SETOF loyalty.transfer
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
     SELECT t.* FROM loyalty.transfer t
-    WHERE t.credit_account_id = p_account OR (t.debit_account_id = p_account AND t.kind <> 'accrual')
+    WHERE t.kind <> 'accrual' AND (t.credit_account_id = p_account OR t.debit_account_id = p_account)
+    UNION ALL
+    SELECT t.* FROM loyalty.accrual x JOIN loyalty.transfer t ON t.id = x.transfer_id
+    WHERE x.account_id = p_account
 $$;
 COMMENT ON FUNCTION loyalty._account_transfers(bigint) IS 'Internal: the journal lines of a member account (credited or debited), written so that both account indexes serve it';
 
@@ -616,7 +621,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_t
         ORDER BY l.side, l.id
     ), heads AS (
         -- each account's last transfer, found through the two account
-        -- indexes of the journal (not by joining the links above)
+        -- indexes of the journal and, for purchases, accrual's (not by
+        -- joining the links above)
         SELECT a.id AS side, last.id,
                'account''s last hash does not match its last transfer' AS problem
         FROM p JOIN loyalty.account a ON a.program_id = p.id AND a.kind = 'member'
@@ -627,8 +633,9 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_t
             -- account (a whole-journal scan for an account with no debits)
             WHERE t.id = greatest((SELECT d.id FROM loyalty.transfer d WHERE d.debit_account_id = a.id AND d.kind <> 'accrual'
                                    ORDER BY d.debit_account_id DESC, d.id DESC LIMIT 1),
-                                  (SELECT c.id FROM loyalty.transfer c WHERE c.credit_account_id = a.id
-                                   ORDER BY c.credit_account_id DESC, c.id DESC LIMIT 1))
+                                  (SELECT c.id FROM loyalty.transfer c WHERE c.credit_account_id = a.id AND c.kind <> 'accrual'
+                                   ORDER BY c.credit_account_id DESC, c.id DESC LIMIT 1),
+                                  (SELECT max(x.transfer_id) FROM loyalty.accrual x WHERE x.account_id = a.id))
         ) last ON true
         WHERE a.last_hash IS DISTINCT FROM last.hash OR a.last_transfer_id IS DISTINCT FROM last.id
     )

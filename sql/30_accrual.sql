@@ -22,43 +22,9 @@ ALTER SEQUENCE loyalty.earning_rule_id_seq OWNED BY loyalty.earning_rule.id;
 CREATE INDEX earning_rule_effective_idx ON loyalty.earning_rule (program_id, effective_from);
 COMMENT ON TABLE loyalty.earning_rule IS 'Versioned earning rules of a program: a purchase is earned by the latest version whose effective_from is at or before its occurred_at';
 
-CREATE SEQUENCE loyalty.accrual_id_seq;
-CREATE TABLE loyalty.accrual (
-    id              bigint NOT NULL DEFAULT nextval('loyalty.accrual_id_seq'),
-    program_id      bigint NOT NULL,
-    ref             text COLLATE "C" NOT NULL,
-    member_id       bigint NOT NULL,
-    account_id      bigint NOT NULL,
-    amount          numeric NOT NULL,
-    occurred_at     timestamptz NOT NULL,
-    day             date NOT NULL,
-    category        text,
-    channel         text,
-    store           text,
-    attrs           jsonb NOT NULL DEFAULT '{}',
-    rule_version    integer NOT NULL,
-    points          bigint NOT NULL,
-    vests_at        timestamptz NOT NULL,
-    expires_at      timestamptz,
-    breakdown       json NOT NULL,
-    refunded_amount numeric NOT NULL DEFAULT 0,
-    refunded_points bigint NOT NULL DEFAULT 0,
-    posted_at       timestamptz NOT NULL DEFAULT now(),
-    -- The journal line that credited its points (NULL when it earned none):
-    -- accrual transfers are found through here, not through the journal's
-    -- ref index, which leaves them out (sql/20_ledger.sql).
-    transfer_id     bigint,
-    -- A purchase is known by its ref: this key decides replays. id only
-    -- orders purchases (nothing looks one up by it), so it has no index of
-    -- its own, which saves an index entry on every purchase.
-    PRIMARY KEY (program_id, ref)
-);
-ALTER SEQUENCE loyalty.accrual_id_seq OWNED BY loyalty.accrual.id;
-CREATE INDEX accrual_account_day_idx ON loyalty.accrual (account_id, day);
--- Purchases arrive roughly in time order: a BRIN index serves simulate_accrual's
--- time windows at almost no cost per insert (a btree here cost a random insert).
-CREATE INDEX accrual_time_brin ON loyalty.accrual USING brin (occurred_at);
-COMMENT ON TABLE loyalty.accrual IS 'Every purchase posted by accrual: what it was, the rule version, points and their breakdown, and how much of it was refunded';
+-- loyalty.accrual, the record of every purchase, is created with the journal
+-- (sql/20_ledger.sql): a member's journal lines are read through it.
+
 
 CREATE TABLE loyalty.accrual_refund (
     program_id   bigint NOT NULL,
