@@ -726,6 +726,51 @@ AccrualDuplicates(AccrualBatch *b)
 	pfree(keys);
 }
 
+/*
+ * Compute the points of one good row, on top of what the rows before it in
+ * the statement added to the batch's state (first purchases, day totals,
+ * campaign budgets), and add its own.
+ */
+static void
+AccrualComputeRow(AccrualBatch *b, AccrualRow *r, StringInfo buf)
+{
+	AccrualInput in;
+	AccrualDayEntry *e;
+	int			month;
+
+	AccrualLocalTime(r->occurred_at, b->tz, &in.weekday, &in.day, &month);
+	r->day = in.day;
+	in.amount = r->amount_d;
+	in.occurred_at = r->occurred_at;
+	in.category = r->category;
+	in.channel = r->channel;
+	in.store = r->store;
+	in.tier = r->tier;
+	in.birthday_month = r->birth_month == month;
+	in.first_purchase = false;
+	if (b->rules->uses_first)
+	{
+		in.first_purchase = AccrualGet(b->days, r->account_id, PG_INT32_MIN) == NULL;
+		AccrualPut(b->days, r->account_id, PG_INT32_MIN, 1);
+	}
+	r->first_marked = in.first_purchase;
+	r->budget_before = NULL;
+	if (b->state.nbudgets > 0)
+	{
+		r->budget_before = palloc(sizeof(int64) * b->state.nbudgets);
+		for (int i = 0; i < b->state.nbudgets; i++)
+			r->budget_before[i] = b->state.budgets[i].added;
+	}
+	e = b->rules->uses_day_cap ? AccrualGet(b->days, r->account_id, in.day) : NULL;
+	b->state.day_used = e ? e->used : 0;
+	resetStringInfo(buf);
+	r->points = AccrualEvaluate(r->rules, &in, &b->state, buf);
+	if (b->rules->uses_day_cap)
+		AccrualPut(b->days, r->account_id, in.day, r->points);
+	r->breakdown = pstrdup(buf->data);
+	r->vests_at = r->occurred_at + (int64) r->rules->pending_days * USECS_PER_DAY;
+}
+
 /* Compute the points of every good row, in the order of the statement. */
 static void
 AccrualCompute(AccrualBatch *b)
@@ -738,35 +783,10 @@ AccrualCompute(AccrualBatch *b)
 	for (int i = 0; i < b->nrows; i++)
 	{
 		AccrualRow *r = &b->rows[i];
-		AccrualInput in;
-		AccrualDayEntry *e;
-		int			month;
 
 		if (r->problem != NULL || r->existing)
 			continue;
-		AccrualLocalTime(r->occurred_at, b->tz, &in.weekday, &in.day, &month);
-		r->day = in.day;
-		in.amount = r->amount_d;
-		in.occurred_at = r->occurred_at;
-		in.category = r->category;
-		in.channel = r->channel;
-		in.store = r->store;
-		in.tier = r->tier;
-		in.birthday_month = r->birth_month == month;
-		in.first_purchase = false;
-		if (b->rules->uses_first)
-		{
-			in.first_purchase = AccrualGet(b->days, r->account_id, PG_INT32_MIN) == NULL;
-			AccrualPut(b->days, r->account_id, PG_INT32_MIN, 1);
-		}
-		e = b->rules->uses_day_cap ? AccrualGet(b->days, r->account_id, in.day) : NULL;
-		b->state.day_used = e ? e->used : 0;
-		resetStringInfo(&buf);
-		r->points = AccrualEvaluate(r->rules, &in, &b->state, &buf);
-		if (b->rules->uses_day_cap)
-			AccrualPut(b->days, r->account_id, in.day, r->points);
-		r->breakdown = pstrdup(buf.data);
-		r->vests_at = r->occurred_at + (int64) r->rules->pending_days * USECS_PER_DAY;
+		AccrualComputeRow(b, r, &buf);
 	}
 	MemoryContextSwitchTo(old);
 }
@@ -857,6 +877,12 @@ AccrualTextOrNull(const char *s, bool *isnull)
 	return s ? CStringGetTextDatum(s) : (Datum) 0;
 }
 
+static const char *const transfer_cols[] = {"id", "program_id", "debit_account_id", "credit_account_id",
+	"amount", "kind", "ref", "occurred_at", "posted_at", "rule_version", "actor", "reason",
+"debit_prev_hash", "credit_prev_hash", "hash"};
+static const char *const lot_cols[] = {"id", "account_id", "transfer_id", "amount", "remaining",
+"occurred_at", "vests_at", "expires_at", "pending"};
+
 /*
  * A purchase whose ref a concurrent transaction (or this statement) posted
  * first: the row at tid, which its insert found.
@@ -869,6 +895,55 @@ AccrualLostRace(AccrualRow *r, LedgerWriter *w, ItemPointer tid)
 }
 
 /*
+ * Row which[k] lost its ref to a concurrent transaction when written, and
+ * rows which[k+1..n-1] were computed counting it: towards its member's
+ * first purchase, that day's total and the campaign budgets. Take back
+ * what rows which[k..n-1] added to that state, mark row k (as
+ * AccrualLostRace does), and compute the rows after it again. The rows
+ * before it did not count it and are written already, as they stand; the
+ * budgets saved after the write no longer include its grant. A
+ * row can only earn more than before (a cap or a budget freed, a first
+ * purchase after all), so one that now earns may need the transfer writer
+ * and its lot an expiry date.
+ */
+static void
+AccrualRecomputeAfter(AccrualBatch *b, int *which, int k, int n, LedgerWriter *w, ItemPointer tid)
+{
+	AccrualRow *lost = &b->rows[which[k]];
+	StringInfoData buf;
+
+	if (!(b->rules->uses_first || b->rules->uses_day_cap || b->state.nbudgets > 0))
+	{
+		AccrualLostRace(lost, w, tid);
+		return;
+	}
+	for (int j = n - 1; j >= k; j--)
+	{
+		AccrualRow *r = &b->rows[which[j]];
+
+		if (b->rules->uses_day_cap)
+			AccrualPut(b->days, r->account_id, r->day, -r->points);
+		if (r->first_marked)
+		{
+			AccrualDayKey key;
+
+			memset(&key, 0, sizeof(key));
+			key.account = r->account_id;
+			key.day = PG_INT32_MIN;
+			hash_search(b->days, &key, HASH_REMOVE, NULL);
+		}
+	}
+	for (int i = 0; i < b->state.nbudgets; i++)
+		b->state.budgets[i].added = lost->budget_before[i];
+	AccrualLostRace(lost, w, tid);
+	initStringInfo(&buf);
+	for (int j = k + 1; j < n; j++)
+		AccrualComputeRow(b, &b->rows[which[j]], &buf);
+	if (k + 1 < n)
+		AccrualExpiries(b);
+}
+
+/*
  * The purchases of the chunk (rows listed in which[]); returns how many
  * were inserted and leaves ->accrual_id 0 on the rows a concurrent
  * transaction posted first (ON CONFLICT DO NOTHING on the ref: the one race
@@ -878,7 +953,7 @@ AccrualLostRace(AccrualRow *r, LedgerWriter *w, ItemPointer tid)
  * accrual transfers have no entry in the journal's ref index.
  */
 static int64
-AccrualInsertPurchases(AccrualBatch *b, int *which, int n, LedgerWriter *tw)
+AccrualInsertPurchases(AccrualBatch *b, int *which, int n, LedgerWriter **tw, bool bulk)
 {
 	LedgerWriter *w = LedgerWriterOpen("accrual", accrual_cols, lengthof(accrual_cols), "accrual_id_seq",
 									   n > ACCRUAL_SMALL, "accrual_pkey");
@@ -918,24 +993,21 @@ AccrualInsertPurchases(AccrualBatch *b, int *which, int n, LedgerWriter *tw)
 		w->values[17] = zero;
 		w->values[18] = Int64GetDatum(0);
 		w->values[19] = posted;
-		r->transfer_id = r->points > 0 ? LedgerWriterNextId(tw) : 0;
+		if (r->points > 0 && *tw == NULL)
+			*tw = LedgerWriterOpen("transfer", transfer_cols, lengthof(transfer_cols), "transfer_id_seq", bulk, NULL);
+		r->transfer_id = r->points > 0 ? LedgerWriterNextId(*tw) : 0;
 		w->nulls[20] = r->transfer_id == 0;
 		w->values[20] = Int64GetDatum(r->transfer_id);
 		if (LedgerWriterInsertIfNew(w, &conflict, true))
 			inserted++;
 		else
-			AccrualLostRace(r, w, &conflict);
+			AccrualRecomputeAfter(b, which, k, n, w, &conflict);
 	}
 	MemoryContextSwitchTo(old);
 	LedgerWriterClose(w);
 	return inserted;
 }
 
-static const char *const transfer_cols[] = {"id", "program_id", "debit_account_id", "credit_account_id",
-	"amount", "kind", "ref", "occurred_at", "posted_at", "rule_version", "actor", "reason",
-"debit_prev_hash", "credit_prev_hash", "hash"};
-static const char *const lot_cols[] = {"id", "account_id", "transfer_id", "amount", "remaining",
-"occurred_at", "vests_at", "expires_at", "pending"};
 
 /*
  * The transfer and the lot of one inserted purchase that earned points,
@@ -1104,8 +1176,9 @@ AccrualWrite(AccrualBatch *b)
 	bulk = earning > ACCRUAL_SMALL;
 	tw = earning == 0 ? NULL : LedgerWriterOpen("transfer", transfer_cols, lengthof(transfer_cols),
 												"transfer_id_seq", bulk, NULL);
-	b->ninserted = AccrualInsertPurchases(b, which, n, tw);
-	if (earning > 0 && b->ninserted > 0)
+	b->ninserted = AccrualInsertPurchases(b, which, n, &tw, bulk);
+	/* tw: some row earns (one may since, after a lost race: see above) */
+	if (tw != NULL && b->ninserted > 0)
 	{
 		LedgerWriter *lw = LedgerWriterOpen("lot", lot_cols, lengthof(lot_cols), "lot_id_seq", bulk, NULL);
 		TimestampTz posted_at = GetCurrentTransactionStartTimestamp();

@@ -43,6 +43,8 @@ typedef struct AccrualRow
 	char	   *breakdown;
 	int64		accrual_id;		/* assigned before the write */
 	int64		transfer_id;	/* likewise, when it earns points */
+	bool		first_marked;	/* computing it marked its account's first purchase */
+	int64	   *budget_before;	/* the campaign budgets' use before it (uses_campaign) */
 } AccrualRow;
 
 /* A locked member account: the head of its chain and what a chunk adds. */
