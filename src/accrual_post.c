@@ -805,11 +805,12 @@ AccrualArray(Datum *d, bool *nulls, int n, Oid type)
 }
 
 /*
- * When each good row's lot expires, for rows whose program or rule version
- * dates lots (one query for the chunk; NULL for the others).
+ * When the lot of each good row listed (rows; NULL: rows 0..nrows-1)
+ * expires, for rows whose program or rule version dates lots (one query;
+ * NULL for the others).
  */
 static void
-AccrualExpiries(AccrualBatch *b)
+AccrualDate(AccrualBatch *b, const int *rows, int nrows)
 {
 	static const Oid argtypes[] = {INT8OID, INT4ARRAYOID, TIMESTAMPTZARRAYOID};
 	Datum	   *versions;
@@ -819,11 +820,12 @@ AccrualExpiries(AccrualBatch *b)
 	Datum		args[3];
 	MemoryContext old = AccrualChunkMemory(b);
 
-	versions = palloc(sizeof(Datum) * Max(b->nrows, 1));
-	times = palloc(sizeof(Datum) * Max(b->nrows, 1));
-	which = palloc(sizeof(int) * Max(b->nrows, 1));
-	for (int i = 0; i < b->nrows; i++)
+	versions = palloc(sizeof(Datum) * Max(nrows, 1));
+	times = palloc(sizeof(Datum) * Max(nrows, 1));
+	which = palloc(sizeof(int) * Max(nrows, 1));
+	for (int k = 0; k < nrows; k++)
 	{
+		int			i = rows == NULL ? k : rows[k];
 		AccrualRow *r = &b->rows[i];
 
 		r->expires_null = true;
@@ -866,6 +868,13 @@ AccrualExpiries(AccrualBatch *b)
 	SPI_freetuptable(SPI_tuptable);
 }
 
+/* The expiry dates of the lots of every row that earns. */
+static void
+AccrualExpiries(AccrualBatch *b)
+{
+	AccrualDate(b, NULL, b->nrows);
+}
+
 static const char *const accrual_cols[] = {"id", "program_id", "ref", "member_id", "account_id",
 	"amount", "occurred_at", "day", "category", "channel", "store", "attrs", "rule_version", "points",
 "vests_at", "expires_at", "breakdown", "refunded_amount", "refunded_points", "posted_at", "transfer_id"};
@@ -894,53 +903,48 @@ AccrualLostRace(AccrualRow *r, LedgerWriter *w, ItemPointer tid)
 	AccrualPostedBefore(r, w->rel, LedgerWriterRow(w, tid));
 }
 
-/*
- * Row which[k] lost its ref to a concurrent transaction when written, and
- * rows which[k+1..n-1] were computed counting it: towards its member's
- * first purchase, that day's total and the campaign budgets. Take back
- * what rows which[k..n-1] added to that state, mark row k (as
- * AccrualLostRace does), and compute the rows after it again. The rows
- * before it did not count it and are written already, as they stand; the
- * budgets saved after the write no longer include its grant. A
- * row can only earn more than before (a cap or a budget freed, a first
- * purchase after all), so one that now earns may need the transfer writer
- * and its lot an expiry date.
- */
+/* Take back what computing row r added to the batch's day totals and first purchases. */
 static void
-AccrualRecomputeAfter(AccrualBatch *b, int *which, int k, int n, LedgerWriter *w, ItemPointer tid)
+AccrualUncount(AccrualBatch *b, AccrualRow *r)
+{
+	if (b->rules->uses_day_cap)
+		AccrualPut(b->days, r->account_id, r->day, -r->points);
+	if (r->first_marked)
+	{
+		AccrualDayKey key;
+
+		memset(&key, 0, sizeof(key));
+		key.account = r->account_id;
+		key.day = PG_INT32_MIN;
+		hash_search(b->days, &key, HASH_REMOVE, NULL);
+	}
+}
+
+/*
+ * Row which[k] lost its ref to a concurrent transaction when written. It
+ * counted towards its member's first purchase, that day's total and the
+ * campaign budgets, and so did every row computed after it, on top of it.
+ * Take back what rows which[k..n-1] added to that state (the budgets as
+ * they were before row k) and return true: the caller computes each later
+ * row again just before writing it, so that it counts only the rows
+ * actually written. The rows before k never counted it and are written as
+ * they stand, and the budgets saved after the write lose its grant.
+ * redo: this already happened for an earlier row of the chunk, and rows
+ * after that one were computed again as they came, so only row k's own
+ * share is taken back. False when the rules keep no such state.
+ */
+static bool
+AccrualUncountFrom(AccrualBatch *b, int *which, int k, int n, bool redo)
 {
 	AccrualRow *lost = &b->rows[which[k]];
-	StringInfoData buf;
 
 	if (!(b->rules->uses_first || b->rules->uses_day_cap || b->state.nbudgets > 0))
-	{
-		AccrualLostRace(lost, w, tid);
-		return;
-	}
-	for (int j = n - 1; j >= k; j--)
-	{
-		AccrualRow *r = &b->rows[which[j]];
-
-		if (b->rules->uses_day_cap)
-			AccrualPut(b->days, r->account_id, r->day, -r->points);
-		if (r->first_marked)
-		{
-			AccrualDayKey key;
-
-			memset(&key, 0, sizeof(key));
-			key.account = r->account_id;
-			key.day = PG_INT32_MIN;
-			hash_search(b->days, &key, HASH_REMOVE, NULL);
-		}
-	}
+		return false;
+	for (int j = redo ? k : n - 1; j >= k; j--)
+		AccrualUncount(b, &b->rows[which[j]]);
 	for (int i = 0; i < b->state.nbudgets; i++)
 		b->state.budgets[i].added = lost->budget_before[i];
-	AccrualLostRace(lost, w, tid);
-	initStringInfo(&buf);
-	for (int j = k + 1; j < n; j++)
-		AccrualComputeRow(b, &b->rows[which[j]], &buf);
-	if (k + 1 < n)
-		AccrualExpiries(b);
+	return true;
 }
 
 /*
@@ -964,12 +968,24 @@ AccrualInsertPurchases(AccrualBatch *b, int *which, int n, LedgerWriter **tw, bo
 										   Int32GetDatum(-1));
 	int64		inserted = 0;
 	ItemPointerData conflict;
+	bool		redo = false;
+	StringInfoData buf;
 	MemoryContext old = AccrualChunkMemory(b);
 
+	initStringInfo(&buf);
 	for (int k = 0; k < n; k++)
 	{
 		AccrualRow *r = &b->rows[which[k]];
 
+		if (redo)
+		{
+			/* a lost race before it: count only the rows written (see AccrualUncountFrom) */
+			bool		earned = r->points > 0;
+
+			AccrualComputeRow(b, r, &buf);
+			if (r->points > 0 && !earned)
+				AccrualDate(b, &which[k], 1);
+		}
 		r->accrual_id = LedgerWriterNextId(w);
 		memset(w->nulls, 0, sizeof(w->nulls));
 		w->values[0] = Int64GetDatum(r->accrual_id);
@@ -1001,7 +1017,10 @@ AccrualInsertPurchases(AccrualBatch *b, int *which, int n, LedgerWriter **tw, bo
 		if (LedgerWriterInsertIfNew(w, &conflict, true))
 			inserted++;
 		else
-			AccrualRecomputeAfter(b, which, k, n, w, &conflict);
+		{
+			redo = AccrualUncountFrom(b, which, k, n, redo) || redo;
+			AccrualLostRace(r, w, &conflict);
+		}
 	}
 	MemoryContextSwitchTo(old);
 	LedgerWriterClose(w);
