@@ -1014,7 +1014,7 @@ AccrualInsertPurchases(AccrualBatch *b, int *which, int n, LedgerWriter **tw, bo
 		r->transfer_id = r->points > 0 ? LedgerWriterNextId(*tw) : 0;
 		w->nulls[20] = r->transfer_id == 0;
 		w->values[20] = Int64GetDatum(r->transfer_id);
-		if (LedgerWriterInsertIfNew(w, &conflict, true))
+		if (LedgerWriterInsertIfNew(w, &conflict))
 			inserted++;
 		else
 		{
@@ -1026,7 +1026,6 @@ AccrualInsertPurchases(AccrualBatch *b, int *which, int n, LedgerWriter **tw, bo
 	LedgerWriterClose(w);
 	return inserted;
 }
-
 
 /*
  * The transfer and the lot of one inserted purchase that earned points,
@@ -1196,7 +1195,7 @@ AccrualWrite(AccrualBatch *b)
 	tw = earning == 0 ? NULL : LedgerWriterOpen("transfer", transfer_cols, lengthof(transfer_cols),
 												"transfer_id_seq", bulk, NULL);
 	b->ninserted = AccrualInsertPurchases(b, which, n, &tw, bulk);
-	/* tw: some row earns (one may since, after a lost race: see above) */
+	/* tw is open when some row earns (one may start to after a lost race) */
 	if (tw != NULL && b->ninserted > 0)
 	{
 		LedgerWriter *lw = LedgerWriterOpen("lot", lot_cols, lengthof(lot_cols), "lot_id_seq", bulk, NULL);

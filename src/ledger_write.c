@@ -216,20 +216,21 @@ LedgerWriterSlot(LedgerWriter *w)
  * transaction and skip if it committed): returns whether it was appended.
  * When it was not, *conflict (if given) is the row that holds the key.
  *
- * likely_new: the caller looked the key up already and found nothing, so
- * the first attempt skips the pre-check (a descent of the arbiter index).
- * That is still exact: the index insertion itself checks the key
- * (UNIQUE_CHECK_PARTIAL) and reports a row inserted meanwhile, and then the
- * speculative row is killed and the pre-check, which waits, runs as usual.
- * A key that does exist costs a dead row and dead index entries that way,
- * which is why only a caller that looked first asks for it.
+ * The first attempt skips the executor's pre-check (a descent of the
+ * arbiter index): the keys written here are almost always new (the
+ * accrual paths look a statement's refs up before computing, and a
+ * repeated sale is rare). That is still exact: the index insertion itself
+ * checks the key (UNIQUE_CHECK_PARTIAL) and reports one that exists or is
+ * being inserted, and then the speculative row is killed and the
+ * pre-check, which waits, runs as usual. A key that does exist costs a
+ * dead row and dead index entries that way.
  */
 bool
-LedgerWriterInsertIfNew(LedgerWriter *w, ItemPointer conflict, bool likely_new)
+LedgerWriterInsertIfNew(LedgerWriter *w, ItemPointer conflict)
 {
 	TupleTableSlot *slot = LedgerWriterSlot(w);
 	ItemPointerData found;
-	bool		precheck = !likely_new;
+	bool		precheck = false;
 
 	Assert(w->arbiters != NIL);
 	for (;;)
