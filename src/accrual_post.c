@@ -456,6 +456,17 @@ AccrualGet(HTAB *h, int64 account, int32 day)
 	return hash_search(h, &key, HASH_FIND, NULL);
 }
 
+static void
+AccrualForget(HTAB *h, int64 account, int32 day)
+{
+	AccrualDayKey key;
+
+	memset(&key, 0, sizeof(key));
+	key.account = account;
+	key.day = day;
+	hash_search(h, &key, HASH_REMOVE, NULL);
+}
+
 /* What the rules need about earlier purchases, read under the lock. */
 static void
 AccrualReadHistory(AccrualBatch *b)
@@ -910,14 +921,7 @@ AccrualUncount(AccrualBatch *b, AccrualRow *r)
 	if (b->rules->uses_day_cap)
 		AccrualPut(b->days, r->account_id, r->day, -r->points);
 	if (r->first_marked)
-	{
-		AccrualDayKey key;
-
-		memset(&key, 0, sizeof(key));
-		key.account = r->account_id;
-		key.day = PG_INT32_MIN;
-		hash_search(b->days, &key, HASH_REMOVE, NULL);
-	}
+		AccrualForget(b->days, r->account_id, PG_INT32_MIN);
 }
 
 /*
