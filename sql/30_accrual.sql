@@ -185,13 +185,32 @@ RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_refund'
 LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp;
 COMMENT ON FUNCTION loyalty.refund(text, text, numeric, text) IS 'Claws back the points of a purchase in proportion to the amount returned (NULL: all that is left); idempotent on refund_ref (default: the purchase ref); returns the points clawed back';
 
+-- The whole breakdown of a purchase. accrual.breakdown keeps only what the
+-- row's own columns and the defaults cannot say (see AccrualEvaluate): the
+-- rule version, the points and pending_until come from the row; empty lists,
+-- a factor of 1, a NULL tier and false flags are put back. A breakdown
+-- written whole (every key) comes back unchanged.
+CREATE FUNCTION loyalty._accrual_breakdown(a loyalty.accrual) RETURNS jsonb
+LANGUAGE sql STABLE SET search_path = loyalty, pg_catalog, pg_temp AS $$
+    SELECT jsonb_build_object('rule_version', a.rule_version, 'points', a.points)
+        || CASE WHEN b ? 'base' THEN '{"multipliers": [], "factor": 1, "bonuses": [], "caps": []}'::jsonb
+                ELSE '{}'::jsonb END
+        || (b - 'context')
+        || jsonb_build_object('context', '{"tier": null, "first_purchase": false, "birthday_month": false}'::jsonb
+                                         || coalesce(b -> 'context', '{}'::jsonb))
+        || CASE WHEN a.points > 0 AND a.vests_at > a.occurred_at
+                THEN jsonb_build_object('pending_until', a.vests_at) ELSE '{}'::jsonb END
+    FROM (SELECT a.breakdown::jsonb AS b) s
+$$;
+COMMENT ON FUNCTION loyalty._accrual_breakdown(loyalty.accrual) IS 'The whole breakdown of a posted purchase: the stored keys with the row''s rule version, points and pending_until and the defaults put back';
+
 CREATE FUNCTION loyalty.explain_accrual(program text, ref text)
 RETURNS jsonb LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
     v_program bigint := loyalty._program_id(program);
     v jsonb;
 BEGIN
-    SELECT a.breakdown::jsonb || jsonb_build_object(
+    SELECT loyalty._accrual_breakdown(a) || jsonb_build_object(
                'ref', a.ref, 'member_ref', m.member_ref, 'amount', a.amount,
                'occurred_at', a.occurred_at, 'category', a.category, 'channel', a.channel,
                'store', a.store, 'expires_at', a.expires_at,

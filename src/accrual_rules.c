@@ -785,13 +785,40 @@ AccrualFindBudget(AccrualState *st, const char *campaign)
 }
 
 static void
-AccrualContext(StringInfo b, const AccrualRules *r, const AccrualInput *in)
+AccrualContext(StringInfo b, const AccrualInput *in)
 {
-	appendStringInfo(b, "{\"rule_version\": %d, \"context\": {\"tier\": ", r->version);
-	AccrualString(b, in->tier);
-	appendStringInfo(b, ", \"weekday\": %d, \"first_purchase\": %s, \"birthday_month\": %s}",
-					 in->weekday, in->first_purchase ? "true" : "false",
-					 in->birthday_month ? "true" : "false");
+	appendStringInfo(b, "{\"context\": {\"weekday\": %d", in->weekday);
+	if (in->tier != NULL)
+	{
+		appendStringInfoString(b, ", \"tier\": ");
+		AccrualString(b, in->tier);
+	}
+	if (in->first_purchase)
+		appendStringInfoString(b, ", \"first_purchase\": true");
+	if (in->birthday_month)
+		appendStringInfoString(b, ", \"birthday_month\": true");
+	appendStringInfoChar(b, '}');
+}
+
+/*
+ * The opening of a list of the breakdown (", \"key\": [") before its first
+ * item, the separator before the others: an empty list is left out.
+ */
+static void
+AccrualItemStart(StringInfo b, const char *key, bool *first)
+{
+	if (*first)
+		appendStringInfo(b, ", \"%s\": [", key);
+	else
+		appendStringInfoString(b, ", ");
+	*first = false;
+}
+
+static void
+AccrualListEnd(StringInfo b, bool first)
+{
+	if (!first)
+		appendStringInfoChar(b, ']');
 }
 
 /* Factors: multipliers, then factor bonuses; all multiply. */
@@ -810,16 +837,15 @@ AccrualFactors(const AccrualRules *r, const AccrualInput *in, AccrualState *st, 
 	double		factor = 1;
 	bool		first = true;
 
-	appendStringInfoString(b, ", \"multipliers\": [");
 	for (int i = 0; i < r->nmult; i++)
 		if (AccrualMatches(&r->mult[i].when, in))
 		{
 			factor *= r->mult[i].factor;
 			AccrualTraced(st, i, 0);
-			appendStringInfo(b, "%s{\"rule\": \"%s\", \"factor\": ", first ? "" : ", ", r->mult[i].path);
+			AccrualItemStart(b, "multipliers", &first);
+			appendStringInfo(b, "{\"rule\": \"%s\", \"factor\": ", r->mult[i].path);
 			AccrualNumber(b, r->mult[i].factor);
 			appendStringInfoChar(b, '}');
-			first = false;
 		}
 	for (int i = 0; i < r->nbonus; i++)
 		if (r->bonus[i].factor > 0 || (r->bonus[i].points == 0 && r->bonus[i].campaign == NULL))
@@ -827,13 +853,17 @@ AccrualFactors(const AccrualRules *r, const AccrualInput *in, AccrualState *st, 
 			{
 				factor *= r->bonus[i].factor;
 				AccrualTraced(st, r->nmult + i, 0);
-				appendStringInfo(b, "%s{\"rule\": \"%s\", \"factor\": ", first ? "" : ", ", r->bonus[i].path);
+				AccrualItemStart(b, "multipliers", &first);
+				appendStringInfo(b, "{\"rule\": \"%s\", \"factor\": ", r->bonus[i].path);
 				AccrualNumber(b, r->bonus[i].factor);
 				appendStringInfoChar(b, '}');
-				first = false;
 			}
-	appendStringInfoString(b, "], \"factor\": ");
-	AccrualNumber(b, factor);
+	AccrualListEnd(b, first);
+	if (factor != 1)
+	{
+		appendStringInfoString(b, ", \"factor\": ");
+		AccrualNumber(b, factor);
+	}
 	return factor;
 }
 
@@ -844,7 +874,6 @@ AccrualBonuses(const AccrualRules *r, const AccrualInput *in, AccrualState *st, 
 	int64		total = 0;
 	bool		first = true;
 
-	appendStringInfoString(b, ", \"bonuses\": [");
 	for (int i = 0; i < r->nbonus; i++)
 	{
 		const AccrualItem *it = &r->bonus[i];
@@ -863,7 +892,8 @@ AccrualBonuses(const AccrualRules *r, const AccrualInput *in, AccrualState *st, 
 			if (bud != NULL)
 				bud->added += grant;
 		}
-		appendStringInfo(b, "%s{\"rule\": \"%s\", ", first ? "" : ", ", it->path);
+		AccrualItemStart(b, "bonuses", &first);
+		appendStringInfo(b, "{\"rule\": \"%s\", ", it->path);
 		if (it->campaign != NULL)
 		{
 			appendStringInfoString(b, "\"campaign\": ");
@@ -873,11 +903,10 @@ AccrualBonuses(const AccrualRules *r, const AccrualInput *in, AccrualState *st, 
 				appendStringInfo(b, "\"budget_cut\": " INT64_FORMAT ", ", it->points - grant);
 		}
 		appendStringInfo(b, "\"points\": " INT64_FORMAT "}", grant);
-		first = false;
 		total = PointsAdd(total, grant);
 		AccrualTraced(st, r->nmult + i, grant);
 	}
-	appendStringInfoChar(b, ']');
+	AccrualListEnd(b, first);
 	return total;
 }
 
@@ -886,26 +915,26 @@ AccrualCaps(const AccrualRules *r, int64 total, AccrualState *st, StringInfo b)
 {
 	bool		first = true;
 
-	appendStringInfoString(b, ", \"caps\": [");
 	if (r->cap_purchase >= 0 && total > r->cap_purchase)
 	{
+		AccrualItemStart(b, "caps", &first);
 		appendStringInfo(b, "{\"cap\": \"per_purchase\", \"limit\": " INT64_FORMAT ", \"cut\": " INT64_FORMAT "}",
 						 r->cap_purchase, total - r->cap_purchase);
 		AccrualTraced(st, TRACE_CAP_PURCHASE(r), total - r->cap_purchase);
 		total = r->cap_purchase;
-		first = false;
 	}
 	if (r->cap_day >= 0 && st->day_used + total > r->cap_day)
 	{
 		int64		allowed = Max(0, r->cap_day - st->day_used);
 
-		appendStringInfo(b, "%s{\"cap\": \"per_member_per_day\", \"limit\": " INT64_FORMAT
+		AccrualItemStart(b, "caps", &first);
+		appendStringInfo(b, "{\"cap\": \"per_member_per_day\", \"limit\": " INT64_FORMAT
 						 ", \"earlier_that_day\": " INT64_FORMAT ", \"cut\": " INT64_FORMAT "}",
-						 first ? "" : ", ", r->cap_day, st->day_used, total - allowed);
+						 r->cap_day, st->day_used, total - allowed);
 		AccrualTraced(st, TRACE_CAP_DAY(r), total - allowed);
 		total = allowed;
 	}
-	appendStringInfoChar(b, ']');
+	AccrualListEnd(b, first);
 	st->day_used += total;
 	return total;
 }
@@ -916,6 +945,12 @@ AccrualCaps(const AccrualRules *r, int64 total, AccrualState *st, StringInfo b)
  * multiplies it; the product is rounded once; points bonuses and campaigns
  * (within their budget) are added; then the per-purchase cap, then the
  * per-member-per-day cap.
+ *
+ * The breakdown is stored with every purchase, so it holds only what the
+ * purchase's own columns and defaults cannot say: no rule version, points or
+ * pending_until (the row has them), no empty list, no factor of 1, no tier
+ * that is NULL and no flag that is false. loyalty._accrual_breakdown()
+ * gives the whole document back (docs/accrual.md, "Explaining a purchase").
  */
 int64
 AccrualEvaluate(const AccrualRules *r, const AccrualInput *in, AccrualState *st, StringInfo b)
@@ -925,18 +960,18 @@ AccrualEvaluate(const AccrualRules *r, const AccrualInput *in, AccrualState *st,
 	int64		rounded;
 	int64		total;
 
-	AccrualContext(b, r, in);
+	AccrualContext(b, in);
 	if (in->amount < r->min_amount)
 	{
 		appendStringInfoString(b, ", \"below_min_amount\": ");
 		AccrualNumber(b, r->min_amount);
-		appendStringInfoString(b, ", \"points\": 0}");
+		appendStringInfoChar(b, '}');
 		AccrualTraced(st, TRACE_NOTHING(r), 0);
 		return 0;
 	}
 	if (r->has_exclude && AccrualExcluded(&r->exclude, in))
 	{
-		appendStringInfoString(b, ", \"excluded\": true, \"points\": 0}");
+		appendStringInfoString(b, ", \"excluded\": true}");
 		AccrualTraced(st, TRACE_NOTHING(r), 0);
 		return 0;
 	}
@@ -949,16 +984,6 @@ AccrualEvaluate(const AccrualRules *r, const AccrualInput *in, AccrualState *st,
 					 r->rounding == 0 ? "floor" : r->rounding == 1 ? "round" : "ceil", rounded);
 	total = PointsAdd(rounded, AccrualBonuses(r, in, st, b));
 	total = AccrualCaps(r, total, st, b);
-	appendStringInfo(b, ", \"points\": " INT64_FORMAT, total);
-	if (r->pending_days > 0 && total > 0)
-	{
-		char		ts[MAXDATELEN + 1];
-
-		appendStringInfo(b, ", \"pending_until\": \"%s\"",
-						 JsonEncodeDateTime(ts, TimestampTzGetDatum(in->occurred_at +
-																	(int64) r->pending_days * USECS_PER_DAY),
-											TIMESTAMPTZOID, NULL));
-	}
 	appendStringInfoChar(b, '}');
 	return total;
 }

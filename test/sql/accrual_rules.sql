@@ -119,7 +119,11 @@ FROM (VALUES
 ORDER BY at;
 
 -- Each breakdown reproduces the points posted.
-SELECT ref, rule_version, points, breakdown::jsonb FROM loyalty.accrual ORDER BY occurred_at;
+SELECT ref, rule_version, points, loyalty._accrual_breakdown(a) AS breakdown FROM loyalty.accrual a ORDER BY occurred_at;
+-- What is stored: only what the row's columns and the defaults cannot say
+-- (no rule version, points, pending_until, empty list, factor 1, NULL tier
+-- or false flag).
+SELECT ref, breakdown FROM loyalty.accrual ORDER BY occurred_at LIMIT 4;
 -- (posted amount = breakdown points = rounded + bonuses - caps cut; no row differs)
 SELECT a.ref, a.points, t.amount AS posted
 FROM loyalty.accrual a LEFT JOIN loyalty.transfer t ON t.kind = 'accrual' AND t.ref = a.ref
