@@ -188,8 +188,8 @@ COMMENT ON FUNCTION loyalty.refund(text, text, numeric, text) IS 'Claws back the
 -- The whole breakdown of a purchase. accrual.breakdown keeps only what the
 -- row's own columns and the defaults cannot say (see AccrualEvaluate): the
 -- rule version, the points and pending_until come from the row; empty lists,
--- a factor of 1, a NULL tier and false flags are put back. A breakdown
--- written whole (every key) comes back unchanged.
+-- a factor of 1, a NULL tier and false flags are put back where the stored
+-- breakdown does not have the key.
 CREATE FUNCTION loyalty._accrual_breakdown(a loyalty.accrual) RETURNS jsonb
 LANGUAGE sql STABLE SET search_path = loyalty, pg_catalog, pg_temp AS $$
     SELECT jsonb_build_object('rule_version', a.rule_version, 'points', a.points)

@@ -950,7 +950,7 @@ AccrualCaps(const AccrualRules *r, int64 total, AccrualState *st, StringInfo b)
  * purchase's own columns and defaults cannot say: no rule version, points or
  * pending_until (the row has them), no empty list, no factor of 1, no tier
  * that is NULL and no flag that is false. loyalty._accrual_breakdown()
- * gives the whole document back (docs/accrual.md, "Explaining a purchase").
+ * gives the whole document back (docs/accrual.md, "Posting").
  */
 int64
 AccrualEvaluate(const AccrualRules *r, const AccrualInput *in, AccrualState *st, StringInfo b)
