@@ -7,7 +7,10 @@
  * of the insert itself. A writer opens the table once per batch and appends
  * rows the way COPY does: the table access method's insert, then every
  * index (unique ones checked as usual, partial predicates evaluated), with
- * the table's NOT NULL and CHECK constraints enforced.
+ * the table's NOT NULL constraints enforced. CHECK constraints are not
+ * evaluated (building their expressions cost more than a one-row posting):
+ * the callers write values valid by construction (docs/accrual.md, "How
+ * accrual writes").
  *
  * A writer fires no triggers and applies no column defaults: every column is
  * given (LedgerWriterOpen refuses a table with a column it was not told
