@@ -124,10 +124,19 @@ LedgerAttnum(Relation rel, const char *name)
 }
 
 /*
+ * Rows a bulk appender keeps before writing them together, as COPY does:
+ * one table_multi_insert (a WAL record and a buffer lock per page, not per
+ * row), then their index entries row by row.
+ */
+#define LEDGER_BUFFERED_ROWS 1000
+
+/*
  * Open loyalty.<table> for appending rows whose columns are named, in the
  * order the caller sets them. sequence, when given, is the sequence of the
  * first column (LedgerWriterNextId). bulk: many rows will follow (a bulk
- * insert state keeps the target page pinned between them).
+ * insert state keeps the target page pinned between them, and a plain
+ * appender, without an arbiter, writes its rows in batches: they are in
+ * the table only once LedgerWriterClose has returned).
  */
 LedgerWriter *
 LedgerWriterOpen(const char *table, const char *const *columns, int ncols, const char *sequence,
@@ -162,6 +171,8 @@ LedgerWriterOpen(const char *table, const char *const *columns, int ncols, const
 	w->update_slot = MakeSingleTupleTableSlot(RelationGetDescr(w->rel), &TTSOpsHeapTuple);
 	w->fetch_slot = table_slot_create(w->rel, NULL);
 	w->bistate = bulk ? GetBulkInsertState() : NULL;
+	if (bulk && arbiter == NULL)
+		w->buffered = palloc0(sizeof(TupleTableSlot *) * LEDGER_BUFFERED_ROWS);
 	w->cid = GetCurrentCommandId(true);
 	if (sequence != NULL)
 		w->seq = RangeVarGetRelid(makeRangeVar("loyalty", (char *) sequence, -1), NoLock, false);
@@ -190,11 +201,10 @@ LedgerWriterIndices(LedgerWriter *w)
 	}
 }
 
-/* The row in w->values/w->nulls, in the writer's slot, NOT NULL checked. */
+/* The row in w->values/w->nulls, in slot, NOT NULL checked. */
 static TupleTableSlot *
-LedgerWriterSlot(LedgerWriter *w)
+LedgerWriterFill(LedgerWriter *w, TupleTableSlot *slot)
 {
-	TupleTableSlot *slot = w->slot;
 	TupleDesc	desc = RelationGetDescr(w->rel);
 
 	ExecClearTuple(slot);
@@ -211,6 +221,31 @@ LedgerWriterSlot(LedgerWriter *w)
 		slot->tts_isnull[a - 1] = w->nulls[c];
 	}
 	return ExecStoreVirtualTuple(slot);
+}
+
+/* The row in w->values/w->nulls, in the writer's slot. */
+static TupleTableSlot *
+LedgerWriterSlot(LedgerWriter *w)
+{
+	return LedgerWriterFill(w, w->slot);
+}
+
+/* Write a bulk appender's buffered rows: the table's in one call, then each row's index entries. */
+static void
+LedgerWriterFlush(LedgerWriter *w)
+{
+	if (w->nbuffered == 0)
+		return;
+	table_multi_insert(w->rel, w->buffered, w->nbuffered, w->cid, 0, w->bistate);
+	LedgerWriterIndices(w);
+	for (int i = 0; i < w->nbuffered; i++)
+	{
+		if (w->rri->ri_NumIndices > 0)
+			list_free(ExecInsertIndexTuples(w->rri, w->buffered[i], w->estate, false, false, NULL, NIL));
+		ResetPerTupleExprContext(w->estate);
+		ExecClearTuple(w->buffered[i]);
+	}
+	w->nbuffered = 0;
 }
 
 /*
@@ -264,13 +299,26 @@ LedgerWriterInsertIfNew(LedgerWriter *w, ItemPointer conflict)
 	}
 }
 
-/* Append the row in w->values/w->nulls, with its index entries. */
+/*
+ * Append the row in w->values/w->nulls, with its index entries (a bulk
+ * appender keeps a copy, written with the next batch).
+ */
 void
 LedgerWriterInsert(LedgerWriter *w)
 {
-	TupleTableSlot *slot = LedgerWriterSlot(w);
+	TupleTableSlot *slot;
 	List	   *recheck;
 
+	if (w->buffered != NULL)
+	{
+		if (w->buffered[w->nbuffered] == NULL)
+			w->buffered[w->nbuffered] = table_slot_create(w->rel, NULL);
+		ExecMaterializeSlot(LedgerWriterFill(w, w->buffered[w->nbuffered]));
+		if (++w->nbuffered == LEDGER_BUFFERED_ROWS)
+			LedgerWriterFlush(w);
+		return;
+	}
+	slot = LedgerWriterSlot(w);
 	table_tuple_insert(w->rel, slot, w->cid, 0, w->bistate);
 	LedgerWriterIndices(w);
 	if (w->rri->ri_NumIndices > 0)
@@ -337,6 +385,12 @@ LedgerWriterFetch(LedgerWriter *w, ItemPointer tid)
 void
 LedgerWriterClose(LedgerWriter *w)
 {
+	if (w->buffered != NULL)
+	{
+		LedgerWriterFlush(w);
+		for (int i = 0; i < LEDGER_BUFFERED_ROWS && w->buffered[i] != NULL; i++)
+			ExecDropSingleTupleTableSlot(w->buffered[i]);
+	}
 	if (w->indices_open)
 		ExecCloseIndices(w->rri);
 	if (w->bistate != NULL)

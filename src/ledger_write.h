@@ -25,6 +25,8 @@ typedef struct LedgerWriter
 	List	   *arbiters;		/* LedgerWriterInsertIfNew's unique index */
 	bool		indices_open;	/* ExecOpenIndices done (when first needed) */
 	BulkInsertState bistate;
+	TupleTableSlot **buffered;	/* a bulk appender's rows not yet written */
+	int			nbuffered;
 	CommandId	cid;
 	int			ncols;
 	AttrNumber	attno[LEDGER_WRITER_MAX_COLS];

@@ -127,6 +127,22 @@ SELECT count(*) AS unbalanced FROM loyalty.account a
 WHERE a.kind = 'member'
   AND (a.available::bigint + a.pending::bigint)
       <> (SELECT coalesce(sum(l.remaining::bigint), 0) FROM loyalty.lot l WHERE l.account_id = a.id);
+-- 2,500 purchases that earn in one chunk: the journal lines and lots are
+-- appended 1,000 at a time (LedgerWriter's batches), the last batch when
+-- the chunk ends. Every purchase has its line and its lot, chains hold.
+INSERT INTO public.orders (id, customer, total, placed_at, kind)
+SELECT 'k' || i, 'm' || (i % 50 + 1), 10, '2025-05-05'::timestamptz + i * interval '1 second', 'books'
+FROM generate_series(1, 2500) i;
+SELECT count(*) AS purchases, sum(a.points) AS points, count(t.id) AS lines, sum(t.amount::bigint) AS line_points,
+       count(l.id) AS lots, sum(l.amount::bigint) AS lot_points
+FROM loyalty.accrual a LEFT JOIN loyalty.transfer t ON t.id = a.transfer_id
+LEFT JOIN loyalty.lot l ON l.transfer_id = a.transfer_id
+WHERE a.ref LIKE 'k%';
+SELECT count(*) AS chain_problems FROM loyalty.verify_chain('shop');
+SELECT count(*) AS unbalanced FROM loyalty.account a
+WHERE a.kind = 'member'
+  AND (a.available::bigint + a.pending::bigint)
+      <> (SELECT coalesce(sum(l.remaining::bigint), 0) FROM loyalty.lot l WHERE l.account_id = a.id);
 
 -- COPY goes through the same trigger.
 COPY public.orders (id, customer, total, placed_at, kind) FROM stdin;
