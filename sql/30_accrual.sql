@@ -186,15 +186,23 @@ LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_t
 COMMENT ON FUNCTION loyalty.refund(text, text, numeric, text) IS 'Claws back the points of a purchase in proportion to the amount returned (NULL: all that is left); idempotent on refund_ref (default: the purchase ref); returns the points clawed back';
 
 -- The whole breakdown of a purchase. accrual.breakdown keeps only what the
--- row's own columns and the defaults cannot say (see AccrualEvaluate): the
--- rule version, the points and pending_until come from the row; empty lists,
--- a factor of 1, a NULL tier and false flags are put back where the stored
--- breakdown does not have the key.
+-- row's own columns, its rule version and the defaults cannot say (see
+-- AccrualEvaluate): the rule version, the points and pending_until come from
+-- the row, the rounding from the version's document, the rounded product is
+-- the points less the bonuses plus what the caps cut; empty lists, a factor
+-- of 1, a NULL tier and false flags are put back where the stored breakdown
+-- does not have the key.
 CREATE FUNCTION loyalty._accrual_breakdown(a loyalty.accrual) RETURNS jsonb
 LANGUAGE sql STABLE SET search_path = loyalty, pg_catalog, pg_temp AS $$
     SELECT jsonb_build_object('rule_version', a.rule_version, 'points', a.points)
-        || CASE WHEN b ? 'base' THEN '{"multipliers": [], "factor": 1, "bonuses": [], "caps": []}'::jsonb
-                ELSE '{}'::jsonb END
+        || CASE WHEN b ? 'base' THEN jsonb_build_object(
+               'multipliers', '[]'::jsonb, 'factor', 1, 'bonuses', '[]'::jsonb, 'caps', '[]'::jsonb,
+               'rounding', (SELECT coalesce(r.rules #>> '{base,rounding}', 'floor') FROM loyalty.earning_rule r
+                            WHERE r.program_id = a.program_id AND r.version = a.rule_version),
+               'rounded', a.points
+                   - coalesce((SELECT sum((x ->> 'points')::bigint) FROM jsonb_array_elements(b -> 'bonuses') x), 0)
+                   + coalesce((SELECT sum((x ->> 'cut')::bigint) FROM jsonb_array_elements(b -> 'caps') x), 0))
+           ELSE '{}'::jsonb END
         || (b - 'context')
         || jsonb_build_object('context', '{"tier": null, "first_purchase": false, "birthday_month": false}'::jsonb
                                          || coalesce(b -> 'context', '{}'::jsonb))
@@ -202,7 +210,7 @@ LANGUAGE sql STABLE SET search_path = loyalty, pg_catalog, pg_temp AS $$
                 THEN jsonb_build_object('pending_until', a.vests_at) ELSE '{}'::jsonb END
     FROM (SELECT a.breakdown::jsonb AS b) s
 $$;
-COMMENT ON FUNCTION loyalty._accrual_breakdown(loyalty.accrual) IS 'The whole breakdown of a posted purchase: the stored keys with the row''s rule version, points and pending_until and the defaults put back';
+COMMENT ON FUNCTION loyalty._accrual_breakdown(loyalty.accrual) IS 'The whole breakdown of a posted purchase: the stored keys with the row''s rule version, points and pending_until, the version''s rounding, the rounded product and the defaults put back';
 
 CREATE FUNCTION loyalty.explain_accrual(program text, ref text)
 RETURNS jsonb LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$

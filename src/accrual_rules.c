@@ -947,10 +947,12 @@ AccrualCaps(const AccrualRules *r, int64 total, AccrualState *st, StringInfo b)
  * per-member-per-day cap.
  *
  * The breakdown is stored with every purchase, so it holds only what the
- * purchase's own columns and defaults cannot say: no rule version, points or
- * pending_until (the row has them), no empty list, no factor of 1, no tier
- * that is NULL and no flag that is false. loyalty._accrual_breakdown()
- * gives the whole document back (docs/accrual.md, "Posting").
+ * purchase's own columns, its rule version and defaults cannot say: no rule
+ * version, points or pending_until (the row has them), no rounding (the
+ * version has it), no rounded product (the points less the bonuses plus
+ * what the caps cut), no empty list, no factor of 1, no tier that is NULL
+ * and no flag that is false. loyalty._accrual_breakdown() gives the whole
+ * document back (docs/accrual.md, "Posting").
  */
 int64
 AccrualEvaluate(const AccrualRules *r, const AccrualInput *in, AccrualState *st, StringInfo b)
@@ -980,8 +982,6 @@ AccrualEvaluate(const AccrualRules *r, const AccrualInput *in, AccrualState *st,
 	AccrualNumber(b, base);
 	factor = AccrualFactors(r, in, st, b);
 	rounded = AccrualRound(base * factor, r->rounding);
-	appendStringInfo(b, ", \"rounding\": \"%s\", \"rounded\": " INT64_FORMAT,
-					 r->rounding == 0 ? "floor" : r->rounding == 1 ? "round" : "ceil", rounded);
 	total = PointsAdd(rounded, AccrualBonuses(r, in, st, b));
 	total = AccrualCaps(r, total, st, b);
 	appendStringInfoChar(b, '}');

@@ -120,18 +120,24 @@ ORDER BY at;
 
 -- Each breakdown reproduces the points posted.
 SELECT ref, rule_version, points, loyalty._accrual_breakdown(a) AS breakdown FROM loyalty.accrual a ORDER BY occurred_at;
--- What is stored: only what the row's columns and the defaults cannot say
--- (no rule version, points, pending_until, empty list, factor 1, NULL tier
--- or false flag).
+-- What is stored: only what the row's columns, its rule version and the
+-- defaults cannot say (no rule version, points, pending_until, rounding,
+-- rounded product, empty list, factor 1, NULL tier or false flag).
 SELECT ref, breakdown FROM loyalty.accrual ORDER BY occurred_at LIMIT 4;
--- (posted amount = breakdown points = rounded + bonuses - caps cut; no row differs)
+-- (posted amount = points = base times factor, rounded as the version says,
+-- plus the bonuses, less what the caps cut; 0 for a purchase without a base;
+-- no row differs)
 SELECT a.ref, a.points, t.amount AS posted
 FROM loyalty.accrual a LEFT JOIN loyalty.transfer t ON t.kind = 'accrual' AND t.ref = a.ref
+CROSS JOIN LATERAL (SELECT loyalty._accrual_breakdown(a) AS e) x
+CROSS JOIN LATERAL (SELECT round((x.e ->> 'base')::numeric * (x.e ->> 'factor')::numeric, 6) AS v) p
 WHERE coalesce(t.amount::bigint, 0) <> a.points
-   OR (a.breakdown::jsonb ? 'rounded' AND (a.breakdown ->> 'rounded')::bigint
-        + coalesce((SELECT sum((b ->> 'points')::bigint) FROM json_array_elements(a.breakdown -> 'bonuses') b), 0)
-        - coalesce((SELECT sum((c ->> 'cut')::bigint) FROM json_array_elements(a.breakdown -> 'caps') c), 0)
-        <> a.points);
+   OR (NOT x.e ? 'base' AND a.points <> 0)
+   OR (x.e ? 'base'
+       AND CASE x.e ->> 'rounding' WHEN 'floor' THEN floor(p.v) WHEN 'ceil' THEN ceil(p.v) ELSE floor(p.v + 0.5) END
+           + coalesce((SELECT sum((b ->> 'points')::bigint) FROM jsonb_array_elements(x.e -> 'bonuses') b), 0)
+           - coalesce((SELECT sum((c ->> 'cut')::bigint) FROM jsonb_array_elements(x.e -> 'caps') c), 0)
+           <> a.points);
 SELECT * FROM loyalty.accrual_campaign;
 -- accrual.transfer_id is the purchase's journal line: same ref, member and
 -- points; NULL exactly when it earned nothing; every accrual transfer has
