@@ -312,7 +312,13 @@ LedgerWriterInsert(LedgerWriter *w)
 	if (w->buffered != NULL)
 	{
 		if (w->buffered[w->nbuffered] == NULL)
+		{
+			/* with the writer, whatever context the caller is in */
+			MemoryContext old = MemoryContextSwitchTo(w->estate->es_query_cxt);
+
 			w->buffered[w->nbuffered] = table_slot_create(w->rel, NULL);
+			MemoryContextSwitchTo(old);
+		}
 		ExecMaterializeSlot(LedgerWriterFill(w, w->buffered[w->nbuffered]));
 		if (++w->nbuffered == LEDGER_BUFFERED_ROWS)
 			LedgerWriterFlush(w);
