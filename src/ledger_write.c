@@ -230,6 +230,15 @@ LedgerWriterSlot(LedgerWriter *w)
 	return LedgerWriterFill(w, w->slot);
 }
 
+/* The index entries of a row just written to the table (update: a new version). */
+static void
+LedgerWriterIndexRow(LedgerWriter *w, TupleTableSlot *slot, bool update)
+{
+	LedgerWriterIndices(w);
+	if (w->rri->ri_NumIndices > 0)
+		list_free(ExecInsertIndexTuples(w->rri, slot, w->estate, update, false, NULL, NIL));
+}
+
 /* Write a bulk appender's buffered rows: the table's in one call, then each row's index entries. */
 static void
 LedgerWriterFlush(LedgerWriter *w)
@@ -237,11 +246,9 @@ LedgerWriterFlush(LedgerWriter *w)
 	if (w->nbuffered == 0)
 		return;
 	table_multi_insert(w->rel, w->buffered, w->nbuffered, w->cid, 0, w->bistate);
-	LedgerWriterIndices(w);
 	for (int i = 0; i < w->nbuffered; i++)
 	{
-		if (w->rri->ri_NumIndices > 0)
-			list_free(ExecInsertIndexTuples(w->rri, w->buffered[i], w->estate, false, false, NULL, NIL));
+		LedgerWriterIndexRow(w, w->buffered[i], false);
 		ResetPerTupleExprContext(w->estate);
 		ExecClearTuple(w->buffered[i]);
 	}
@@ -307,7 +314,6 @@ void
 LedgerWriterInsert(LedgerWriter *w)
 {
 	TupleTableSlot *slot;
-	List	   *recheck;
 
 	if (w->buffered != NULL)
 	{
@@ -326,12 +332,7 @@ LedgerWriterInsert(LedgerWriter *w)
 	}
 	slot = LedgerWriterSlot(w);
 	table_tuple_insert(w->rel, slot, w->cid, 0, w->bistate);
-	LedgerWriterIndices(w);
-	if (w->rri->ri_NumIndices > 0)
-	{
-		recheck = ExecInsertIndexTuples(w->rri, slot, w->estate, false, false, NULL, NIL);
-		list_free(recheck);
-	}
+	LedgerWriterIndexRow(w, slot, false);
 	ResetPerTupleExprContext(w->estate);
 }
 
@@ -350,12 +351,7 @@ LedgerWriterUpdate(LedgerWriter *w, ItemPointer tid)
 	simple_heap_update(w->rel, tid, tuple);
 	*tid = tuple->t_self;
 	if (!HeapTupleIsHeapOnly(tuple))
-	{
-		LedgerWriterIndices(w);
-		ExecStoreHeapTuple(tuple, w->update_slot, false);
-		if (w->rri->ri_NumIndices > 0)
-			list_free(ExecInsertIndexTuples(w->rri, w->update_slot, w->estate, true, false, NULL, NIL));
-	}
+		LedgerWriterIndexRow(w, ExecStoreHeapTuple(tuple, w->update_slot, false), true);
 	ResetPerTupleExprContext(w->estate);
 }
 
