@@ -263,21 +263,23 @@ AccrualFastPost(AccrualBatch *b, AccrualRow *r)
 		head = FastAttr(account, as, "last_hash", &isnull);
 		AccrualAddHead(b, r->account_id, head, isnull, &as->tts_tid);
 		keys[0] = Int64GetDatum(r->account_id);
+		b->has_debts = AccrualDebtsRecorded();
+		if (b->has_debts)
 		{
 			Relation	debt = LedgerOpenTable("accrual_debt", AccessShareLock);
+			TupleTableSlot *ds = table_slot_create(debt, NULL);
 
 			/*
-			 * A program that never clawed back more than a member held has
-			 * no debt row at all: an empty table answers without a probe.
+			 * Under READ COMMITTED, with a snapshot taken after the lock: a
+			 * refund the lock waited for may have recorded a debt since
+			 * snap was taken, and this purchase must repay it.
 			 */
-			b->has_debts = false;
-			if (RelationGetNumberOfBlocks(debt) > 0)
-			{
-				TupleTableSlot *ds = table_slot_create(debt, NULL);
+			Snapshot	after = IsolationUsesXactSnapshot() ? snap : RegisterSnapshot(GetLatestSnapshot());
 
-				b->has_debts = LedgerIndexFetch(debt, "accrual_debt_open_idx", 1, keys, snap, ds);
-				ExecDropSingleTupleTableSlot(ds);
-			}
+			b->has_debts = LedgerIndexFetch(debt, "accrual_debt_open_idx", 1, keys, after, ds);
+			if (after != snap)
+				UnregisterSnapshot(after);
+			ExecDropSingleTupleTableSlot(ds);
 			table_close(debt, NoLock);
 		}
 

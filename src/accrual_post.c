@@ -15,6 +15,7 @@
  */
 #include "postgres.h"
 
+#include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/pg_type.h"
@@ -24,6 +25,7 @@
 #include "fmgr.h"
 #include "lib/bloomfilter.h"
 #include "miscadmin.h"
+#include "storage/bufmgr.h"
 #include "storage/itemptr.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
@@ -363,8 +365,15 @@ AccrualAddHead(AccrualBatch *b, int64 account, Datum last_hash, bool isnull, Ite
 
 /*
  * The heads of the locked accounts' chains, from the lock query's result
- * (id, last_hash, has a refund debt, ctid of the locked version): writes
- * chain onto them in memory and update the rows in place.
+ * (id, last_hash, ctid of the locked version): writes chain onto them in
+ * memory and update the rows in place.
+ *
+ * Whether the accounts owe refund debt is not a column of the lock query:
+ * under READ COMMITTED, a lock that waited behind a refund returns the
+ * account's latest version, but a subquery of the same statement still
+ * reads with the snapshot taken before the wait and would miss the debt
+ * that refund recorded. AccrualRecoverDebts asks after the lock, with a
+ * snapshot of its own, whenever any debt was ever recorded.
  */
 static void
 AccrualReadHeads(AccrualBatch *b)
@@ -377,16 +386,26 @@ AccrualReadHeads(AccrualBatch *b)
 		bool		isnull;
 		Datum		d = SPI_getbinval(t, SPI_tuptable->tupdesc, 2, &isnull);
 
-		if (DatumGetBool(SPI_getbinval(t, SPI_tuptable->tupdesc, 3, &(bool){0})))
-			b->has_debts = true;
 		AccrualAddHead(b, id, d, isnull,
-					   (ItemPointer) DatumGetPointer(SPI_getbinval(t, SPI_tuptable->tupdesc, 4, &(bool){0})));
+					   (ItemPointer) DatumGetPointer(SPI_getbinval(t, SPI_tuptable->tupdesc, 3, &(bool){0})));
 	}
+	b->has_debts = AccrualDebtsRecorded();
 }
 
-/* Whether a member account has refund debt to recover, in a lock query. */
-#define ACCRUAL_HAS_DEBT(id) \
-	"EXISTS (SELECT FROM loyalty.accrual_debt d WHERE d.account_id = " id " AND d.outstanding > 0)"
+/*
+ * Whether any refund debt was ever recorded: a program that never clawed
+ * back more than a member held has no row in loyalty.accrual_debt, and an
+ * empty table answers without a query.
+ */
+bool
+AccrualDebtsRecorded(void)
+{
+	Relation	debt = LedgerOpenTable("accrual_debt", AccessShareLock);
+	bool		any = RelationGetNumberOfBlocks(debt) > 0;
+
+	table_close(debt, NoLock);
+	return any;
+}
 
 /* Lock the member accounts of the good rows, in account-id order. */
 static void
@@ -411,7 +430,7 @@ AccrualLock(AccrualBatch *b)
 	if (u == 0)
 		return;
 	LedgerPrepare(&plan_lock,
-				  "SELECT a.id, a.last_hash, " ACCRUAL_HAS_DEBT("a.id") ", a.ctid"
+				  "SELECT a.id, a.last_hash, a.ctid"
 				  "  FROM loyalty.account a WHERE a.id = ANY ($1) ORDER BY a.id FOR UPDATE",
 				  1, argtypes);
 	arg = AccrualInt64Array(ids, u);
@@ -1405,7 +1424,7 @@ AccrualPostLocked(AccrualBatch *b)
 char *
 AccrualLockSql(const char *source)
 {
-	return psprintf("SELECT a.id, a.last_hash, " ACCRUAL_HAS_DEBT("a.id") ", a.ctid FROM loyalty.account a"
+	return psprintf("SELECT a.id, a.last_hash, a.ctid FROM loyalty.account a"
 					" WHERE a.id IN (SELECT a2.id FROM (%s) n"
 					"                JOIN loyalty.member m ON m.program_id = $1"
 					"                                     AND m.member_ref = n.member_ref"

@@ -66,7 +66,7 @@ typedef struct AccrualBatch
 	char	   *code;
 	pg_tz	   *tz;
 	bool		enroll_unknown;
-	bool		has_debts;		/* the program has outstanding refund debts */
+	bool		has_debts;		/* the locked accounts may owe refund debt */
 	int64		issuance;
 	Oid			source;			/* the application's table; InvalidOid for the function API */
 	const char *source_sql;		/* the trigger's query over its transition table, or NULL */
@@ -113,6 +113,8 @@ extern void AccrualEnrollUnknown(AccrualBatch *b, const char *source, Datum *arg
 extern void AccrualCheckRef(const char *ref);
 extern char *AccrualDescribeExisting(AccrualBatch *b, AccrualRow *r);
 extern void AccrualRecover(AccrualBatch *b, int64 account);
+extern bool AccrualDebtsRecorded(void);
+extern void AccrualRecoverAccount(int64 program_id, int64 account);
 extern int64 AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amount_null,
 								   const char *refund_ref);
 

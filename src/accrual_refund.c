@@ -206,6 +206,21 @@ AccrualRecover(AccrualBatch *b, int64 account)
 	}
 }
 
+/*
+ * Recover an account's outstanding refund debt from its lots, after a
+ * posting other than a purchase credited it (LedgerPost, under the account's
+ * lock). The caller is connected to SPI.
+ */
+void
+AccrualRecoverAccount(int64 program_id, int64 account)
+{
+	AccrualBatch b;
+
+	memset(&b, 0, sizeof(b));
+	AccrualLoadProgram(&b, program_id, NULL);
+	AccrualRecover(&b, account);
+}
+
 /* The refund already recorded under refund_ref: the same one returns its points. */
 static bool
 AccrualFindRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_null, const char *refund_ref,

@@ -49,12 +49,13 @@ RedemptionInt8Array(FunctionCallInfo fcinfo, int n, int64 **out)
 
 /*
  * A member below zero (a refund's shortfall under the program option
- * shortfall "negative", docs/accrual.md) may have lots, credited since,
- * that its balance shows net of what it owes: a spending debit may take
- * only what is left after the debt. Checked under the member accounts'
- * locks, taken here in id order as LedgerPost takes them; nothing is
- * locked for a member who owes nothing. A capture spends a hold, which was
- * checked when it was taken.
+ * shortfall "negative", docs/accrual.md) spends only what is left after the
+ * debt. Every credit repays a debt at once, so such a member normally has
+ * no lots left; this check covers lots a recovery did not see (a credit
+ * under REPEATABLE READ racing the refund). Checked under the member
+ * accounts' locks, taken here in id order as LedgerPost takes them; nothing
+ * is locked for a member who owes nothing. A capture spends a hold, which
+ * was checked when it was taken.
  */
 static void
 RedemptionCheckOwed(const LedgerPosting *p)
@@ -115,7 +116,7 @@ RedemptionCheckOwed(const LedgerPosting *p)
 				 errdetail("%s owes " INT64_FORMAT " points a refund could not take back, which leaves "
 						   INT64_FORMAT " points available at %s; " INT64_FORMAT " are needed.",
 						   p->debit_label, owed, left, timestamptz_to_str(p->occurred_at), p->amount),
-				 errhint("The member's next purchases repay what is owed first.")));
+				 errhint("Points the member earns next repay what is owed first.")));
 }
 
 /*

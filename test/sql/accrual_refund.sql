@@ -55,6 +55,16 @@ SELECT * FROM pg_temp.state('c2');
 SELECT loyalty.accrue('shop', 'c2', 25, 'o4', '2025-02-03 10:00+00') AS earned;
 SELECT * FROM pg_temp.state('c2');
 SELECT kind, points FROM loyalty.statement('shop', 'c2') ORDER BY transfer_id;
+-- Any credit repays at once, not only a purchase: c4 owes 30, 20 bonus
+-- points repay 20 (balance 0 under "debt", 10 still owed).
+SELECT loyalty.enroll('shop', 'c4', occurred_at => '2025-01-01 00:00+00') > 0 AS enrolled;
+SELECT loyalty.accrue('shop', 'c4', 30, 'o40', '2025-02-01 10:00+00') AS earned;
+SELECT loyalty.adjust('shop', 'c4', -30, 'spend-40', 'spent in store') > 0 AS spent;
+SELECT loyalty.refund('shop', 'o40') AS clawed;
+SELECT loyalty.earn('shop', 'c4', 20, 'c4-bonus', 'goodwill') > 0 AS bonus;
+SELECT loyalty.balance('shop', 'c4') AS balance;
+SELECT * FROM pg_temp.state('c4');
+SELECT kind, points FROM loyalty.statement('shop', 'c4') ORDER BY transfer_id;
 
 -- Pending points are cancelled first: c3 has 40 available points (o6 and
 -- o7, vested) and buys for 80 yesterday (o5, pending 14 days); returning
@@ -223,9 +233,10 @@ SELECT loyalty.balance('neg', 'n3') AS balance;
 SELECT * FROM pg_temp.lines('n3');
 SELECT available, lifetime_earned, lifetime_adjusted FROM loyalty.account_summary('neg', 'n3');
 
--- Points credited otherwise than by a purchase do not repay at once: n4
--- owes 100, gets 30 bonus points (-70), and cannot spend them while below
--- zero; the next purchase repays the 100 from all its lots.
+-- Points credited otherwise than by a purchase repay at once too: n4 owes
+-- 100 and gets 30 bonus points, which a recover transfer takes at once
+-- (-70, 70 owed, no lots left); it cannot spend while below zero, and the
+-- next purchase repays the 70.
 SELECT loyalty.enroll('neg', 'n4', occurred_at => '2025-01-01 00:00+00') > 0 AS enrolled;
 SELECT loyalty.accrue('neg', 'n4', 100, 'd1', now() - interval '10 days') AS earned;
 SELECT loyalty.adjust('neg', 'n4', -100, 'd1-spend', 'spent in store', now() - interval '5 days') > 0 AS spent;
@@ -246,7 +257,7 @@ EXCEPTION WHEN sqlstate 'LY001' THEN
     GET STACKED DIAGNOSTICS d = PG_EXCEPTION_DETAIL, h = PG_EXCEPTION_HINT;
     RAISE NOTICE '% %', regexp_replace(d, ' at [^;]*;', ' at (now);'), h;
 END $$;
--- 80 more points: the lots hold 110, 100 repay the debt, 10 are left
+-- 80 more points: 70 repay the debt, 10 are left
 SELECT loyalty.accrue('neg', 'n4', 80, 'd2') AS earned;
 SELECT loyalty.balance('neg', 'n4') AS balance;
 SELECT * FROM pg_temp.state('n4');
@@ -255,6 +266,33 @@ SELECT points FROM loyalty.redeem('neg', 'n4', 'cup', 'n4-cup');
 SELECT loyalty.donate('neg', 'n4', 'trees', 5, 'n4-gift') > 0 AS donated;
 SELECT loyalty.donate('neg', 'n4', 'trees', 5, 'n4-gift') > 0 AS donated_again;
 SELECT loyalty.balance('neg', 'n4') AS balance;
+
+-- Every credit repays: n5 owes 60 (shown as negative); its redemption of
+-- 20 points is cancelled (20 repay, 40 owed), n6 transfers 5 points to it
+-- (35 owed), and an upward adjust of 30 repays 30: 5 owed, balance -5. A
+-- replayed credit posts nothing and repays nothing; a member who owes
+-- nothing keeps what it is credited (n6's purchase).
+SELECT loyalty.enroll('neg', m, occurred_at => '2025-01-01 00:00+00') > 0 AS enrolled
+FROM unnest(ARRAY['n5', 'n6']) m;
+SELECT loyalty.accrue('neg', 'n6', 10, 'f1', now() - interval '10 days') AS earned;
+SELECT loyalty.accrue('neg', 'n5', 60, 'e1', now() - interval '10 days') AS earned;
+SELECT loyalty.add_reward('neg', 'mug', 'A mug', 20) AS reward;
+SELECT points FROM loyalty.redeem('neg', 'n5', 'mug', 'n5-mug');
+SELECT loyalty.adjust('neg', 'n5', -40, 'e1-spend', 'spent in store', now() - interval '5 days') > 0 AS spent;
+SELECT loyalty.refund('neg', 'e1') AS clawed;
+SELECT * FROM pg_temp.state('n5');
+SELECT loyalty.cancel_redemption('neg', 'n5-mug') > 0 AS cancelled;
+SELECT loyalty.balance('neg', 'n5') AS balance;
+SELECT * FROM pg_temp.state('n5');
+SELECT loyalty.transfer_points('neg', 'n6', 'n5', 5, 'n6-to-n5') > 0 AS moved;
+SELECT loyalty.balance('neg', 'n5') AS balance;
+SELECT * FROM pg_temp.state('n5');
+SELECT loyalty.adjust('neg', 'n5', 30, 'n5-goodwill', 'goodwill') > 0 AS adjusted;
+SELECT loyalty.adjust('neg', 'n5', 30, 'n5-goodwill', 'goodwill') > 0 AS replayed;
+SELECT loyalty.balance('neg', 'n5') AS balance;
+SELECT * FROM pg_temp.state('n5');
+SELECT * FROM pg_temp.lines('n5');
+SELECT * FROM pg_temp.state('n6');
 
 -- The books: the chains verify, each account row is the sum of its lots,
 -- and every point is in a member's lot or back in the issuance account.
