@@ -99,6 +99,13 @@ AccrualLockAccount(int64 account)
  * Choose up to need points of an account's open lots: first_lot first, then
  * lots still pending at at, then the others, earliest expiry first. Returns
  * how many points the lots cover.
+ *
+ * Points reserved by the member's active holds are left where they are: a
+ * checkout holding them must still be able to capture them. A hold
+ * reserves vested points (pending ones cannot be held), so pending lots are
+ * taken freely and vested ones only beyond what is held; what the refund
+ * cannot take is a shortfall, as if those points had been spent. The
+ * caller holds the account's lock, so the held sum read here stands.
  */
 static int64
 AccrualTakeLots(int64 account, int64 first_lot, int64 need, TimestampTz at,
@@ -107,12 +114,18 @@ AccrualTakeLots(int64 account, int64 first_lot, int64 need, TimestampTz at,
 	static const Oid argtypes[] = {INT8OID, INT8OID, TIMESTAMPTZOID};
 	Datum		args[3];
 	int64		covered = 0;
+	int64		vested = 0;
+	int64		free_vested;
+	int64		held;
 
 	LedgerPrepare(&plan_take,
-				  "SELECT id, remaining::bigint FROM loyalty.lot"
-				  " WHERE account_id = $1 AND remaining OPERATOR(loyalty.>) 0 AND (expires_at IS NULL OR expires_at > $3)"
-				  " ORDER BY id = $2 DESC, vests_at > $3 DESC, expires_at NULLS LAST, occurred_at, id"
-				  " FOR UPDATE",
+				  "SELECT l.id, l.remaining::bigint, l.vests_at > $3,"
+				  "       (SELECT a.held::bigint FROM loyalty.account a WHERE a.id = $1)"
+				  "  FROM loyalty.lot l"
+				  " WHERE l.account_id = $1 AND l.remaining OPERATOR(loyalty.>) 0"
+				  "   AND (l.expires_at IS NULL OR l.expires_at > $3)"
+				  " ORDER BY l.id = $2 DESC, l.vests_at > $3 DESC, l.expires_at NULLS LAST, l.occurred_at, l.id"
+				  " FOR UPDATE OF l",
 				  3, argtypes);
 	args[0] = Int64GetDatum(account);
 	args[1] = Int64GetDatum(first_lot);
@@ -121,13 +134,28 @@ AccrualTakeLots(int64 account, int64 first_lot, int64 need, TimestampTz at,
 	*lots = palloc(sizeof(int64) * Max(SPI_processed, 1));
 	*amounts = palloc(sizeof(int64) * Max(SPI_processed, 1));
 	*n = 0;
+	if (SPI_processed == 0)
+		return 0;
+	held = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 4, &(bool){0}));
+	for (uint64 i = 0; i < SPI_processed; i++)
+		if (!DatumGetBool(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 3, &(bool){0})))
+			vested += DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &(bool){0}));
+	free_vested = Max(vested - held, 0);
 	for (uint64 i = 0; i < SPI_processed && covered < need; i++)
 	{
-		int64		remaining = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2,
-															&(bool){0}));
+		HeapTuple	t = SPI_tuptable->vals[i];
+		int64		remaining = DatumGetInt64(SPI_getbinval(t, SPI_tuptable->tupdesc, 2, &(bool){0}));
+		bool		pending = DatumGetBool(SPI_getbinval(t, SPI_tuptable->tupdesc, 3, &(bool){0}));
 		int64		take = Min(remaining, need - covered);
 
-		(*lots)[*n] = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &(bool){0}));
+		if (!pending)
+		{
+			take = Min(take, free_vested);
+			free_vested -= take;
+		}
+		if (take == 0)
+			continue;
+		(*lots)[*n] = DatumGetInt64(SPI_getbinval(t, SPI_tuptable->tupdesc, 1, &(bool){0}));
 		(*amounts)[*n] = take;
 		(*n)++;
 		covered += take;

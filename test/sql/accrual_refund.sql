@@ -66,6 +66,23 @@ SELECT loyalty.balance('shop', 'c4') AS balance;
 SELECT * FROM pg_temp.state('c4');
 SELECT kind, points FROM loyalty.statement('shop', 'c4') ORDER BY transfer_id;
 
+-- Points held by a checkout stay capturable: c5 has 100 points, 80 of them
+-- held; refunding half the order takes the 20 free points and records 30
+-- as debt. 25 bonus points repay 25 of the 30 (the held 80 stay), and the
+-- checkout still captures its 80.
+SELECT loyalty.enroll('shop', 'c5', occurred_at => '2025-01-01 00:00+00') > 0 AS enrolled;
+SELECT loyalty.accrue('shop', 'c5', 100, 'o50', '2025-02-01 10:00+00') AS earned;
+SELECT loyalty.hold('shop', 'c5', 80, 'c5-hold') > 0 AS held;
+SELECT loyalty.refund('shop', 'o50', 50, 'o50-r1') AS clawed;
+SELECT refund_ref, taken, shortfall FROM loyalty.accrual_refund WHERE purchase_ref = 'o50';
+SELECT * FROM pg_temp.state('c5');
+SELECT loyalty.earn('shop', 'c5', 25, 'c5-bonus', 'goodwill') > 0 AS bonus;
+SELECT * FROM pg_temp.state('c5');
+SELECT loyalty.capture('shop', 'c5-hold') > 0 AS captured;
+SELECT * FROM pg_temp.state('c5');
+SELECT loyalty.balance('shop', 'c5') AS balance;
+SELECT kind, points FROM loyalty.statement('shop', 'c5') ORDER BY transfer_id;
+
 -- Pending points are cancelled first: c3 has 40 available points (o6 and
 -- o7, vested) and buys for 80 yesterday (o5, pending 14 days); returning
 -- 20.00 of o5 takes its 20 points from o5's own pending lot.
