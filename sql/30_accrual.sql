@@ -34,10 +34,15 @@ CREATE TABLE loyalty.accrual_refund (
     points       bigint NOT NULL,
     taken        bigint NOT NULL,
     shortfall    bigint NOT NULL,
+    forgiven     bigint NOT NULL DEFAULT 0,
     occurred_at  timestamptz NOT NULL,
-    PRIMARY KEY (program_id, refund_ref)
+    PRIMARY KEY (program_id, refund_ref),
+    CHECK (points = taken + shortfall + forgiven)
 );
-COMMENT ON TABLE loyalty.accrual_refund IS 'Each refund of a purchase: amount returned, points clawed back (taken from lots) and the shortfall recorded as debt';
+-- A purchase's earlier refunds: what they forgave of its expired points.
+CREATE INDEX accrual_refund_purchase_idx ON loyalty.accrual_refund (program_id, purchase_ref);
+COMMENT ON TABLE loyalty.accrual_refund IS 'Each refund of a purchase: amount returned, points it accounts for, of which taken from lots, recorded as debt (shortfall) and forgiven because they had expired';
+COMMENT ON COLUMN loyalty.accrual_refund.forgiven IS 'Points of the purchase that had expired unused before the refund: already gone from the member, so neither taken again nor owed';
 
 CREATE SEQUENCE loyalty.accrual_debt_id_seq;
 CREATE TABLE loyalty.accrual_debt (
@@ -183,7 +188,7 @@ COMMENT ON FUNCTION loyalty.accrue(text, text, numeric, text, timestamptz, text,
 CREATE FUNCTION loyalty.refund(program text, ref text, amount numeric DEFAULT NULL, refund_ref text DEFAULT NULL)
 RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_refund'
 LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp;
-COMMENT ON FUNCTION loyalty.refund(text, text, numeric, text) IS 'Claws back the points of a purchase in proportion to the amount returned (NULL: all that is left); idempotent on refund_ref (default: the purchase ref); returns the points clawed back';
+COMMENT ON FUNCTION loyalty.refund(text, text, numeric, text) IS 'Claws back the points of a purchase in proportion to the amount returned (NULL: all that is left), except those that expired unused; idempotent on refund_ref (default: the purchase ref); returns the points clawed back (taken from lots plus owed)';
 
 -- The whole breakdown of a purchase. accrual.breakdown keeps only what the
 -- row's own columns, its rule version and the defaults cannot say (see

@@ -80,8 +80,8 @@ BEGIN
            format('%s of the %s points repay a negative balance, counted in its refund line', r.negative, r.amount)
     FROM rec_neg r WHERE r.negative > 0
     UNION ALL
-    SELECT t.id, f.occurred_at, 'refund'::text, f.refund_ref, -f.points,
-           format('%s of the %s points had been spent: owed below zero', d.amount, f.points)
+    SELECT t.id, f.occurred_at, 'refund'::text, f.refund_ref, -(f.taken + f.shortfall),
+           format('%s of the %s points had been spent: owed below zero', d.amount, f.taken + f.shortfall)
     FROM d JOIN loyalty.accrual_refund f ON f.program_id = d.program_id AND f.refund_ref = d.refund_ref
     LEFT JOIN loyalty.transfer t ON t.program_id = d.program_id AND t.kind = 'refund' AND t.ref = d.refund_ref
     WHERE d.shown_as_negative;

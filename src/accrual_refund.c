@@ -261,7 +261,7 @@ AccrualFindRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_nu
 	TupleDesc	d;
 
 	LedgerPrepare(&plan_refund_find,
-				  "SELECT points, purchase_ref = $3 AND ($4 IS NULL OR amount = $4),"
+				  "SELECT points - forgiven, purchase_ref = $3 AND ($4 IS NULL OR amount = $4),"
 				  "       format('purchase %s, amount %s', purchase_ref, amount)"
 				  "  FROM loyalty.accrual_refund WHERE program_id = $1 AND refund_ref = $2",
 				  4, argtypes);
@@ -291,6 +291,12 @@ AccrualFindRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_nu
 /*
  * Refund amount (NULL: all that is not yet refunded) of purchase ref under
  * refund_ref. Returns the points clawed back (taken from lots plus debt).
+ *
+ * Points of the purchase that expired unused are forgiven first: they went
+ * to breakage and the member never had the use of them, so taking them
+ * again from its other lots, or recording them as debt, would make it pay
+ * twice. A lot expires whole, so a purchase's lot either still has points
+ * (taken first, from the lot) or expired with what it had left.
  */
 int64
 AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amount_null, const char *refund_ref)
@@ -305,6 +311,8 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 	int64		account,
 				lot,
 				claw,
+				expired,
+				forgiven = 0,
 				covered = 0,
 				points;
 	Datum		refund_amount;
@@ -324,7 +332,14 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 				  "        END - a.refunded_points,"
 				  "        coalesce((SELECT l.id FROM loyalty.lot l WHERE l.transfer_id = a.transfer_id"
 				  "                   AND l.account_id = a.account_id AND l.remaining OPERATOR(loyalty.>) 0), 0),"
-				  "        format('%s of %s already refunded', a.refunded_amount, a.amount)"
+				  "        format('%s of %s already refunded', a.refunded_amount, a.amount),"
+				  "        (coalesce((SELECT sum(u.amount::bigint) FROM loyalty.lot_use u"
+				  "                     JOIN loyalty.lot l ON l.id = u.lot_id"
+				  "                     JOIN loyalty.transfer t ON t.id = u.transfer_id"
+				  "                    WHERE u.account_id = a.account_id AND l.transfer_id = a.transfer_id"
+				  "                      AND t.kind = 'expire'), 0)"
+				  "         - coalesce((SELECT sum(f.forgiven) FROM loyalty.accrual_refund f"
+				  "                      WHERE f.program_id = a.program_id AND f.purchase_ref = a.ref), 0))::bigint"
 				  "   FROM a JOIN loyalty.member m ON m.id = a.member_id",
 				  3, argtypes);
 	memset(nulls, ' ', sizeof(nulls));
@@ -345,6 +360,7 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 	refund_amount = datumCopy(SPI_getbinval(t, d, 3, &(bool){0}), false, -1);
 	claw = DatumGetInt64(SPI_getbinval(t, d, 5, &(bool){0}));
 	lot = DatumGetInt64(SPI_getbinval(t, d, 6, &(bool){0}));
+	expired = DatumGetInt64(SPI_getbinval(t, d, 8, &(bool){0}));
 	if (DatumGetBool(SPI_getbinval(t, d, 4, &(bool){0})))
 	{
 		char	   *already = SPI_getvalue(t, d, 7);
@@ -363,14 +379,16 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 
 	AccrualLockAccount(account);
 	if (claw > 0)
-		covered = AccrualTakeLots(account, lot, claw, now, &lots, &amounts, &n);
+		forgiven = Min(claw, Max(expired, 0));
+	if (claw - forgiven > 0)
+		covered = AccrualTakeLots(account, lot, claw - forgiven, now, &lots, &amounts, &n);
 	if (covered > 0)
 		AccrualPostBack(b, account, member_ref, "refund", refund_ref, covered, n, lots, amounts, now);
 
 	LedgerPrepare(&plan_refund_save,
 				  "WITH r AS (INSERT INTO loyalty.accrual_refund (program_id, refund_ref, purchase_ref, amount,"
-				  "                  points, taken, shortfall, occurred_at)"
-				  "           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)),"
+				  "                  points, taken, shortfall, forgiven, occurred_at)"
+				  "           VALUES ($1, $2, $3, $4, $5, $6, $7, $10, $8)),"
 				  " a AS (UPDATE loyalty.accrual SET refunded_amount = refunded_amount + $4,"
 				  "              refunded_points = refunded_points + $5"
 				  "        WHERE program_id = $1 AND ref = $3)"
@@ -386,12 +404,12 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 	args[3] = refund_amount;
 	args[4] = Int64GetDatum(Max(claw, 0));
 	args[5] = Int64GetDatum(covered);
-	args[6] = Int64GetDatum(Max(claw, 0) - covered);
+	args[6] = Int64GetDatum(Max(claw, 0) - forgiven - covered);
 	args[7] = TimestampTzGetDatum(now);
 	args[8] = Int64GetDatum(account);
-	args[9] = Int64GetDatum(0);
+	args[9] = Int64GetDatum(forgiven);
 	LedgerExpect(SPI_execute_plan(plan_refund_save, args, nulls, false, 0), SPI_OK_INSERT, "recording a refund");
-	return Max(claw, 0);
+	return Max(claw, 0) - forgiven;
 }
 
 /* refund(program, ref, amount, refund_ref) */

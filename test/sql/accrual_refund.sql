@@ -83,6 +83,27 @@ SELECT * FROM pg_temp.state('c5');
 SELECT loyalty.balance('shop', 'c5') AS balance;
 SELECT kind, points FROM loyalty.statement('shop', 'c5') ORDER BY transfer_id;
 
+-- Points that expired unused are not taken twice: x1 earns 100 (x-1),
+-- spends 30 of them, and the other 70 expire. Returning half the order
+-- (50 points) forgives 50 of the expired 70; returning the rest (50)
+-- forgives the last 20 and takes 30 from x-2's lot: what was spent.
+SELECT loyalty.create_program('exp', 'Expiring', 'UTC', '{"expiry": {"policy": "fixed", "after": "30 days"}}') > 0 AS created;
+SELECT loyalty.enroll('exp', 'x1', occurred_at => '2025-01-01 00:00+00') > 0 AS enrolled;
+SELECT loyalty.set_earning_rules('exp', '{"base": {"per": 1, "points": 1}}', '2025-01-01') AS version;
+SELECT loyalty.accrue('exp', 'x1', 100, 'x-1', now() - interval '40 days') AS earned;
+SELECT loyalty.adjust('exp', 'x1', -30, 'x-spend', 'spent in store', now() - interval '35 days') > 0 AS spent;
+SELECT loyalty.accrue('exp', 'x1', 50, 'x-2', now() - interval '5 days') AS earned;
+SELECT rows, points FROM loyalty.run_job('expire', now());
+SELECT loyalty.refund('exp', 'x-1', 50, 'x-1-r1') AS clawed;
+SELECT loyalty.refund('exp', 'x-1', NULL, 'x-1-r2') AS clawed;
+SELECT loyalty.refund('exp', 'x-1', NULL, 'x-1-r2') AS replayed;
+SELECT refund_ref, points, taken, shortfall, forgiven FROM loyalty.accrual_refund
+WHERE purchase_ref = 'x-1' ORDER BY refund_ref;
+SELECT * FROM pg_temp.state('x1');
+SELECT loyalty.balance('exp', 'x1') AS balance;
+SELECT kind, ref, points FROM loyalty.statement('exp', 'x1') ORDER BY transfer_id;
+SELECT count(*) AS chain_problems FROM loyalty.verify_chain('exp');
+
 -- Pending points are cancelled first: c3 has 40 available points (o6 and
 -- o7, vested) and buys for 80 yesterday (o5, pending 14 days); returning
 -- 20.00 of o5 takes its 20 points from o5's own pending lot.
