@@ -188,6 +188,11 @@ COMMENT ON FUNCTION loyalty.accrue(text, text, numeric, text, timestamptz, text,
 CREATE FUNCTION loyalty.refund(program text, ref text, amount numeric DEFAULT NULL, refund_ref text DEFAULT NULL)
 RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_refund'
 LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp;
+CREATE FUNCTION loyalty._refund_to(program text, ref text, new_amount numeric, refund_ref text)
+RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_refund_to'
+LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp;
+COMMENT ON FUNCTION loyalty._refund_to(text, text, numeric, text) IS 'Internal: refunds a purchase down to what it now amounts to (what is left unrefunded beyond new_amount, nothing if none), as an UPDATE lowering an attached table''s amount does; replay_quarantine retries such refunds with it';
+
 COMMENT ON FUNCTION loyalty.refund(text, text, numeric, text) IS 'Claws back the points of a purchase in proportion to the amount returned (NULL: all that is left), except those that expired unused; idempotent on refund_ref (default: the purchase ref); returns the points clawed back (taken from lots plus owed)';
 
 -- The whole breakdown of a purchase. accrual.breakdown keeps only what the
@@ -340,7 +345,10 @@ BEGIN
              ORDER BY x.id FOR UPDATE LOOP
         SELECT * INTO s FROM loyalty.accrual_source x WHERE x.source = q.source;
         BEGIN
-            IF q.row_data ? 'refund_of' THEN
+            IF q.row_data ? 'to_amount' THEN
+                PERFORM loyalty._refund_to(program, q.row_data ->> 'refund_of', (q.row_data ->> 'to_amount')::numeric,
+                                           q.row_data ->> 'refund_ref');
+            ELSIF q.row_data ? 'refund_of' THEN
                 PERFORM loyalty.refund(program, q.row_data ->> 'refund_of', (q.row_data ->> 'amount')::numeric,
                                        q.row_data ->> 'refund_ref');
             ELSIF s.source IS NULL THEN

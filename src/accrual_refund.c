@@ -27,6 +27,7 @@
 #include "points.h"
 
 PG_FUNCTION_INFO_V1(loyalty_refund);
+PG_FUNCTION_INFO_V1(loyalty_refund_to);
 
 static SPIPlanPtr plan_purchase;
 static SPIPlanPtr plan_refund_find;
@@ -292,6 +293,12 @@ AccrualFindRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_nu
  * Refund amount (NULL: all that is not yet refunded) of purchase ref under
  * refund_ref. Returns the points clawed back (taken from lots plus debt).
  *
+ * to_amount: amount is what the purchase now amounts to (an UPDATE of an
+ * attached table lowered it), and the refund is what is left unrefunded
+ * beyond it, computed under the purchase's lock; nothing when the purchase
+ * is already refunded down to it (a raise earns nothing, so lowering the
+ * amount again after a raise only refunds below what was refunded before).
+ *
  * Points of the purchase that expired unused are forgiven first: they went
  * to breakage and the member never had the use of them, so taking them
  * again from its other lots, or recording them as debt, would make it pay
@@ -299,15 +306,17 @@ AccrualFindRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_nu
  * (taken first, from the lot) or expired with what it had left.
  */
 int64
-AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amount_null, const char *refund_ref)
+AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amount_null, const char *refund_ref,
+					  bool to_amount)
 {
-	static const Oid argtypes[] = {INT8OID, TEXTOID, NUMERICOID};
+	static const Oid argtypes[] = {INT8OID, TEXTOID, NUMERICOID, BOOLOID};
 	static const Oid saveargs[] = {INT8OID, TEXTOID, TEXTOID, NUMERICOID, INT8OID, INT8OID, INT8OID,
 	TIMESTAMPTZOID, INT8OID, INT8OID};
 	Datum		args[10];
 	char		nulls[10];
 	HeapTuple	t;
 	TupleDesc	d;
+	bool		isnull;
 	int64		account,
 				lot,
 				claw,
@@ -323,12 +332,14 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 	int			n = 0;
 
 	LedgerPrepare(&plan_purchase,
-				  "WITH a AS (SELECT a.* FROM loyalty.accrual a WHERE a.program_id = $1 AND a.ref = $2 FOR UPDATE)"
-				  " SELECT a.account_id, m.member_ref, coalesce($3, a.amount - a.refunded_amount) AS amt,"
-				  "        a.refunded_amount + coalesce($3, a.amount - a.refunded_amount) > a.amount,"
-				  "        CASE WHEN a.refunded_amount + coalesce($3, a.amount - a.refunded_amount) >= a.amount"
+				  "WITH x AS (SELECT x.* FROM loyalty.accrual x WHERE x.program_id = $1 AND x.ref = $2 FOR UPDATE),"
+				  " a AS (SELECT x.*, CASE WHEN $4 THEN x.amount - x.refunded_amount - $3"
+				  "                        ELSE coalesce($3, x.amount - x.refunded_amount) END AS amt FROM x)"
+				  " SELECT a.account_id, m.member_ref, a.amt,"
+				  "        a.refunded_amount + a.amt > a.amount,"
+				  "        CASE WHEN a.refunded_amount + a.amt >= a.amount"
 				  "             THEN a.points"
-				  "             ELSE round(a.points * (a.refunded_amount + coalesce($3, 0)) / a.amount)::bigint"
+				  "             ELSE round(a.points * (a.refunded_amount + a.amt) / a.amount)::bigint"
 				  "        END - a.refunded_points,"
 				  "        coalesce((SELECT l.id FROM loyalty.lot l WHERE l.transfer_id = a.transfer_id"
 				  "                   AND l.account_id = a.account_id AND l.remaining OPERATOR(loyalty.>) 0), 0),"
@@ -341,12 +352,13 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 				  "         - coalesce((SELECT sum(f.forgiven) FROM loyalty.accrual_refund f"
 				  "                      WHERE f.program_id = a.program_id AND f.purchase_ref = a.ref), 0))::bigint"
 				  "   FROM a JOIN loyalty.member m ON m.id = a.member_id",
-				  3, argtypes);
+				  4, argtypes);
 	memset(nulls, ' ', sizeof(nulls));
 	args[0] = Int64GetDatum(b->program_id);
 	args[1] = CStringGetTextDatum(ref);
 	args[2] = amount;
 	nulls[2] = amount_null ? 'n' : ' ';
+	args[3] = BoolGetDatum(to_amount);
 	LedgerExpect(SPI_execute_plan(plan_purchase, args, nulls, false, 1), SPI_OK_SELECT, "reading a purchase");
 	if (SPI_processed == 0)
 		ereport(ERROR,
@@ -357,7 +369,13 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 	d = SPI_tuptable->tupdesc;
 	account = DatumGetInt64(SPI_getbinval(t, d, 1, &(bool){0}));
 	member_ref = SPI_getvalue(t, d, 2);
-	refund_amount = datumCopy(SPI_getbinval(t, d, 3, &(bool){0}), false, -1);
+	refund_amount = SPI_getbinval(t, d, 3, &isnull);
+	/* refunded down to the new amount already (or a NULL new amount) */
+	if (to_amount &&
+		(isnull || DatumGetInt32(DirectFunctionCall2(numeric_cmp, refund_amount,
+													  DirectFunctionCall1(int4_numeric, Int32GetDatum(0)))) <= 0))
+		return 0;
+	refund_amount = datumCopy(refund_amount, false, -1);
 	claw = DatumGetInt64(SPI_getbinval(t, d, 5, &(bool){0}));
 	lot = DatumGetInt64(SPI_getbinval(t, d, 6, &(bool){0}));
 	expired = DatumGetInt64(SPI_getbinval(t, d, 8, &(bool){0}));
@@ -412,9 +430,9 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 	return Max(claw, 0) - forgiven;
 }
 
-/* refund(program, ref, amount, refund_ref) */
-Datum
-loyalty_refund(PG_FUNCTION_ARGS)
+/* refund(program, ref, amount, refund_ref), and _refund_to(...) (to_amount) */
+static Datum
+AccrualRefundCall(FunctionCallInfo fcinfo, bool to_amount)
 {
 	char	   *program;
 	char	   *ref;
@@ -430,7 +448,11 @@ loyalty_refund(PG_FUNCTION_ARGS)
 	ref = text_to_cstring(PG_GETARG_TEXT_PP(1));
 	refund_ref = PG_ARGISNULL(3) ? ref : text_to_cstring(PG_GETARG_TEXT_PP(3));
 	AccrualCheckRef(refund_ref);
-	if (!PG_ARGISNULL(2) &&
+	if (to_amount && PG_ARGISNULL(2))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("the new amount must not be null")));
+	if (!to_amount && !PG_ARGISNULL(2) &&
 		DatumGetInt32(DirectFunctionCall2(numeric_cmp, PG_GETARG_DATUM(2),
 										  DirectFunctionCall1(int4_numeric, Int32GetDatum(0)))) <= 0)
 		ereport(ERROR,
@@ -444,7 +466,24 @@ loyalty_refund(PG_FUNCTION_ARGS)
 	memset(&b, 0, sizeof(b));
 	AccrualLoadProgram(&b, 0, program);
 	points = AccrualRefundPurchase(&b, ref, PG_ARGISNULL(2) ? (Datum) 0 : PG_GETARG_DATUM(2),
-								   PG_ARGISNULL(2), refund_ref);
+								   PG_ARGISNULL(2), refund_ref, to_amount);
 	SPI_finish();
 	PG_RETURN_INT64(points);
+}
+
+Datum
+loyalty_refund(PG_FUNCTION_ARGS)
+{
+	return AccrualRefundCall(fcinfo, false);
+}
+
+/*
+ * _refund_to(program, ref, new_amount, refund_ref): refund a purchase down
+ * to what it now amounts to, as an attached table's UPDATE does; how
+ * replay_quarantine retries such a refund.
+ */
+Datum
+loyalty_refund_to(PG_FUNCTION_ARGS)
+{
+	return AccrualRefundCall(fcinfo, true);
 }

@@ -195,7 +195,7 @@ AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, int6
 /* Quarantine one refund that failed. */
 static void
 AccrualQuarantineRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_null,
-						const char *refund_ref, const char *reason, int sqlerrcode)
+						const char *refund_ref, bool to_amount, const char *reason, int sqlerrcode)
 {
 	static const Oid argtypes[] = {INT8OID, OIDOID, TEXTOID, TEXTOID, TEXTOID, NUMERICOID, TEXTOID};
 	Datum		args[7];
@@ -210,7 +210,11 @@ AccrualQuarantineRefund(AccrualBatch *b, const char *ref, Datum amount, bool amo
 	args[5] = amount;
 	nulls[5] = amount_null ? 'n' : ' ';
 	args[6] = CStringGetTextDatum(refund_ref);
-	rc = SPI_execute_with_args("INSERT INTO loyalty.accrual_quarantine (program_id, source, ref, row_data, reason, sqlstate)"
+	rc = SPI_execute_with_args(to_amount ?
+							   "INSERT INTO loyalty.accrual_quarantine (program_id, source, ref, row_data, reason, sqlstate)"
+							   " VALUES ($1, $2, $3, jsonb_build_object('refund_of', $3, 'to_amount', $6, 'refund_ref', $7),"
+							   "         $4, $5)" :
+							   "INSERT INTO loyalty.accrual_quarantine (program_id, source, ref, row_data, reason, sqlstate)"
 							   " VALUES ($1, $2, $3, jsonb_build_object('refund_of', $3, 'amount', $6, 'refund_ref', $7),"
 							   "         $4, $5)",
 							   7, (Oid *) argtypes, args, nulls, false, 0);
@@ -219,7 +223,8 @@ AccrualQuarantineRefund(AccrualBatch *b, const char *ref, Datum amount, bool amo
 
 /* One refund in a subtransaction; a failure is quarantined. */
 static void
-AccrualTryRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_null, const char *refund_ref)
+AccrualTryRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_null, const char *refund_ref,
+				 bool to_amount)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	ResourceOwner owner = CurrentResourceOwner;
@@ -228,7 +233,7 @@ AccrualTryRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_nul
 	MemoryContextSwitchTo(cxt);
 	PG_TRY();
 	{
-		AccrualRefundPurchase(b, ref, amount, amount_null, refund_ref);
+		AccrualRefundPurchase(b, ref, amount, amount_null, refund_ref, to_amount);
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(cxt);
 		CurrentResourceOwner = owner;
@@ -243,7 +248,7 @@ AccrualTryRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_nul
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(cxt);
 		CurrentResourceOwner = owner;
-		AccrualQuarantineRefund(b, ref, amount, amount_null, refund_ref, e->message, e->sqlerrcode);
+		AccrualQuarantineRefund(b, ref, amount, amount_null, refund_ref, to_amount, e->message, e->sqlerrcode);
 	}
 	PG_END_TRY();
 }
@@ -251,6 +256,9 @@ AccrualTryRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_nul
 /*
  * UPDATE and DELETE: refund the purchases whose amount went down (matched
  * by ref) or whose row went away. Rows that never earned are left alone.
+ * An UPDATE refunds the purchase down to its new amount, from what is left
+ * unrefunded (not by the difference between the old and new rows: after a
+ * raise, which earns nothing, that would refund twice).
  */
 static void
 AccrualOnChange(AccrualBatch *b, const AccrualSource *s, bool update)
@@ -262,7 +270,7 @@ AccrualOnChange(AccrualBatch *b, const AccrualSource *s, bool update)
 	uint64		n;
 
 	if (update)
-		sql = psprintf("SELECT o.ref, o.amount - n.amount, o.ref || ':amount:' || n.amount"
+		sql = psprintf("SELECT o.ref, n.amount, o.ref || ':amount:' || n.amount"
 					   "  FROM (SELECT %s AS ref, %s AS amount FROM loyalty_old t) o"
 					   "  JOIN (SELECT %s AS ref, %s AS amount FROM loyalty_new t) n ON n.ref = o.ref"
 					   "  JOIN loyalty.accrual x ON x.program_id = $1 AND x.ref = o.ref"
@@ -285,7 +293,7 @@ AccrualOnChange(AccrualBatch *b, const AccrualSource *s, bool update)
 		Datum		amount = SPI_getbinval(tab->vals[i], tab->tupdesc, 2, &amount_null);
 
 		AccrualTryRefund(b, SPI_getvalue(tab->vals[i], tab->tupdesc, 1), amount, amount_null,
-						 SPI_getvalue(tab->vals[i], tab->tupdesc, 3));
+						 SPI_getvalue(tab->vals[i], tab->tupdesc, 3), update);
 	}
 }
 

@@ -89,6 +89,22 @@ SELECT refunded_amount, refunded_points FROM loyalty.accrual WHERE ref = 'o2';
 UPDATE public.orders SET total = 20.00 WHERE id = 'o2';
 UPDATE public.orders SET note = 'touched' WHERE id = 'o2';
 SELECT refunded_amount, refunded_points FROM loyalty.accrual WHERE ref = 'o2';
+-- Lowering it again after the raise refunds down from what is left
+-- unrefunded (10.00), not by the difference from the raised amount: 15.00
+-- refunds nothing, 8.00 refunds 2.00 more (24 of the 40 points in all).
+UPDATE public.orders SET total = 15.00 WHERE id = 'o2';
+SELECT refunded_amount, refunded_points FROM loyalty.accrual WHERE ref = 'o2';
+UPDATE public.orders SET total = 8.00 WHERE id = 'o2';
+SELECT refunded_amount, refunded_points FROM loyalty.accrual WHERE ref = 'o2';
+-- A refund the trigger cannot post is quarantined with the new amount: a
+-- refund_ref already used by a refund() for another amount (23505). Once
+-- the quarantined row names a free refund_ref, the replay below refunds
+-- down to 5.00.
+SELECT loyalty.refund('shop', 'o2', 1.00, 'o2:amount:5.00') AS clawed;
+UPDATE public.orders SET total = 5.00 WHERE id = 'o2';
+SELECT ref, sqlstate, row_data FROM loyalty.accrual_quarantine WHERE row_data ? 'to_amount';
+UPDATE loyalty.accrual_quarantine SET row_data = row_data || '{"refund_ref": "o2:amount:5.00:b"}'
+WHERE row_data ? 'to_amount';
 SELECT refund_ref, amount, points FROM loyalty.accrual_refund ORDER BY refund_ref;
 -- DELETE of a quarantined row refunds nothing
 DELETE FROM public.orders WHERE id = 'o4';
@@ -101,6 +117,9 @@ SELECT * FROM loyalty.replay_quarantine('shop');
 SELECT ref, sqlstate, reason, replayed_at IS NOT NULL AS replayed, attempts FROM loyalty.accrual_quarantine ORDER BY id;
 SELECT * FROM loyalty.replay_quarantine('shop');
 SELECT ref, points FROM loyalty.accrual WHERE ref IN ('o5', 'o6', 'o7') ORDER BY ref;
+-- o2, refunded down to 5.00 of 20.00: 30 of its 40 points
+SELECT refunded_amount, refunded_points FROM loyalty.accrual WHERE ref = 'o2';
+SELECT refund_ref, amount, points FROM loyalty.accrual_refund WHERE purchase_ref = 'o2' ORDER BY refund_ref;
 
 -- Unknown members enrolled on first purchase, when the program says so.
 SELECT loyalty.update_program('shop', '{"unknown_member": "enroll"}', 'enrol unknown members') AS version;
