@@ -37,6 +37,7 @@ static SPIPlanPtr plan_refund_save;
 static SPIPlanPtr plan_debt_list;
 static SPIPlanPtr plan_debt_pay;
 static SPIPlanPtr plan_existing;
+static SPIPlanPtr plan_expired;
 
 void
 AccrualCheckRef(const char *ref)
@@ -250,6 +251,37 @@ AccrualRecoverAccount(int64 program_id, int64 account)
 	AccrualRecover(&b, account);
 }
 
+/*
+ * The points of a purchase's lot that expired unused and that no earlier
+ * refund of the purchase forgave. Read after the account's lock, with a
+ * snapshot of its own: an expire job that held the lock, or a refund of
+ * the same purchase that held its row, has committed by then, and under
+ * READ COMMITTED the purchase's read query, whose snapshot predates the
+ * wait, would not see what they wrote.
+ */
+static int64
+AccrualExpiredUnforgiven(AccrualBatch *b, const char *ref, int64 account, int64 transfer)
+{
+	static const Oid argtypes[] = {INT8OID, INT8OID, INT8OID, TEXTOID};
+	Datum		args[4];
+
+	LedgerPrepare(&plan_expired,
+				  "SELECT greatest(coalesce((SELECT sum(u.amount::bigint) FROM loyalty.lot_use u"
+				  "                            JOIN loyalty.lot l ON l.id = u.lot_id"
+				  "                            JOIN loyalty.transfer t ON t.id = u.transfer_id"
+				  "                           WHERE u.account_id = $1 AND l.transfer_id = $2"
+				  "                             AND t.kind = 'expire'), 0)"
+				  "                - coalesce((SELECT sum(f.forgiven) FROM loyalty.accrual_refund f"
+				  "                             WHERE f.program_id = $3 AND f.purchase_ref = $4), 0), 0)::bigint",
+				  4, argtypes);
+	args[0] = Int64GetDatum(account);
+	args[1] = Int64GetDatum(transfer);
+	args[2] = Int64GetDatum(b->program_id);
+	args[3] = CStringGetTextDatum(ref);
+	LedgerExpect(SPI_execute_plan(plan_expired, args, NULL, false, 1), SPI_OK_SELECT, "reading expired points");
+	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &(bool){0}));
+}
+
 /* The refund already recorded under refund_ref: the same one returns its points. */
 static bool
 AccrualFindRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_null, const char *refund_ref,
@@ -320,7 +352,7 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 	int64		account,
 				lot,
 				claw,
-				expired,
+				transfer,
 				forgiven = 0,
 				covered = 0,
 				points;
@@ -344,13 +376,7 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 				  "        coalesce((SELECT l.id FROM loyalty.lot l WHERE l.transfer_id = a.transfer_id"
 				  "                   AND l.account_id = a.account_id AND l.remaining OPERATOR(loyalty.>) 0), 0),"
 				  "        format('%s of %s already refunded', a.refunded_amount, a.amount),"
-				  "        (coalesce((SELECT sum(u.amount::bigint) FROM loyalty.lot_use u"
-				  "                     JOIN loyalty.lot l ON l.id = u.lot_id"
-				  "                     JOIN loyalty.transfer t ON t.id = u.transfer_id"
-				  "                    WHERE u.account_id = a.account_id AND l.transfer_id = a.transfer_id"
-				  "                      AND t.kind = 'expire'), 0)"
-				  "         - coalesce((SELECT sum(f.forgiven) FROM loyalty.accrual_refund f"
-				  "                      WHERE f.program_id = a.program_id AND f.purchase_ref = a.ref), 0))::bigint"
+				  "        coalesce(a.transfer_id, 0)"
 				  "   FROM a JOIN loyalty.member m ON m.id = a.member_id",
 				  4, argtypes);
 	memset(nulls, ' ', sizeof(nulls));
@@ -378,7 +404,7 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 	refund_amount = datumCopy(refund_amount, false, -1);
 	claw = DatumGetInt64(SPI_getbinval(t, d, 5, &(bool){0}));
 	lot = DatumGetInt64(SPI_getbinval(t, d, 6, &(bool){0}));
-	expired = DatumGetInt64(SPI_getbinval(t, d, 8, &(bool){0}));
+	transfer = DatumGetInt64(SPI_getbinval(t, d, 8, &(bool){0}));
 	if (DatumGetBool(SPI_getbinval(t, d, 4, &(bool){0})))
 	{
 		char	   *already = SPI_getvalue(t, d, 7);
@@ -396,8 +422,8 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 		return points;
 
 	AccrualLockAccount(account);
-	if (claw > 0)
-		forgiven = Min(claw, Max(expired, 0));
+	if (claw > 0 && transfer != 0)
+		forgiven = Min(claw, AccrualExpiredUnforgiven(b, ref, account, transfer));
 	if (claw - forgiven > 0)
 		covered = AccrualTakeLots(account, lot, claw - forgiven, now, &lots, &amounts, &n);
 	if (covered > 0)
