@@ -625,6 +625,15 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION loyalty._lock_hold(text, text) IS 'Internal: a hold by ref, read after locking its member account (LY035 when unknown)';
 
+-- What a member owes after a refund it could not pay (accrual_debt) is
+-- repaid by whatever credits it next; points a hold gives back count: a
+-- refund leaves held points in place and records them as owed, so that the
+-- checkout can still capture them (docs/accrual.md, "Held points stay
+-- held"). Called under the member account's lock.
+CREATE FUNCTION loyalty._recover_debt(account_id bigint) RETURNS void
+AS 'MODULE_PATHNAME', 'loyalty_recover_debt' LANGUAGE C VOLATILE STRICT;
+COMMENT ON FUNCTION loyalty._recover_debt(bigint) IS 'Internal: repays a member account''s outstanding refund debt from its lots, if it owes any (after a hold gave points back)';
+
 CREATE FUNCTION loyalty.capture(program text, ref text, points loyalty.points DEFAULT NULL,
                                 occurred_at timestamptz DEFAULT now())
 RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
@@ -670,6 +679,9 @@ BEGIN
     UPDATE loyalty.hold hh SET state = 'captured', captured = v_points, transfer_id = h.transfer_id,
                                resolved_at = now()
     WHERE hh.id = h.id;
+    IF v_points < h.amount::bigint THEN
+        PERFORM loyalty._recover_debt(h.account_id);     -- the rest went back to the member
+    END IF;
     RETURN h.transfer_id;
 END $$;
 COMMENT ON FUNCTION loyalty.capture(text, text, loyalty.points, timestamptz) IS 'Posts all (points NULL) or part of a hold and resolves it (the rest goes back); repeating it returns the same transfer id';
@@ -686,6 +698,7 @@ BEGIN
     ELSIF h.state = 'active' THEN
         UPDATE loyalty.account a SET held = a.held - h.amount WHERE a.id = h.account_id;
         UPDATE loyalty.hold hh SET state = 'released', resolved_at = now() WHERE hh.id = h.id;
+        PERFORM loyalty._recover_debt(h.account_id);
         RETURN 'released';
     END IF;
     RETURN h.state;     -- released or expired already: nothing more to do
@@ -730,6 +743,8 @@ BEGIN
         RETURNING s.n, s.amount
     )
     SELECT coalesce(sum(u.n), 0)::bigint, coalesce(sum(u.amount), 0)::bigint FROM u;
+    -- the points that came back repay what their members owe
+    PERFORM loyalty._recover_debt(x.id) FROM unnest(v_accounts) AS x(id);
 END $$;
 COMMENT ON FUNCTION loyalty._job_release_holds(timestamptz, integer) IS 'Job handler of release_holds: expires at most batch_size active holds whose TTL has passed at as_of, returning their points; returns (rows, points), rows = 0 when nothing is left; idempotent';
 

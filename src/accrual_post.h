@@ -114,7 +114,7 @@ extern void AccrualCheckRef(const char *ref);
 extern char *AccrualDescribeExisting(AccrualBatch *b, AccrualRow *r);
 extern void AccrualRecover(AccrualBatch *b, int64 account);
 extern bool AccrualDebtsRecorded(void);
-extern void AccrualRecoverAccount(int64 program_id, int64 account);
+extern void AccrualRecoverIfOwed(int64 account);
 extern int64 AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amount_null,
 								   const char *refund_ref, bool to_amount);
 

@@ -28,6 +28,7 @@
 
 PG_FUNCTION_INFO_V1(loyalty_refund);
 PG_FUNCTION_INFO_V1(loyalty_refund_to);
+PG_FUNCTION_INFO_V1(loyalty_recover_debt);
 
 static SPIPlanPtr plan_purchase;
 static SPIPlanPtr plan_refund_find;
@@ -38,6 +39,7 @@ static SPIPlanPtr plan_debt_list;
 static SPIPlanPtr plan_debt_pay;
 static SPIPlanPtr plan_existing;
 static SPIPlanPtr plan_expired;
+static SPIPlanPtr plan_owes;
 
 void
 AccrualCheckRef(const char *ref)
@@ -98,16 +100,29 @@ AccrualLockAccount(int64 account)
 }
 
 /*
+ * Whether a member account's program has a rolling expiry policy, under
+ * which a lot lapses by the account's inactivity (loyalty._rolling_lapse)
+ * rather than at its expires_at.
+ */
+#define ACCRUAL_ROLLING(account) \
+	"coalesce((SELECT p.options #>> '{expiry,policy}' = 'rolling' FROM loyalty.account a" \
+	"          JOIN loyalty.program p ON p.id = a.program_id WHERE a.id = " account "), false)"
+
+/*
  * Choose up to need points of an account's open lots: first_lot first, then
  * lots still pending at at, then the others, earliest expiry first. Returns
- * how many points the lots cover.
+ * how many points the lots cover. Lots that expired or lapsed at at are not
+ * the member's to give any more, whether or not the expire job has swept
+ * them yet.
  *
  * Points reserved by the member's active holds are left where they are: a
- * checkout holding them must still be able to capture them. A hold
- * reserves vested points (pending ones cannot be held), so pending lots are
- * taken freely and vested ones only beyond what is held; what the refund
- * cannot take is a shortfall, as if those points had been spent. The
- * caller holds the account's lock, so the held sum read here stands.
+ * checkout holding them must still be able to capture them. The lots give
+ * at most what they hold beyond the held sum (pending points go first, and
+ * a hold placed at a later business time may have counted on them vesting
+ * by then); what the refund cannot take is a shortfall, as if those points
+ * had been spent, and whatever credits the member later, a released hold
+ * included, repays it. The caller holds the account's lock, so the held
+ * sum read here stands.
  */
 static int64
 AccrualTakeLots(int64 account, int64 first_lot, int64 need, TimestampTz at,
@@ -116,16 +131,17 @@ AccrualTakeLots(int64 account, int64 first_lot, int64 need, TimestampTz at,
 	static const Oid argtypes[] = {INT8OID, INT8OID, TIMESTAMPTZOID};
 	Datum		args[3];
 	int64		covered = 0;
-	int64		vested = 0;
-	int64		free_vested;
+	int64		total = 0;
+	int64		available;
 	int64		held;
 
 	LedgerPrepare(&plan_take,
-				  "SELECT l.id, l.remaining::bigint, l.vests_at > $3,"
+				  "SELECT l.id, l.remaining::bigint,"
 				  "       (SELECT a.held::bigint FROM loyalty.account a WHERE a.id = $1)"
 				  "  FROM loyalty.lot l"
 				  " WHERE l.account_id = $1 AND l.remaining OPERATOR(loyalty.>) 0"
 				  "   AND (l.expires_at IS NULL OR l.expires_at > $3)"
+				  "   AND (NOT " ACCRUAL_ROLLING("$1") " OR $3 < loyalty._rolling_lapse($1, l.occurred_at, $3))"
 				  " ORDER BY l.id = $2 DESC, l.vests_at > $3 DESC, l.expires_at NULLS LAST, l.occurred_at, l.id"
 				  " FOR UPDATE OF l",
 				  3, argtypes);
@@ -138,25 +154,16 @@ AccrualTakeLots(int64 account, int64 first_lot, int64 need, TimestampTz at,
 	*n = 0;
 	if (SPI_processed == 0)
 		return 0;
-	held = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 4, &(bool){0}));
+	held = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &(bool){0}));
 	for (uint64 i = 0; i < SPI_processed; i++)
-		if (!DatumGetBool(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 3, &(bool){0})))
-			vested += DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &(bool){0}));
-	free_vested = Max(vested - held, 0);
-	for (uint64 i = 0; i < SPI_processed && covered < need; i++)
+		total += DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &(bool){0}));
+	available = Min(need, Max(total - held, 0));
+	for (uint64 i = 0; i < SPI_processed && covered < available; i++)
 	{
 		HeapTuple	t = SPI_tuptable->vals[i];
 		int64		remaining = DatumGetInt64(SPI_getbinval(t, SPI_tuptable->tupdesc, 2, &(bool){0}));
-		bool		pending = DatumGetBool(SPI_getbinval(t, SPI_tuptable->tupdesc, 3, &(bool){0}));
-		int64		take = Min(remaining, need - covered);
+		int64		take = Min(remaining, available - covered);
 
-		if (!pending)
-		{
-			take = Min(take, free_vested);
-			free_vested -= take;
-		}
-		if (take == 0)
-			continue;
 		(*lots)[*n] = DatumGetInt64(SPI_getbinval(t, SPI_tuptable->tupdesc, 1, &(bool){0}));
 		(*amounts)[*n] = take;
 		(*n)++;
@@ -237,33 +244,67 @@ AccrualRecover(AccrualBatch *b, int64 account)
 }
 
 /*
- * Recover an account's outstanding refund debt from its lots, after a
- * posting other than a purchase credited it (LedgerPost, under the account's
- * lock). The caller is connected to SPI.
+ * Recover a member account's outstanding refund debt from its lots, if it
+ * owes any, after something other than a purchase gave it points: a
+ * posting credited it (LedgerPost), or a hold gave back what it reserved
+ * (release, a partial capture, the release_holds job). The caller holds the
+ * account's lock and is connected to SPI.
+ *
+ * Whether it owes is a query of its own, after the lock, rather than a
+ * column of the lock's: under READ COMMITTED a posting that waited for the
+ * lock behind a refund must see the debt that refund recorded, which a
+ * query whose snapshot was taken before the wait does not. One probe of a
+ * partial index that is empty for a member who owes nothing.
  */
 void
-AccrualRecoverAccount(int64 program_id, int64 account)
+AccrualRecoverIfOwed(int64 account)
 {
+	static const Oid argtypes[] = {INT8OID};
+	Datum		arg = Int64GetDatum(account);
 	AccrualBatch b;
+	int64		program_id;
 
+	LedgerPrepare(&plan_owes,
+				  "SELECT a.program_id FROM loyalty.account a"
+				  " WHERE a.id = $1 AND EXISTS (SELECT FROM loyalty.accrual_debt d"
+				  "                             WHERE d.account_id = $1 AND d.outstanding > 0)",
+				  1, argtypes);
+	LedgerExpect(SPI_execute_plan(plan_owes, &arg, NULL, false, 1), SPI_OK_SELECT, "reading refund debt");
+	if (SPI_processed == 0)
+		return;
+	program_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &(bool){0}));
 	memset(&b, 0, sizeof(b));
 	AccrualLoadProgram(&b, program_id, NULL);
 	AccrualRecover(&b, account);
 }
 
+/* _recover_debt(account): AccrualRecoverIfOwed for the redemption functions. */
+Datum
+loyalty_recover_debt(PG_FUNCTION_ARGS)
+{
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	AccrualRecoverIfOwed(PG_GETARG_INT64(0));
+	SPI_finish();
+	PG_RETURN_VOID();
+}
+
 /*
  * The points of a purchase's lot that expired unused and that no earlier
- * refund of the purchase forgave. Read after the account's lock, with a
+ * refund of the purchase forgave: those the expire job swept, plus what the
+ * lot still holds if it has expired (or lapsed, under a rolling policy) at
+ * at and the job has not swept it yet; the job sweeps those later, and
+ * they are counted then instead. Read after the account's lock, with a
  * snapshot of its own: an expire job that held the lock, or a refund of
  * the same purchase that held its row, has committed by then, and under
  * READ COMMITTED the purchase's read query, whose snapshot predates the
  * wait, would not see what they wrote.
  */
 static int64
-AccrualExpiredUnforgiven(AccrualBatch *b, const char *ref, int64 account, int64 transfer)
+AccrualExpiredUnforgiven(AccrualBatch *b, const char *ref, int64 account, int64 transfer, TimestampTz at)
 {
-	static const Oid argtypes[] = {INT8OID, INT8OID, INT8OID, TEXTOID};
-	Datum		args[4];
+	static const Oid argtypes[] = {INT8OID, INT8OID, INT8OID, TEXTOID, TIMESTAMPTZOID};
+	Datum		args[5];
 
 	LedgerPrepare(&plan_expired,
 				  "SELECT greatest(coalesce((SELECT sum(u.amount::bigint) FROM loyalty.lot_use u"
@@ -271,13 +312,20 @@ AccrualExpiredUnforgiven(AccrualBatch *b, const char *ref, int64 account, int64 
 				  "                            JOIN loyalty.transfer t ON t.id = u.transfer_id"
 				  "                           WHERE u.account_id = $1 AND l.transfer_id = $2"
 				  "                             AND t.kind = 'expire'), 0)"
+				  "                + coalesce((SELECT sum(l.remaining::bigint) FROM loyalty.lot l"
+				  "                             WHERE l.account_id = $1 AND l.transfer_id = $2"
+				  "                               AND l.remaining OPERATOR(loyalty.>) 0"
+				  "                               AND (l.expires_at <= $5"
+				  "                                    OR (" ACCRUAL_ROLLING("$1")
+				  "                                        AND $5 >= loyalty._rolling_lapse($1, l.occurred_at, $5)))), 0)"
 				  "                - coalesce((SELECT sum(f.forgiven) FROM loyalty.accrual_refund f"
 				  "                             WHERE f.program_id = $3 AND f.purchase_ref = $4), 0), 0)::bigint",
-				  4, argtypes);
+				  5, argtypes);
 	args[0] = Int64GetDatum(account);
 	args[1] = Int64GetDatum(transfer);
 	args[2] = Int64GetDatum(b->program_id);
 	args[3] = CStringGetTextDatum(ref);
+	args[4] = TimestampTzGetDatum(at);
 	LedgerExpect(SPI_execute_plan(plan_expired, args, NULL, false, 1), SPI_OK_SELECT, "reading expired points");
 	return DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &(bool){0}));
 }
@@ -423,7 +471,7 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 
 	AccrualLockAccount(account);
 	if (claw > 0 && transfer != 0)
-		forgiven = Min(claw, AccrualExpiredUnforgiven(b, ref, account, transfer));
+		forgiven = Min(claw, AccrualExpiredUnforgiven(b, ref, account, transfer, now));
 	if (claw - forgiven > 0)
 		covered = AccrualTakeLots(account, lot, claw - forgiven, now, &lots, &amounts, &n);
 	if (covered > 0)

@@ -48,7 +48,6 @@ static SPIPlanPtr plan_open_lots;
 static SPIPlanPtr plan_post;
 static SPIPlanPtr plan_label;
 static SPIPlanPtr plan_named_lots;
-static SPIPlanPtr plan_owes;
 
 /* The member side of a posting, as locked. */
 typedef struct LedgerSide
@@ -225,27 +224,6 @@ LedgerLock(int64 account, LedgerSide *side)
 	}
 	side->held = LedgerGetInt64(0, 2);
 	side->rolling = DatumGetBool(LedgerGet(0, 3, &isnull));
-}
-
-/*
- * Whether a member account, locked by this transaction, owes refund debt. A
- * query of its own, after the posting, rather than a column of the lock's:
- * under READ COMMITTED a posting that waited for the lock behind a refund
- * must see the debt that refund recorded, which the lock query's snapshot,
- * taken before the wait, does not. One probe of a partial index that is
- * empty for a member who owes nothing.
- */
-static bool
-LedgerOwes(int64 account)
-{
-	static const Oid argtypes[] = {INT8OID};
-	Datum		arg = Int64GetDatum(account);
-
-	LedgerPrepare(&plan_owes,
-				  "SELECT EXISTS (SELECT FROM loyalty.accrual_debt d WHERE d.account_id = $1 AND d.outstanding > 0)",
-				  1, argtypes);
-	LedgerExpect(SPI_execute_plan(plan_owes, &arg, NULL, false, 1), SPI_OK_SELECT, "reading refund debt");
-	return DatumGetBool(LedgerGet(0, 1, &(bool){0}));
 }
 
 /* How an account is named in messages: the member_ref or the account kind. */
@@ -638,8 +616,8 @@ LedgerPost(const LedgerPosting *p, bool *replayed)
 		 * as a purchase's do (docs/accrual.md, "shortfall"): an earn, an
 		 * upward adjust, points transferred in, a cancelled redemption.
 		 */
-		if (p->credit_is_member && LedgerOwes(p->credit_account))
-			AccrualRecoverAccount(p->program_id, p->credit_account);
+		if (p->credit_is_member)
+			AccrualRecoverIfOwed(p->credit_account);
 		return id;
 	}
 

@@ -82,6 +82,35 @@ SELECT loyalty.capture('shop', 'c5-hold') > 0 AS captured;
 SELECT * FROM pg_temp.state('c5');
 SELECT loyalty.balance('shop', 'c5') AS balance;
 SELECT kind, points FROM loyalty.statement('shop', 'c5') ORDER BY transfer_id;
+-- What a hold gives back repays what the member owes: c6's hold of 80 is
+-- released after a refund left 80 owed, c7's is captured for 30 only (50
+-- come back), c8's expires (the release_holds job): each repays at once.
+SELECT loyalty.enroll('shop', m, occurred_at => '2025-01-01 00:00+00') > 0 AS enrolled
+FROM unnest(ARRAY['c6', 'c7', 'c8']) m;
+SELECT loyalty.accrue('shop', m, 100, 'o6' || m, '2025-02-01 10:00+00') AS earned
+FROM unnest(ARRAY['c6', 'c7', 'c8']) m;
+SELECT loyalty.hold('shop', 'c6', 80, 'c6-hold') > 0 AS held;
+SELECT loyalty.hold('shop', 'c7', 80, 'c7-hold') > 0 AS held;
+SELECT loyalty.hold('shop', 'c8', 80, 'c8-hold', '1 minute', now() - interval '1 hour') > 0 AS held;
+SELECT loyalty.refund('shop', 'o6' || m) AS clawed FROM unnest(ARRAY['c6', 'c7', 'c8']) m;
+SELECT m, (pg_temp.state(m)).* FROM unnest(ARRAY['c6', 'c7', 'c8']) m;
+SELECT loyalty.release('shop', 'c6-hold') AS released;
+SELECT loyalty.capture('shop', 'c7-hold', 30) > 0 AS captured;
+SELECT rows, points FROM loyalty.run_job('release_holds', now());
+SELECT m, (pg_temp.state(m)).*, loyalty.balance('shop', m) AS balance FROM unnest(ARRAY['c6', 'c7', 'c8']) m;
+-- A hold placed at a later business time may count on points that vest by
+-- then: c9's 100 pending points, all held for a checkout in 14 days, stay
+-- where they are when the order is returned (100 owed), and the checkout
+-- captures them.
+SELECT loyalty.create_program('later', 'Later', 'UTC') > 0 AS created;
+SELECT loyalty.enroll('later', 'c9', occurred_at => '2025-01-01 00:00+00') > 0 AS enrolled;
+SELECT loyalty.set_earning_rules('later', '{"base": {"per": 1, "points": 1}, "pending_days": 14}', '2025-01-01') AS version;
+SELECT loyalty.accrue('later', 'c9', 100, 'l1', now() - interval '1 day') AS earned;
+SELECT loyalty.hold('later', 'c9', 100, 'c9-hold', '1 day', now() + interval '14 days') > 0 AS held;
+SELECT loyalty.refund('later', 'l1') AS clawed;
+SELECT * FROM pg_temp.state('c9');
+SELECT loyalty.capture('later', 'c9-hold', NULL, now() + interval '14 days') > 0 AS captured;
+SELECT * FROM pg_temp.state('c9');
 
 -- Points that expired unused are not taken twice: x1 earns 100 (x-1),
 -- spends 30 of them, and the other 70 expire. Returning half the order
@@ -103,6 +132,31 @@ SELECT * FROM pg_temp.state('x1');
 SELECT loyalty.balance('exp', 'x1') AS balance;
 SELECT kind, ref, points FROM loyalty.statement('exp', 'x1') ORDER BY transfer_id;
 SELECT count(*) AS chain_problems FROM loyalty.verify_chain('exp');
+
+-- Points past their expiry that the expire job has not swept yet are
+-- expired all the same: returning x-3, whose 40 points expired unused,
+-- forgives them and takes nothing; the job then sweeps them.
+SELECT loyalty.accrue('exp', 'x1', 40, 'x-3', now() - interval '31 days') AS earned;
+SELECT loyalty.refund('exp', 'x-3') AS clawed;
+SELECT refund_ref, points, taken, shortfall, forgiven FROM loyalty.accrual_refund WHERE purchase_ref = 'x-3';
+SELECT rows, points FROM loyalty.run_job('expire', now());
+SELECT * FROM pg_temp.state('x1');
+SELECT count(*) AS chain_problems FROM loyalty.verify_chain('exp');
+
+-- Under a rolling policy, points that lapsed are neither taken by a refund
+-- nor owed: y1's 100 from a year ago lapsed (6 months without activity);
+-- returning p1, whose 50 were spent, owes 50.
+SELECT loyalty.create_program('roll', 'Rolling', 'UTC',
+    '{"expiry": {"policy": "rolling", "inactivity": "6 months"}}') > 0 AS created;
+SELECT loyalty.enroll('roll', 'y1', occurred_at => now() - interval '2 years') > 0 AS enrolled;
+SELECT loyalty.set_earning_rules('roll', '{"base": {"per": 1, "points": 1}}', now() - interval '2 years') AS version;
+SELECT loyalty.earn('roll', 'y1', 100, 'y-old', NULL, now() - interval '1 year') > 0 AS earned;
+SELECT loyalty.accrue('roll', 'y1', 50, 'p1', now() - interval '5 days') AS earned;
+SELECT loyalty.adjust('roll', 'y1', -50, 'y-spend', 'spent', now() - interval '4 days') > 0 AS spent;
+SELECT loyalty.refund('roll', 'p1') AS clawed;
+SELECT refund_ref, points, taken, shortfall, forgiven FROM loyalty.accrual_refund WHERE purchase_ref = 'p1';
+SELECT rows, points FROM loyalty.run_job('expire', now());
+SELECT * FROM pg_temp.state('y1');
 
 -- Pending points are cancelled first: c3 has 40 available points (o6 and
 -- o7, vested) and buys for 80 yesterday (o5, pending 14 days); returning
