@@ -24,6 +24,8 @@
  */
 #include "postgres.h"
 
+#include <math.h>
+
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
@@ -31,6 +33,7 @@
 #include "commands/trigger.h"
 #include "executor/executor.h"
 #include "executor/tuptable.h"
+#include "mb/pg_wchar.h"
 #include "storage/bufmgr.h"
 #include "utils/builtins.h"
 #include "utils/date.h"
@@ -212,7 +215,8 @@ AccrualFastPost(AccrualBatch *b, AccrualRow *r)
 	r->amount_d = DatumGetFloat8(DirectFunctionCall1(numeric_float8_no_overflow, r->amount));
 	r->whole_null = true;
 	/* never raise for the application's row: an odd one is the general path's */
-	if (r->amount_d < 0 || r->ref[0] == '\0' || strlen(r->ref) > 200 ||
+	if (r->amount_d < 0 || isnan(r->amount_d) || isinf(r->amount_d) || TIMESTAMP_NOT_FINITE(r->occurred_at) ||
+		r->ref[0] == '\0' || pg_mbstrlen(r->ref) > 200 ||
 		(r->rules = AccrualRulesAt(b->rules, r->occurred_at)) == NULL)
 		return false;
 

@@ -24,6 +24,7 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "lib/bloomfilter.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "storage/bufmgr.h"
 #include "storage/itemptr.h"
@@ -130,6 +131,7 @@ AccrualReadSql(const char *source, bool birthday)
 					"                               n.store, coalesce(n.attrs, '{}')),"
 					"       x.points,"
 					"       CASE WHEN n.ref IS NULL OR n.member_ref IS NULL OR n.amount IS NULL OR n.amount < 0"
+					"              OR n.amount IN ('NaN', 'Infinity') OR NOT isfinite(n.occurred_at)"
 					"              OR n.occurred_at IS NULL OR m.id IS NULL OR m.status <> 'active'"
 					"              OR x.id IS NOT NULL OR n.occurred_at < $2"
 					"            THEN to_jsonb(n.whole) END"
@@ -238,16 +240,22 @@ AccrualProblem(AccrualBatch *b, AccrualRow *r, HeapTuple tup, TupleDesc desc)
 
 	if (r->ref == NULL)
 		r->problem = "the purchase has no ref", r->sqlstate = "22004";
-	else if (r->ref[0] == '\0' || strlen(r->ref) > 200)
+	else if (r->ref[0] == '\0' || pg_mbstrlen(r->ref) > 200)
 		r->problem = psprintf("invalid ref \"%s\": a ref has 1 to 200 characters", r->ref),
 			r->sqlstate = "22023";
 	else if (r->member_ref == NULL)
 		r->problem = "the purchase has no member", r->sqlstate = "22004";
 	else if (r->amount_null)
 		r->problem = "the purchase has no amount", r->sqlstate = "22004";
+	else if (numeric_is_nan(DatumGetNumeric(r->amount)) || numeric_is_inf(DatumGetNumeric(r->amount)))
+		r->problem = psprintf("the amount %s is not a finite number", DatumGetCString(DirectFunctionCall1(numeric_out, r->amount))),
+			r->sqlstate = "22023";
 	else if (r->amount_d < 0)
 		r->problem = psprintf("the amount %s is negative", DatumGetCString(DirectFunctionCall1(numeric_out, r->amount))),
 			r->sqlstate = "22023";
+	else if (TIMESTAMP_NOT_FINITE(r->occurred_at))
+		r->problem = psprintf("the purchase time %s is not finite", timestamptz_to_str(r->occurred_at)),
+			r->sqlstate = "22008";
 	else if (r->account_id == 0)
 		r->problem = psprintf("member \"%s\" does not exist in program \"%s\"", r->member_ref, b->code),
 			r->sqlstate = "LY003";

@@ -16,6 +16,7 @@
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "mb/pg_wchar.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
 #include "utils/numeric.h"
@@ -44,7 +45,7 @@ static SPIPlanPtr plan_owes;
 void
 AccrualCheckRef(const char *ref)
 {
-	if (ref[0] == '\0' || strlen(ref) > 200)
+	if (ref[0] == '\0' || pg_mbstrlen(ref) > 200)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("invalid ref \"%s\"", ref),
@@ -411,6 +412,14 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 			   *amounts = NULL;
 	int			n = 0;
 
+	if (to_amount && !amount_null &&
+		(numeric_is_nan(DatumGetNumeric(amount)) || numeric_is_inf(DatumGetNumeric(amount)) ||
+		 DatumGetInt32(DirectFunctionCall2(numeric_cmp, amount,
+										   DirectFunctionCall1(int4_numeric, Int32GetDatum(0)))) < 0))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the new amount %s of purchase \"%s\" is not a finite amount of zero or more",
+						DatumGetCString(DirectFunctionCall1(numeric_out, amount)), ref)));
 	LedgerPrepare(&plan_purchase,
 				  "WITH x AS (SELECT x.* FROM loyalty.accrual x WHERE x.program_id = $1 AND x.ref = $2 FOR UPDATE),"
 				  " a AS (SELECT x.*, CASE WHEN $4 THEN x.amount - x.refunded_amount - $3"
@@ -526,6 +535,12 @@ AccrualRefundCall(FunctionCallInfo fcinfo, bool to_amount)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("the new amount must not be null")));
+	if (!PG_ARGISNULL(2) &&
+		(numeric_is_nan(PG_GETARG_NUMERIC(2)) || numeric_is_inf(PG_GETARG_NUMERIC(2))))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("a refund amount must be a finite number"),
+				 errdetail("Got %s.", DatumGetCString(DirectFunctionCall1(numeric_out, PG_GETARG_DATUM(2))))));
 	if (!to_amount && !PG_ARGISNULL(2) &&
 		DatumGetInt32(DirectFunctionCall2(numeric_cmp, PG_GETARG_DATUM(2),
 										  DirectFunctionCall1(int4_numeric, Int32GetDatum(0)))) <= 0)

@@ -11,7 +11,7 @@ SELECT loyalty.enroll('shop', 'c2', occurred_at => '2027-01-01 00:00+00') > 0 AS
 SELECT loyalty.enroll('shop', 'c3', occurred_at => '2027-01-01 00:00+00') > 0 AS c3;
 UPDATE loyalty.member SET tier = 'gold' WHERE member_ref = 'c2';
 UPDATE loyalty.member SET status = 'suspended' WHERE member_ref = 'c3';
-SELECT plan(13);
+SELECT plan(17);
 
 -- Every validation error: 22023 with the JSON path of the first problem.
 CREATE FUNCTION pg_temp.try_rules(doc text) RETURNS text LANGUAGE plpgsql AS $$
@@ -167,6 +167,10 @@ SELECT throws_ok($$SELECT loyalty.accrue('shop', 'zz', 10, 'e1', '2027-02-01')$$
 SELECT throws_ok($$SELECT loyalty.accrue('shop', 'c3', 10, 'e1', '2027-02-01')$$, 'LY004', 'member "c3" of program "shop" is suspended');
 SELECT throws_ok($$SELECT loyalty.accrue('nope', 'c1', 10, 'e1')$$, 'LY002', 'program "nope" does not exist');
 SELECT throws_ok($$SELECT loyalty.accrue('shop', 'c1', 10, 'e1', 'infinity')$$, '22008', 'occurred_at must be a finite time');
+SELECT throws_ok($$SELECT loyalty.accrue('shop', 'c1', 'NaN', 'e1', '2027-02-01')$$, '22023', 'the amount NaN is not a finite number');
+SELECT throws_ok($$SELECT loyalty.accrue('shop', 'c1', 'Infinity', 'e1', '2027-02-01')$$, '22023', 'the amount Infinity is not a finite number');
+SELECT throws_ok($$SELECT loyalty.accrue('shop', 'c1', 10, repeat('é', 201), '2027-02-01')$$, '22023');
+SELECT throws_ok($$SELECT loyalty.refund('shop', 'e1', 'NaN')$$, '22023', 'a refund amount must be a finite number');
 SELECT * FROM finish();
 
 -- Version 2 from July: 3 points per 2.00, ceil, 30 days pending, lots expire after 12 months.

@@ -248,6 +248,29 @@ SELECT ref, sqlstate, row_data ->> 'note' AS note FROM loyalty.accrual_quarantin
 SELECT loyalty.balance('capped', 'k2') AS balance;
 SELECT loyalty.detach_accrual('public.import');
 
+-- Numbers and times that are not finite are quarantined, never posted: a
+-- NaN or infinite amount (22023), an infinite purchase time (22008). A
+-- ref is measured in characters: 200 of them, 400 bytes, earns. An UPDATE
+-- to a negative amount is quarantined (22023), and refunds nothing.
+CREATE TABLE public.odd_orders (id text, customer text, total numeric, placed_at timestamptz);
+SELECT loyalty.attach_accrual('public.odd_orders', 'shop', 'customer', 'total', 'id', 'placed_at');
+INSERT INTO public.odd_orders VALUES
+    ('d1', 'c1', 'NaN', '2025-04-01 10:00+00'),
+    ('d2', 'c1', 'Infinity', '2025-04-01 10:00+00'),
+    ('d3', 'c1', 10, 'infinity'),
+    ('d4', 'c1', 10, '-infinity'),
+    (repeat('é', 200), 'c1', 10, '2025-04-01 10:00+00'),
+    ('d5', 'c1', 10, '2025-04-01 11:00+00');
+SELECT length(ref) AS ref_length, points FROM loyalty.accrual WHERE ref LIKE 'é%' OR ref LIKE 'd_' ORDER BY ref;
+SELECT ref, sqlstate, reason FROM loyalty.accrual_quarantine
+WHERE source = 'public.odd_orders'::regclass ORDER BY id;
+UPDATE public.odd_orders SET total = -5 WHERE id = 'd5';
+SELECT ref, sqlstate, reason, row_data FROM loyalty.accrual_quarantine
+WHERE source = 'public.odd_orders'::regclass AND row_data ? 'to_amount';
+SELECT refunded_amount FROM loyalty.accrual WHERE ref = 'd5';
+SELECT loyalty.detach_accrual('public.odd_orders');
+DROP TABLE public.odd_orders;
+
 -- Detach: the triggers go, what was posted stays.
 SELECT loyalty.detach_accrual('public.orders');
 SELECT count(*) AS triggers FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass;
