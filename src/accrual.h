@@ -145,6 +145,7 @@ extern AccrualRules *AccrualRulesAt(AccrualProgramRules *pr, TimestampTz at);
 extern AccrualRules *AccrualCompile(Jsonb *doc, MemoryContext cxt);
 extern int64 AccrualEvaluate(const AccrualRules *r, const AccrualInput *in, AccrualState *st,
 							 StringInfo breakdown);
+extern bool AccrualInRange(const AccrualRules *r, double amount);
 extern void AccrualLocalTime(TimestampTz t, pg_tz *tz, int *weekday, DateADT *day, int *month);
 
 #endif

@@ -217,7 +217,8 @@ AccrualFastPost(AccrualBatch *b, AccrualRow *r)
 	/* never raise for the application's row: an odd one is the general path's */
 	if (r->amount_d < 0 || isnan(r->amount_d) || isinf(r->amount_d) || TIMESTAMP_NOT_FINITE(r->occurred_at) ||
 		r->ref[0] == '\0' || pg_mbstrlen(r->ref) > 200 ||
-		(r->rules = AccrualRulesAt(b->rules, r->occurred_at)) == NULL)
+		(r->rules = AccrualRulesAt(b->rules, r->occurred_at)) == NULL ||
+		!AccrualInRange(r->rules, r->amount_d))
 		return false;
 
 	/*

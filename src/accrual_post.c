@@ -269,6 +269,10 @@ AccrualProblem(AccrualBatch *b, AccrualRow *r, HeapTuple tup, TupleDesc desc)
 		r->problem = psprintf("program \"%s\" has no earning rules in force at %s", b->code,
 							  timestamptz_to_str(r->occurred_at)),
 			r->sqlstate = "LY010";
+	else if (!AccrualInRange(r->rules, r->amount_d))
+		r->problem = psprintf("the amount %s would earn more points than can be counted",
+							  DatumGetCString(DirectFunctionCall1(numeric_out, r->amount))),
+			r->sqlstate = "22003";
 }
 
 /* Copy the rows of the read query into the batch. */
@@ -1252,11 +1256,11 @@ AccrualWrite(AccrualBatch *b)
 }
 
 /*
- * The application's rows of purchases refused only when they were written
- * (a ref posted meanwhile by another transaction, or twice in one
- * statement): the read query keeps whole rows only for the problems it
- * sees, so they are read again from the transition table, all in one
- * join, for the quarantine to keep them.
+ * The application's rows of purchases refused after the read query (a ref
+ * posted meanwhile by another transaction, or twice in one statement; an
+ * amount whose points could not be counted): the read query keeps whole
+ * rows only for the problems it sees, so they are read again from the
+ * transition table, all in one join, for the quarantine to keep them.
  */
 static void
 AccrualWholeRows(AccrualBatch *b)
@@ -1284,7 +1288,7 @@ AccrualWholeRows(AccrualBatch *b)
 	{
 		AccrualRow *r = &b->rows[i];
 
-		if (r->problem == NULL || !r->existing || !r->whole_null)
+		if (r->problem == NULL || !r->whole_null)
 			continue;
 		cols[0][n] = Int32GetDatum(i);
 		cols[1][n] = CStringGetTextDatum(r->ref);

@@ -135,7 +135,8 @@ RulesNumber(const JsonbValue *v, const char *path, double min, const char *what)
 
 	if (v->type != jbvNumeric)
 		RulesBad(path, psprintf("expected %s", what));
-	d = DatumGetFloat8(DirectFunctionCall1(numeric_float8, NumericGetDatum(v->val.numeric)));
+	/* a number beyond double's range is refused like any other bad value */
+	d = DatumGetFloat8(DirectFunctionCall1(numeric_float8_no_overflow, NumericGetDatum(v->val.numeric)));
 	if (d < min || isnan(d) || isinf(d))
 		RulesBad(path, psprintf("expected %s", what));
 	return d;
@@ -986,6 +987,28 @@ AccrualEvaluate(const AccrualRules *r, const AccrualInput *in, AccrualState *st,
 	total = AccrualCaps(r, total, st, b);
 	appendStringInfoChar(b, '}');
 	return total;
+}
+
+/*
+ * Whether the points a version gives for amount are bound to stay countable
+ * however its conditions match: the base times every factor above 1, plus
+ * every points bonus, well inside a 64-bit count. An amount beyond it is
+ * not a purchase but bad data: it is refused (22003), and from an attached
+ * table quarantined, before anything is computed or counted.
+ */
+bool
+AccrualInRange(const AccrualRules *r, double amount)
+{
+	double		bound = amount / r->per * r->points;
+
+	for (int i = 0; i < r->nmult; i++)
+		bound *= Max(r->mult[i].factor, 1.0);
+	for (int i = 0; i < r->nbonus; i++)
+	{
+		bound *= Max(r->bonus[i].factor, 1.0);
+		bound += (double) r->bonus[i].points;
+	}
+	return isfinite(bound) && bound < 4.0e18;
 }
 
 /* ---- SQL-callable ---- */

@@ -11,7 +11,7 @@ SELECT loyalty.enroll('shop', 'c2', occurred_at => '2027-01-01 00:00+00') > 0 AS
 SELECT loyalty.enroll('shop', 'c3', occurred_at => '2027-01-01 00:00+00') > 0 AS c3;
 UPDATE loyalty.member SET tier = 'gold' WHERE member_ref = 'c2';
 UPDATE loyalty.member SET status = 'suspended' WHERE member_ref = 'c3';
-SELECT plan(17);
+SELECT plan(18);
 
 -- Every validation error: 22023 with the JSON path of the first problem.
 CREATE FUNCTION pg_temp.try_rules(doc text) RETURNS text LANGUAGE plpgsql AS $$
@@ -30,6 +30,8 @@ SELECT doc, pg_temp.try_rules(doc) FROM (VALUES
     ('{"bogus": 1}'),
     ('{"base": {"per": 0}}'),
     ('{"base": {"per": "1"}}'),
+    ('{"base": {"per": 1e400}}'),
+    ('{"multipliers": [{"factor": 1e400}]}'),
     ('{"base": {"points": -1}}'),
     ('{"base": {"rounding": "up"}}'),
     ('{"base": {"rate": 1}}'),
@@ -171,6 +173,7 @@ SELECT throws_ok($$SELECT loyalty.accrue('shop', 'c1', 'NaN', 'e1', '2027-02-01'
 SELECT throws_ok($$SELECT loyalty.accrue('shop', 'c1', 'Infinity', 'e1', '2027-02-01')$$, '22023', 'the amount Infinity is not a finite number');
 SELECT throws_ok($$SELECT loyalty.accrue('shop', 'c1', 10, repeat('é', 201), '2027-02-01')$$, '22023');
 SELECT throws_ok($$SELECT loyalty.refund('shop', 'e1', 'NaN')$$, '22023', 'a refund amount must be a finite number');
+SELECT throws_ok($$SELECT loyalty.accrue('shop', 'c1', 1e20, 'e1', '2027-02-01')$$, '22003', 'the amount 100000000000000000000 would earn more points than can be counted');
 SELECT * FROM finish();
 
 -- Version 2 from July: 3 points per 2.00, ceil, 30 days pending, lots expire after 12 months.

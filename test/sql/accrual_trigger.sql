@@ -249,7 +249,8 @@ SELECT loyalty.balance('capped', 'k2') AS balance;
 SELECT loyalty.detach_accrual('public.import');
 
 -- Numbers and times that are not finite are quarantined, never posted: a
--- NaN or infinite amount (22023), an infinite purchase time (22008). A
+-- NaN or infinite amount (22023), an infinite purchase time (22008), an
+-- amount whose points could not be counted (22003). A
 -- ref is measured in characters: 200 of them, 400 bytes, earns. An UPDATE
 -- to a negative amount is quarantined (22023), and refunds nothing.
 CREATE TABLE public.odd_orders (id text, customer text, total numeric, placed_at timestamptz);
@@ -260,9 +261,10 @@ INSERT INTO public.odd_orders VALUES
     ('d3', 'c1', 10, 'infinity'),
     ('d4', 'c1', 10, '-infinity'),
     (repeat('é', 200), 'c1', 10, '2025-04-01 10:00+00'),
-    ('d5', 'c1', 10, '2025-04-01 11:00+00');
+    ('d5', 'c1', 10, '2025-04-01 11:00+00'),
+    ('d6', 'c1', 1e20, '2025-04-01 12:00+00');
 SELECT length(ref) AS ref_length, points FROM loyalty.accrual WHERE ref LIKE 'é%' OR ref LIKE 'd_' ORDER BY ref;
-SELECT ref, sqlstate, reason FROM loyalty.accrual_quarantine
+SELECT ref, sqlstate, reason, row_data ->> 'total' AS total FROM loyalty.accrual_quarantine
 WHERE source = 'public.odd_orders'::regclass ORDER BY id;
 UPDATE public.odd_orders SET total = -5 WHERE id = 'd5';
 SELECT ref, sqlstate, reason, row_data FROM loyalty.accrual_quarantine
