@@ -231,6 +231,16 @@ AccrualRepeat(AccrualRow *r, int64 first_points, bool same)
 			r->sqlstate = "23505";
 }
 
+/* Whether a string is empty or only spaces (as btrim() sees it). */
+static bool
+AccrualBlank(const char *s)
+{
+	for (; *s; s++)
+		if (*s != ' ')
+			return false;
+	return true;
+}
+
 /* Decide what is wrong with a row, if anything. */
 static void
 AccrualProblem(AccrualBatch *b, AccrualRow *r, HeapTuple tup, TupleDesc desc)
@@ -245,6 +255,10 @@ AccrualProblem(AccrualBatch *b, AccrualRow *r, HeapTuple tup, TupleDesc desc)
 			r->sqlstate = "22023";
 	else if (r->member_ref == NULL)
 		r->problem = "the purchase has no member", r->sqlstate = "22004";
+	else if (AccrualBlank(r->member_ref) || pg_mbstrlen(r->member_ref) > 200)
+		r->problem = psprintf("invalid member_ref \"%s\": a member_ref has 1 to 200 characters, not all blank",
+							  r->member_ref),
+			r->sqlstate = "22023";
 	else if (r->amount_null)
 		r->problem = "the purchase has no amount", r->sqlstate = "22004";
 	else if (numeric_is_nan(DatumGetNumeric(r->amount)) || numeric_is_inf(DatumGetNumeric(r->amount)))
@@ -1505,7 +1519,12 @@ AccrualPostSource(AccrualBatch *b, SPIPlanPtr lock, SPIPlanPtr read, Datum *args
 	AccrualRecoverDebts(b);
 }
 
-/* Enrol the unknown members of a source, when the program says so. */
+/*
+ * Enrol the unknown members of a source, when the program says so. A
+ * member_ref enroll() would refuse (blank, longer than 200 characters) is
+ * left out: its rows are quarantined by the row checks (22023) instead of
+ * failing the statement.
+ */
 void
 AccrualEnrollUnknown(AccrualBatch *b, const char *source, Datum *args, char *nulls, int nargs,
 					 Oid *argtypes)
@@ -1521,7 +1540,7 @@ AccrualEnrollUnknown(AccrualBatch *b, const char *source, Datum *args, char *nul
 				   "               SELECT FROM loyalty.member m WHERE m.program_id = $1"
 				   "                  AND m.member_ref = n.member_ref)"
 				   "         GROUP BY 1 ORDER BY 1) s, loyalty.program p"
-				   " WHERE p.id = $1 AND btrim(s.member_ref) <> ''",
+				   " WHERE p.id = $1 AND btrim(s.member_ref) <> '' AND length(s.member_ref) <= 200",
 				   source);
 	rc = SPI_execute_with_args(sql, nargs, argtypes, args, nulls, false, 0);
 	LedgerExpect(rc, SPI_OK_SELECT, "enrolling members");

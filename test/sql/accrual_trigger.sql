@@ -125,6 +125,13 @@ SELECT refund_ref, amount, points FROM loyalty.accrual_refund WHERE purchase_ref
 SELECT loyalty.update_program('shop', '{"unknown_member": "enroll"}', 'enrol unknown members') AS version;
 INSERT INTO public.orders VALUES ('o10', 'newbie', 7.00, '2025-02-03 10:00+00', 'books', NULL);
 SELECT m.member_ref, a.points FROM loyalty.accrual a JOIN loyalty.member m ON m.id = a.member_id WHERE a.ref = 'o10';
+-- A member_ref enroll() would refuse is quarantined (22023); the other
+-- rows of the statement earn, their new member enrolled.
+INSERT INTO public.orders VALUES ('o12', 'newbie3', 7.00, '2025-02-03 10:00+00', 'books', NULL),
+                                 ('o13', repeat('m', 201), 7.00, '2025-02-03 10:00+00', 'books', 'too long'),
+                                 ('o14', '  ', 7.00, '2025-02-03 10:00+00', 'books', 'blank');
+SELECT m.member_ref, a.points FROM loyalty.accrual a JOIN loyalty.member m ON m.id = a.member_id WHERE a.ref IN ('o12', 'o13', 'o14');
+SELECT ref, sqlstate, left(reason, 40) AS reason FROM loyalty.accrual_quarantine WHERE ref IN ('o13', 'o14') ORDER BY ref;
 -- and through the function API
 SELECT loyalty.accrue('shop', 'newbie2', 8.00, 'o11', '2025-02-03 11:00+00') AS points;
 
