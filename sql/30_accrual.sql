@@ -179,11 +179,11 @@ COMMENT ON FUNCTION loyalty.set_earning_rules(text, jsonb, timestamptz, text) IS
 -- ---- posting ----
 
 CREATE FUNCTION loyalty.accrue(program text, member_ref text, amount numeric, ref text,
-                               occurred_at timestamptz DEFAULT now(), category text DEFAULT NULL,
+                               occurred_at timestamptz DEFAULT NULL, category text DEFAULT NULL,
                                channel text DEFAULT NULL, store text DEFAULT NULL, attrs jsonb DEFAULT '{}')
 RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_accrue'
 LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp;
-COMMENT ON FUNCTION loyalty.accrue(text, text, numeric, text, timestamptz, text, text, text, jsonb) IS 'Posts the points of one purchase by the rules in force at occurred_at; idempotent on ref; returns the points earned';
+COMMENT ON FUNCTION loyalty.accrue(text, text, numeric, text, timestamptz, text, text, text, jsonb) IS 'Posts the points of one purchase by the rules in force at occurred_at (NULL: now, the transaction''s start, and a retry under the same ref in a later transaction is the same purchase); idempotent on ref; returns the points earned';
 
 CREATE FUNCTION loyalty.refund(program text, ref text, amount numeric DEFAULT NULL, refund_ref text DEFAULT NULL)
 RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_refund'

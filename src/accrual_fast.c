@@ -176,6 +176,7 @@ AccrualFastInsert(AccrualBatch *b, TriggerData *trig, const char *const *cols)
 		r->ref = TextDatumGetCString(v[0]);
 		r->member_ref = TextDatumGetCString(v[1]);
 		r->amount = datumCopy(v[2], false, -1);
+		r->occurred_unset = n[3];
 		r->occurred_at = n[3] ? GetCurrentTransactionStartTimestamp() : DatumGetTimestampTz(v[3]);
 		r->category = FastText(v[4], n[4]);
 		r->channel = FastText(v[5], n[5]);

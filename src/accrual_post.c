@@ -65,7 +65,7 @@ enum
 {
 	COL_REF = 1, COL_MEMBER_REF, COL_AMOUNT, COL_OCCURRED_AT, COL_CATEGORY, COL_CHANNEL,
 	COL_STORE, COL_ATTRS, COL_MEMBER_ID, COL_STATUS, COL_TIER, COL_ACCOUNT, COL_BIRTH_MONTH,
-	COL_EXISTS, COL_SAME, COL_EXISTING_POINTS, COL_ROW
+	COL_EXISTS, COL_SAME, COL_EXISTING_POINTS, COL_ROW, COL_OCCURRED_UNSET
 };
 
 /* The key of the per-batch state of a member: (account, day); day INT_MIN: "has purchases". */
@@ -127,14 +127,16 @@ AccrualReadSql(const char *source, bool birthday)
 					"       n.attrs, m.id, m.status, m.tier, a.id, %s,"
 					"       x.id IS NOT NULL,"
 					"       (x.member_id, x.amount, x.occurred_at, x.category, x.channel, x.store, x.attrs)"
-					"         IS NOT DISTINCT FROM (m.id, n.amount, n.occurred_at, n.category, n.channel,"
-					"                               n.store, coalesce(n.attrs, '{}')),"
+					"         IS NOT DISTINCT FROM (m.id, n.amount,"
+					"                               CASE WHEN n.occurred_unset THEN x.occurred_at ELSE n.occurred_at END,"
+					"                               n.category, n.channel, n.store, coalesce(n.attrs, '{}')),"
 					"       x.points,"
 					"       CASE WHEN n.ref IS NULL OR n.member_ref IS NULL OR n.amount IS NULL OR n.amount < 0"
 					"              OR n.amount IN ('NaN', 'Infinity') OR NOT isfinite(n.occurred_at)"
 					"              OR n.occurred_at IS NULL OR m.id IS NULL OR m.status <> 'active'"
 					"              OR x.id IS NOT NULL OR n.occurred_at < $2"
-					"            THEN to_jsonb(n.whole) END"
+					"            THEN to_jsonb(n.whole) END,"
+					"       n.occurred_unset"
 					"  FROM (%s) n"
 					"  LEFT JOIN loyalty.member m ON m.program_id = $1 AND m.member_ref = n.member_ref"
 					"  LEFT JOIN loyalty.account a ON a.member_id = m.id"
@@ -315,6 +317,7 @@ AccrualReadRows(AccrualBatch *b)
 		}
 		d = SPI_getbinval(tup, desc, COL_OCCURRED_AT, &isnull);
 		r->occurred_at = isnull ? 0 : DatumGetTimestampTz(d);
+		r->occurred_unset = DatumGetBool(SPI_getbinval(tup, desc, COL_OCCURRED_UNSET, &isnull));
 		r->category = AccrualText(tup, desc, COL_CATEGORY);
 		r->channel = AccrualText(tup, desc, COL_CHANNEL);
 		r->store = AccrualText(tup, desc, COL_STORE);
@@ -620,13 +623,18 @@ AccrualSameStr(const char *a, const char *b)
 /*
  * Two purchases are the same: member, amount, time, category, channel,
  * store and attrs (none is {}); the read query's COL_SAME says the same.
+ * A purchase that did not say when it happened (accrue() without
+ * occurred_at, an attached table without the column or with NULL in it)
+ * is posted at the transaction's start, and that time is not part of what
+ * it is: a retry in a later transaction is the same purchase.
  */
 static bool
 AccrualSameRow(const AccrualRow *a, const AccrualRow *b)
 {
 	Datum		empty;
 
-	if (a->member_id != b->member_id || a->occurred_at != b->occurred_at ||
+	if (a->member_id != b->member_id ||
+		(a->occurred_at != b->occurred_at && !a->occurred_unset && !b->occurred_unset) ||
 		!AccrualSameStr(a->category, b->category) || !AccrualSameStr(a->channel, b->channel) ||
 		!AccrualSameStr(a->store, b->store) ||
 		!DatumGetBool(DirectFunctionCall2(numeric_eq, a->amount, b->amount)))
@@ -1550,8 +1558,9 @@ AccrualEnrollUnknown(AccrualBatch *b, const char *source, Datum *args, char *nul
 
 #define ACCRUE_SOURCE \
 	"SELECT $3::text AS ref, $4::text AS member_ref, $5::numeric AS amount," \
-	"       $6::timestamptz AS occurred_at, $7::text AS category, $8::text AS channel," \
-	"       $9::text AS store, $10::jsonb AS attrs, NULL::jsonb AS whole"
+	"       coalesce($6::timestamptz, now()) AS occurred_at, $7::text AS category, $8::text AS channel," \
+	"       $9::text AS store, $10::jsonb AS attrs, $6::timestamptz IS NULL AS occurred_unset," \
+	"       NULL::jsonb AS whole"
 
 static void
 AccrualRaise(AccrualBatch *b, AccrualRow *r)
@@ -1614,7 +1623,8 @@ loyalty_accrue(PG_FUNCTION_ARGS)
 	args[2] = PG_GETARG_DATUM(3);
 	args[3] = PG_GETARG_DATUM(1);
 	args[4] = PG_GETARG_DATUM(2);
-	args[5] = PG_ARGISNULL(4) ? TimestampTzGetDatum(GetCurrentTransactionStartTimestamp()) : PG_GETARG_DATUM(4);
+	args[5] = PG_ARGISNULL(4) ? (Datum) 0 : PG_GETARG_DATUM(4);
+	nulls[5] = PG_ARGISNULL(4) ? 'n' : ' ';
 	for (int i = 5; i < 9; i++)
 	{
 		args[i + 1] = PG_ARGISNULL(i) ? (Datum) 0 : PG_GETARG_DATUM(i);
@@ -1631,7 +1641,8 @@ loyalty_accrue(PG_FUNCTION_ARGS)
 	r->ref = TextDatumGetCString(args[2]);
 	r->member_ref = TextDatumGetCString(args[3]);
 	r->amount = args[4];
-	r->occurred_at = DatumGetTimestampTz(args[5]);
+	r->occurred_unset = PG_ARGISNULL(4);
+	r->occurred_at = r->occurred_unset ? GetCurrentTransactionStartTimestamp() : DatumGetTimestampTz(args[5]);
 	r->category = PG_ARGISNULL(5) ? NULL : TextDatumGetCString(args[6]);
 	r->channel = PG_ARGISNULL(6) ? NULL : TextDatumGetCString(args[7]);
 	r->store = PG_ARGISNULL(7) ? NULL : TextDatumGetCString(args[8]);

@@ -19,6 +19,7 @@ typedef struct AccrualRow
 	bool		amount_null;
 	double		amount_d;
 	TimestampTz occurred_at;
+	bool		occurred_unset; /* not given: the transaction's start, not part of its identity */
 	char	   *category;
 	char	   *channel;
 	char	   *store;

@@ -115,11 +115,11 @@ AccrualSourceSql(const AccrualSource *s, const char *table)
 {
 	return psprintf("SELECT %s AS ref, %s AS member_ref, %s AS amount,"
 					" coalesce(%s, $3) AS occurred_at, %s AS category, %s AS channel, %s AS store,"
-					" NULL::jsonb AS attrs, t AS whole FROM %s t",
+					" NULL::jsonb AS attrs, %s IS NULL AS occurred_unset, t AS whole FROM %s t",
 					AccrualCol(s->ref, "text"), AccrualCol(s->member, "text"),
 					AccrualCol(s->amount, "numeric"), AccrualCol(s->occurred_at, "timestamptz"),
 					AccrualCol(s->category, "text"), AccrualCol(s->channel, "text"),
-					AccrualCol(s->store, "text"), table);
+					AccrualCol(s->store, "text"), AccrualCol(s->occurred_at, "timestamptz"), table);
 }
 
 /*

@@ -403,3 +403,27 @@ SELECT sum(CASE WHEN a.kind = 'member' THEN 1 ELSE 0 END * (a.available::bigint 
 FROM loyalty.account a JOIN loyalty.program p ON p.id = a.program_id WHERE p.code = 'neg' GROUP BY p.id;
 SELECT loyalty.detach_accrual('public.neg_orders');
 DROP TABLE public.neg_orders;
+
+-- A purchase that did not say when it happened (accrue() without
+-- occurred_at, an attached table without the column or with NULL in it)
+-- is posted at the transaction's start; a retry in a later transaction,
+-- whose now() differs, is the same purchase, not 23505. One that gives a
+-- time is another purchase.
+SELECT loyalty.create_program('retry', 'Retry', 'UTC') > 0 AS created;
+SELECT loyalty.enroll('retry', 'r1', occurred_at => '2025-01-01 00:00+00') > 0 AS enrolled;
+SELECT loyalty.set_earning_rules('retry', '{"base": {"per": 1, "points": 1}}', '2025-01-01') AS version;
+SELECT loyalty.accrue('retry', 'r1', 10, 'r-1') AS earned;
+SELECT loyalty.accrue('retry', 'r1', 10, 'r-1') AS replayed;
+SELECT loyalty.accrue('retry', 'r1', 10, 'r-1', NULL) AS replayed_with_null;
+\set VERBOSITY terse
+SELECT loyalty.accrue('retry', 'r1', 10, 'r-1', '2025-06-01 00:00+00');
+\set VERBOSITY default
+CREATE TABLE public.till (id text, customer text, total numeric);
+SELECT loyalty.attach_accrual('public.till', 'retry', 'customer', 'total', 'id');
+INSERT INTO public.till VALUES ('t-1', 'r1', 5);
+INSERT INTO public.till VALUES ('t-1', 'r1', 5), ('t-2', 'r1', 7);   -- a retried batch
+SELECT ref, points FROM loyalty.accrual WHERE ref LIKE 't-%' OR ref LIKE 'r-%' ORDER BY ref;
+SELECT count(*) AS quarantined FROM loyalty.accrual_quarantine WHERE source = 'public.till'::regclass;
+SELECT loyalty.balance('retry', 'r1') AS balance;
+SELECT loyalty.detach_accrual('public.till');
+DROP TABLE public.till;
