@@ -280,6 +280,31 @@ BEGIN
                 USING ERRCODE = 'undefined_column';
         END IF;
     END LOOP;
+    -- The amount and the time are read with casts that must not fail on a
+    -- value of the column's type: a text column holding 'abc' would make
+    -- the application's INSERT fail, which accrual must never do.
+    IF NOT EXISTS (SELECT FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+                   WHERE a.attrelid = source AND a.attname = amount_column
+                     AND coalesce(nullif(t.typbasetype, 0), t.oid) IN
+                         ('numeric'::regtype, 'int2'::regtype, 'int4'::regtype, 'int8'::regtype,
+                          'float4'::regtype, 'float8'::regtype, 'money'::regtype)) THEN
+        RAISE EXCEPTION 'column "%" of "%" cannot hold amounts', amount_column, v_tab
+            USING ERRCODE = 'datatype_mismatch',
+                  DETAIL = format('It is of type %s.', (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+                                                        WHERE a.attrelid = source AND a.attname = amount_column)),
+                  HINT = 'An amount column is numeric, an integer, a floating-point number or money.';
+    END IF;
+    IF occurred_at_column IS NOT NULL
+       AND NOT EXISTS (SELECT FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+                       WHERE a.attrelid = source AND a.attname = occurred_at_column
+                         AND coalesce(nullif(t.typbasetype, 0), t.oid) IN
+                             ('timestamptz'::regtype, 'timestamp'::regtype, 'date'::regtype)) THEN
+        RAISE EXCEPTION 'column "%" of "%" cannot hold purchase times', occurred_at_column, v_tab
+            USING ERRCODE = 'datatype_mismatch',
+                  DETAIL = format('It is of type %s.', (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
+                                                        WHERE a.attrelid = source AND a.attname = occurred_at_column)),
+                  HINT = 'A purchase time column is timestamp with time zone, timestamp or date.';
+    END IF;
     IF EXISTS (SELECT FROM loyalty.accrual_source s WHERE s.source = attach_accrual.source) THEN
         RAISE EXCEPTION 'accrual is already attached to "%"', v_tab
             USING ERRCODE = 'LY013', HINT = 'Detach it first with loyalty.detach_accrual().';

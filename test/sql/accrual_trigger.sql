@@ -23,13 +23,18 @@ CREATE TABLE public.orders (
     note      text
 );
 
-SELECT plan(6);
+SELECT plan(8);
 SELECT throws_ok($$SELECT loyalty.attach_accrual('public.orders', 'nope', 'customer', 'total', 'id')$$,
                  'LY002', 'program "nope" does not exist');
 SELECT throws_ok($$SELECT loyalty.attach_accrual('public.orders', 'shop', 'client', 'total', 'id')$$,
                  '42703', 'column "client" of "public.orders" does not exist');
 SELECT throws_ok($$SELECT loyalty.attach_accrual('public.orders', 'shop', 'customer', NULL, 'id')$$,
                  '22004', 'source, program, member_column, amount_column and ref_column must not be null');
+-- the amount and the time must be of types whose values always convert
+SELECT throws_ok($$SELECT loyalty.attach_accrual('public.orders', 'shop', 'customer', 'note', 'id')$$,
+                 '42804', 'column "note" of "public.orders" cannot hold amounts');
+SELECT throws_ok($$SELECT loyalty.attach_accrual('public.orders', 'shop', 'customer', 'total', 'id', 'kind')$$,
+                 '42804', 'column "kind" of "public.orders" cannot hold purchase times');
 SELECT throws_ok($$SELECT loyalty.detach_accrual('public.orders')$$, 'LY013', 'accrual is not attached to "public.orders"');
 SELECT lives_ok($$SELECT loyalty.attach_accrual('public.orders', 'shop', 'customer', 'total', 'id',
                                                occurred_at_column => 'placed_at', category_column => 'kind')$$,
