@@ -352,6 +352,15 @@ COMMENT ON COLUMN loyalty.quarantine_summary.first_at IS 'When the first of them
 COMMENT ON COLUMN loyalty.quarantine_summary.last_at IS 'When the last of them was quarantined';
 REVOKE ALL ON loyalty.quarantine_summary FROM PUBLIC;
 
+-- The type of a column of an attached table, for replaying its rows; NULL
+-- for no column.
+CREATE FUNCTION loyalty._column_type(source regclass, col name) RETURNS text
+LANGUAGE sql STABLE SET search_path = loyalty, pg_catalog, pg_temp AS $$
+    SELECT format_type(a.atttypid, NULL) FROM pg_attribute a
+    WHERE a.attrelid = source AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped
+$$;
+COMMENT ON FUNCTION loyalty._column_type(regclass, name) IS 'Internal: the type of a column of an attached table, as replay_quarantine reads its quarantined values';
+
 CREATE FUNCTION loyalty.replay_quarantine(program text, source regclass DEFAULT NULL)
 RETURNS TABLE (replayed bigint, still_quarantined bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
@@ -363,6 +372,8 @@ DECLARE
     v_bad bigint := 0;
     v_state text;
     v_msg text;
+    v_amount numeric;
+    v_at timestamptz;
 BEGIN
     FOR q IN SELECT * FROM loyalty.accrual_quarantine x
              WHERE x.program_id = v_program AND x.replayed_at IS NULL
@@ -379,10 +390,16 @@ BEGIN
             ELSIF s.source IS NULL THEN
                 RAISE EXCEPTION 'accrual is not attached to "%"', q.source::text USING ERRCODE = 'LY013';
             ELSE
-                PERFORM loyalty.accrue(program, q.row_data ->> s.member_column,
-                                   (q.row_data ->> s.amount_column)::numeric,
-                                   q.row_data ->> s.ref_column,
-                                   coalesce((q.row_data ->> s.occurred_at_column)::timestamptz, q.quarantined_at),
+                -- the amount and the time as the trigger read them: through
+                -- the column's own type (money's text is '$7.50'; a timestamp
+                -- without time zone is read in this session's time zone)
+                EXECUTE format('SELECT ($1 ->> %L)::%s::numeric, ($1 ->> %L)::%s::timestamptz',
+                               s.amount_column, loyalty._column_type(q.source, s.amount_column),
+                               s.occurred_at_column,
+                               coalesce(loyalty._column_type(q.source, s.occurred_at_column), 'timestamptz'))
+                    INTO v_amount, v_at USING q.row_data;
+                PERFORM loyalty.accrue(program, q.row_data ->> s.member_column, v_amount,
+                                   q.row_data ->> s.ref_column, coalesce(v_at, q.quarantined_at),
                                    q.row_data ->> s.category_column, q.row_data ->> s.channel_column,
                                    q.row_data ->> s.store_column);
             END IF;
