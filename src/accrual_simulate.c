@@ -4,7 +4,11 @@
  *
  * Each purchase is evaluated again with the draft, with the context stored
  * when it was posted (tier, first purchase, birthday month); daily caps and
- * campaign budgets start from zero at from_ts.
+ * campaign budgets start from zero at from_ts. A purchase posted while no
+ * version used first_purchase or birthday_month did not store them, so
+ * they are found again: the member's first purchase is its first posted
+ * (the smallest id of its account), and its birthday month is the month of
+ * the birthday its contact row holds now.
  */
 #include "postgres.h"
 
@@ -82,10 +86,17 @@ SimulateRun(AccrualBatch *b, AccrualRules *r, AccrualState *st, TimestampTz from
 	LedgerExpect(SPI_execute_with_args(
 										"SELECT a.amount::float8, a.occurred_at, a.category, a.channel, a.store,"
 										"       a.breakdown #>> '{context,tier}',"
-										"       coalesce((a.breakdown #>> '{context,first_purchase}')::boolean, false),"
+										"       coalesce((a.breakdown #>> '{context,first_purchase}')::boolean, false)"
+										"         OR a.id = f.first_id,"
 										"       coalesce((a.breakdown #>> '{context,birthday_month}')::boolean, false),"
-										"       a.account_id, a.points"
+										"       a.account_id, a.points, coalesce(extract(month FROM c.birthday)::int, 0)"
 										"  FROM loyalty.accrual a"
+										"  JOIN (SELECT e.account_id, min(e.id) AS first_id FROM loyalty.accrual e"
+										"         WHERE e.account_id IN (SELECT w.account_id FROM loyalty.accrual w"
+										"                                 WHERE w.program_id = $1 AND w.occurred_at >= $2"
+										"                                   AND w.occurred_at < $3)"
+										"         GROUP BY 1) f ON f.account_id = a.account_id"
+										"  LEFT JOIN loyalty.member_contact c ON c.member_id = a.member_id"
 										" WHERE a.program_id = $1 AND a.occurred_at >= $2 AND a.occurred_at < $3"
 										" ORDER BY a.occurred_at, a.id",
 										3, (Oid *) argtypes, args, NULL, true, 0),
@@ -112,6 +123,7 @@ SimulateRun(AccrualBatch *b, AccrualRules *r, AccrualState *st, TimestampTz from
 		in.first_purchase = DatumGetBool(SPI_getbinval(t, d, 7, &isnull));
 		in.birthday_month = DatumGetBool(SPI_getbinval(t, d, 8, &isnull));
 		AccrualLocalTime(in.occurred_at, b->tz, &in.weekday, &in.day, &month);
+		in.birthday_month = in.birthday_month || DatumGetInt32(SPI_getbinval(t, d, 11, &isnull)) == month;
 		key[0] = DatumGetInt64(SPI_getbinval(t, d, 9, &isnull));
 		key[1] = in.day;
 		e = hash_search(days, key, HASH_ENTER, &found);

@@ -212,3 +212,20 @@ SELECT * FROM loyalty.simulate_accrual('shop', jsonb_set((SELECT rules FROM loya
 WHERE rule LIKE 'total%' OR rule = 'multipliers[0]';
 SELECT count(*) AS transfers_after_simulation FROM loyalty.transfer;
 SELECT * FROM loyalty.simulate_accrual('shop', '{"base": {"per": -1}}', '2027-01-01', '2027-07-01');
+
+-- A draft can use first_purchase and birthday_month over purchases posted
+-- while no version did: those did not store them, so the simulation finds
+-- them again (the member's first posted purchase; the birthday month its
+-- contact row holds). s1 bought twice in March, s2 once in its birthday
+-- month (May): the first-purchase bonus applies twice, the birthday
+-- factor once.
+SELECT loyalty.create_program('sim', 'Sim', 'UTC') > 0 AS created;
+SELECT loyalty.enroll('sim', 's1', occurred_at => '2025-01-01') > 0 AS enrolled;
+SELECT loyalty.enroll('sim', 's2', birthday => '1990-05-17', occurred_at => '2025-01-01') > 0 AS enrolled;
+SELECT loyalty.set_earning_rules('sim', '{"base": {"per": 1, "points": 1}}', '2025-01-01') AS version;
+SELECT loyalty.accrue('sim', 's1', 10, 's-1', '2025-03-01 10:00+00') AS earned;
+SELECT loyalty.accrue('sim', 's1', 10, 's-2', '2025-03-02 10:00+00') AS earned;
+SELECT loyalty.accrue('sim', 's2', 10, 's-3', '2025-05-20 10:00+00') AS earned;
+SELECT * FROM loyalty.simulate_accrual('sim', '{"base": {"per": 1, "points": 1},
+  "bonuses": [{"when": {"first_purchase": true}, "points": 100}, {"when": {"birthday_month": true}, "factor": 2}]}',
+  '2025-01-01', '2026-01-01');
