@@ -89,6 +89,10 @@ CREATE TABLE loyalty.accrual_quarantine (
     id             bigint PRIMARY KEY DEFAULT nextval('loyalty.accrual_quarantine_id_seq'),
     program_id     bigint NOT NULL,
     source         regclass,
+    -- what the row is: a purchase (row_data is the application's row), or a
+    -- refund an UPDATE or DELETE could not post (row_data says what to
+    -- refund: by an amount, or down to a new amount)
+    kind           text NOT NULL DEFAULT 'purchase' CHECK (kind IN ('purchase', 'refund', 'refund_to')),
     ref            text,
     member_ref     text,
     row_data       jsonb NOT NULL,
@@ -381,10 +385,10 @@ BEGIN
              ORDER BY x.id FOR UPDATE LOOP
         SELECT * INTO s FROM loyalty.accrual_source x WHERE x.source = q.source;
         BEGIN
-            IF q.row_data ? 'to_amount' THEN
+            IF q.kind = 'refund_to' THEN
                 PERFORM loyalty._refund_to(program, q.row_data ->> 'refund_of', (q.row_data ->> 'to_amount')::numeric,
                                            q.row_data ->> 'refund_ref');
-            ELSIF q.row_data ? 'refund_of' THEN
+            ELSIF q.kind = 'refund' THEN
                 PERFORM loyalty.refund(program, q.row_data ->> 'refund_of', (q.row_data ->> 'amount')::numeric,
                                        q.row_data ->> 'refund_ref');
             ELSIF s.source IS NULL THEN

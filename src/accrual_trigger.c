@@ -15,6 +15,7 @@
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "lib/stringinfo.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
@@ -123,19 +124,34 @@ AccrualSourceSql(const AccrualSource *s, const char *table)
 }
 
 /*
- * A prepared plan over the transition table, by its SQL. A statement of one
- * chunk or less leaves the choice of custom or generic plans to the plan
- * cache; a chunked statement's queries are always planned with the real
- * size of the transition table (custom).
+ * A prepared plan over the transition table, by its SQL and the table's row
+ * type. A statement of one chunk or less leaves the choice of custom or
+ * generic plans to the plan cache; a chunked statement's queries are always
+ * planned with the real size of the transition table (custom).
+ *
+ * The transition table is always called loyalty_new, so two attached
+ * tables whose mapped columns have the same names give the same SQL; the
+ * plan was analysed against one table's columns, in its order and with its
+ * types, and must not read the other's rows. The key names the table and
+ * the type of every attribute (a table altered since gets a plan of its
+ * own too).
  */
 static SPIPlanPtr
-AccrualSourcePlan(const char *sql, bool custom, int nargs, const Oid *argtypes)
+AccrualSourcePlan(const char *sql, Relation rel, bool custom, int nargs, const Oid *argtypes)
 {
 	int			free_slot = -1;
+	TupleDesc	desc = RelationGetDescr(rel);
+	StringInfoData key;
 
+	initStringInfo(&key);
+	appendStringInfo(&key, "%u:", RelationGetRelid(rel));
+	for (int i = 0; i < desc->natts; i++)
+		appendStringInfo(&key, "%u%s,", TupleDescAttr(desc, i)->atttypid,
+						 TupleDescAttr(desc, i)->attisdropped ? "x" : "");
+	appendStringInfo(&key, "\n%s", sql);
 	for (int i = 0; i < PLAN_SLOTS; i++)
 	{
-		if (plan_sql[i] != NULL && plan_custom[i] == custom && strcmp(plan_sql[i], sql) == 0)
+		if (plan_sql[i] != NULL && plan_custom[i] == custom && strcmp(plan_sql[i], key.data) == 0)
 			return plan_read[i];
 		if (plan_sql[i] == NULL && free_slot < 0)
 			free_slot = i;
@@ -149,7 +165,7 @@ AccrualSourcePlan(const char *sql, bool custom, int nargs, const Oid *argtypes)
 	}
 	plan_read[free_slot] = NULL;
 	AccrualPrepare(&plan_read[free_slot], custom ? CURSOR_OPT_CUSTOM_PLAN : 0, sql, nargs, argtypes);
-	plan_sql[free_slot] = MemoryContextStrdup(TopMemoryContext, sql);
+	plan_sql[free_slot] = MemoryContextStrdup(TopMemoryContext, key.data);
 	plan_custom[free_slot] = custom;
 	return plan_read[free_slot];
 }
@@ -182,14 +198,16 @@ AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, int6
 	if (nrows <= loyalty_accrual_chunk)
 	{
 		/* one chunk: read it all, lock the accounts it names, post */
-		LedgerExpect(SPI_execute_plan(AccrualSourcePlan(AccrualReadSql(source, b->rules->uses_birthday), false, 3, argtypes),
+		LedgerExpect(SPI_execute_plan(AccrualSourcePlan(AccrualReadSql(source, b->rules->uses_birthday),
+														trig->tg_relation, false, 3, argtypes),
 									   args, nulls, false, 0), SPI_OK_SELECT, "reading new purchases");
 		AccrualReadRows(b);
 		AccrualPostBatch(b, true);
 		return;
 	}
-	AccrualPostSource(b, AccrualSourcePlan(AccrualLockSql(source), true, 3, argtypes),
-					  AccrualSourcePlan(AccrualReadSql(source, b->rules->uses_birthday), true, 3, argtypes), args, nulls);
+	AccrualPostSource(b, AccrualSourcePlan(AccrualLockSql(source), trig->tg_relation, true, 3, argtypes),
+					  AccrualSourcePlan(AccrualReadSql(source, b->rules->uses_birthday), trig->tg_relation,
+										true, 3, argtypes), args, nulls);
 }
 
 /* Quarantine one refund that failed. */
@@ -211,12 +229,12 @@ AccrualQuarantineRefund(AccrualBatch *b, const char *ref, Datum amount, bool amo
 	nulls[5] = amount_null ? 'n' : ' ';
 	args[6] = CStringGetTextDatum(refund_ref);
 	rc = SPI_execute_with_args(to_amount ?
-							   "INSERT INTO loyalty.accrual_quarantine (program_id, source, ref, row_data, reason, sqlstate)"
-							   " VALUES ($1, $2, $3, jsonb_build_object('refund_of', $3, 'to_amount', $6, 'refund_ref', $7),"
-							   "         $4, $5)" :
-							   "INSERT INTO loyalty.accrual_quarantine (program_id, source, ref, row_data, reason, sqlstate)"
-							   " VALUES ($1, $2, $3, jsonb_build_object('refund_of', $3, 'amount', $6, 'refund_ref', $7),"
-							   "         $4, $5)",
+							   "INSERT INTO loyalty.accrual_quarantine (program_id, source, kind, ref, row_data, reason, sqlstate)"
+							   " VALUES ($1, $2, 'refund_to', $3,"
+							   "         jsonb_build_object('refund_of', $3, 'to_amount', $6, 'refund_ref', $7), $4, $5)" :
+							   "INSERT INTO loyalty.accrual_quarantine (program_id, source, kind, ref, row_data, reason, sqlstate)"
+							   " VALUES ($1, $2, 'refund', $3,"
+							   "         jsonb_build_object('refund_of', $3, 'amount', $6, 'refund_ref', $7), $4, $5)",
 							   7, (Oid *) argtypes, args, nulls, false, 0);
 	LedgerExpect(rc, SPI_OK_INSERT, "quarantining a refund");
 }

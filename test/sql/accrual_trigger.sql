@@ -107,9 +107,9 @@ SELECT refunded_amount, refunded_points FROM loyalty.accrual WHERE ref = 'o2';
 -- down to 5.00.
 SELECT loyalty.refund('shop', 'o2', 1.00, 'o2:amount:5.00') AS clawed;
 UPDATE public.orders SET total = 5.00 WHERE id = 'o2';
-SELECT ref, sqlstate, row_data FROM loyalty.accrual_quarantine WHERE row_data ? 'to_amount';
+SELECT ref, kind, sqlstate, row_data FROM loyalty.accrual_quarantine WHERE kind <> 'purchase';
 UPDATE loyalty.accrual_quarantine SET row_data = row_data || '{"refund_ref": "o2:amount:5.00:b"}'
-WHERE row_data ? 'to_amount';
+WHERE kind = 'refund_to';
 SELECT refund_ref, amount, points FROM loyalty.accrual_refund ORDER BY refund_ref;
 -- DELETE of a quarantined row refunds nothing
 DELETE FROM public.orders WHERE id = 'o4';
@@ -280,7 +280,7 @@ SELECT ref, sqlstate, reason, row_data ->> 'total' AS total FROM loyalty.accrual
 WHERE source = 'public.odd_orders'::regclass ORDER BY id;
 UPDATE public.odd_orders SET total = -5 WHERE id = 'd5';
 SELECT ref, sqlstate, reason, row_data FROM loyalty.accrual_quarantine
-WHERE source = 'public.odd_orders'::regclass AND row_data ? 'to_amount';
+WHERE source = 'public.odd_orders'::regclass AND kind = 'refund_to';
 SELECT refunded_amount FROM loyalty.accrual WHERE ref = 'd5';
 SELECT loyalty.detach_accrual('public.odd_orders');
 DROP TABLE public.odd_orders;
@@ -298,6 +298,35 @@ SELECT * FROM loyalty.replay_quarantine('cash');
 SELECT ref, amount, occurred_at, points FROM loyalty.accrual WHERE program_id = (SELECT id FROM loyalty.program WHERE code = 'cash');
 SELECT loyalty.detach_accrual('public.cash_sales');
 DROP TABLE public.cash_sales;
+
+-- Two attached tables whose mapped columns have the same names, in another
+-- order and of other types, in one session: each statement reads its own
+-- table's rows (the trigger's plans are kept per table and row type).
+SELECT loyalty.create_program('two', 'Two', 'UTC') > 0 AS created;
+SELECT loyalty.enroll('two', m, occurred_at => '2025-01-01') > 0 AS enrolled FROM unnest(ARRAY['t1', 't2']) m;
+SELECT loyalty.set_earning_rules('two', '{"base": {"per": 1, "points": 1}}', '2025-01-01') AS version;
+CREATE TABLE public.web_two (id text, cust text, total numeric, at timestamptz);
+CREATE TABLE public.pos_two (cust text, id text, total money, at timestamptz);
+SELECT loyalty.attach_accrual('public.web_two', 'two', 'cust', 'total', 'id', 'at');
+SELECT loyalty.attach_accrual('public.pos_two', 'two', 'cust', 'total', 'id', 'at');
+INSERT INTO public.web_two VALUES ('w1', 't1', 10, '2025-02-01'), ('w2', 't1', 11, '2025-02-01');
+INSERT INTO public.pos_two VALUES ('t2', 'p1', '$30', '2025-02-01'), ('t2', 'p2', '$40', '2025-02-01');
+INSERT INTO public.web_two VALUES ('w3', 't2', 12, '2025-02-01'), ('w4', 't2', 13, '2025-02-01');
+SELECT a.ref, m.member_ref, a.points FROM loyalty.accrual a JOIN loyalty.member m ON m.id = a.member_id
+WHERE a.program_id = (SELECT id FROM loyalty.program WHERE code = 'two') ORDER BY a.ref;
+SELECT count(*) AS quarantined FROM loyalty.accrual_quarantine
+WHERE source IN ('public.web_two'::regclass, 'public.pos_two'::regclass);
+-- An application column named like a refund's marker (refund_of) does not
+-- make a quarantined purchase a refund: the replay posts it.
+CREATE TABLE public.marked (id text, cust text, total numeric, refund_of text);
+SELECT loyalty.attach_accrual('public.marked', 'two', 'cust', 'total', 'id');
+INSERT INTO public.marked VALUES ('mk1', 't3', 5, 'w1');   -- t3 is not enrolled yet
+SELECT loyalty.enroll('two', 't3', occurred_at => '2025-01-01') > 0 AS enrolled;
+SELECT * FROM loyalty.replay_quarantine('two');
+SELECT ref, points, refunded_points FROM loyalty.accrual
+WHERE ref IN ('w1', 'mk1') AND program_id = (SELECT id FROM loyalty.program WHERE code = 'two') ORDER BY ref;
+SELECT loyalty.detach_accrual(t) FROM unnest(ARRAY['public.web_two', 'public.pos_two', 'public.marked']::regclass[]) t;
+DROP TABLE public.web_two, public.pos_two, public.marked;
 
 -- Detach: the triggers go, what was posted stays.
 SELECT loyalty.detach_accrual('public.orders');
