@@ -116,14 +116,19 @@ AccrualLockAccount(int64 account)
  * the member's to give any more, whether or not the expire job has swept
  * them yet.
  *
+ * Lots credited after at (a credit dated later in business time) are not
+ * the member's yet at at, as spending sees it; a purchase's own lot is
+ * taken back whenever the purchase is dated.
+ *
  * Points reserved by the member's active holds are left where they are: a
- * checkout holding them must still be able to capture them. The lots give
- * at most what they hold beyond the held sum (pending points go first, and
- * a hold placed at a later business time may have counted on them vesting
- * by then); what the refund cannot take is a shortfall, as if those points
- * had been spent, and whatever credits the member later, a released hold
- * included, repays it. The caller holds the account's lock, so the held
- * sum read here stands.
+ * checkout holding them must still be able to capture them. A capture
+ * spends vested points, so the vested lots give only what they hold beyond
+ * the held sum; and since a hold placed at a later business time may have
+ * counted on pending points vesting by then, all the lots together give at
+ * most what they hold beyond it too. What the refund cannot take is a
+ * shortfall, as if those points had been spent, and whatever credits the
+ * member later, a released hold included, repays it. The caller holds the
+ * account's lock, so the held sum read here stands.
  */
 static int64
 AccrualTakeLots(int64 account, int64 first_lot, int64 need, TimestampTz at,
@@ -133,15 +138,18 @@ AccrualTakeLots(int64 account, int64 first_lot, int64 need, TimestampTz at,
 	Datum		args[3];
 	int64		covered = 0;
 	int64		total = 0;
-	int64		available;
+	int64		vested = 0;
+	int64		free_total;
+	int64		free_vested;
 	int64		held;
 
 	LedgerPrepare(&plan_take,
 				  "SELECT l.id, l.remaining::bigint,"
-				  "       (SELECT a.held::bigint FROM loyalty.account a WHERE a.id = $1)"
+				  "       (SELECT a.held::bigint FROM loyalty.account a WHERE a.id = $1),"
+				  "       l.vests_at > $3"
 				  "  FROM loyalty.lot l"
 				  " WHERE l.account_id = $1 AND l.remaining OPERATOR(loyalty.>) 0"
-				  "   AND (l.expires_at IS NULL OR l.expires_at > $3)"
+				  "   AND (l.id = $2 OR l.occurred_at <= $3) AND (l.expires_at IS NULL OR l.expires_at > $3)"
 				  "   AND (NOT " ACCRUAL_ROLLING("$1") " OR $3 < loyalty._rolling_lapse($1, l.occurred_at, $3))"
 				  " ORDER BY l.id = $2 DESC, l.vests_at > $3 DESC, l.expires_at NULLS LAST, l.occurred_at, l.id"
 				  " FOR UPDATE OF l",
@@ -157,14 +165,30 @@ AccrualTakeLots(int64 account, int64 first_lot, int64 need, TimestampTz at,
 		return 0;
 	held = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &(bool){0}));
 	for (uint64 i = 0; i < SPI_processed; i++)
-		total += DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2, &(bool){0}));
-	available = Min(need, Max(total - held, 0));
-	for (uint64 i = 0; i < SPI_processed && covered < available; i++)
+	{
+		int64		remaining = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 2,
+															&(bool){0}));
+
+		total += remaining;
+		if (!DatumGetBool(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 4, &(bool){0})))
+			vested += remaining;
+	}
+	free_total = Max(total - held, 0);
+	free_vested = Max(vested - held, 0);
+	for (uint64 i = 0; i < SPI_processed && covered < need && free_total > 0; i++)
 	{
 		HeapTuple	t = SPI_tuptable->vals[i];
 		int64		remaining = DatumGetInt64(SPI_getbinval(t, SPI_tuptable->tupdesc, 2, &(bool){0}));
-		int64		take = Min(remaining, available - covered);
+		bool		pending = DatumGetBool(SPI_getbinval(t, SPI_tuptable->tupdesc, 4, &(bool){0}));
+		int64		take = Min(Min(remaining, need - covered), free_total);
 
+		if (!pending)
+			take = Min(take, free_vested);
+		if (take == 0)
+			continue;
+		free_total -= take;
+		if (!pending)
+			free_vested -= take;
 		(*lots)[*n] = DatumGetInt64(SPI_getbinval(t, SPI_tuptable->tupdesc, 1, &(bool){0}));
 		(*amounts)[*n] = take;
 		(*n)++;

@@ -98,6 +98,24 @@ SELECT loyalty.release('shop', 'c6-hold') AS released;
 SELECT loyalty.capture('shop', 'c7-hold', 30) > 0 AS captured;
 SELECT rows, points FROM loyalty.run_job('release_holds', now());
 SELECT m, (pg_temp.state(m)).*, loyalty.balance('shop', m) AS balance FROM unnest(ARRAY['c6', 'c7', 'c8']) m;
+-- A capture spends vested points: c10 has 100 vested (o10a, all held) and
+-- 50 pending; returning o10a takes the 50 pending points, not the held
+-- vested ones, and owes 50; the checkout captures its 100.
+SELECT loyalty.create_program('mixed', 'Mixed', 'UTC') > 0 AS created;
+SELECT loyalty.enroll('mixed', 'c10', occurred_at => '2025-01-01 00:00+00') > 0 AS enrolled;
+SELECT loyalty.set_earning_rules('mixed', '{"base": {"per": 1, "points": 1}}', '2025-01-01') AS version;
+SELECT loyalty.accrue('mixed', 'c10', 100, 'o10a', now() - interval '10 days') AS earned;
+SELECT loyalty.set_earning_rules('mixed', '{"base": {"per": 1, "points": 1}, "pending_days": 30}', now() - interval '1 day') AS version;
+SELECT loyalty.accrue('mixed', 'c10', 50, 'o10b', now() - interval '1 hour') AS earned;
+SELECT loyalty.hold('mixed', 'c10', 100, 'c10-hold') > 0 AS held;
+SELECT loyalty.refund('mixed', 'o10a') AS clawed;
+SELECT refund_ref, taken, shortfall FROM loyalty.accrual_refund WHERE purchase_ref = 'o10a';
+SELECT loyalty.capture('mixed', 'c10-hold') > 0 AS captured;
+SELECT * FROM pg_temp.state('c10');
+-- A credit dated later in business time is not there yet to repay: c10's
+-- bonus dated in ten days leaves the 50 owed.
+SELECT loyalty.earn('mixed', 'c10', 30, 'c10-later', 'later', now() + interval '10 days') > 0 AS earned;
+SELECT * FROM pg_temp.state('c10');
 -- A hold placed at a later business time may count on points that vest by
 -- then: c9's 100 pending points, all held for a checkout in 14 days, stay
 -- where they are when the order is returned (100 owed), and the checkout
