@@ -258,6 +258,30 @@ AS 'MODULE_PATHNAME', 'accrual_trigger'
 LANGUAGE C SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp;
 COMMENT ON FUNCTION loyalty._accrual_trigger() IS 'Internal: statement-level trigger that posts (or refunds) a whole statement''s purchases set-based';
 
+-- attach_accrual's check that a column's type (or a domain's base type) is
+-- one whose values the trigger's casts always convert: the amount and the
+-- time are read with casts that must not fail on a value of the column's
+-- type (a text column holding 'abc' would make the application's INSERT
+-- fail, which accrual must never do). No column (NULL): nothing to check.
+CREATE FUNCTION loyalty._check_column_type(source regclass, col name, what text, allowed regtype[], hint text)
+RETURNS void LANGUAGE plpgsql STABLE SET search_path = loyalty, pg_catalog, pg_temp AS $$
+DECLARE
+    v_type regtype;
+    v_base regtype;
+BEGIN
+    IF col IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT a.atttypid, coalesce(nullif(t.typbasetype, 0), t.oid) INTO v_type, v_base
+    FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+    WHERE a.attrelid = source AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+    IF v_base IS NULL OR NOT v_base = ANY (allowed) THEN
+        RAISE EXCEPTION 'column "%" of "%" cannot hold %', col, source::text, what
+            USING ERRCODE = 'datatype_mismatch', DETAIL = format('It is of type %s.', v_type), HINT = hint;
+    END IF;
+END $$;
+COMMENT ON FUNCTION loyalty._check_column_type(regclass, name, text, regtype[], text) IS 'Internal: refuses (42804) a column of an attached table whose type the accrual trigger cannot always convert';
+
 CREATE FUNCTION loyalty.attach_accrual(source regclass, program text, member_column name, amount_column name,
                                        ref_column name, occurred_at_column name DEFAULT NULL,
                                        category_column name DEFAULT NULL, channel_column name DEFAULT NULL,
@@ -287,28 +311,12 @@ BEGIN
     -- The amount and the time are read with casts that must not fail on a
     -- value of the column's type: a text column holding 'abc' would make
     -- the application's INSERT fail, which accrual must never do.
-    IF NOT EXISTS (SELECT FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-                   WHERE a.attrelid = source AND a.attname = amount_column
-                     AND coalesce(nullif(t.typbasetype, 0), t.oid) IN
-                         ('numeric'::regtype, 'int2'::regtype, 'int4'::regtype, 'int8'::regtype,
-                          'float4'::regtype, 'float8'::regtype, 'money'::regtype)) THEN
-        RAISE EXCEPTION 'column "%" of "%" cannot hold amounts', amount_column, v_tab
-            USING ERRCODE = 'datatype_mismatch',
-                  DETAIL = format('It is of type %s.', (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
-                                                        WHERE a.attrelid = source AND a.attname = amount_column)),
-                  HINT = 'An amount column is numeric, an integer, a floating-point number or money.';
-    END IF;
-    IF occurred_at_column IS NOT NULL
-       AND NOT EXISTS (SELECT FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-                       WHERE a.attrelid = source AND a.attname = occurred_at_column
-                         AND coalesce(nullif(t.typbasetype, 0), t.oid) IN
-                             ('timestamptz'::regtype, 'timestamp'::regtype, 'date'::regtype)) THEN
-        RAISE EXCEPTION 'column "%" of "%" cannot hold purchase times', occurred_at_column, v_tab
-            USING ERRCODE = 'datatype_mismatch',
-                  DETAIL = format('It is of type %s.', (SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a
-                                                        WHERE a.attrelid = source AND a.attname = occurred_at_column)),
-                  HINT = 'A purchase time column is timestamp with time zone, timestamp or date.';
-    END IF;
+    PERFORM loyalty._check_column_type(source, amount_column, 'amounts',
+        ARRAY['numeric', 'int2', 'int4', 'int8', 'float4', 'float8', 'money']::regtype[],
+        'An amount column is numeric, an integer, a floating-point number or money.');
+    PERFORM loyalty._check_column_type(source, occurred_at_column, 'purchase times',
+        ARRAY['timestamptz', 'timestamp', 'date']::regtype[],
+        'A purchase time column is timestamp with time zone, timestamp or date.');
     IF EXISTS (SELECT FROM loyalty.accrual_source s WHERE s.source = attach_accrual.source) THEN
         RAISE EXCEPTION 'accrual is already attached to "%"', v_tab
             USING ERRCODE = 'LY013', HINT = 'Detach it first with loyalty.detach_accrual().';

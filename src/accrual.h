@@ -39,8 +39,9 @@ typedef struct AccrualItem
 {
 	char	   *path;			/* "multipliers[0]", "bonuses[2]" */
 	AccrualCond when;
-	double		factor;			/* 0: none */
-	int64		points;			/* 0: none */
+	bool		is_factor;		/* a factor bonus (or multiplier), not a points one */
+	double		factor;
+	int64		points;
 	char	   *campaign;		/* NULL: not a campaign */
 	DateADT		from;
 	DateADT		to;
@@ -140,12 +141,14 @@ extern void AccrualInit(void);
 extern AccrualProgramRules *AccrualProgram(int64 program_id);
 extern AccrualProgramRules *AccrualFindProgram(int64 program_id, const char *code);
 extern MemoryContext AccrualCacheMemory(void);
+extern void AccrualCacheLoading(void);
 extern HTAB *AccrualSourceCache(Size entrysize);
 extern AccrualRules *AccrualRulesAt(AccrualProgramRules *pr, TimestampTz at);
 extern AccrualRules *AccrualCompile(Jsonb *doc, MemoryContext cxt);
 extern int64 AccrualEvaluate(const AccrualRules *r, const AccrualInput *in, AccrualState *st,
 							 StringInfo breakdown);
 extern bool AccrualInRange(const AccrualRules *r, double amount);
+extern bool AccrualVersionUses(const AccrualRules *r, bool birthday);
 extern void AccrualLocalTime(TimestampTz t, pg_tz *tz, int *weekday, DateADT *day, int *month);
 
 #endif

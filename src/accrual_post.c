@@ -166,6 +166,7 @@ AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code)
 		char	   *tz;
 		MemoryContext old;
 
+		AccrualCacheLoading();
 		LedgerPrepare(&plan_program,
 					  "SELECT p.id, p.code, p.time_zone, coalesce(p.options ->> 'unknown_member', 'quarantine'),"
 					  "       s.id, coalesce(p.options #>> '{expiry,policy}' IN ('fixed', 'calendar'), false)"
@@ -1679,6 +1680,17 @@ loyalty_accrue(PG_FUNCTION_ARGS)
 		r = &b.rows[0];
 		if (r->problem != NULL)
 			AccrualRaise(&b, r);
+
+		/*
+		 * Under REPEATABLE READ or SERIALIZABLE the purchase committed
+		 * meanwhile is not in this transaction's snapshot: whether it is
+		 * this one again cannot be told, and this one was not posted.
+		 */
+		if (!r->existing)
+			ereport(ERROR,
+					(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+					 errmsg("could not serialize access due to a concurrent purchase with ref \"%s\"", r->ref),
+					 errhint("Retry the transaction.")));
 		points = r->existing_points;
 	}
 	SPI_finish();

@@ -34,6 +34,7 @@ PG_FUNCTION_INFO_V1(loyalty_recover_debt);
 static SPIPlanPtr plan_purchase;
 static SPIPlanPtr plan_refund_find;
 static SPIPlanPtr plan_account_lock;
+static SPIPlanPtr plan_account_touch;
 static SPIPlanPtr plan_take;
 static SPIPlanPtr plan_refund_save;
 static SPIPlanPtr plan_debt_list;
@@ -69,8 +70,9 @@ AccrualDescribeExisting(AccrualBatch *b, AccrualRow *r)
 				  2, argtypes);
 	args[0] = Int64GetDatum(b->program_id);
 	args[1] = CStringGetTextDatum(r->ref);
-	LedgerExpect(SPI_execute_plan(plan_existing, args, NULL, true, 1), SPI_OK_SELECT, "reading a purchase");
-	first = "?";
+	/* not read-only: under READ COMMITTED, a snapshot that sees a purchase committed meanwhile */
+	LedgerExpect(SPI_execute_plan(plan_existing, args, NULL, false, 1), SPI_OK_SELECT, "reading a purchase");
+	first = "posted by a transaction this one cannot see";
 	if (SPI_processed == 1)
 	{
 		HeapTuple	t = SPI_tuptable->vals[0];
@@ -108,6 +110,24 @@ AccrualLockAccount(int64 account)
 #define ACCRUAL_ROLLING(account) \
 	"coalesce((SELECT p.options #>> '{expiry,policy}' = 'rolling' FROM loyalty.account a" \
 	"          JOIN loyalty.program p ON p.id = a.program_id WHERE a.id = " account "), false)"
+
+/*
+ * Make a new version of a member account row, unchanged: a refund that
+ * records a debt without taking any lot posts nothing that updates the
+ * account, and a credit under REPEATABLE READ or SERIALIZABLE that took its
+ * snapshot before the refund committed would lock the row without conflict
+ * and never see the debt it should repay. A new version makes that lock
+ * fail with 40001, as it does after any posting to the account.
+ */
+static void
+AccrualTouchAccount(int64 account)
+{
+	static const Oid argtypes[] = {INT8OID};
+	Datum		arg = Int64GetDatum(account);
+
+	LedgerPrepare(&plan_account_touch, "UPDATE loyalty.account SET held = held WHERE id = $1", 1, argtypes);
+	LedgerExpect(SPI_execute_plan(plan_account_touch, &arg, NULL, false, 0), SPI_OK_UPDATE, "updating an account");
+}
 
 /*
  * Choose up to need points of an account's open lots: first_lot first, then
@@ -509,6 +529,8 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 		covered = AccrualTakeLots(account, lot, claw - forgiven, now, &lots, &amounts, &n);
 	if (covered > 0)
 		AccrualPostBack(b, account, member_ref, "refund", refund_ref, covered, n, lots, amounts, now);
+	else if (claw - forgiven > 0)
+		AccrualTouchAccount(account);
 
 	LedgerPrepare(&plan_refund_save,
 				  "WITH r AS (INSERT INTO loyalty.accrual_refund (program_id, refund_ref, purchase_ref, amount,"

@@ -12,11 +12,13 @@
 
 #include <math.h>
 
+#include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "storage/proc.h"
 #include "utils/builtins.h"
 #include "utils/datetime.h"
 #include "utils/guc.h"
@@ -41,6 +43,15 @@ static MemoryContext AccrualCacheCxt = NULL;
 static HTAB *AccrualCache = NULL;
 static HTAB *AccrualSources = NULL;
 static bool AccrualStale = true;
+
+/*
+ * The local transaction that loaded part of the cache with a transaction
+ * snapshot (REPEATABLE READ or SERIALIZABLE), or invalid. Such a snapshot
+ * may predate a rule version, program change or attachment that committed
+ * before the load, whose invalidation was taken in already: what it loaded
+ * is good for that transaction only, and the cache is dropped after it.
+ */
+static LocalTransactionId AccrualXactLoaded = InvalidLocalTransactionId;
 static Oid	AccrualRulesRelid = InvalidOid;	/* loyalty.earning_rule, once known */
 static SPIPlanPtr plan_versions;
 
@@ -300,6 +311,7 @@ RulesMultiplier(const JsonbValue *obj, const char *path, AccrualItem *it)
 	}
 	if (!has_factor)
 		RulesBad(psprintf("%s.factor", path), "required");
+	it->is_factor = true;
 }
 
 static void
@@ -357,6 +369,7 @@ RulesBonus(const JsonbValue *obj, const char *path, AccrualItem *it)
 	}
 	if (has_factor == has_points)
 		RulesBad(path, "expected exactly one of factor and points");
+	it->is_factor = has_factor;
 	if (it->campaign != NULL && (!has_from || !has_to))
 		RulesBad(psprintf("%s.%s", path, has_from ? "to" : "from"), "required by a campaign");
 	if (it->campaign == NULL && (has_from || has_to || it->budget >= 0))
@@ -478,6 +491,29 @@ AccrualCompile(Jsonb *doc, MemoryContext cxt)
 
 /* ---- the per-backend cache ---- */
 
+static void AccrualResetCache(void);
+
+/*
+ * Called where the cache is filled from the tables: under a transaction
+ * snapshot, what is loaded now must not outlive this transaction.
+ */
+void
+AccrualCacheLoading(void)
+{
+	if (IsolationUsesXactSnapshot())
+		AccrualXactLoaded = MyProc->lxid;
+}
+
+/* Take in invalidations; drop the cache if stale or loaded by an earlier transaction's snapshot. */
+static void
+AccrualCheckCache(void)
+{
+	AcceptInvalidationMessages();
+	if (AccrualStale || AccrualCache == NULL ||
+		(AccrualXactLoaded != InvalidLocalTransactionId && AccrualXactLoaded != MyProc->lxid))
+		AccrualResetCache();
+}
+
 static void
 AccrualRelcacheCallback(Datum arg, Oid relid)
 {
@@ -519,12 +555,26 @@ AccrualResetCache(void)
 	AccrualSources = NULL;		/* freed with the context */
 	AccrualRulesRelid = get_relname_relid("earning_rule", get_namespace_oid("loyalty", false));
 	AccrualStale = false;
+	AccrualXactLoaded = InvalidLocalTransactionId;
 }
 
 static bool
 AccrualCondUses(const AccrualCond *c, bool birthday)
 {
 	return birthday ? c->birthday_month >= 0 : c->first_purchase >= 0;
+}
+
+/* Whether a version's conditions use birthday_month (or, false, first_purchase). */
+bool
+AccrualVersionUses(const AccrualRules *r, bool birthday)
+{
+	for (int i = 0; i < r->nmult; i++)
+		if (AccrualCondUses(&r->mult[i].when, birthday))
+			return true;
+	for (int i = 0; i < r->nbonus; i++)
+		if (AccrualCondUses(&r->bonus[i].when, birthday))
+			return true;
+	return false;
 }
 
 static void
@@ -554,9 +604,7 @@ AccrualFindProgram(int64 program_id, const char *code)
 	HASH_SEQ_STATUS seq;
 	AccrualProgramRules *pr;
 
-	AcceptInvalidationMessages();
-	if (AccrualStale || AccrualCache == NULL)
-		AccrualResetCache();
+	AccrualCheckCache();
 	if (code == NULL)
 	{
 		pr = hash_search(AccrualCache, &program_id, HASH_FIND, NULL);
@@ -581,9 +629,7 @@ AccrualSourceCache(Size entrysize)
 {
 	HASHCTL		ctl;
 
-	AcceptInvalidationMessages();
-	if (AccrualStale || AccrualCache == NULL)
-		AccrualResetCache();
+	AccrualCheckCache();
 	if (AccrualSources != NULL)
 		return AccrualSources;
 	memset(&ctl, 0, sizeof(ctl));
@@ -615,12 +661,11 @@ AccrualProgram(int64 program_id)
 	 * A version committed since this transaction took its locks is visible to
 	 * this statement (READ COMMITTED): take in pending invalidations now.
 	 */
-	AcceptInvalidationMessages();
-	if (AccrualStale || AccrualCache == NULL)
-		AccrualResetCache();
+	AccrualCheckCache();
 	pr = hash_search(AccrualCache, &program_id, HASH_ENTER, &found);
 	if (found)
 		return pr;
+	AccrualCacheLoading();
 
 	pr->nversions = 0;
 	pr->versions = NULL;
@@ -849,7 +894,7 @@ AccrualFactors(const AccrualRules *r, const AccrualInput *in, AccrualState *st, 
 			appendStringInfoChar(b, '}');
 		}
 	for (int i = 0; i < r->nbonus; i++)
-		if (r->bonus[i].factor > 0 || (r->bonus[i].points == 0 && r->bonus[i].campaign == NULL))
+		if (r->bonus[i].is_factor)
 			if (AccrualMatches(&r->bonus[i].when, in))
 			{
 				factor *= r->bonus[i].factor;
@@ -880,7 +925,7 @@ AccrualBonuses(const AccrualRules *r, const AccrualInput *in, AccrualState *st, 
 		const AccrualItem *it = &r->bonus[i];
 		int64		grant = it->points;
 
-		if (it->factor > 0 || (it->points == 0 && it->campaign == NULL) || !AccrualMatches(&it->when, in))
+		if (it->is_factor || !AccrualMatches(&it->when, in))
 			continue;
 		if (it->campaign != NULL)
 		{

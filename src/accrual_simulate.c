@@ -4,11 +4,12 @@
  *
  * Each purchase is evaluated again with the draft, with the context stored
  * when it was posted (tier, first purchase, birthday month); daily caps and
- * campaign budgets start from zero at from_ts. A purchase posted while no
- * version used first_purchase or birthday_month did not store them, so
- * they are found again: the member's first purchase is its first posted
- * (the smallest id of its account), and its birthday month is the month of
- * the birthday its contact row holds now.
+ * campaign budgets start from zero at from_ts, and purchases are taken in
+ * the order they were posted. A purchase posted under a version that did
+ * not use first_purchase or birthday_month did not compute them, so they
+ * are found again: the member's first purchase is its first posted (the
+ * smallest id of its account), and its birthday month is the month of the
+ * birthday its contact row holds now.
  */
 #include "postgres.h"
 
@@ -69,6 +70,16 @@ SimulateDays(void)
 	return hash_create("loyalty simulate days", 1024, &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 }
 
+/* The program's rule version of this number, or NULL. */
+static AccrualRules *
+SimulateVersion(AccrualBatch *b, int32 version)
+{
+	for (int i = 0; i < b->rules->nversions; i++)
+		if (b->rules->versions[i].version == version)
+			return &b->rules->versions[i];
+	return NULL;
+}
+
 /* Evaluate every purchase of the period; returns how many there were. */
 static int64
 SimulateRun(AccrualBatch *b, AccrualRules *r, AccrualState *st, TimestampTz from, TimestampTz to,
@@ -86,10 +97,10 @@ SimulateRun(AccrualBatch *b, AccrualRules *r, AccrualState *st, TimestampTz from
 	LedgerExpect(SPI_execute_with_args(
 										"SELECT a.amount::float8, a.occurred_at, a.category, a.channel, a.store,"
 										"       a.breakdown #>> '{context,tier}',"
-										"       coalesce((a.breakdown #>> '{context,first_purchase}')::boolean, false)"
-										"         OR a.id = f.first_id,"
+										"       coalesce((a.breakdown #>> '{context,first_purchase}')::boolean, false),"
 										"       coalesce((a.breakdown #>> '{context,birthday_month}')::boolean, false),"
-										"       a.account_id, a.points, coalesce(extract(month FROM c.birthday)::int, 0)"
+										"       a.account_id, a.points, coalesce(extract(month FROM c.birthday)::int, 0),"
+										"       a.id = f.first_id, a.rule_version"
 										"  FROM loyalty.accrual a"
 										"  JOIN (SELECT e.account_id, min(e.id) AS first_id FROM loyalty.accrual e"
 										"         WHERE e.account_id IN (SELECT w.account_id FROM loyalty.accrual w"
@@ -98,7 +109,7 @@ SimulateRun(AccrualBatch *b, AccrualRules *r, AccrualState *st, TimestampTz from
 										"         GROUP BY 1) f ON f.account_id = a.account_id"
 										"  LEFT JOIN loyalty.member_contact c ON c.member_id = a.member_id"
 										" WHERE a.program_id = $1 AND a.occurred_at >= $2 AND a.occurred_at < $3"
-										" ORDER BY a.occurred_at, a.id",
+										" ORDER BY a.id",
 										3, (Oid *) argtypes, args, NULL, true, 0),
 				  SPI_OK_SELECT, "reading purchases");
 	initStringInfo(&buf);
@@ -109,6 +120,7 @@ SimulateRun(AccrualBatch *b, AccrualRules *r, AccrualState *st, TimestampTz from
 		TupleDesc	d = SPI_tuptable->tupdesc;
 		AccrualInput in;
 		SimulateDay *e;
+		AccrualRules *posted_by;
 		int64		key[2];
 		int			month;
 		bool		isnull,
@@ -120,10 +132,17 @@ SimulateRun(AccrualBatch *b, AccrualRules *r, AccrualState *st, TimestampTz from
 		in.channel = SPI_getvalue(t, d, 4);
 		in.store = SPI_getvalue(t, d, 5);
 		in.tier = SPI_getvalue(t, d, 6);
-		in.first_purchase = DatumGetBool(SPI_getbinval(t, d, 7, &isnull));
-		in.birthday_month = DatumGetBool(SPI_getbinval(t, d, 8, &isnull));
 		AccrualLocalTime(in.occurred_at, b->tz, &in.weekday, &in.day, &month);
-		in.birthday_month = in.birthday_month || DatumGetInt32(SPI_getbinval(t, d, 11, &isnull)) == month;
+		posted_by = SimulateVersion(b, DatumGetInt32(SPI_getbinval(t, d, 13, &isnull)));
+		/* what the posting computed, or, if its version did not, found again */
+		if (posted_by != NULL && AccrualVersionUses(posted_by, false))
+			in.first_purchase = DatumGetBool(SPI_getbinval(t, d, 7, &isnull));
+		else
+			in.first_purchase = DatumGetBool(SPI_getbinval(t, d, 12, &isnull));
+		if (posted_by != NULL && AccrualVersionUses(posted_by, true))
+			in.birthday_month = DatumGetBool(SPI_getbinval(t, d, 8, &isnull));
+		else
+			in.birthday_month = DatumGetInt32(SPI_getbinval(t, d, 11, &isnull)) == month;
 		key[0] = DatumGetInt64(SPI_getbinval(t, d, 9, &isnull));
 		key[1] = in.day;
 		e = hash_search(days, key, HASH_ENTER, &found);
@@ -176,7 +195,7 @@ loyalty_simulate_accrual(PG_FUNCTION_ARGS)
 		SimulateRow(rsinfo->setResult, rsinfo->setDesc, r->mult[i].path, trace.applied[i], 0, true);
 	for (int i = 0; i < r->nbonus; i++)
 		SimulateRow(rsinfo->setResult, rsinfo->setDesc, r->bonus[i].path, trace.applied[r->nmult + i],
-					trace.points[r->nmult + i], r->bonus[i].factor > 0);
+					trace.points[r->nmult + i], r->bonus[i].is_factor);
 	SimulateRow(rsinfo->setResult, rsinfo->setDesc, "caps.per_purchase", trace.applied[TRACE_CAP_PURCHASE(r)],
 				-trace.points[TRACE_CAP_PURCHASE(r)], false);
 	SimulateRow(rsinfo->setResult, rsinfo->setDesc, "caps.per_member_per_day", trace.applied[TRACE_CAP_DAY(r)],

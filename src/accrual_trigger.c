@@ -72,6 +72,7 @@ AccrualLoadSource(Oid relid, AccrualSource *s)
 		*s = *c;
 		return s->attached;
 	}
+	AccrualCacheLoading();
 	LedgerPrepare(&plan_source,
 				  "SELECT program_id, member_column, amount_column, ref_column, occurred_at_column,"
 				  "       category_column, channel_column, store_column"

@@ -229,3 +229,28 @@ SELECT loyalty.accrue('sim', 's2', 10, 's-3', '2025-05-20 10:00+00') AS earned;
 SELECT * FROM loyalty.simulate_accrual('sim', '{"base": {"per": 1, "points": 1},
   "bonuses": [{"when": {"first_purchase": true}, "points": 100}, {"when": {"birthday_month": true}, "factor": 2}]}',
   '2025-01-01', '2026-01-01');
+
+-- A points bonus of 0 adds nothing (it is not a factor of 0): z1 earns its
+-- 100.
+SELECT loyalty.create_program('zero', 'Zero', 'UTC') > 0 AS created;
+SELECT loyalty.enroll('zero', 'z', birthday => '1990-03-10', occurred_at => '2025-01-01') > 0 AS enrolled;
+SELECT loyalty.set_earning_rules('zero', '{"bonuses": [{"when": {"category": ["x"]}, "points": 0}]}', '2025-01-01') AS version;
+SELECT loyalty.accrue('zero', 'z', 100, 'z1', '2025-03-15 12:00+00', category => 'x') AS earned;
+SELECT loyalty._accrual_breakdown(a) FROM loyalty.accrual a WHERE ref = 'z1';
+-- The simulation takes purchases in the order they were posted, as the
+-- budgets and caps counted them: r1 (posted first, dated later) used the
+-- campaign's whole budget; replaying version 2 gives what was posted.
+SELECT loyalty.set_earning_rules('zero', '{"caps": {"per_purchase": 100},
+  "bonuses": [{"campaign": "c", "from": "2026-01-01", "to": "2026-12-31", "points": 50, "budget": 50},
+              {"when": {"birthday_month": true}, "factor": 2}]}', '2026-01-01') AS version;
+SELECT loyalty.accrue('zero', 'z', 100, 'r1', '2026-03-01 12:00+00') AS earned;
+SELECT loyalty.accrue('zero', 'z', 10, 'r2', '2026-03-01 10:00+00') AS earned;
+-- r3 was posted outside the birthday month as it was then (April); the
+-- birthday moved to April since: the version used birthday_month, so the
+-- simulation keeps what the posting computed.
+SELECT loyalty.accrue('zero', 'z', 10, 'r3', '2026-04-15 12:00+00') AS earned;
+UPDATE loyalty.member_contact SET birthday = '1990-04-01'
+WHERE member_id = (SELECT id FROM loyalty.member WHERE member_ref = 'z');
+SELECT * FROM loyalty.simulate_accrual('zero', (SELECT rules FROM loyalty.earning_rule r JOIN loyalty.program p ON p.id = r.program_id
+                                               WHERE p.code = 'zero' AND r.version = 2),
+                                       '2026-01-01', '2027-01-01') WHERE rule LIKE 'total%';
