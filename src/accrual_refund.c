@@ -35,6 +35,7 @@ static SPIPlanPtr plan_purchase;
 static SPIPlanPtr plan_refund_find;
 static SPIPlanPtr plan_account_lock;
 static SPIPlanPtr plan_account_touch;
+static SPIPlanPtr plan_purchase_account;
 static SPIPlanPtr plan_take;
 static SPIPlanPtr plan_refund_save;
 static SPIPlanPtr plan_debt_list;
@@ -110,6 +111,24 @@ AccrualLockAccount(int64 account)
 #define ACCRUAL_ROLLING(account) \
 	"coalesce((SELECT p.options #>> '{expiry,policy}' = 'rolling' FROM loyalty.account a" \
 	"          JOIN loyalty.program p ON p.id = a.program_id WHERE a.id = " account "), false)"
+
+/* Lock the member account of purchase ref, if there is such a purchase. */
+static void
+AccrualLockPurchaseAccount(AccrualBatch *b, const char *ref)
+{
+	static const Oid argtypes[] = {INT8OID, TEXTOID};
+	Datum		args[2];
+
+	LedgerPrepare(&plan_purchase_account,
+				  "SELECT 1 FROM loyalty.account a"
+				  " WHERE a.id = (SELECT x.account_id FROM loyalty.accrual x WHERE x.program_id = $1 AND x.ref = $2)"
+				  " FOR UPDATE",
+				  2, argtypes);
+	args[0] = Int64GetDatum(b->program_id);
+	args[1] = CStringGetTextDatum(ref);
+	LedgerExpect(SPI_execute_plan(plan_purchase_account, args, NULL, false, 0), SPI_OK_SELECT,
+				 "locking a purchase's account");
+}
 
 /*
  * Make a new version of a member account row, unchanged: a refund that
@@ -464,6 +483,15 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("the new amount %s of purchase \"%s\" is not a finite amount of zero or more",
 						DatumGetCString(DirectFunctionCall1(numeric_out, amount)), ref)));
+	/*
+	 * The member account first, then the purchase: every posting locks
+	 * member accounts before anything else, in id order (an attached table's
+	 * UPDATE or DELETE locks all of its purchases' accounts so before its
+	 * refunds), and a refund that took the purchase's row first deadlocked
+	 * with them. A purchase never changes account, so reading which one
+	 * before the lock is safe.
+	 */
+	AccrualLockPurchaseAccount(b, ref);
 	LedgerPrepare(&plan_purchase,
 				  "WITH x AS (SELECT x.* FROM loyalty.accrual x WHERE x.program_id = $1 AND x.ref = $2 FOR UPDATE),"
 				  " a AS (SELECT x.*, CASE WHEN $4 THEN x.amount - x.refunded_amount - $3"

@@ -16,6 +16,7 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "lib/stringinfo.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
@@ -289,7 +290,7 @@ AccrualOnChange(AccrualBatch *b, const AccrualSource *s, bool update)
 	uint64		n;
 
 	if (update)
-		sql = psprintf("SELECT o.ref, n.amount, o.ref || ':amount:' || n.amount"
+		sql = psprintf("SELECT o.ref, n.amount, o.ref || ':amount:' || n.amount, x.account_id"
 					   "  FROM (SELECT %s AS ref, %s AS amount FROM loyalty_old t) o"
 					   "  JOIN (SELECT %s AS ref, %s AS amount FROM loyalty_new t) n ON n.ref = o.ref"
 					   "  JOIN loyalty.accrual x ON x.program_id = $1 AND x.ref = o.ref"
@@ -297,7 +298,7 @@ AccrualOnChange(AccrualBatch *b, const AccrualSource *s, bool update)
 					   AccrualCol(s->ref, "text"), AccrualCol(s->amount, "numeric"),
 					   AccrualCol(s->ref, "text"), AccrualCol(s->amount, "numeric"));
 	else
-		sql = psprintf("SELECT o.ref, NULL::numeric, o.ref || ':deleted'"
+		sql = psprintf("SELECT o.ref, NULL::numeric, o.ref || ':deleted', x.account_id"
 					   "  FROM (SELECT %s AS ref FROM loyalty_old t) o"
 					   "  JOIN loyalty.accrual x ON x.program_id = $1 AND x.ref = o.ref"
 					   " ORDER BY o.ref",
@@ -306,6 +307,27 @@ AccrualOnChange(AccrualBatch *b, const AccrualSource *s, bool update)
 				  "reading changed purchases");
 	tab = SPI_tuptable;
 	n = SPI_processed;
+
+	/*
+	 * The member accounts of all the purchases first, in id order, as every
+	 * posting locks them: the refunds below, in ref order, would otherwise
+	 * take them in an order of their own and deadlock with a statement
+	 * posting for the same members.
+	 */
+	if (n > 0)
+	{
+		static const Oid lockargs[] = {INT8ARRAYOID};
+		Datum	   *ids = palloc(sizeof(Datum) * n);
+		Datum		lockarg;
+
+		for (uint64 i = 0; i < n; i++)
+			ids[i] = SPI_getbinval(tab->vals[i], tab->tupdesc, 4, &(bool){0});
+		lockarg = PointerGetDatum(construct_array(ids, (int) n, INT8OID, 8, true, TYPALIGN_DOUBLE));
+		LedgerExpect(SPI_execute_with_args("SELECT 1 FROM loyalty.account a WHERE a.id = ANY ($1)"
+										   " ORDER BY a.id FOR UPDATE",
+										   1, (Oid *) lockargs, &lockarg, NULL, false, 0),
+					 SPI_OK_SELECT, "locking accounts");
+	}
 	for (uint64 i = 0; i < n; i++)
 	{
 		bool		amount_null;
