@@ -192,6 +192,10 @@ COMMENT ON FUNCTION loyalty.accrue(text, text, numeric, text, timestamptz, text,
 CREATE FUNCTION loyalty.refund(program text, ref text, amount numeric DEFAULT NULL, refund_ref text DEFAULT NULL)
 RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_refund'
 LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp;
+CREATE FUNCTION loyalty._ordinal() RETURNS bigint
+AS 'MODULE_PATHNAME', 'accrual_ordinal' LANGUAGE C VOLATILE PARALLEL UNSAFE;
+COMMENT ON FUNCTION loyalty._ordinal() IS 'Internal: a number that grows with every call in a backend; numbers the rows of a transition table in the statement''s order';
+
 CREATE FUNCTION loyalty._refund_to(program text, ref text, new_amount numeric, refund_ref text)
 RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_refund_to'
 LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp;

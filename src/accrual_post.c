@@ -65,7 +65,7 @@ enum
 {
 	COL_REF = 1, COL_MEMBER_REF, COL_AMOUNT, COL_OCCURRED_AT, COL_CATEGORY, COL_CHANNEL,
 	COL_STORE, COL_ATTRS, COL_MEMBER_ID, COL_STATUS, COL_TIER, COL_ACCOUNT, COL_BIRTH_MONTH,
-	COL_EXISTS, COL_SAME, COL_EXISTING_POINTS, COL_ROW, COL_OCCURRED_UNSET
+	COL_EXISTS, COL_SAME, COL_EXISTING_POINTS, COL_ROW, COL_OCCURRED_UNSET, COL_ORD
 };
 
 /* The key of the per-batch state of a member: (account, day); day INT_MIN: "has purchases". */
@@ -114,8 +114,12 @@ AccrualChunkMemory(AccrualBatch *b)
 
 /*
  * The SQL of the read query around a source that yields (ref, member_ref,
- * amount, occurred_at, category, channel, store, attrs, whole) where whole
- * is the application's row (NULL for the function API). $1 is the program.
+ * amount, occurred_at, category, channel, store, attrs, occurred_unset,
+ * whole, ord) where whole is the application's row (NULL for the function
+ * API) and ord its place in the statement. $1 is the program. A join may
+ * yield the rows in another order than the statement's: AccrualReadRows
+ * puts them back in it (the first of two rows with one ref earns, and
+ * first purchases, day caps and campaign budgets count in that order).
  * The member's contact row (for the birth month) is joined only when the
  * rules use birthday_month: one index probe per purchase less otherwise.
  */
@@ -136,7 +140,7 @@ AccrualReadSql(const char *source, bool birthday)
 					"              OR n.occurred_at IS NULL OR m.id IS NULL OR m.status <> 'active'"
 					"              OR x.id IS NOT NULL OR n.occurred_at < $2"
 					"            THEN to_jsonb(n.whole) END,"
-					"       n.occurred_unset"
+					"       n.occurred_unset, n.ord"
 					"  FROM (%s) n"
 					"  LEFT JOIN loyalty.member m ON m.program_id = $1 AND m.member_ref = n.member_ref"
 					"  LEFT JOIN loyalty.account a ON a.member_id = m.id"
@@ -292,6 +296,15 @@ AccrualProblem(AccrualBatch *b, AccrualRow *r, HeapTuple tup, TupleDesc desc)
 			r->sqlstate = "22003";
 }
 
+static int
+AccrualCmpOrd(const void *a, const void *b)
+{
+	int64		x = ((const AccrualRow *) a)->ord,
+				y = ((const AccrualRow *) b)->ord;
+
+	return x < y ? -1 : x > y ? 1 : 0;
+}
+
 /* Copy the rows of the read query into the batch. */
 void
 AccrualReadRows(AccrualBatch *b)
@@ -319,6 +332,7 @@ AccrualReadRows(AccrualBatch *b)
 		d = SPI_getbinval(tup, desc, COL_OCCURRED_AT, &isnull);
 		r->occurred_at = isnull ? 0 : DatumGetTimestampTz(d);
 		r->occurred_unset = DatumGetBool(SPI_getbinval(tup, desc, COL_OCCURRED_UNSET, &isnull));
+		r->ord = DatumGetInt64(SPI_getbinval(tup, desc, COL_ORD, &isnull));
 		r->category = AccrualText(tup, desc, COL_CATEGORY);
 		r->channel = AccrualText(tup, desc, COL_CHANNEL);
 		r->store = AccrualText(tup, desc, COL_STORE);
@@ -337,6 +351,20 @@ AccrualReadRows(AccrualBatch *b)
 			r->whole = datumCopy(d, false, -1);
 		AccrualProblem(b, r, tup, desc);
 	}
+
+	/*
+	 * The statement's order, which a hash join (after ANALYZE, say) does not
+	 * always keep: sorting the rows here, only when they are out of order,
+	 * costs far less than a sort in the query, which would carry every
+	 * column. A statement read in several chunks is put in order within
+	 * each chunk.
+	 */
+	for (int i = 1; i < b->nrows; i++)
+		if (b->rows[i].ord < b->rows[i - 1].ord)
+		{
+			qsort(b->rows, b->nrows, sizeof(AccrualRow), AccrualCmpOrd);
+			break;
+		}
 	MemoryContextSwitchTo(old);
 }
 
@@ -1561,7 +1589,7 @@ AccrualEnrollUnknown(AccrualBatch *b, const char *source, Datum *args, char *nul
 	"SELECT $3::text AS ref, $4::text AS member_ref, $5::numeric AS amount," \
 	"       coalesce($6::timestamptz, now()) AS occurred_at, $7::text AS category, $8::text AS channel," \
 	"       $9::text AS store, $10::jsonb AS attrs, $6::timestamptz IS NULL AS occurred_unset," \
-	"       NULL::jsonb AS whole"
+	"       NULL::jsonb AS whole, 1::bigint AS ord"
 
 static void
 AccrualRaise(AccrualBatch *b, AccrualRow *r)

@@ -20,6 +20,7 @@ typedef struct AccrualRow
 	double		amount_d;
 	TimestampTz occurred_at;
 	bool		occurred_unset; /* not given: the transaction's start, not part of its identity */
+	int64		ord;			/* its place in the statement */
 	char	   *category;
 	char	   *channel;
 	char	   *store;
