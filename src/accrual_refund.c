@@ -550,6 +550,11 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 	if (AccrualFindRefund(b, ref, amount, amount_null, refund_ref, &points))
 		return points;
 
+	/*
+	 * Locked already by AccrualLockPurchaseAccount, unless the purchase was
+	 * committed between that query and the purchase's: lock it in any case
+	 * before reading the held sum and the lots.
+	 */
 	AccrualLockAccount(account);
 	if (claw > 0 && transfer != 0)
 		forgiven = Min(claw, AccrualExpiredUnforgiven(b, ref, account, transfer, now));
