@@ -51,8 +51,9 @@ RedemptionInt8Array(FunctionCallInfo fcinfo, int n, int64 **out)
  * A member below zero (a refund's shortfall under the program option
  * shortfall "negative", docs/accrual.md) spends only what is left after the
  * debt. Every credit repays a debt at once, so such a member normally has
- * no lots left; this check covers lots a recovery did not see (a credit
- * under REPEATABLE READ racing the refund). Checked under the member
+ * no lots it could spend; this check covers any left beside a debt (points
+ * credited later in business time, which a recovery at the posting's time
+ * does not take, become spendable later). Checked under the member
  * accounts' locks, taken here in id order as LedgerPost takes them; nothing
  * is locked for a member who owes nothing. A capture spends a hold, which
  * was checked when it was taken.
