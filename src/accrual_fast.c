@@ -269,23 +269,26 @@ AccrualFastPost(AccrualBatch *b, AccrualRow *r)
 		head = FastAttr(account, as, "last_hash", &isnull);
 		AccrualAddHead(b, r->account_id, head, isnull, &as->tts_tid);
 		keys[0] = Int64GetDatum(r->account_id);
-		b->has_debts = AccrualDebtsRecorded();
-		if (b->has_debts)
 		{
 			Relation	debt = LedgerOpenTable("accrual_debt", AccessShareLock);
-			TupleTableSlot *ds = table_slot_create(debt, NULL);
 
 			/*
-			 * Under READ COMMITTED, with a snapshot taken after the lock: a
-			 * refund the lock waited for may have recorded a debt since
-			 * snap was taken, and this purchase must repay it.
+			 * An empty table (no debt ever recorded) answers without a probe.
+			 * Otherwise, under READ COMMITTED, probe with a snapshot taken
+			 * after the lock: a refund the lock waited for may have recorded
+			 * a debt since snap was taken, and this purchase must repay it.
 			 */
-			Snapshot	after = IsolationUsesXactSnapshot() ? snap : RegisterSnapshot(GetLatestSnapshot());
+			b->has_debts = RelationGetNumberOfBlocks(debt) > 0;
+			if (b->has_debts)
+			{
+				TupleTableSlot *ds = table_slot_create(debt, NULL);
+				Snapshot	after = IsolationUsesXactSnapshot() ? snap : RegisterSnapshot(GetLatestSnapshot());
 
-			b->has_debts = LedgerIndexFetch(debt, "accrual_debt_open_idx", 1, keys, after, ds);
-			if (after != snap)
-				UnregisterSnapshot(after);
-			ExecDropSingleTupleTableSlot(ds);
+				b->has_debts = LedgerIndexFetch(debt, "accrual_debt_open_idx", 1, keys, after, ds);
+				if (after != snap)
+					UnregisterSnapshot(after);
+				ExecDropSingleTupleTableSlot(ds);
+			}
 			table_close(debt, NoLock);
 		}
 
