@@ -352,6 +352,85 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION loyalty.detach_accrual(regclass) IS 'Removes the accrual triggers from an application''s table; what was posted stays';
 
+-- An attachment follows its table through DDL. A dropped table takes its
+-- attachment with it (its quarantined rows stay, as a record). A column the
+-- triggers read cannot be dropped, renamed or changed to a type they cannot
+-- read, and the accrual triggers cannot be dropped or renamed on their own:
+-- each would make every later INSERT of the application fail, or its sales
+-- earn nothing, without a word. detach_accrual() comes first.
+CREATE FUNCTION loyalty._accrual_sql_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
+DECLARE
+    v_trigger text;
+    v_table text;
+BEGIN
+    DELETE FROM loyalty.accrual_source s
+    USING pg_event_trigger_dropped_objects() d
+    WHERE d.classid = 'pg_class'::regclass AND d.objsubid = 0 AND d.objid = s.source::oid;
+    SELECT d.address_names[3], s.source::text INTO v_trigger, v_table
+    FROM pg_event_trigger_dropped_objects() d
+    JOIN loyalty.accrual_source s ON s.source = to_regclass(format('%I.%I', d.address_names[1], d.address_names[2]))
+    WHERE d.classid = 'pg_trigger'::regclass
+      AND d.address_names[3] IN ('loyalty_accrual_insert', 'loyalty_accrual_update', 'loyalty_accrual_delete')
+    LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'cannot drop trigger % on "%": accrual is attached to it', v_trigger, v_table
+            USING ERRCODE = 'dependent_objects_still_exist',
+                  HINT = 'Detach accrual with loyalty.detach_accrual(), which drops its triggers.';
+    END IF;
+END $$;
+COMMENT ON FUNCTION loyalty._accrual_sql_drop() IS 'Internal event trigger: a dropped table takes its accrual attachment with it; an accrual trigger cannot be dropped on its own';
+
+CREATE FUNCTION loyalty._accrual_ddl_check() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
+DECLARE
+    s loyalty.accrual_source;
+    v_col name;
+    v_trigger text;
+BEGIN
+    -- (an ALTER TABLE checks the columns only: pg_restore adds constraints
+    -- to an attached table before it creates the triggers)
+    FOR s IN SELECT DISTINCT x.* FROM loyalty.accrual_source x
+             JOIN pg_event_trigger_ddl_commands() c
+               ON (c.classid = 'pg_class'::regclass AND c.objid = x.source::oid)
+               OR (c.classid = 'pg_trigger'::regclass
+                   AND x.source::oid = (SELECT t.tgrelid FROM pg_trigger t WHERE t.oid = c.objid)) LOOP
+        FOREACH v_col IN ARRAY ARRAY[s.member_column, s.amount_column, s.ref_column, s.occurred_at_column,
+                                     s.category_column, s.channel_column, s.store_column] LOOP
+            IF v_col IS NOT NULL AND NOT EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = s.source
+                                                 AND a.attname = v_col AND a.attnum > 0 AND NOT a.attisdropped) THEN
+                RAISE EXCEPTION 'column "%" of "%" is read by accrual', v_col, s.source::text
+                    USING ERRCODE = 'dependent_objects_still_exist',
+                          DETAIL = 'It was dropped or renamed; every later INSERT of the table would fail.',
+                          HINT = 'Detach accrual with loyalty.detach_accrual() first, and attach it again after.';
+            END IF;
+        END LOOP;
+        PERFORM loyalty._check_column_type(s.source, s.amount_column, 'amounts',
+            ARRAY['numeric', 'int2', 'int4', 'int8', 'float4', 'float8', 'money']::regtype[],
+            'An amount column is numeric, an integer, a floating-point number or money.');
+        PERFORM loyalty._check_column_type(s.source, s.occurred_at_column, 'purchase times',
+            ARRAY['timestamptz', 'timestamp', 'date']::regtype[],
+            'A purchase time column is timestamp with time zone, timestamp or date.');
+        SELECT n INTO v_trigger
+        FROM unnest(ARRAY['loyalty_accrual_insert', 'loyalty_accrual_update', 'loyalty_accrual_delete']) n
+        WHERE tg_tag = 'ALTER TRIGGER'
+          AND NOT EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = s.source AND t.tgname = n)
+        LIMIT 1;
+        IF FOUND THEN
+            RAISE EXCEPTION 'cannot rename trigger % on "%": accrual is attached to it', v_trigger, s.source::text
+                USING ERRCODE = 'dependent_objects_still_exist',
+                      HINT = 'Detach accrual with loyalty.detach_accrual() first.';
+        END IF;
+    END LOOP;
+END $$;
+COMMENT ON FUNCTION loyalty._accrual_ddl_check() IS 'Internal event trigger: an ALTER of an attached table must leave the columns and triggers accrual reads';
+
+CREATE EVENT TRIGGER loyalty_accrual_sql_drop ON sql_drop
+    EXECUTE FUNCTION loyalty._accrual_sql_drop();
+CREATE EVENT TRIGGER loyalty_accrual_ddl_check ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE', 'ALTER TRIGGER')
+    EXECUTE FUNCTION loyalty._accrual_ddl_check();
+
 CREATE VIEW loyalty.quarantine_summary AS
     SELECT p.code AS program, q.source, q.sqlstate, q.reason, count(*) AS rows,
            min(q.quarantined_at) AS first_at, max(q.quarantined_at) AS last_at
@@ -403,6 +482,10 @@ BEGIN
             ELSIF q.kind = 'refund' THEN
                 PERFORM loyalty.refund(program, q.row_data ->> 'refund_of', (q.row_data ->> 'amount')::numeric,
                                        q.row_data ->> 'refund_ref');
+            ELSIF s.source IS NULL AND NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = q.source) THEN
+                RAISE EXCEPTION 'the table this row came from (oid %) was dropped', q.source::oid
+                    USING ERRCODE = 'LY013',
+                          HINT = 'Post the purchase with loyalty.accrue() if it should still earn.';
             ELSIF s.source IS NULL THEN
                 RAISE EXCEPTION 'accrual is not attached to "%"', q.source::text USING ERRCODE = 'LY013';
             ELSE

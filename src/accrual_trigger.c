@@ -18,9 +18,11 @@
 #include "lib/stringinfo.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/resowner.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 #include "utils/tuplestore.h"
 
@@ -76,10 +78,37 @@ AccrualLoadSource(Oid relid, AccrualSource *s)
 	AccrualCacheLoading();
 	LedgerPrepare(&plan_source,
 				  "SELECT program_id, member_column, amount_column, ref_column, occurred_at_column,"
-				  "       category_column, channel_column, store_column"
-				  "  FROM loyalty.accrual_source WHERE source = $1",
+				  "       category_column, channel_column, store_column, x::text"
+				  "  FROM loyalty.accrual_source x WHERE source = $1",
 				  1, argtypes);
-	LedgerExpect(SPI_execute_plan(plan_source, &arg, NULL, true, 1), SPI_OK_SELECT, "reading an attachment");
+	if (IsolationUsesXactSnapshot())
+	{
+		char	   *latest = NULL;
+
+		/*
+		 * The triggers are catalog rows, always read fresh, but the
+		 * attachment is read with the transaction's snapshot: a table
+		 * attached after it would post nothing, and one attached again to
+		 * another program would post to the old one. Either is a
+		 * serialization failure, as a row changed after the snapshot is.
+		 */
+		LedgerExpect(SPI_execute_snapshot(plan_source, &arg, NULL, GetLatestSnapshot(), InvalidSnapshot,
+										  true, false, 1),
+					 SPI_OK_SELECT, "reading an attachment");
+		if (SPI_processed > 0)
+			latest = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 9);
+		LedgerExpect(SPI_execute_plan(plan_source, &arg, NULL, true, 1), SPI_OK_SELECT, "reading an attachment");
+		if ((SPI_processed > 0) != (latest != NULL) ||
+			(latest != NULL && strcmp(latest, SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 9)) != 0))
+			ereport(ERROR,
+					(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+					 errmsg("could not serialize access due to a concurrent change of the accrual attachment of \"%s\"",
+							get_rel_name(relid)),
+					 errdetail("The table was attached or detached after this transaction's snapshot was taken."),
+					 errhint("The transaction might succeed if retried.")));
+	}
+	else
+		LedgerExpect(SPI_execute_plan(plan_source, &arg, NULL, true, 1), SPI_OK_SELECT, "reading an attachment");
 	c = hash_search(cache, &relid, HASH_ENTER, NULL);
 	c->attached = false;
 	if (SPI_processed == 0)

@@ -345,6 +345,37 @@ SELECT ref, member_ref, sqlstate FROM loyalty.accrual_quarantine WHERE source = 
 SELECT loyalty.detach_accrual('public.ordered');
 DROP TABLE public.ordered;
 
+-- DDL on an attached table. A column the triggers read cannot be dropped,
+-- renamed or given a type they cannot read, and the accrual triggers cannot
+-- be dropped or renamed alone: each would make every later INSERT fail, or
+-- the sales earn nothing. Other DDL passes.
+CREATE TABLE public.ddl_orders (id text, cust text, total numeric, at timestamptz, note text);
+SELECT loyalty.attach_accrual('public.ddl_orders', 'shop', 'cust', 'total', 'id', 'at');
+SELECT throws_ok($$ALTER TABLE public.ddl_orders DROP COLUMN total$$,
+                 '2BP01', 'column "total" of "public.ddl_orders" is read by accrual');
+SELECT throws_ok($$ALTER TABLE public.ddl_orders RENAME COLUMN at TO placed$$,
+                 '2BP01', 'column "at" of "public.ddl_orders" is read by accrual');
+SELECT throws_ok($$ALTER TABLE public.ddl_orders ALTER COLUMN total TYPE text$$,
+                 '42804', 'column "total" of "public.ddl_orders" cannot hold amounts');
+SELECT throws_ok($$DROP TRIGGER loyalty_accrual_insert ON public.ddl_orders$$,
+                 '2BP01', 'cannot drop trigger loyalty_accrual_insert on "public.ddl_orders": accrual is attached to it');
+SELECT throws_ok($$ALTER TRIGGER loyalty_accrual_delete ON public.ddl_orders RENAME TO gone$$,
+                 '2BP01', 'cannot rename trigger loyalty_accrual_delete on "public.ddl_orders": accrual is attached to it');
+SELECT lives_ok($$ALTER TABLE public.ddl_orders ALTER COLUMN total TYPE numeric(12,2), DROP COLUMN note,
+                  ADD PRIMARY KEY (id)$$, 'other DDL, and a type accrual reads, pass');
+SELECT lives_ok($$INSERT INTO public.ddl_orders VALUES ('dd1', 'c1', 12.50, '2025-05-01'),
+                                                       ('dd2', NULL, 5, '2025-05-01')$$,
+                'the altered table earns, and quarantines');
+-- A dropped table takes its attachment with it; its quarantined row stays
+-- and replays with LY013.
+SELECT lives_ok($$DROP TABLE public.ddl_orders$$, 'DROP TABLE');
+SELECT is((SELECT count(*) FROM loyalty.accrual_source WHERE source::oid NOT IN (SELECT oid FROM pg_class)),
+          0::bigint, 'no attachment is left for the dropped table');
+SELECT points FROM loyalty.accrual WHERE ref = 'dd1';
+SELECT * FROM loyalty.replay_quarantine('shop', (SELECT source FROM loyalty.accrual_quarantine WHERE ref = 'dd2'));
+SELECT ref, sqlstate, reason ~ '^the table this row came from \(oid \d+\) was dropped$' AS dropped
+FROM loyalty.accrual_quarantine WHERE ref = 'dd2';
+
 -- Detach: the triggers go, what was posted stays.
 SELECT loyalty.detach_accrual('public.orders');
 SELECT count(*) AS triggers FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass;

@@ -20,6 +20,13 @@ $node->safe_psql('postgres', q{
     SELECT loyalty.earn('shop', 'c' || (i % 5 + 1), i * 10, 'o-' || i, NULL, '2026-02-01'::timestamptz + i * interval '1 day')
       FROM generate_series(1, 40) i;
     SELECT loyalty.adjust('shop', 'c1', -25, 'fix-1', 'test', '2026-04-01');
+    -- an application table with accrual attached: pg_restore adds its
+    -- constraints (ALTER TABLE) before it creates its triggers
+    SELECT loyalty.set_earning_rules('shop', '{"base": {"per": 1, "points": 1}}', '2020-01-01');
+    CREATE TABLE orders (id serial PRIMARY KEY, member text NOT NULL, amount numeric NOT NULL,
+                         ref text UNIQUE, at timestamptz);
+    SELECT loyalty.attach_accrual('orders', 'shop', 'member', 'amount', 'ref', 'at');
+    INSERT INTO orders (member, amount, ref, at) VALUES ('c3', 70, 'ord-1', '2026-03-01');
 });
 
 my $query = q{
@@ -47,6 +54,17 @@ is($node->safe_psql('restored', q{SELECT count(*) FROM loyalty.verify_chain('sho
 is($node->safe_psql('restored', q{SELECT loyalty.enroll('shop', 'c6')}),
    $node->safe_psql('postgres', q{SELECT max(id) + 1 FROM loyalty.member}),
    'member ids continue after the restore');
+
+# the attachment comes back whole: its row, its three triggers, and a sale
+# into the restored table earns
+is($node->safe_psql('restored', q{
+    SELECT (SELECT count(*) FROM loyalty.accrual_source WHERE source = 'orders'::regclass)
+           || ' ' || (SELECT count(*) FROM pg_trigger WHERE tgrelid = 'orders'::regclass
+                                                       AND tgname LIKE 'loyalty_accrual_%')}),
+   '1 3', 'the attachment and its triggers are restored');
+$node->safe_psql('restored', q{INSERT INTO orders (member, amount, ref, at) VALUES ('c3', 30, 'ord-2', '2026-05-02')});
+is($node->safe_psql('restored', q{SELECT loyalty.explain_accrual('shop', 'ord-2') ->> 'posted_points'}), '30',
+   'a sale into the restored table earns');
 
 $node->stop;
 done_testing();
