@@ -877,8 +877,10 @@ BEGIN
     SELECT array_agg(u.lot_id ORDER BY u.lot_id), array_agg(-u.amount::bigint ORDER BY u.lot_id)
     INTO v_lots, v_amounts
     FROM loyalty.lot_use u WHERE u.transfer_id = h.transfer_id;
+    -- dated no earlier than the capture it undoes (see cancel_redemption)
     h.cancel_transfer_id := loyalty._redemption_post(h.program_id, 'capture_cancel', p_ref, t.credit_account_id,
-                                                     h.account_id, false, true, t.amount::bigint, now(), NULL,
+                                                     h.account_id, false, true, t.amount::bigint,
+                                                     greatest(now(), t.occurred_at), NULL,
                                                      NULL, NULL, v_lots, v_amounts);
     UPDATE loyalty.hold x SET cancel_transfer_id = h.cancel_transfer_id WHERE x.id = h.id;
     RETURN h.cancel_transfer_id;
@@ -895,6 +897,7 @@ DECLARE
     v_amounts bigint[];
     v_transfer bigint;
     v_used text;
+    v_at timestamptz;
 BEGIN
     PERFORM loyalty._check_ref(ref);
     SELECT * INTO r FROM loyalty.redemption x WHERE x.program_id = v_program AND x.ref = ref;
@@ -918,11 +921,16 @@ BEGIN
             USING ERRCODE = 'LY044', DETAIL = format('Its voucher %s was already used.', v_used);
     END IF;
     -- Exactly the lots the redemption consumed, restored with their expiry.
+    -- The reversal is dated no earlier than the redemption: one dated in
+    -- the future is undone at its own time, or the lots would count as
+    -- restored before they were used, and the balance until that date
+    -- would show the points twice.
     SELECT array_agg(u.lot_id ORDER BY u.lot_id), array_agg(-u.amount::bigint ORDER BY u.lot_id)
     INTO v_lots, v_amounts
     FROM loyalty.lot_use u WHERE u.transfer_id = r.transfer_id;
+    SELECT greatest(now(), x.occurred_at) INTO v_at FROM loyalty.transfer x WHERE x.id = r.transfer_id;
     v_transfer := loyalty._redemption_post(r.program_id, 'redeem_cancel', ref, r.credit_account_id, r.account_id,
-                                           false, true, r.points::bigint, now(), NULL, NULL, NULL,
+                                           false, true, r.points::bigint, coalesce(v_at, now()), NULL, NULL, NULL,
                                            v_lots, v_amounts);
     UPDATE loyalty.redemption x SET state = 'cancelled', cancel_transfer_id = v_transfer, cancelled_at = now()
     WHERE x.id = r.id;

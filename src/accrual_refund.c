@@ -471,6 +471,7 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 	Datum		refund_amount;
 	char	   *member_ref;
 	TimestampTz now = GetCurrentTransactionStartTimestamp();
+	TimestampTz at;
 	int64	   *lots = NULL,
 			   *amounts = NULL;
 	int			n = 0;
@@ -505,7 +506,7 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 				  "        coalesce((SELECT l.id FROM loyalty.lot l WHERE l.transfer_id = a.transfer_id"
 				  "                   AND l.account_id = a.account_id AND l.remaining OPERATOR(loyalty.>) 0), 0),"
 				  "        format('%s of %s already refunded', a.refunded_amount, a.amount),"
-				  "        coalesce(a.transfer_id, 0)"
+				  "        coalesce(a.transfer_id, 0), a.occurred_at"
 				  "   FROM a JOIN loyalty.member m ON m.id = a.member_id",
 				  4, argtypes);
 	memset(nulls, ' ', sizeof(nulls));
@@ -534,6 +535,12 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 	claw = DatumGetInt64(SPI_getbinval(t, d, 5, &(bool){0}));
 	lot = DatumGetInt64(SPI_getbinval(t, d, 6, &(bool){0}));
 	transfer = DatumGetInt64(SPI_getbinval(t, d, 8, &(bool){0}));
+	/*
+	 * A purchase dated in the future is refunded at its own time: its lot
+	 * does not exist before then, and a refund dated now would show on the
+	 * statement as a debit before the credit it takes back.
+	 */
+	at = Max(now, DatumGetTimestampTz(SPI_getbinval(t, d, 9, &(bool){0})));
 	if (DatumGetBool(SPI_getbinval(t, d, 4, &(bool){0})))
 	{
 		char	   *already = SPI_getvalue(t, d, 7);
@@ -557,11 +564,11 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 	 */
 	AccrualLockAccount(account);
 	if (claw > 0 && transfer != 0)
-		forgiven = Min(claw, AccrualExpiredUnforgiven(b, ref, account, transfer, now));
+		forgiven = Min(claw, AccrualExpiredUnforgiven(b, ref, account, transfer, at));
 	if (claw - forgiven > 0)
-		covered = AccrualTakeLots(account, lot, claw - forgiven, now, &lots, &amounts, &n);
+		covered = AccrualTakeLots(account, lot, claw - forgiven, at, &lots, &amounts, &n);
 	if (covered > 0)
-		AccrualPostBack(b, account, member_ref, "refund", refund_ref, covered, n, lots, amounts, now);
+		AccrualPostBack(b, account, member_ref, "refund", refund_ref, covered, n, lots, amounts, at);
 	else if (claw - forgiven > 0)
 		AccrualTouchAccount(account);
 
@@ -585,7 +592,7 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 	args[4] = Int64GetDatum(Max(claw, 0));
 	args[5] = Int64GetDatum(covered);
 	args[6] = Int64GetDatum(Max(claw, 0) - forgiven - covered);
-	args[7] = TimestampTzGetDatum(now);
+	args[7] = TimestampTzGetDatum(at);
 	args[8] = Int64GetDatum(account);
 	args[9] = Int64GetDatum(forgiven);
 	LedgerExpect(SPI_execute_plan(plan_refund_save, args, nulls, false, 0), SPI_OK_INSERT, "recording a refund");

@@ -445,3 +445,19 @@ SELECT count(*) AS quarantined FROM loyalty.accrual_quarantine WHERE source = 'p
 SELECT loyalty.balance('retry', 'r1') AS balance;
 SELECT loyalty.detach_accrual('public.till');
 DROP TABLE public.till;
+
+-- ---- a purchase dated in the future, refunded now ----
+-- The refund is dated at the purchase's own time: its lot does not exist
+-- before then. Dated now, the statement showed the refund's debit before
+-- the credit it takes back (a running balance of -40 under "negative",
+-- where balance() said 0).
+SELECT loyalty.create_program('ahead', 'Ahead', 'UTC', '{"shortfall": "negative"}') > 0 AS created;
+SELECT loyalty.set_earning_rules('ahead', '{"base": {"per": 1, "points": 1}}', '2025-01-01') AS version;
+SELECT loyalty.enroll('ahead', 'f1', occurred_at => '2025-01-01') > 0 AS enrolled;
+SELECT loyalty.accrue('ahead', 'f1', 40, 'f-1', now() + interval '10 days') AS earned;
+SELECT loyalty.refund('ahead', 'f-1') AS refunded;
+SELECT kind, points, balance, occurred_at = (SELECT occurred_at FROM loyalty.accrual WHERE ref = 'f-1') AS at_purchase_time
+FROM loyalty.statement('ahead', 'f1');
+SELECT loyalty.balance('ahead', 'f1') AS now, loyalty.balance('ahead', 'f1', now() + interval '20 days') AS later;
+SELECT points, taken, shortfall, occurred_at = (SELECT occurred_at FROM loyalty.accrual WHERE ref = 'f-1') AS at_purchase_time
+FROM loyalty.accrual_refund WHERE refund_ref = 'f-1';

@@ -217,6 +217,24 @@ SELECT throws_ok($$SELECT loyalty.redeem('roll', 'dan', 'pen', 'r-late', 1, '202
 SELECT loyalty.hold('roll', 'dan', 10, 'h-early', '15 minutes', '2025-01-20') > 0 AS held;
 SELECT points FROM loyalty.redeem('roll', 'dan', 'pen', 'r-early', 1, '2025-01-20');
 
+-- ---- a redemption dated in the future, cancelled now ----
+-- The reversal is dated at the redemption's own time, not now: dated now,
+-- the lots would count as restored before they were used, and balance()
+-- showed the points twice until that date (130 instead of 100 below).
+SELECT loyalty.create_program('later', 'Later', 'UTC') > 0 AS program;
+SELECT loyalty.enroll('later', 'eve', occurred_at => '2025-01-01') > 0 AS enrolled;
+SELECT loyalty.earn('later', 'eve', 100, 'e-eve', occurred_at => '2025-01-01') > 0 AS earned;
+SELECT loyalty.add_reward('later', 'cap', 'A cap', 30) AS version;
+SELECT points FROM loyalty.redeem('later', 'eve', 'cap', 'r-future', 1, now() + interval '10 days');
+SELECT loyalty.balance('later', 'eve') AS now_before_cancel,
+       loyalty.balance('later', 'eve', now() + interval '20 days') AS after_redemption;
+SELECT loyalty.cancel_redemption('later', 'r-future') > 0 AS cancelled;
+SELECT loyalty.balance('later', 'eve') AS now_after_cancel,
+       loyalty.balance('later', 'eve', now() + interval '5 days') AS before_its_date,
+       loyalty.balance('later', 'eve', now() + interval '20 days') AS after_its_date;
+SELECT kind, points, balance, occurred_at = (SELECT occurred_at FROM loyalty.transfer WHERE kind = 'redeem' AND ref = 'r-future') AS at_its_date
+FROM loyalty.statement('later', 'eve') ORDER BY transfer_id;
+
 -- ---- the books ----
 SELECT * FROM loyalty.verify_chain('shop');
 -- every member's posted balance is the sum of its lots, and nothing is negative
