@@ -525,39 +525,40 @@ RETURNS TABLE (available loyalty.points, pending loyalty.points, held loyalty.po
                lifetime_earned loyalty.points, lifetime_redeemed loyalty.points,
                lifetime_expired loyalty.points, lifetime_adjusted bigint)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
+    -- as_of NULL means now, as in balance()
     WITH a AS (
         SELECT acc.id, acc.held,
                coalesce((p.options #>> '{expiry,notice}')::interval, interval '30 days') AS notice
         FROM loyalty.account acc JOIN loyalty.program p ON p.id = acc.program_id
         WHERE acc.id = (SELECT loyalty._account_of(program, member_ref))
     ), lots AS (
-        SELECT l.* FROM a, loyalty._lots_as_of(a.id, as_of) l
-        WHERE l.expires_at IS NULL OR as_of < l.expires_at
+        SELECT l.* FROM a, loyalty._lots_as_of(a.id, coalesce(as_of, now())) l
+        WHERE l.expires_at IS NULL OR coalesce(as_of, now()) < l.expires_at
     ), moves AS (
         SELECT k.class,
                loyalty.sum(t.amount) FILTER (WHERE t.credit_account_id = a.id) AS credited,
                loyalty.sum(t.amount) FILTER (WHERE t.debit_account_id = a.id) AS debited
         FROM a CROSS JOIN LATERAL loyalty._account_transfers(a.id) t
         LEFT JOIN loyalty.transfer_kind k ON k.kind = t.kind
-        WHERE t.occurred_at <= as_of
+        WHERE t.occurred_at <= coalesce(as_of, now())
         GROUP BY k.class
     )
-    SELECT (greatest(coalesce((SELECT loyalty.sum(remaining) FROM lots WHERE vests_at <= as_of), 0)
-                     - CASE WHEN as_of >= now() THEN a.held ELSE 0 END, 0)::bigint
+    SELECT (greatest(coalesce((SELECT loyalty.sum(remaining) FROM lots WHERE vests_at <= coalesce(as_of, now())), 0)
+                     - CASE WHEN coalesce(as_of, now()) >= now() THEN a.held ELSE 0 END, 0)::bigint
             - n.shortfall)::loyalty.points,
-           coalesce((SELECT loyalty.sum(remaining) FROM lots WHERE vests_at > as_of), 0),
+           coalesce((SELECT loyalty.sum(remaining) FROM lots WHERE vests_at > coalesce(as_of, now())), 0),
            a.held,
            coalesce((SELECT loyalty.sum(remaining) FROM lots
-                     WHERE vests_at <= as_of AND expires_at <= as_of + a.notice), 0),
-           (SELECT min(expires_at) FROM lots WHERE vests_at <= as_of),
+                     WHERE vests_at <= coalesce(as_of, now()) AND expires_at <= coalesce(as_of, now()) + a.notice), 0),
+           (SELECT min(expires_at) FROM lots WHERE vests_at <= coalesce(as_of, now())),
            coalesce((SELECT loyalty.sum(credited) FROM moves WHERE class = 'earn'), 0),
            coalesce((SELECT loyalty.sum(debited) FROM moves WHERE class IN ('redeem', 'move')), 0),
            coalesce((SELECT loyalty.sum(debited) FROM moves WHERE class = 'expire'), 0),
            coalesce((SELECT sum(coalesce(credited::bigint, 0) - coalesce(debited::bigint, 0))
                      FROM moves WHERE class = 'adjust'), 0)::bigint - n.shortfall
-    FROM a CROSS JOIN LATERAL (SELECT loyalty._negative_shortfall(a.id, as_of) AS shortfall) n
+    FROM a CROSS JOIN LATERAL (SELECT loyalty._negative_shortfall(a.id, coalesce(as_of, now())) AS shortfall) n
 $$;
-COMMENT ON FUNCTION loyalty.account_summary(text, text, timestamptz) IS 'A member''s figures at as_of: available, pending, held, expiring within the program''s notice period, and lifetime totals';
+COMMENT ON FUNCTION loyalty.account_summary(text, text, timestamptz) IS 'A member''s figures at as_of (business time; NULL means now): available, pending, held, expiring within the program''s notice period, and lifetime totals';
 
 CREATE FUNCTION loyalty.statement(program text, member_ref text,
                                   from_ts timestamptz DEFAULT '-infinity', to_ts timestamptz DEFAULT 'infinity')

@@ -367,9 +367,13 @@ LANGUAGE sql STABLE SET search_path = loyalty, pg_catalog, pg_temp AS $$
                                                      JOIN loyalty.transfer t ON t.id = u.transfer_id
                                                                             AND t.kind = 'expire'
                                                      WHERE u.lot_id = x.id AND u.amount > 0)) END
+    -- A lot that a reversal (a cancelled redemption or capture) refilled
+    -- after its expiry expires when it was refilled: dated at its expiry,
+    -- the statement would take the points away before they came back.
     FROM (SELECT l.id, l.account_id, c.program_id, c.breakage_id, l.remaining, l.pending,
-                 least(l.expires_at,
-                       CASE WHEN c.rolling THEN loyalty._rolling_lapse(l.account_id, l.occurred_at, p_as_of) END)
+                 greatest(least(l.expires_at,
+                                CASE WHEN c.rolling THEN loyalty._rolling_lapse(l.account_id, l.occurred_at, p_as_of) END),
+                          (SELECT max(u.occurred_at) FROM loyalty.lot_use u WHERE u.lot_id = l.id AND u.amount < 0))
                    AS moment
           FROM lots l JOIN acct c ON c.id = l.account_id) x
     WHERE x.moment <= p_as_of

@@ -149,6 +149,11 @@ SELECT throws_ok($$SELECT loyalty.adjust('shop', 'c2', 16, 'fix-4', 'missing rec
 -- ---- summary and statement ----
 SELECT * FROM loyalty.account_summary('shop', 'c1', '2026-12-01');
 SELECT * FROM loyalty.account_summary('shop', 'c1', '2027-02-20');
+-- as_of NULL means now, as in balance() (it gave zeros)
+SELECT is((SELECT s::text FROM loyalty.account_summary('shop', 'c1', NULL) s),
+          (SELECT s::text FROM loyalty.account_summary('shop', 'c1') s), 'account_summary: as_of NULL is now');
+SELECT is((SELECT available FROM loyalty.account_summary('shop', 'c1', NULL)),
+          loyalty.balance('shop', 'c1', NULL), 'account_summary and balance agree on as_of NULL');
 SELECT transfer_id, occurred_at, kind, ref, points, balance, explanation
   FROM loyalty.statement('shop', 'c1');
 SELECT transfer_id, points, balance FROM loyalty.statement('shop', 'c1', '2026-03-01', '2026-04-01');

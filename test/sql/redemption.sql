@@ -235,6 +235,23 @@ SELECT loyalty.balance('later', 'eve') AS now_after_cancel,
 SELECT kind, points, balance, occurred_at = (SELECT occurred_at FROM loyalty.transfer WHERE kind = 'redeem' AND ref = 'r-future') AS at_its_date
 FROM loyalty.statement('later', 'eve') ORDER BY transfer_id;
 
+-- ---- a redemption cancelled after the lot it spent has expired ----
+-- The cancel refills the lot, already past its expiry, and the expire job
+-- sweeps it. The expiry is dated when the lot was refilled, not at its
+-- expiry: the statement took the 30 points away before they came back
+-- (a running balance of -30 after the expiry).
+SELECT loyalty.create_program('refill', 'Refill', 'UTC', '{"expiry": {"policy": "fixed", "after": "30 days"}}') > 0 AS program;
+SELECT loyalty.enroll('refill', 'fay', occurred_at => '2025-01-01') > 0 AS enrolled;
+SELECT loyalty.earn('refill', 'fay', 30, 'e-fay', occurred_at => '2025-01-01') > 0 AS earned;
+SELECT loyalty.add_reward('refill', 'pin', 'A pin', 30) AS version;
+SELECT points FROM loyalty.redeem('refill', 'fay', 'pin', 'r-fay', 1, '2025-01-10');
+SELECT loyalty.cancel_redemption('refill', 'r-fay') > 0 AS cancelled;
+SELECT rows, points FROM loyalty.run_job('expire');
+SELECT kind, points, balance,
+       occurred_at = (SELECT occurred_at FROM loyalty.transfer WHERE kind = 'redeem_cancel' AND ref = 'r-fay') AS at_cancel
+FROM loyalty.statement('refill', 'fay');
+SELECT min(balance) AS lowest FROM loyalty.statement('refill', 'fay');
+
 -- ---- the books ----
 SELECT * FROM loyalty.verify_chain('shop');
 -- every member's posted balance is the sum of its lots, and nothing is negative
