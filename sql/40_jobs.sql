@@ -367,13 +367,9 @@ LANGUAGE sql STABLE SET search_path = loyalty, pg_catalog, pg_temp AS $$
                                                      JOIN loyalty.transfer t ON t.id = u.transfer_id
                                                                             AND t.kind = 'expire'
                                                      WHERE u.lot_id = x.id AND u.amount > 0)) END
-    -- A lot that a reversal (a cancelled redemption or capture) refilled
-    -- after its expiry expires when it was refilled: dated at its expiry,
-    -- the statement would take the points away before they came back.
     FROM (SELECT l.id, l.account_id, c.program_id, c.breakage_id, l.remaining, l.pending,
-                 greatest(least(l.expires_at,
-                                CASE WHEN c.rolling THEN loyalty._rolling_lapse(l.account_id, l.occurred_at, p_as_of) END),
-                          (SELECT max(u.occurred_at) FROM loyalty.lot_use u WHERE u.lot_id = l.id AND u.amount < 0))
+                 least(l.expires_at,
+                       CASE WHEN c.rolling THEN loyalty._rolling_lapse(l.account_id, l.occurred_at, p_as_of) END)
                    AS moment
           FROM lots l JOIN acct c ON c.id = l.account_id) x
     WHERE x.moment <= p_as_of
@@ -414,6 +410,41 @@ CREATE FUNCTION loyalty._post_expire(program_id bigint, account_id bigint, break
                                      lot_id bigint, points bigint, ref text, occurred_at timestamptz)
 RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_post_expire' LANGUAGE C VOLATILE STRICT;
 COMMENT ON FUNCTION loyalty._post_expire(bigint, bigint, bigint, bigint, bigint, text, timestamptz) IS 'Internal: posts the expiry of a lot''s points to the breakage account through the posting routine';
+
+-- A reversal (a cancelled redemption or capture) that gives points back to
+-- a lot already past its expiry moment at the reversal's time: those
+-- points came back expired, and go to breakage at once, dated at the
+-- reversal. Left to the expire job they would be dated at the lot's
+-- expiry, before they came back, and merged with what the lot had left
+-- then (which the job still expires at its expiry moment).
+CREATE FUNCTION loyalty._expire_refilled(p_transfer bigint) RETURNS void
+LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
+DECLARE
+    d record;
+BEGIN
+    FOR d IN SELECT u.lot_id, -u.amount::bigint AS points, a.program_id, a.id AS account_id, b.id AS breakage_id,
+                    t.occurred_at,
+                    (SELECT count(*) FROM loyalty.lot_use e JOIN loyalty.transfer x ON x.id = e.transfer_id
+                     WHERE e.lot_id = u.lot_id AND e.amount > 0 AND x.kind = 'expire') AS expired_before
+             FROM loyalty.transfer t
+             JOIN loyalty.lot_use u ON u.transfer_id = t.id AND u.amount < 0
+             JOIN loyalty.lot l ON l.id = u.lot_id
+             JOIN loyalty.account a ON a.id = l.account_id
+             JOIN loyalty.program p ON p.id = a.program_id
+             JOIN loyalty.account b ON b.program_id = a.program_id AND b.kind = 'breakage' AND b.name = ''
+             WHERE t.id = p_transfer
+               AND least(l.expires_at,
+                         CASE WHEN p.options #>> '{expiry,policy}' IS NOT DISTINCT FROM 'rolling'
+                              THEN loyalty._rolling_lapse(l.account_id, l.occurred_at, t.occurred_at) END)
+                   <= t.occurred_at
+             ORDER BY u.lot_id LOOP
+        PERFORM loyalty._post_expire(d.program_id, d.account_id, d.breakage_id, d.lot_id, d.points,
+                                     'lot:' || d.lot_id || CASE WHEN d.expired_before = 0 THEN ''
+                                                                ELSE '#' || (d.expired_before + 1) END,
+                                     d.occurred_at);
+    END LOOP;
+END $$;
+COMMENT ON FUNCTION loyalty._expire_refilled(bigint) IS 'Internal: expires at once, dated at the reversal, the points a reversal gave back to lots already past their expiry';
 
 -- The expire job, one transfer per lot through the posting routine: the
 -- reference the set-based handler is checked against (test/sql/expiry_bulk).

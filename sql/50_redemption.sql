@@ -882,6 +882,7 @@ BEGIN
                                                      h.account_id, false, true, t.amount::bigint,
                                                      greatest(now(), t.occurred_at), NULL,
                                                      NULL, NULL, v_lots, v_amounts);
+    PERFORM loyalty._expire_refilled(h.cancel_transfer_id);
     UPDATE loyalty.hold x SET cancel_transfer_id = h.cancel_transfer_id WHERE x.id = h.id;
     RETURN h.cancel_transfer_id;
 END $$;
@@ -932,6 +933,7 @@ BEGIN
     v_transfer := loyalty._redemption_post(r.program_id, 'redeem_cancel', ref, r.credit_account_id, r.account_id,
                                            false, true, r.points::bigint, coalesce(v_at, now()), NULL, NULL, NULL,
                                            v_lots, v_amounts);
+    PERFORM loyalty._expire_refilled(v_transfer);
     UPDATE loyalty.redemption x SET state = 'cancelled', cancel_transfer_id = v_transfer, cancelled_at = now()
     WHERE x.id = r.id;
     UPDATE loyalty.voucher vo SET state = 'cancelled' WHERE vo.redemption_id = r.id;

@@ -268,6 +268,7 @@ AccrualRecover(AccrualBatch *b, int64 account)
 	static const Oid payargs[] = {INT8OID, INT8OID};
 	Datum		arg = Int64GetDatum(account);
 	TimestampTz now = GetCurrentTransactionStartTimestamp();
+	TimestampTz at;
 	int64		debt = 0;
 	int64		covered;
 	int64	   *lots,
@@ -278,7 +279,8 @@ AccrualRecover(AccrualBatch *b, int64 account)
 
 	LedgerPrepare(&plan_debt_list,
 				  "SELECT sum(d.outstanding)::bigint, min(m.member_ref),"
-				  "       'recovery ' || min(d.id) || ' after transfer ' || min(a.last_transfer_id)"
+				  "       'recovery ' || min(d.id) || ' after transfer ' || min(a.last_transfer_id),"
+				  "       max(d.created_at)"
 				  "  FROM loyalty.accrual_debt d JOIN loyalty.account a ON a.id = d.account_id"
 				  "  JOIN loyalty.member m ON m.id = a.member_id"
 				  " WHERE d.account_id = $1 AND d.outstanding > 0",
@@ -289,10 +291,17 @@ AccrualRecover(AccrualBatch *b, int64 account)
 	debt = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &(bool){0}));
 	member_ref = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
 	ref = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3);
-	covered = AccrualTakeLots(account, 0, debt, now, &lots, &amounts, &n);
+	/*
+	 * Not before the debt exists: a refund of a purchase dated in the
+	 * future records its debt at that time, and a recovery dated now would
+	 * take the points back before the refund that owes them.
+	 */
+	at = Max(now, DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 4,
+													&(bool){0})));
+	covered = AccrualTakeLots(account, 0, debt, at, &lots, &amounts, &n);
 	if (covered == 0)
 		return;
-	AccrualPostBack(b, account, member_ref, "recover", ref, covered, n, lots, amounts, now);
+	AccrualPostBack(b, account, member_ref, "recover", ref, covered, n, lots, amounts, at);
 	LedgerPrepare(&plan_debt_pay,
 				  "WITH d AS (SELECT id, outstanding,"
 				  "                  sum(outstanding) OVER (ORDER BY id) - outstanding AS before"

@@ -304,14 +304,30 @@ LedgerChooseLots(const LedgerPosting *p, LedgerUse *use, const LedgerSide *debit
 	int64		available = 0;
 	uint64		i;
 
+	/*
+	 * A lot can give what it holds now, but a debit dated before a reversal
+	 * that refilled it cannot spend the refilled points: at the debit's time
+	 * they were not there yet. What the lot held at each moment from the
+	 * debit's time on is its remaining plus the uses after that moment
+	 * (reversals count negative); the lowest of those is what it can give.
+	 * Only lots with a reversal after the debit's time can dip: for a debit
+	 * dated now that is one probe of lot_use_account_idx finding nothing.
+	 */
 	LedgerPrepare(&plan_open_lots,
-				  "SELECT id, remaining::bigint, pending FROM loyalty.lot"
-				  " WHERE account_id = $1 AND remaining OPERATOR(loyalty.>) 0"
-				  "   AND occurred_at <= $2 AND vests_at <= $2"
-				  "   AND (expires_at IS NULL OR expires_at > $2)"
-				  "   AND (NOT $3 OR $2 < loyalty._rolling_lapse($1, occurred_at, $2))"
-				  " ORDER BY expires_at NULLS LAST, occurred_at, id"
-				  " FOR UPDATE",
+				  "WITH after AS (SELECT u.lot_id, min(u.left_after) AS dip"
+				  "                 FROM (SELECT u.lot_id, sum(u.amount::bigint) OVER"
+				  "                              (PARTITION BY u.lot_id ORDER BY u.occurred_at DESC) AS left_after"
+				  "                         FROM loyalty.lot_use u WHERE u.account_id = $1 AND u.occurred_at > $2) u"
+				  "                GROUP BY u.lot_id HAVING min(u.left_after) < 0)"
+				  "SELECT l.id, (l.remaining::bigint + coalesce(a.dip, 0))::bigint, l.pending FROM loyalty.lot l"
+				  "  LEFT JOIN after a ON a.lot_id = l.id"
+				  " WHERE l.account_id = $1 AND l.remaining OPERATOR(loyalty.>) 0"
+				  "   AND l.remaining::bigint + coalesce(a.dip, 0) > 0"
+				  "   AND l.occurred_at <= $2 AND l.vests_at <= $2"
+				  "   AND (l.expires_at IS NULL OR l.expires_at > $2)"
+				  "   AND (NOT $3 OR $2 < loyalty._rolling_lapse($1, l.occurred_at, $2))"
+				  " ORDER BY l.expires_at NULLS LAST, l.occurred_at, l.id"
+				  " FOR UPDATE OF l",
 				  3, argtypes);
 	args[0] = Int64GetDatum(p->debit_account);
 	args[1] = TimestampTzGetDatum(p->occurred_at);

@@ -461,3 +461,18 @@ FROM loyalty.statement('ahead', 'f1');
 SELECT loyalty.balance('ahead', 'f1') AS now, loyalty.balance('ahead', 'f1', now() + interval '20 days') AS later;
 SELECT points, taken, shortfall, occurred_at = (SELECT occurred_at FROM loyalty.accrual WHERE ref = 'f-1') AS at_purchase_time
 FROM loyalty.accrual_refund WHERE refund_ref = 'f-1';
+-- The debt such a refund records exists from the purchase's time, and a
+-- credit now repays it then, not now: the recovery dated now made
+-- balance() 30 lower than the statement for ten days.
+SELECT loyalty.accrue('ahead', 'f1', 40, 'f-2', now() + interval '10 days') AS earned;
+SELECT loyalty.add_reward('ahead', 'cap', 'A cap', 30) AS version;
+SELECT points FROM loyalty.redeem('ahead', 'f1', 'cap', 'r-f', 1, now() + interval '12 days');
+SELECT loyalty.refund('ahead', 'f-2') AS refunded;
+SELECT taken, shortfall FROM loyalty.accrual_refund WHERE refund_ref = 'f-2';
+SELECT loyalty.earn('ahead', 'f1', 50, 'e-f') > 0 AS earned;
+SELECT kind, points, occurred_at = (SELECT occurred_at FROM loyalty.accrual WHERE ref = 'f-2') AS at_purchase_time
+FROM loyalty.statement('ahead', 'f1') WHERE kind = 'recover';
+SELECT t AS days, loyalty.balance('ahead', 'f1', now() + t * interval '1 day') AS balance,
+       (SELECT s.balance FROM loyalty.statement('ahead', 'f1', to_ts => now() + t * interval '1 day') s
+        ORDER BY s.occurred_at DESC, s.transfer_id DESC LIMIT 1) AS statement
+FROM unnest(ARRAY[1, 5, 11, 20]) t;

@@ -168,7 +168,10 @@ JOIN loyalty.lot_use u ON u.transfer_id = t.id JOIN loyalty.lot l ON l.id = u.lo
 WHERE t.ref = 'h1' ORDER BY t.id, u.lot_id;
 SELECT state, captured, cancel_transfer_id IS NOT NULL AS cancelled FROM loyalty.hold WHERE ref = 'h1';
 -- a cancelled redemption frees the stock and no longer counts toward limits
-SELECT points FROM loyalty.redeem('shop', 'cat', 'cap', 'r-cat-2', 1, '2025-03-02');
+-- (a redemption dated after the cancel: on 2025-03-02 the 600 points were
+-- still spent, and one dated then is refused)
+SELECT throws_ok($$SELECT loyalty.redeem('shop', 'cat', 'cap', 'r-cat-2', 1, '2025-03-02')$$, 'LY001', 'insufficient points');
+SELECT points FROM loyalty.redeem('shop', 'cat', 'cap', 'r-cat-2', 1);
 
 -- ---- donations ----
 SELECT loyalty.add_charity('shop', 'Red Cross') = loyalty.add_charity('shop', 'Red Cross') AS idempotent;
@@ -236,21 +239,45 @@ SELECT kind, points, balance, occurred_at = (SELECT occurred_at FROM loyalty.tra
 FROM loyalty.statement('later', 'eve') ORDER BY transfer_id;
 
 -- ---- a redemption cancelled after the lot it spent has expired ----
--- The cancel refills the lot, already past its expiry, and the expire job
--- sweeps it. The expiry is dated when the lot was refilled, not at its
--- expiry: the statement took the 30 points away before they came back
--- (a running balance of -30 after the expiry).
+-- The cancel gives 30 points back to a lot past its expiry: they come back
+-- expired and go to breakage at once, dated at the cancel. What the lot had
+-- left at its expiry (70) still expires then, by the job. Dated otherwise,
+-- the statement went to -30 (all at the expiry), or stayed at 70 until the
+-- cancel (all at the cancel) where balance() said 0.
 SELECT loyalty.create_program('refill', 'Refill', 'UTC', '{"expiry": {"policy": "fixed", "after": "30 days"}}') > 0 AS program;
 SELECT loyalty.enroll('refill', 'fay', occurred_at => '2025-01-01') > 0 AS enrolled;
-SELECT loyalty.earn('refill', 'fay', 30, 'e-fay', occurred_at => '2025-01-01') > 0 AS earned;
+SELECT loyalty.earn('refill', 'fay', 100, 'e-fay', occurred_at => now() - interval '40 days') > 0 AS earned;
 SELECT loyalty.add_reward('refill', 'pin', 'A pin', 30) AS version;
-SELECT points FROM loyalty.redeem('refill', 'fay', 'pin', 'r-fay', 1, '2025-01-10');
+SELECT points FROM loyalty.redeem('refill', 'fay', 'pin', 'r-fay', 1, now() - interval '35 days');
 SELECT loyalty.cancel_redemption('refill', 'r-fay') > 0 AS cancelled;
-SELECT rows, points FROM loyalty.run_job('expire');
+SELECT loyalty.cancel_redemption('refill', 'r-fay') = (SELECT cancel_transfer_id FROM loyalty.redemption WHERE ref = 'r-fay')
+       AS cancel_is_idempotent;
+SELECT count(*) AS expired_at_cancel FROM loyalty.transfer t
+WHERE t.kind = 'expire' AND t.program_id = (SELECT id FROM loyalty.program WHERE code = 'refill');
+SELECT count(*) AS lots_expired FROM loyalty.run_job('expire') WHERE rows > 0;
 SELECT kind, points, balance,
-       occurred_at = (SELECT occurred_at FROM loyalty.transfer WHERE kind = 'redeem_cancel' AND ref = 'r-fay') AS at_cancel
+       occurred_at = (SELECT occurred_at FROM loyalty.transfer WHERE kind = 'redeem_cancel' AND ref = 'r-fay') AS at_cancel,
+       occurred_at = (SELECT expires_at FROM loyalty.lot WHERE transfer_id =
+                        (SELECT id FROM loyalty.transfer WHERE kind = 'earn' AND ref = 'e-fay')) AS at_expiry
 FROM loyalty.statement('refill', 'fay');
-SELECT min(balance) AS lowest FROM loyalty.statement('refill', 'fay');
+SELECT loyalty.balance('refill', 'fay', now() - interval '5 days') AS balance_before_cancel,
+       (SELECT balance FROM loyalty.statement('refill', 'fay', to_ts => now() - interval '5 days')
+        ORDER BY occurred_at DESC, transfer_id DESC LIMIT 1) AS statement_before_cancel;
+
+-- ---- a debit dated before a cancel cannot spend what the cancel gave back ----
+-- 30 earned 30 days ago, spent 20 days ago, the redemption cancelled now:
+-- 10 days ago the member had nothing, and a redemption dated then is
+-- refused (it was accepted, and the statement ran at -30 until now).
+SELECT loyalty.create_program('back', 'Back', 'UTC') > 0 AS program;
+SELECT loyalty.enroll('back', 'gus', occurred_at => '2025-01-01') > 0 AS enrolled;
+SELECT loyalty.earn('back', 'gus', 30, 'e-gus', occurred_at => now() - interval '30 days') > 0 AS earned;
+SELECT loyalty.add_reward('back', 'pin', 'A pin', 30) AS version;
+SELECT points FROM loyalty.redeem('back', 'gus', 'pin', 'r-gus1', 1, now() - interval '20 days');
+SELECT loyalty.cancel_redemption('back', 'r-gus1') > 0 AS cancelled;
+SELECT throws_ok($$SELECT loyalty.redeem('back', 'gus', 'pin', 'r-gus2', 1, now() - interval '10 days')$$,
+                 'LY001', 'insufficient points', 'a debit dated before a cancel cannot spend what it gave back');
+SELECT points FROM loyalty.redeem('back', 'gus', 'pin', 'r-gus3', 1);
+SELECT min(balance) AS lowest FROM loyalty.statement('back', 'gus');
 
 -- ---- the books ----
 SELECT * FROM loyalty.verify_chain('shop');
