@@ -304,6 +304,12 @@ BEGIN
     IF (SELECT c.relkind FROM pg_class c WHERE c.oid = source) NOT IN ('r', 'p') THEN
         RAISE EXCEPTION '"%" is not a table', v_tab USING ERRCODE = 'wrong_object_type';
     END IF;
+    -- a temporary table goes at the end of its session without any event
+    -- trigger seeing it, and would leave its attachment behind
+    IF (SELECT c.relpersistence FROM pg_class c WHERE c.oid = source) = 't' THEN
+        RAISE EXCEPTION '"%" is a temporary table', v_tab USING ERRCODE = 'wrong_object_type',
+            HINT = 'Attach accrual to a permanent (or unlogged) table.';
+    END IF;
     FOREACH v_col IN ARRAY ARRAY[member_column, amount_column, ref_column, occurred_at_column,
                                  category_column, channel_column, store_column] LOOP
         IF v_col IS NOT NULL AND NOT EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = source
@@ -346,6 +352,9 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'accrual is not attached to "%"', source::text USING ERRCODE = 'LY013';
     END IF;
+    IF NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = source) THEN
+        RETURN;     -- the table is gone, and its triggers with it
+    END IF;
     EXECUTE format('DROP TRIGGER IF EXISTS loyalty_accrual_insert ON %s', source);
     EXECUTE format('DROP TRIGGER IF EXISTS loyalty_accrual_update ON %s', source);
     EXECUTE format('DROP TRIGGER IF EXISTS loyalty_accrual_delete ON %s', source);
@@ -381,6 +390,33 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION loyalty._accrual_sql_drop() IS 'Internal event trigger: a dropped table takes its accrual attachment with it; an accrual trigger cannot be dropped on its own';
 
+-- The first of an attached table's accrual triggers that is missing (only
+-- if require_all) or no longer the one attach_accrual created: another
+-- event, function, WHEN clause, column list or transition table.
+CREATE FUNCTION loyalty._accrual_bad_trigger(source regclass, require_all boolean) RETURNS text
+LANGUAGE sql STABLE SET search_path = loyalty, pg_catalog, pg_temp AS $$
+    SELECT w.name
+    FROM (VALUES ('loyalty_accrual_insert', 4, 'loyalty_new', NULL),
+                 ('loyalty_accrual_update', 16, 'loyalty_new', 'loyalty_old'),
+                 ('loyalty_accrual_delete', 8, NULL, 'loyalty_old')) AS w(name, tgtype, newtable, oldtable)
+    LEFT JOIN pg_trigger t ON t.tgrelid = source AND t.tgname = w.name
+    WHERE CASE WHEN t.oid IS NULL THEN require_all
+               ELSE t.tgfoid <> 'loyalty._accrual_trigger'::regproc OR t.tgtype <> w.tgtype
+                    OR t.tgnewtable IS DISTINCT FROM w.newtable OR t.tgoldtable IS DISTINCT FROM w.oldtable
+                    OR t.tgqual IS NOT NULL OR t.tgnargs <> 0 OR t.tgattr::text <> '' OR t.tgconstraint <> 0 END
+    ORDER BY w.name
+    LIMIT 1
+$$;
+COMMENT ON FUNCTION loyalty._accrual_bad_trigger(regclass, boolean) IS 'Internal: the first accrual trigger of an attached table that is missing (if require_all) or was replaced by another definition';
+
+-- After any DDL command: every attachment whose table still exists must
+-- keep the columns it reads, of types it can read, and its triggers as
+-- attach_accrual made them. All attachments are checked, not only the
+-- table the command names: an ALTER of a parent table, of a typed table's
+-- type, or a DROP ... CASCADE of a type or domain changes other tables'
+-- columns. The triggers must all be there only after ALTER TRIGGER
+-- (pg_restore adds constraints to a table before it creates its
+-- triggers, one by one).
 CREATE FUNCTION loyalty._accrual_ddl_check() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
@@ -388,13 +424,8 @@ DECLARE
     v_col name;
     v_trigger text;
 BEGIN
-    -- (an ALTER TABLE checks the columns only: pg_restore adds constraints
-    -- to an attached table before it creates the triggers)
-    FOR s IN SELECT DISTINCT x.* FROM loyalty.accrual_source x
-             JOIN pg_event_trigger_ddl_commands() c
-               ON (c.classid = 'pg_class'::regclass AND c.objid = x.source::oid)
-               OR (c.classid = 'pg_trigger'::regclass
-                   AND x.source::oid = (SELECT t.tgrelid FROM pg_trigger t WHERE t.oid = c.objid)) LOOP
+    FOR s IN SELECT x.* FROM loyalty.accrual_source x
+             WHERE EXISTS (SELECT FROM pg_class c WHERE c.oid = x.source) ORDER BY x.source::oid LOOP
         FOREACH v_col IN ARRAY ARRAY[s.member_column, s.amount_column, s.ref_column, s.occurred_at_column,
                                      s.category_column, s.channel_column, s.store_column] LOOP
             IF v_col IS NOT NULL AND NOT EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = s.source
@@ -411,24 +442,19 @@ BEGIN
         PERFORM loyalty._check_column_type(s.source, s.occurred_at_column, 'purchase times',
             ARRAY['timestamptz', 'timestamp', 'date']::regtype[],
             'A purchase time column is timestamp with time zone, timestamp or date.');
-        SELECT n INTO v_trigger
-        FROM unnest(ARRAY['loyalty_accrual_insert', 'loyalty_accrual_update', 'loyalty_accrual_delete']) n
-        WHERE tg_tag = 'ALTER TRIGGER'
-          AND NOT EXISTS (SELECT FROM pg_trigger t WHERE t.tgrelid = s.source AND t.tgname = n)
-        LIMIT 1;
-        IF FOUND THEN
-            RAISE EXCEPTION 'cannot rename trigger % on "%": accrual is attached to it', v_trigger, s.source::text
+        v_trigger := loyalty._accrual_bad_trigger(s.source, tg_tag = 'ALTER TRIGGER');
+        IF v_trigger IS NOT NULL THEN
+            RAISE EXCEPTION 'cannot change trigger % on "%": accrual is attached to it', v_trigger, s.source::text
                 USING ERRCODE = 'dependent_objects_still_exist',
                       HINT = 'Detach accrual with loyalty.detach_accrual() first.';
         END IF;
     END LOOP;
 END $$;
-COMMENT ON FUNCTION loyalty._accrual_ddl_check() IS 'Internal event trigger: an ALTER of an attached table must leave the columns and triggers accrual reads';
+COMMENT ON FUNCTION loyalty._accrual_ddl_check() IS 'Internal event trigger: DDL must leave every attached table the columns and triggers accrual reads';
 
 CREATE EVENT TRIGGER loyalty_accrual_sql_drop ON sql_drop
     EXECUTE FUNCTION loyalty._accrual_sql_drop();
 CREATE EVENT TRIGGER loyalty_accrual_ddl_check ON ddl_command_end
-    WHEN TAG IN ('ALTER TABLE', 'ALTER TRIGGER')
     EXECUTE FUNCTION loyalty._accrual_ddl_check();
 
 CREATE VIEW loyalty.quarantine_summary AS
@@ -482,7 +508,7 @@ BEGIN
             ELSIF q.kind = 'refund' THEN
                 PERFORM loyalty.refund(program, q.row_data ->> 'refund_of', (q.row_data ->> 'amount')::numeric,
                                        q.row_data ->> 'refund_ref');
-            ELSIF s.source IS NULL AND NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = q.source) THEN
+            ELSIF NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = q.source) THEN
                 RAISE EXCEPTION 'the table this row came from (oid %) was dropped', q.source::oid
                     USING ERRCODE = 'LY013',
                           HINT = 'Post the purchase with loyalty.accrue() if it should still earn.';

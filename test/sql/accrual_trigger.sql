@@ -360,7 +360,48 @@ SELECT throws_ok($$ALTER TABLE public.ddl_orders ALTER COLUMN total TYPE text$$,
 SELECT throws_ok($$DROP TRIGGER loyalty_accrual_insert ON public.ddl_orders$$,
                  '2BP01', 'cannot drop trigger loyalty_accrual_insert on "public.ddl_orders": accrual is attached to it');
 SELECT throws_ok($$ALTER TRIGGER loyalty_accrual_delete ON public.ddl_orders RENAME TO gone$$,
-                 '2BP01', 'cannot rename trigger loyalty_accrual_delete on "public.ddl_orders": accrual is attached to it');
+                 '2BP01', 'cannot change trigger loyalty_accrual_delete on "public.ddl_orders": accrual is attached to it');
+-- every command tag, and every attached table, is checked: a rename under
+-- ALTER VIEW, an ALTER of a parent table or of a typed table's type, a
+-- DROP ... CASCADE of a domain, a trigger replaced in place
+SELECT throws_ok($$ALTER VIEW public.ddl_orders RENAME COLUMN total TO amount$$,
+                 '2BP01', 'column "total" of "public.ddl_orders" is read by accrual');
+CREATE TABLE public.ddl_parent (id text, cust text, total numeric);
+CREATE TABLE public.ddl_child () INHERITS (public.ddl_parent);
+SELECT loyalty.attach_accrual('public.ddl_child', 'shop', 'cust', 'total', 'id');
+SELECT throws_ok($$ALTER TABLE public.ddl_parent RENAME COLUMN total TO amount$$,
+                 '2BP01', 'column "total" of "public.ddl_child" is read by accrual');
+SELECT throws_ok($$ALTER TABLE public.ddl_parent ALTER COLUMN total TYPE text$$,
+                 '42804', 'column "total" of "public.ddl_child" cannot hold amounts');
+CREATE TYPE public.ddl_row AS (id text, cust text, total numeric);
+CREATE DOMAIN public.ddl_amount AS numeric;
+CREATE TABLE public.ddl_typed OF public.ddl_row;
+CREATE TABLE public.ddl_domain (id text, cust text, total public.ddl_amount);
+SELECT loyalty.attach_accrual(t, 'shop', 'cust', 'total', 'id')
+FROM unnest(ARRAY['public.ddl_typed', 'public.ddl_domain']::regclass[]) t;
+SELECT throws_ok($$ALTER TYPE public.ddl_row RENAME ATTRIBUTE total TO amount CASCADE$$,
+                 '2BP01', 'column "total" of "public.ddl_typed" is read by accrual');
+SELECT throws_ok($$DROP DOMAIN public.ddl_amount CASCADE$$,
+                 '2BP01', 'column "total" of "public.ddl_domain" is read by accrual');
+CREATE FUNCTION public.ddl_noop() RETURNS trigger LANGUAGE plpgsql AS $f$BEGIN RETURN NULL; END$f$;
+SELECT throws_ok($$CREATE OR REPLACE TRIGGER loyalty_accrual_insert AFTER INSERT ON public.ddl_orders
+                   FOR EACH STATEMENT EXECUTE FUNCTION public.ddl_noop()$$,
+                 '2BP01', 'cannot change trigger loyalty_accrual_insert on "public.ddl_orders": accrual is attached to it');
+SELECT throws_ok($$CREATE OR REPLACE TRIGGER loyalty_accrual_insert AFTER INSERT ON public.ddl_orders
+                   REFERENCING NEW TABLE AS loyalty_new FOR EACH STATEMENT WHEN (false)
+                   EXECUTE FUNCTION loyalty._accrual_trigger()$$,
+                 '2BP01', 'cannot change trigger loyalty_accrual_insert on "public.ddl_orders": accrual is attached to it');
+SELECT loyalty.detach_accrual(t)
+FROM unnest(ARRAY['public.ddl_child', 'public.ddl_typed', 'public.ddl_domain']::regclass[]) t;
+DROP TABLE public.ddl_child, public.ddl_parent, public.ddl_typed, public.ddl_domain;
+DROP TYPE public.ddl_row;
+DROP DOMAIN public.ddl_amount;
+DROP FUNCTION public.ddl_noop();
+-- a temporary table would go at the end of its session unseen
+CREATE TEMP TABLE ddl_temp (id text, cust text, total numeric);
+SELECT throws_ok($$SELECT loyalty.attach_accrual('ddl_temp', 'shop', 'cust', 'total', 'id')$$,
+                 '42809', '"ddl_temp" is a temporary table');
+DROP TABLE ddl_temp;
 SELECT lives_ok($$ALTER TABLE public.ddl_orders ALTER COLUMN total TYPE numeric(12,2), DROP COLUMN note,
                   ADD PRIMARY KEY (id)$$, 'other DDL, and a type accrual reads, pass');
 SELECT lives_ok($$INSERT INTO public.ddl_orders VALUES ('dd1', 'c1', 12.50, '2025-05-01'),
