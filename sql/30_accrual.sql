@@ -286,6 +286,22 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION loyalty._check_column_type(regclass, name, text, regtype[], text) IS 'Internal: refuses (42804) a column of an attached table whose type the accrual trigger cannot always convert';
 
+-- The amount and the time are read with casts that must not fail on a
+-- value of the column's type: a text column holding 'abc' would make the
+-- application's INSERT fail, which accrual must never do. Checked when
+-- attaching, and after any DDL (loyalty._accrual_ddl_check).
+CREATE FUNCTION loyalty._check_read_types(source regclass, amount_column name, occurred_at_column name)
+RETURNS void LANGUAGE plpgsql STABLE SET search_path = loyalty, pg_catalog, pg_temp AS $$
+BEGIN
+    PERFORM loyalty._check_column_type(source, amount_column, 'amounts',
+        ARRAY['numeric', 'int2', 'int4', 'int8', 'float4', 'float8', 'money']::regtype[],
+        'An amount column is numeric, an integer, a floating-point number or money.');
+    PERFORM loyalty._check_column_type(source, occurred_at_column, 'purchase times',
+        ARRAY['timestamptz', 'timestamp', 'date']::regtype[],
+        'A purchase time column is timestamp with time zone, timestamp or date.');
+END $$;
+COMMENT ON FUNCTION loyalty._check_read_types(regclass, name, name) IS 'Internal: refuses (42804) an amount or time column of a type the accrual trigger cannot always convert';
+
 CREATE FUNCTION loyalty.attach_accrual(source regclass, program text, member_column name, amount_column name,
                                        ref_column name, occurred_at_column name DEFAULT NULL,
                                        category_column name DEFAULT NULL, channel_column name DEFAULT NULL,
@@ -318,15 +334,7 @@ BEGIN
                 USING ERRCODE = 'undefined_column';
         END IF;
     END LOOP;
-    -- The amount and the time are read with casts that must not fail on a
-    -- value of the column's type: a text column holding 'abc' would make
-    -- the application's INSERT fail, which accrual must never do.
-    PERFORM loyalty._check_column_type(source, amount_column, 'amounts',
-        ARRAY['numeric', 'int2', 'int4', 'int8', 'float4', 'float8', 'money']::regtype[],
-        'An amount column is numeric, an integer, a floating-point number or money.');
-    PERFORM loyalty._check_column_type(source, occurred_at_column, 'purchase times',
-        ARRAY['timestamptz', 'timestamp', 'date']::regtype[],
-        'A purchase time column is timestamp with time zone, timestamp or date.');
+    PERFORM loyalty._check_read_types(source, amount_column, occurred_at_column);
     IF EXISTS (SELECT FROM loyalty.accrual_source s WHERE s.source = attach_accrual.source) THEN
         RAISE EXCEPTION 'accrual is already attached to "%"', v_tab
             USING ERRCODE = 'LY013', HINT = 'Detach it first with loyalty.detach_accrual().';
@@ -436,12 +444,7 @@ BEGIN
                           HINT = 'Detach accrual with loyalty.detach_accrual() first, and attach it again after.';
             END IF;
         END LOOP;
-        PERFORM loyalty._check_column_type(s.source, s.amount_column, 'amounts',
-            ARRAY['numeric', 'int2', 'int4', 'int8', 'float4', 'float8', 'money']::regtype[],
-            'An amount column is numeric, an integer, a floating-point number or money.');
-        PERFORM loyalty._check_column_type(s.source, s.occurred_at_column, 'purchase times',
-            ARRAY['timestamptz', 'timestamp', 'date']::regtype[],
-            'A purchase time column is timestamp with time zone, timestamp or date.');
+        PERFORM loyalty._check_read_types(s.source, s.amount_column, s.occurred_at_column);
         v_trigger := loyalty._accrual_bad_trigger(s.source, tg_tag = 'ALTER TRIGGER');
         IF v_trigger IS NOT NULL THEN
             RAISE EXCEPTION 'cannot change trigger % on "%": accrual is attached to it', v_trigger, s.source::text
