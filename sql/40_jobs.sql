@@ -423,9 +423,7 @@ DECLARE
     d record;
 BEGIN
     FOR d IN SELECT u.lot_id, -u.amount::bigint AS points, a.program_id, a.id AS account_id, b.id AS breakage_id,
-                    t.occurred_at,
-                    (SELECT count(*) FROM loyalty.lot_use e JOIN loyalty.transfer x ON x.id = e.transfer_id
-                     WHERE e.lot_id = u.lot_id AND e.amount > 0 AND x.kind = 'expire') AS expired_before
+                    t.occurred_at
              FROM loyalty.transfer t
              JOIN loyalty.lot_use u ON u.transfer_id = t.id AND u.amount < 0
              JOIN loyalty.lot l ON l.id = u.lot_id
@@ -439,9 +437,7 @@ BEGIN
                    <= t.occurred_at
              ORDER BY u.lot_id LOOP
         PERFORM loyalty._post_expire(d.program_id, d.account_id, d.breakage_id, d.lot_id, d.points,
-                                     'lot:' || d.lot_id || CASE WHEN d.expired_before = 0 THEN ''
-                                                                ELSE '#' || (d.expired_before + 1) END,
-                                     d.occurred_at);
+                                     loyalty._expire_ref(d.lot_id), d.occurred_at);
     END LOOP;
 END $$;
 COMMENT ON FUNCTION loyalty._expire_refilled(bigint) IS 'Internal: expires at once, dated at the reversal, the points a reversal gave back to lots already past their expiry';

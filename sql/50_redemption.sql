@@ -860,29 +860,44 @@ COMMENT ON FUNCTION loyalty.transfer_points(text, text, text, loyalty.points, te
 
 -- ---- cancellation ----
 
+-- The reversal of a redemption or a capture (transfer p_transfer, member
+-- to reward or charity account): the points go back to exactly the lots it
+-- consumed, each with its expiry. It is dated no earlier than the transfer
+-- it undoes: one dated in the future is undone at its own time, or the lots
+-- would count as restored before they were used, and the balance until
+-- then would show the points twice. Points given back to a lot already
+-- past its expiry expire at once (loyalty._expire_refilled).
+CREATE FUNCTION loyalty._reverse_transfer(p_transfer bigint, p_kind text, p_ref text) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    t loyalty.transfer;
+    v_lots bigint[];
+    v_amounts bigint[];
+    v_reversal bigint;
+BEGIN
+    SELECT * INTO t FROM loyalty.transfer x WHERE x.id = p_transfer;
+    SELECT array_agg(u.lot_id ORDER BY u.lot_id), array_agg(-u.amount::bigint ORDER BY u.lot_id)
+    INTO v_lots, v_amounts
+    FROM loyalty.lot_use u WHERE u.transfer_id = p_transfer;
+    v_reversal := loyalty._redemption_post(t.program_id, p_kind, p_ref, t.credit_account_id, t.debit_account_id,
+                                           false, true, t.amount::bigint, greatest(now(), t.occurred_at),
+                                           NULL, NULL, NULL, v_lots, v_amounts);
+    PERFORM loyalty._expire_refilled(v_reversal);
+    RETURN v_reversal;
+END $$;
+COMMENT ON FUNCTION loyalty._reverse_transfer(bigint, text, text) IS 'Internal: reverses a redemption or capture transfer, restoring exactly the lots it consumed, dated no earlier than it';
+
 -- Cancelling a checkout: the capture of a hold is reversed like a
 -- redemption, restoring exactly the lots it consumed.
 CREATE FUNCTION loyalty._cancel_capture(p_program text, p_ref text) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     h loyalty.hold := loyalty._lock_hold(p_program, p_ref);
-    t loyalty.transfer;
-    v_lots bigint[];
-    v_amounts bigint[];
 BEGIN
     IF h.cancel_transfer_id IS NOT NULL THEN
         RETURN h.cancel_transfer_id;
     END IF;
-    SELECT * INTO t FROM loyalty.transfer x WHERE x.id = h.transfer_id;
-    SELECT array_agg(u.lot_id ORDER BY u.lot_id), array_agg(-u.amount::bigint ORDER BY u.lot_id)
-    INTO v_lots, v_amounts
-    FROM loyalty.lot_use u WHERE u.transfer_id = h.transfer_id;
-    -- dated no earlier than the capture it undoes (see cancel_redemption)
-    h.cancel_transfer_id := loyalty._redemption_post(h.program_id, 'capture_cancel', p_ref, t.credit_account_id,
-                                                     h.account_id, false, true, t.amount::bigint,
-                                                     greatest(now(), t.occurred_at), NULL,
-                                                     NULL, NULL, v_lots, v_amounts);
-    PERFORM loyalty._expire_refilled(h.cancel_transfer_id);
+    h.cancel_transfer_id := loyalty._reverse_transfer(h.transfer_id, 'capture_cancel', p_ref);
     UPDATE loyalty.hold x SET cancel_transfer_id = h.cancel_transfer_id WHERE x.id = h.id;
     RETURN h.cancel_transfer_id;
 END $$;
@@ -894,11 +909,8 @@ RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_c
 DECLARE
     v_program bigint := loyalty._program_id(program);
     r loyalty.redemption;
-    v_lots bigint[];
-    v_amounts bigint[];
     v_transfer bigint;
     v_used text;
-    v_at timestamptz;
 BEGIN
     PERFORM loyalty._check_ref(ref);
     SELECT * INTO r FROM loyalty.redemption x WHERE x.program_id = v_program AND x.ref = ref;
@@ -921,19 +933,7 @@ BEGIN
         RAISE EXCEPTION 'redemption "%" cannot be cancelled', ref
             USING ERRCODE = 'LY044', DETAIL = format('Its voucher %s was already used.', v_used);
     END IF;
-    -- Exactly the lots the redemption consumed, restored with their expiry.
-    -- The reversal is dated no earlier than the redemption: one dated in
-    -- the future is undone at its own time, or the lots would count as
-    -- restored before they were used, and the balance until that date
-    -- would show the points twice.
-    SELECT array_agg(u.lot_id ORDER BY u.lot_id), array_agg(-u.amount::bigint ORDER BY u.lot_id)
-    INTO v_lots, v_amounts
-    FROM loyalty.lot_use u WHERE u.transfer_id = r.transfer_id;
-    SELECT greatest(now(), x.occurred_at) INTO v_at FROM loyalty.transfer x WHERE x.id = r.transfer_id;
-    v_transfer := loyalty._redemption_post(r.program_id, 'redeem_cancel', ref, r.credit_account_id, r.account_id,
-                                           false, true, r.points::bigint, coalesce(v_at, now()), NULL, NULL, NULL,
-                                           v_lots, v_amounts);
-    PERFORM loyalty._expire_refilled(v_transfer);
+    v_transfer := loyalty._reverse_transfer(r.transfer_id, 'redeem_cancel', ref);
     UPDATE loyalty.redemption x SET state = 'cancelled', cancel_transfer_id = v_transfer, cancelled_at = now()
     WHERE x.id = r.id;
     UPDATE loyalty.voucher vo SET state = 'cancelled' WHERE vo.redemption_id = r.id;
