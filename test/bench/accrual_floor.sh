@@ -29,6 +29,16 @@ CREATE TABLE f_lot (LIKE loyalty.lot INCLUDING ALL);
 -- only the unique index on the ref.
 CREATE TABLE f_slim (LIKE loyalty.accrual INCLUDING DEFAULTS);
 ALTER TABLE f_slim ADD UNIQUE (program_id, ref);
+-- A candidate layout (docs/performance.md, "A layout that fits the budget"):
+-- a narrow purchase row holding its pending points until they vest, keyed
+-- by its ref only; with and without an index by account.
+CREATE TABLE f_narrow (program_id bigint NOT NULL, ref text COLLATE "C" NOT NULL,
+                       account_id bigint NOT NULL, amount numeric NOT NULL,
+                       occurred_at timestamptz NOT NULL, category text,
+                       rule_version integer NOT NULL, points bigint NOT NULL,
+                       vests_at timestamptz NOT NULL, PRIMARY KEY (program_id, ref));
+CREATE TABLE f_narrow_acct (LIKE f_narrow INCLUDING ALL);
+CREATE INDEX ON f_narrow_acct (account_id, occurred_at);
 -- Every value computed beforehand (one point per unit, 30 days pending), so
 -- that the timed statements only write rows. The breakdown has the shape and
 -- size accrual stores for such a purchase (about 45 bytes).
@@ -64,6 +74,11 @@ lot=$(timed "INSERT INTO f_lot (account_id, transfer_id, amount, remaining, occu
 echo "lot rows alone: ${lot} s" >&2
 slim=$(timed "INSERT INTO f_slim ($purchase_cols) SELECT $purchase_vals FROM f_src")
 echo "purchase rows, ref index only: ${slim} s" >&2
+narrow_vals="1, id, account_id, total, placed_at, category, 1, points, vests_at"
+narrow=$(timed "INSERT INTO f_narrow SELECT $narrow_vals FROM f_src")
+echo "narrow purchase rows, ref key only: ${narrow} s" >&2
+narrow_acct=$(timed "INSERT INTO f_narrow_acct SELECT $narrow_vals FROM f_src")
+echo "narrow purchase rows, ref key and account index: ${narrow_acct} s" >&2
 
 row() {         # row WHAT SECONDS: the bare insert plus SECONDS, against the bare insert
     local r
@@ -74,6 +89,8 @@ row "bare insert + the purchase rows alone (loyalty.accrual's indexes)" "$accrua
 row "bare insert + purchase, journal and lot rows (the data model's floor)" \
     "$(awk -v a="$accrual" -v t="$transfer" -v l="$lot" 'BEGIN { printf "%.2f", a + t + l }')"
 row "bare insert + purchase rows with only the ref index (one-row floor)" "$slim"
+row "bare insert + narrow purchase rows, ref key only (candidate layout)" "$narrow"
+row "bare insert + narrow purchase rows, ref key and account index" "$narrow_acct"
 r=$(awk -v a="$acc" -v f="$(awk -v b="$bare" -v a="$accrual" -v t="$transfer" -v l="$lot" 'BEGIN { print b + a + t + l }')" \
         'BEGIN { printf "%.2f", a / f }')
 echo "| accrual_floor | accrual attached vs the data model's floor | ${acc} s | $(awk -v b="$bare" -v a="$accrual" -v t="$transfer" -v l="$lot" 'BEGIN { printf "%.2f", b + a + t + l }') s | ${r} | (none) | INFO |"
