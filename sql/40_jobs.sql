@@ -414,7 +414,8 @@ COMMENT ON FUNCTION loyalty._post_expire(bigint, bigint, bigint, bigint, bigint,
 -- A reversal (a cancelled redemption or capture) that gives points back to
 -- a lot already past its expiry moment at the reversal's time: those
 -- points came back expired, and go to breakage at once, dated at the
--- reversal. Left to the expire job they would be dated at the lot's
+-- reversal, except those that repaid a refund's debt right after it
+-- (loyalty._recover_refilled, the later 'recover' lines of the lot). Left to the expire job they would be dated at the lot's
 -- expiry, before they came back, and merged with what the lot had left
 -- then (which the job still expires at its expiry moment).
 CREATE FUNCTION loyalty._expire_refilled(p_transfer bigint) RETURNS void
@@ -422,8 +423,11 @@ LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
     d record;
 BEGIN
-    FOR d IN SELECT u.lot_id, -u.amount::bigint AS points, a.program_id, a.id AS account_id, b.id AS breakage_id,
-                    t.occurred_at
+    FOR d IN SELECT u.lot_id, a.program_id, a.id AS account_id, b.id AS breakage_id, t.occurred_at,
+                    -u.amount::bigint - coalesce((SELECT sum(r.amount::bigint) FROM loyalty.lot_use r
+                                                  JOIN loyalty.transfer rt ON rt.id = r.transfer_id
+                                                  WHERE r.lot_id = u.lot_id AND rt.kind = 'recover'
+                                                    AND rt.id > t.id)::bigint, 0) AS points
              FROM loyalty.transfer t
              JOIN loyalty.lot_use u ON u.transfer_id = t.id AND u.amount < 0
              JOIN loyalty.lot l ON l.id = u.lot_id
@@ -436,6 +440,7 @@ BEGIN
                               THEN loyalty._rolling_lapse(l.account_id, l.occurred_at, t.occurred_at) END)
                    <= t.occurred_at
              ORDER BY u.lot_id LOOP
+        CONTINUE WHEN d.points <= 0;
         PERFORM loyalty._post_expire(d.program_id, d.account_id, d.breakage_id, d.lot_id, d.points,
                                      loyalty._expire_ref(d.lot_id), d.occurred_at);
     END LOOP;

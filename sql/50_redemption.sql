@@ -634,6 +634,13 @@ CREATE FUNCTION loyalty._recover_debt(account_id bigint) RETURNS void
 AS 'MODULE_PATHNAME', 'loyalty_recover_debt' LANGUAGE C VOLATILE STRICT;
 COMMENT ON FUNCTION loyalty._recover_debt(bigint) IS 'Internal: repays a member account''s outstanding refund debt from its lots, if it owes any (after a hold gave points back)';
 
+-- A reversal that gives a purchase's lot back points its refund recorded as
+-- owed (they had been spent by what the reversal undoes) repays that debt
+-- from them at once, expired or not (src/accrual_refund.c).
+CREATE FUNCTION loyalty._recover_refilled(reversal bigint) RETURNS bigint
+AS 'MODULE_PATHNAME', 'loyalty_recover_refilled' LANGUAGE C VOLATILE STRICT;
+COMMENT ON FUNCTION loyalty._recover_refilled(bigint) IS 'Internal: repays, from the lots a reversal refilled, the refund debt of the purchases those lots belong to; returns the points repaid';
+
 CREATE FUNCTION loyalty.capture(program text, ref text, points loyalty.points DEFAULT NULL,
                                 occurred_at timestamptz DEFAULT now())
 RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
@@ -865,8 +872,10 @@ COMMENT ON FUNCTION loyalty.transfer_points(text, text, text, loyalty.points, te
 -- consumed, each with its expiry. It is dated no earlier than the transfer
 -- it undoes: one dated in the future is undone at its own time, or the lots
 -- would count as restored before they were used, and the balance until
--- then would show the points twice. Points given back to a lot already
--- past its expiry expire at once (loyalty._expire_refilled).
+-- then would show the points twice. Points given back to the lot of a
+-- purchase whose refund recorded them as owed repay that debt first
+-- (loyalty._recover_refilled); what a lot already past its expiry gets back
+-- beyond that expires at once (loyalty._expire_refilled).
 CREATE FUNCTION loyalty._reverse_transfer(p_transfer bigint, p_kind text, p_ref text) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -882,6 +891,7 @@ BEGIN
     v_reversal := loyalty._redemption_post(t.program_id, p_kind, p_ref, t.credit_account_id, t.debit_account_id,
                                            false, true, t.amount::bigint, greatest(now(), t.occurred_at),
                                            NULL, NULL, NULL, v_lots, v_amounts);
+    PERFORM loyalty._recover_refilled(v_reversal);
     PERFORM loyalty._expire_refilled(v_reversal);
     RETURN v_reversal;
 END $$;

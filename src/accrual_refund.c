@@ -30,6 +30,7 @@
 PG_FUNCTION_INFO_V1(loyalty_refund);
 PG_FUNCTION_INFO_V1(loyalty_refund_to);
 PG_FUNCTION_INFO_V1(loyalty_recover_debt);
+PG_FUNCTION_INFO_V1(loyalty_recover_refilled);
 
 static SPIPlanPtr plan_purchase;
 static SPIPlanPtr plan_refund_find;
@@ -43,6 +44,8 @@ static SPIPlanPtr plan_debt_pay;
 static SPIPlanPtr plan_existing;
 static SPIPlanPtr plan_expired;
 static SPIPlanPtr plan_owes;
+static SPIPlanPtr plan_refilled;
+static SPIPlanPtr plan_debt_pay_one;
 
 void
 AccrualCheckRef(const char *ref)
@@ -360,6 +363,125 @@ loyalty_recover_debt(PG_FUNCTION_ARGS)
 	AccrualRecoverIfOwed(PG_GETARG_INT64(0));
 	SPI_finish();
 	PG_RETURN_VOID();
+}
+
+/*
+ * _recover_refilled(reversal): a reversal (a cancelled redemption or
+ * capture) gave points back to the lot of a purchase whose refund had
+ * recorded them as owed, because they had been spent by what the reversal
+ * undoes. Those are the very points the refund could not take: they repay
+ * that refund's debt at once, from that lot, whether or not the lot has
+ * expired since. Left there, they would expire (or be spent) while the
+ * debt stayed, and the member would give the same points back twice;
+ * cancelled before the refund, the refund would have taken them (or
+ * forgiven them as expired) instead. Points a lot of another purchase gets
+ * back are not the refund's: they repay a debt only as any credit does
+ * (AccrualRecoverIfOwed), from lots not expired.
+ *
+ * The recovery is dated at the reversal, or at the debt if that is later
+ * (a refund dated in the future owes from its date). Called right after the
+ * reversal, which holds the member account's lock; returns the points
+ * repaid. loyalty._expire_refilled expires only what is left of them.
+ */
+Datum
+loyalty_recover_refilled(PG_FUNCTION_ARGS)
+{
+	static const Oid argtypes[] = {INT8OID};
+	static const Oid payargs[] = {INT8OID, INT8OID};
+	int64		reversal = PG_GETARG_INT64(0);
+	Datum		arg = Int64GetDatum(reversal);
+	int64	   *lots;
+	int64	   *amounts;
+	int64	   *debts;
+	int64	   *pays;
+	int			nlots = 0;
+	int			ndebts = 0;
+	int64		total = 0;
+	int64		lot = 0;
+	int64		left = 0;
+	int64		account = 0;
+	int64		program_id = 0;
+	TimestampTz at = 0;
+	char	   *member_ref = NULL;
+	AccrualBatch b;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	LedgerPrepare(&plan_refilled,
+				  "SELECT u.lot_id, -u.amount::bigint, l.remaining::bigint, d.id, d.outstanding,"
+				  "       greatest(t.occurred_at, d.created_at), t.program_id, l.account_id, m.member_ref"
+				  "  FROM loyalty.transfer t"
+				  "  JOIN loyalty.lot_use u ON u.transfer_id = t.id AND u.amount::bigint < 0"
+				  "  JOIN loyalty.lot l ON l.id = u.lot_id"
+				  "  JOIN loyalty.transfer e ON e.id = l.transfer_id AND e.kind = 'accrual'"
+				  "  JOIN loyalty.accrual_refund r ON r.program_id = e.program_id AND r.purchase_ref = e.ref"
+				  "  JOIN loyalty.accrual_debt d ON d.program_id = r.program_id AND d.refund_ref = r.refund_ref"
+				  "       AND d.account_id = l.account_id AND d.outstanding > 0"
+				  "  JOIN loyalty.account a ON a.id = l.account_id"
+				  "  JOIN loyalty.member m ON m.id = a.member_id"
+				  " WHERE t.id = $1"
+				  " ORDER BY u.lot_id, d.id",
+				  1, argtypes);
+	LedgerExpect(SPI_execute_plan(plan_refilled, &arg, NULL, false, 0), SPI_OK_SELECT, "reading refilled lots");
+	lots = palloc(sizeof(int64) * Max(SPI_processed, 1));
+	amounts = palloc(sizeof(int64) * Max(SPI_processed, 1));
+	debts = palloc(sizeof(int64) * Max(SPI_processed, 1));
+	pays = palloc(sizeof(int64) * Max(SPI_processed, 1));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	t = SPI_tuptable->vals[i];
+		TupleDesc	d = SPI_tuptable->tupdesc;
+		int64		this_lot = DatumGetInt64(SPI_getbinval(t, d, 1, &(bool){0}));
+		int64		outstanding = DatumGetInt64(SPI_getbinval(t, d, 5, &(bool){0}));
+		int64		pay;
+
+		if (this_lot != lot)
+		{
+			/* what the reversal gave back, as far as the lot still holds it */
+			lot = this_lot;
+			left = Min(DatumGetInt64(SPI_getbinval(t, d, 2, &(bool){0})),
+					   DatumGetInt64(SPI_getbinval(t, d, 3, &(bool){0})));
+		}
+		pay = Min(outstanding, left);
+		if (pay <= 0)
+			continue;
+		left -= pay;
+		if (nlots > 0 && lots[nlots - 1] == lot)
+			amounts[nlots - 1] += pay;
+		else
+		{
+			lots[nlots] = lot;
+			amounts[nlots++] = pay;
+		}
+		debts[ndebts] = DatumGetInt64(SPI_getbinval(t, d, 4, &(bool){0}));
+		pays[ndebts++] = pay;
+		total += pay;
+		at = Max(at, DatumGetTimestampTz(SPI_getbinval(t, d, 6, &(bool){0})));
+		program_id = DatumGetInt64(SPI_getbinval(t, d, 7, &(bool){0}));
+		account = DatumGetInt64(SPI_getbinval(t, d, 8, &(bool){0}));
+		member_ref = SPI_getvalue(t, d, 9);
+	}
+	if (total > 0)
+	{
+		memset(&b, 0, sizeof(b));
+		AccrualLoadProgram(&b, program_id, NULL);
+		AccrualPostBack(&b, account, member_ref, "recover",
+						psprintf("recovery %lld from the lots refilled by transfer %lld",
+								 (long long) debts[0], (long long) reversal),
+						total, nlots, lots, amounts, at);
+		LedgerPrepare(&plan_debt_pay_one,
+					  "UPDATE loyalty.accrual_debt SET outstanding = outstanding - $2 WHERE id = $1",
+					  2, payargs);
+		for (int i = 0; i < ndebts; i++)
+		{
+			Datum		args[2] = {Int64GetDatum(debts[i]), Int64GetDatum(pays[i])};
+
+			LedgerExpect(SPI_execute_plan(plan_debt_pay_one, args, NULL, false, 0), SPI_OK_UPDATE,
+						 "paying a debt");
+		}
+	}
+	SPI_finish();
+	PG_RETURN_INT64(total);
 }
 
 /*

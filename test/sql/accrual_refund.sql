@@ -161,6 +161,40 @@ SELECT rows, points FROM loyalty.run_job('expire', now());
 SELECT * FROM pg_temp.state('x1');
 SELECT count(*) AS chain_problems FROM loyalty.verify_chain('exp');
 
+-- A redemption cancelled after the refund of the purchase it spent, once
+-- that purchase's points have expired: x2 earns 100 (x-5), redeems 60 of
+-- them, and the other 40 expire. Returning the order forgives the 40 and
+-- owes the 60 that were spent. Cancelling the redemption gives those 60
+-- back to x-5's expired lot: they are the points the refund owes, so they
+-- repay the debt at once instead of expiring (the member gave them back
+-- once, not twice). Cancelled before the refund, the same 60 expire and
+-- the refund forgives them: 100 gone either way.
+SELECT loyalty.enroll('exp', 'x2', occurred_at => '2025-01-01 00:00+00') > 0 AS enrolled;
+SELECT loyalty.accrue('exp', 'x2', 100, 'x-5', now() - interval '40 days') AS earned;
+SELECT loyalty.add_reward('exp', 'pin', 'A pin', 60) AS reward;
+SELECT points FROM loyalty.redeem('exp', 'x2', 'pin', 'x2-pin', 1, now() - interval '35 days');
+SELECT rows, points FROM loyalty.run_job('expire', now());
+SELECT loyalty.refund('exp', 'x-5') AS clawed;
+SELECT refund_ref, points, taken, shortfall, forgiven FROM loyalty.accrual_refund WHERE purchase_ref = 'x-5';
+SELECT * FROM pg_temp.state('x2');
+SELECT loyalty.cancel_redemption('exp', 'x2-pin') > 0 AS cancelled;
+SELECT * FROM pg_temp.state('x2');
+SELECT rows, points FROM loyalty.run_job('expire', now());
+SELECT kind, points, balance FROM loyalty.statement('exp', 'x2') ORDER BY transfer_id;
+SELECT lifetime_expired, lifetime_adjusted FROM loyalty.account_summary('exp', 'x2');
+SELECT count(*) AS chain_problems FROM loyalty.verify_chain('exp');
+-- The other order: x3's redemption is cancelled first (its 60 expire at
+-- the cancel), then the refund forgives all 100 and owes nothing.
+SELECT loyalty.enroll('exp', 'x3', occurred_at => '2025-01-01 00:00+00') > 0 AS enrolled;
+SELECT loyalty.accrue('exp', 'x3', 100, 'x-6', now() - interval '40 days') AS earned;
+SELECT points FROM loyalty.redeem('exp', 'x3', 'pin', 'x3-pin', 1, now() - interval '35 days');
+SELECT rows, points FROM loyalty.run_job('expire', now());
+SELECT loyalty.cancel_redemption('exp', 'x3-pin') > 0 AS cancelled;
+SELECT loyalty.refund('exp', 'x-6') AS clawed;
+SELECT refund_ref, points, taken, shortfall, forgiven FROM loyalty.accrual_refund WHERE purchase_ref = 'x-6';
+SELECT * FROM pg_temp.state('x3');
+SELECT lifetime_expired, lifetime_adjusted FROM loyalty.account_summary('exp', 'x3');
+
 -- Under a rolling policy, points that lapsed are neither taken by a refund
 -- nor owed: y1's 100 from a year ago lapsed (6 months without activity);
 -- returning p1, whose 50 were spent, owes 50.
