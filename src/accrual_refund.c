@@ -160,7 +160,10 @@ AccrualTouchAccount(int64 account)
  *
  * Lots credited after at (a credit dated later in business time) are not
  * the member's yet at at, as spending sees it; a purchase's own lot is
- * taken back whenever the purchase is dated.
+ * taken back whenever the purchase is dated. And as a debit does
+ * (LedgerChooseLots), a lot gives only what it held at every moment from
+ * at on: points a reversal dated after at gives back (a cancel of a
+ * redemption dated in the future) were not there yet at at.
  *
  * Points reserved by the member's active holds are left where they are: a
  * checkout holding them must still be able to capture them. A capture
@@ -186,11 +189,17 @@ AccrualTakeLots(int64 account, int64 first_lot, int64 need, TimestampTz at,
 	int64		held;
 
 	LedgerPrepare(&plan_take,
-				  "SELECT l.id, l.remaining::bigint,"
+				  "WITH after AS (SELECT u.lot_id, min(u.left_after) AS dip"
+				  "                 FROM (SELECT u.lot_id, sum(u.amount::bigint) OVER"
+				  "                              (PARTITION BY u.lot_id ORDER BY u.occurred_at DESC) AS left_after"
+				  "                         FROM loyalty.lot_use u WHERE u.account_id = $1 AND u.occurred_at > $3) u"
+				  "                GROUP BY u.lot_id HAVING min(u.left_after) < 0)"
+				  "SELECT l.id, (l.remaining::bigint + coalesce(x.dip, 0))::bigint,"
 				  "       (SELECT a.held::bigint FROM loyalty.account a WHERE a.id = $1),"
 				  "       l.vests_at > $3"
-				  "  FROM loyalty.lot l"
+				  "  FROM loyalty.lot l LEFT JOIN after x ON x.lot_id = l.id"
 				  " WHERE l.account_id = $1 AND l.remaining OPERATOR(loyalty.>) 0"
+				  "   AND l.remaining::bigint + coalesce(x.dip, 0) > 0"
 				  "   AND (l.id = $2 OR l.occurred_at <= $3) AND (l.expires_at IS NULL OR l.expires_at > $3)"
 				  "   AND (NOT " ACCRUAL_ROLLING("$1") " OR $3 < loyalty._rolling_lapse($1, l.occurred_at, $3))"
 				  " ORDER BY l.id = $2 DESC, l.vests_at > $3 DESC, l.expires_at NULLS LAST, l.occurred_at, l.id"
