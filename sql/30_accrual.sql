@@ -96,6 +96,10 @@ CREATE TABLE loyalty.accrual_quarantine (
     ref            text,
     member_ref     text,
     row_data       jsonb NOT NULL,
+    -- the attachment's columns the row was read through (a purchase from a
+    -- table): a replay after a column was renamed finds the value under the
+    -- key it was stored with
+    columns        jsonb,
     reason         text NOT NULL,
     sqlstate       text NOT NULL,
     quarantined_at timestamptz NOT NULL DEFAULT clock_timestamp(),
@@ -104,6 +108,7 @@ CREATE TABLE loyalty.accrual_quarantine (
 );
 ALTER SEQUENCE loyalty.accrual_quarantine_id_seq OWNED BY loyalty.accrual_quarantine.id;
 CREATE INDEX accrual_quarantine_open_idx ON loyalty.accrual_quarantine (program_id, id) WHERE replayed_at IS NULL;
+COMMENT ON COLUMN loyalty.accrual_quarantine.columns IS 'The attachment''s column names when the row was quarantined (member, amount, ref, occurred_at, category, channel, store): replay_quarantine reads a value under the current column''s name, or under this one if row_data has no such key';
 COMMENT ON TABLE loyalty.accrual_quarantine IS 'Rows of an application''s purchase table that could not earn (unknown member, bad amount, no ref, ...): the reason, the row, when; replay_quarantine() retries them';
 
 SELECT pg_catalog.pg_extension_config_dump('loyalty.earning_rule', '');
@@ -485,6 +490,18 @@ LANGUAGE sql STABLE SET search_path = loyalty, pg_catalog, pg_temp AS $$
 $$;
 COMMENT ON FUNCTION loyalty._column_type(regclass, name) IS 'Internal: the type of a column of an attached table, as replay_quarantine reads its quarantined values';
 
+-- The key of row_data a replay reads a field from: the column the table's
+-- attachment names now, or, when the row has no such key, the column it was
+-- read through when it was quarantined (renamed since: detach, rename,
+-- attach again). NULL when the attachment reads no column for the field.
+CREATE FUNCTION loyalty._quarantine_key(q loyalty.accrual_quarantine, col name, field text) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = loyalty, pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN col IS NULL THEN NULL
+                WHEN q.row_data ? col THEN col
+                ELSE coalesce(q.columns ->> field, col) END
+$$;
+COMMENT ON FUNCTION loyalty._quarantine_key(loyalty.accrual_quarantine, name, text) IS 'Internal: the key of a quarantined row''s row_data that holds a field, by the current attachment or else by the columns it was quarantined with';
+
 CREATE FUNCTION loyalty.replay_quarantine(program text, source regclass DEFAULT NULL)
 RETURNS TABLE (replayed bigint, still_quarantined bigint)
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
@@ -522,14 +539,17 @@ BEGIN
                 -- the column's own type (money's text is '$7.50'; a timestamp
                 -- without time zone is read in this session's time zone)
                 EXECUTE format('SELECT ($1 ->> %L)::%s::numeric, ($1 ->> %L)::%s::timestamptz',
-                               s.amount_column, loyalty._column_type(q.source, s.amount_column),
-                               s.occurred_at_column,
+                               loyalty._quarantine_key(q, s.amount_column, 'amount'),
+                               loyalty._column_type(q.source, s.amount_column),
+                               loyalty._quarantine_key(q, s.occurred_at_column, 'occurred_at'),
                                coalesce(loyalty._column_type(q.source, s.occurred_at_column), 'timestamptz'))
                     INTO v_amount, v_at USING q.row_data;
-                PERFORM loyalty.accrue(program, q.row_data ->> s.member_column, v_amount,
-                                   q.row_data ->> s.ref_column, coalesce(v_at, q.quarantined_at),
-                                   q.row_data ->> s.category_column, q.row_data ->> s.channel_column,
-                                   q.row_data ->> s.store_column);
+                PERFORM loyalty.accrue(program, q.row_data ->> loyalty._quarantine_key(q, s.member_column, 'member'),
+                                   v_amount, q.row_data ->> loyalty._quarantine_key(q, s.ref_column, 'ref'),
+                                   coalesce(v_at, q.quarantined_at),
+                                   q.row_data ->> loyalty._quarantine_key(q, s.category_column, 'category'),
+                                   q.row_data ->> loyalty._quarantine_key(q, s.channel_column, 'channel'),
+                                   q.row_data ->> loyalty._quarantine_key(q, s.store_column, 'store'));
             END IF;
             UPDATE loyalty.accrual_quarantine x SET replayed_at = clock_timestamp(), attempts = x.attempts + 1
             WHERE x.id = q.id;

@@ -299,6 +299,27 @@ SELECT ref, amount, occurred_at, points FROM loyalty.accrual WHERE program_id = 
 SELECT loyalty.detach_accrual('public.cash_sales');
 DROP TABLE public.cash_sales;
 
+-- A row quarantined before a column it was read from was renamed (detach,
+-- rename, attach again) replays from the key it was stored under: the
+-- quarantine row keeps the columns it was read through. A row quarantined
+-- after the rename replays by the new names.
+CREATE TABLE public.till (id text, who text, total numeric, at timestamptz);
+SELECT loyalty.attach_accrual('public.till', 'cash', 'who', 'total', 'id', 'at');
+INSERT INTO public.till VALUES ('t1', 'cy', 12.00, '2025-04-02 10:00+00');   -- cy is not enrolled yet
+SELECT loyalty.detach_accrual('public.till');
+ALTER TABLE public.till RENAME COLUMN total TO amount;
+ALTER TABLE public.till RENAME COLUMN who TO customer;
+SELECT loyalty.attach_accrual('public.till', 'cash', 'customer', 'amount', 'id', 'at');
+INSERT INTO public.till VALUES ('t2', 'cy', 3.00, '2025-04-03 10:00+00');
+SELECT ref, sqlstate, columns FROM loyalty.accrual_quarantine
+WHERE source = 'public.till'::regclass ORDER BY id;
+SELECT loyalty.enroll('cash', 'cy', occurred_at => '2025-01-01') > 0 AS enrolled;
+SELECT * FROM loyalty.replay_quarantine('cash');
+SELECT ref, amount, occurred_at, points FROM loyalty.accrual
+WHERE program_id = (SELECT id FROM loyalty.program WHERE code = 'cash') AND ref LIKE 't%' ORDER BY ref;
+SELECT loyalty.detach_accrual('public.till');
+DROP TABLE public.till;
+
 -- Two attached tables whose mapped columns have the same names, in another
 -- order and of other types, in one session: each statement reads its own
 -- table's rows (the trigger's plans are kept per table and row type).
