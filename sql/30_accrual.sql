@@ -104,10 +104,19 @@ CREATE TABLE loyalty.accrual_quarantine (
     sqlstate       text NOT NULL,
     quarantined_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     replayed_at    timestamptz,
+    -- the application deleted the row before it could earn: not replayed
+    withdrawn_at   timestamptz,
     attempts       integer NOT NULL DEFAULT 0
 );
 ALTER SEQUENCE loyalty.accrual_quarantine_id_seq OWNED BY loyalty.accrual_quarantine.id;
-CREATE INDEX accrual_quarantine_open_idx ON loyalty.accrual_quarantine (program_id, id) WHERE replayed_at IS NULL;
+CREATE INDEX accrual_quarantine_open_idx ON loyalty.accrual_quarantine (program_id, id)
+    WHERE replayed_at IS NULL AND withdrawn_at IS NULL;
+-- An UPDATE or DELETE of an attached table finds the waiting purchases of
+-- the refs it changed (loyalty._accrual_trigger): the row as it is now is
+-- what a replay posts, and a deleted order posts nothing.
+CREATE INDEX accrual_quarantine_ref_idx ON loyalty.accrual_quarantine (source, ref)
+    WHERE replayed_at IS NULL AND withdrawn_at IS NULL AND kind = 'purchase';
+COMMENT ON COLUMN loyalty.accrual_quarantine.withdrawn_at IS 'When the application deleted the row from its table before it could earn: a replay skips it (an UPDATE of the row instead replaces row_data with the row as it is now)';
 COMMENT ON COLUMN loyalty.accrual_quarantine.columns IS 'The attachment''s column names when the row was quarantined (member, amount, ref, occurred_at, category, channel, store): replay_quarantine reads a value under the current column''s name, or under this one if row_data has no such key';
 COMMENT ON TABLE loyalty.accrual_quarantine IS 'Rows of an application''s purchase table that could not earn (unknown member, bad amount, no ref, ...): the reason, the row, when; replay_quarantine() retries them';
 
@@ -469,7 +478,7 @@ CREATE VIEW loyalty.quarantine_summary AS
     SELECT p.code AS program, q.source, q.sqlstate, q.reason, count(*) AS rows,
            min(q.quarantined_at) AS first_at, max(q.quarantined_at) AS last_at
     FROM loyalty.accrual_quarantine q JOIN loyalty.program p ON p.id = q.program_id
-    WHERE q.replayed_at IS NULL
+    WHERE q.replayed_at IS NULL AND q.withdrawn_at IS NULL
     GROUP BY 1, 2, 3, 4;
 COMMENT ON VIEW loyalty.quarantine_summary IS 'Rows waiting in the accrual quarantine, counted per program, source and reason';
 COMMENT ON COLUMN loyalty.quarantine_summary.program IS 'Program code';
@@ -517,7 +526,7 @@ DECLARE
     v_at timestamptz;
 BEGIN
     FOR q IN SELECT * FROM loyalty.accrual_quarantine x
-             WHERE x.program_id = v_program AND x.replayed_at IS NULL
+             WHERE x.program_id = v_program AND x.replayed_at IS NULL AND x.withdrawn_at IS NULL
                AND (replay_quarantine.source IS NULL OR x.source = replay_quarantine.source)
              ORDER BY x.id FOR UPDATE LOOP
         SELECT * INTO s FROM loyalty.accrual_source x WHERE x.source = q.source;

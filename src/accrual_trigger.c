@@ -304,6 +304,46 @@ AccrualTryRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_nul
 }
 
 /*
+ * UPDATE and DELETE of rows that wait in the quarantine (purchases that
+ * could not earn, by source and ref): a replay must post the order as it is
+ * when replayed, not as it was when it was refused. An UPDATE replaces the
+ * waiting row's row_data (and member) with the new row; a DELETE withdraws
+ * it, so that a replay does not earn for an order the application deleted.
+ * Rows are matched by ref, as the refunds above are; one probe of a small
+ * partial index when nothing waits.
+ */
+static void
+AccrualChangeQuarantined(AccrualBatch *b, const AccrualSource *s, bool update)
+{
+	static const Oid argtypes[] = {INT8OID, OIDOID};
+	Datum		args[2] = {Int64GetDatum(b->program_id), ObjectIdGetDatum(b->source)};
+	char	   *sql;
+
+	LedgerExpect(SPI_execute_with_args("SELECT FROM loyalty.accrual_quarantine q"
+									   " WHERE q.source = $2 AND q.replayed_at IS NULL AND q.withdrawn_at IS NULL"
+									   "   AND q.kind = 'purchase' AND q.program_id = $1 LIMIT 1",
+									   2, (Oid *) argtypes, args, NULL, false, 1),
+				 SPI_OK_SELECT, "reading the quarantine");
+	if (SPI_processed == 0)
+		return;
+	if (update)
+		sql = psprintf("UPDATE loyalty.accrual_quarantine q SET row_data = n.whole, member_ref = n.member"
+					   "  FROM (SELECT DISTINCT ON (ref) * FROM"
+					   "          (SELECT %s AS ref, %s AS member, to_jsonb(t) AS whole FROM loyalty_new t) x) n"
+					   " WHERE q.source = $2 AND q.ref = n.ref AND q.replayed_at IS NULL"
+					   "   AND q.withdrawn_at IS NULL AND q.kind = 'purchase' AND q.program_id = $1",
+					   AccrualCol(s->ref, "text"), AccrualCol(s->member, "text"));
+	else
+		sql = psprintf("UPDATE loyalty.accrual_quarantine q SET withdrawn_at = clock_timestamp()"
+					   "  FROM (SELECT DISTINCT %s AS ref FROM loyalty_old t) o"
+					   " WHERE q.source = $2 AND q.ref = o.ref AND q.replayed_at IS NULL"
+					   "   AND q.withdrawn_at IS NULL AND q.kind = 'purchase' AND q.program_id = $1",
+					   AccrualCol(s->ref, "text"));
+	LedgerExpect(SPI_execute_with_args(sql, 2, (Oid *) argtypes, args, NULL, false, 0), SPI_OK_UPDATE,
+				 "updating the quarantine");
+}
+
+/*
  * UPDATE and DELETE: refund the purchases whose amount went down (matched
  * by ref) or whose row went away. Rows that never earned are left alone.
  * An UPDATE refunds the purchase down to its new amount, from what is left
@@ -366,6 +406,7 @@ AccrualOnChange(AccrualBatch *b, const AccrualSource *s, bool update)
 		AccrualTryRefund(b, SPI_getvalue(tab->vals[i], tab->tupdesc, 1), amount, amount_null,
 						 SPI_getvalue(tab->vals[i], tab->tupdesc, 3), update);
 	}
+	AccrualChangeQuarantined(b, s, update);
 }
 
 /*

@@ -111,17 +111,27 @@ SELECT ref, kind, sqlstate, row_data FROM loyalty.accrual_quarantine WHERE kind 
 UPDATE loyalty.accrual_quarantine SET row_data = row_data || '{"refund_ref": "o2:amount:5.00:b"}'
 WHERE kind = 'refund_to';
 SELECT refund_ref, amount, points FROM loyalty.accrual_refund ORDER BY refund_ref;
--- DELETE of a quarantined row refunds nothing
+-- DELETE of a quarantined row refunds nothing, and withdraws it: a replay
+-- does not earn for an order the application deleted (o10's member zz is
+-- enrolled below). A quarantined row the application updates is replayed
+-- as it is now: o7 at 12.00, not 10.00.
 DELETE FROM public.orders WHERE id = 'o4';
+INSERT INTO public.orders VALUES ('o10', 'zz', 50.00, '2025-02-01 14:00+00', 'books', 'deleted');
+DELETE FROM public.orders WHERE id = 'o10';
+UPDATE public.orders SET total = 12.00 WHERE id = 'o7';
+SELECT ref, withdrawn_at IS NOT NULL AS withdrawn, row_data ->> 'total' AS total
+FROM loyalty.accrual_quarantine WHERE ref IN ('o4', 'o7', 'o10') ORDER BY id;
+SELECT sqlstate, rows FROM loyalty.quarantine_summary WHERE program = 'shop' ORDER BY sqlstate, reason;
 
 -- Fix the causes and replay: enrol zz, reopen c3, correct the amounts.
 SELECT loyalty.enroll('shop', 'zz', occurred_at => '2025-01-01') > 0 AS enrolled;
 UPDATE loyalty.member SET status = 'active' WHERE member_ref = 'c3';
 UPDATE loyalty.accrual_quarantine SET row_data = row_data || '{"total": 3.00}' WHERE ref = 'o6';
 SELECT * FROM loyalty.replay_quarantine('shop');
-SELECT ref, sqlstate, reason, replayed_at IS NOT NULL AS replayed, attempts FROM loyalty.accrual_quarantine ORDER BY id;
+SELECT ref, sqlstate, reason, replayed_at IS NOT NULL AS replayed, withdrawn_at IS NOT NULL AS withdrawn, attempts
+FROM loyalty.accrual_quarantine ORDER BY id;
 SELECT * FROM loyalty.replay_quarantine('shop');
-SELECT ref, points FROM loyalty.accrual WHERE ref IN ('o5', 'o6', 'o7') ORDER BY ref;
+SELECT ref, amount, points FROM loyalty.accrual WHERE ref IN ('o5', 'o6', 'o7', 'o10') ORDER BY ref;
 -- o2, refunded down to 5.00 of 20.00: 30 of its 40 points
 SELECT refunded_amount, refunded_points FROM loyalty.accrual WHERE ref = 'o2';
 SELECT refund_ref, amount, points FROM loyalty.accrual_refund WHERE purchase_ref = 'o2' ORDER BY refund_ref;
