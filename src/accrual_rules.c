@@ -950,7 +950,9 @@ AccrualBonuses(const AccrualRules *r, const AccrualInput *in, AccrualState *st, 
 		}
 		appendStringInfo(b, "\"points\": " INT64_FORMAT "}", grant);
 		total = PointsAdd(total, grant);
-		AccrualTraced(st, r->nmult + i, grant);
+		/* a campaign whose budget is spent is listed (budget_cut), not applied */
+		if (it->campaign == NULL || grant > 0)
+			AccrualTraced(st, r->nmult + i, grant);
 	}
 	AccrualListEnd(b, first);
 	return total;

@@ -239,7 +239,9 @@ SELECT loyalty.accrue('zero', 'z', 100, 'z1', '2025-03-15 12:00+00', category =>
 SELECT loyalty._accrual_breakdown(a) FROM loyalty.accrual a WHERE ref = 'z1';
 -- The simulation takes purchases in the order they were posted, as the
 -- budgets and caps counted them: r1 (posted first, dated later) used the
--- campaign's whole budget; replaying version 2 gives what was posted.
+-- campaign's whole budget; replaying version 2 gives what was posted. The
+-- campaign counts as applied to r1 only: r2 and r3 list it with their
+-- budget cut, granting nothing.
 SELECT loyalty.set_earning_rules('zero', '{"caps": {"per_purchase": 100},
   "bonuses": [{"campaign": "c", "from": "2026-01-01", "to": "2026-12-31", "points": 50, "budget": 50},
               {"when": {"birthday_month": true}, "factor": 2}]}', '2026-01-01') AS version;
@@ -253,4 +255,4 @@ UPDATE loyalty.member_contact SET birthday = '1990-04-01'
 WHERE member_id = (SELECT id FROM loyalty.member WHERE member_ref = 'z');
 SELECT * FROM loyalty.simulate_accrual('zero', (SELECT rules FROM loyalty.earning_rule r JOIN loyalty.program p ON p.id = r.program_id
                                                WHERE p.code = 'zero' AND r.version = 2),
-                                       '2026-01-01', '2027-01-01') WHERE rule LIKE 'total%';
+                                       '2026-01-01', '2027-01-01') WHERE rule LIKE 'total%' OR rule = 'bonuses[0]';
