@@ -415,9 +415,10 @@ COMMENT ON FUNCTION loyalty._post_expire(bigint, bigint, bigint, bigint, bigint,
 -- a lot already past its expiry moment at the reversal's time: those
 -- points came back expired, and go to breakage at once, dated at the
 -- reversal, except those that repaid a refund's debt right after it
--- (loyalty._recover_refilled, the later 'recover' lines of the lot). Left to the expire job they would be dated at the lot's
--- expiry, before they came back, and merged with what the lot had left
--- then (which the job still expires at its expiry moment).
+-- (loyalty._recover_refilled, the later 'recover' lines of the lot). Left
+-- to the expire job they would be dated at the lot's expiry, before they
+-- came back, and merged with what the lot had left then (which the job
+-- still expires at its expiry moment).
 CREATE FUNCTION loyalty._expire_refilled(p_transfer bigint) RETURNS void
 LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE

@@ -316,14 +316,16 @@ static void
 AccrualChangeQuarantined(AccrualBatch *b, const AccrualSource *s, bool update)
 {
 	static const Oid argtypes[] = {INT8OID, OIDOID};
+	static SPIPlanPtr plan_waiting;
 	Datum		args[2] = {Int64GetDatum(b->program_id), ObjectIdGetDatum(b->source)};
 	char	   *sql;
 
-	LedgerExpect(SPI_execute_with_args("SELECT FROM loyalty.accrual_quarantine q"
-									   " WHERE q.source = $2 AND q.replayed_at IS NULL AND q.withdrawn_at IS NULL"
-									   "   AND q.kind = 'purchase' AND q.program_id = $1 LIMIT 1",
-									   2, (Oid *) argtypes, args, NULL, false, 1),
-				 SPI_OK_SELECT, "reading the quarantine");
+	LedgerPrepare(&plan_waiting,
+				  "SELECT FROM loyalty.accrual_quarantine q"
+				  " WHERE q.source = $2 AND q.replayed_at IS NULL AND q.withdrawn_at IS NULL"
+				  "   AND q.kind = 'purchase' AND q.program_id = $1 LIMIT 1",
+				  2, argtypes);
+	LedgerExpect(SPI_execute_plan(plan_waiting, args, NULL, false, 1), SPI_OK_SELECT, "reading the quarantine");
 	if (SPI_processed == 0)
 		return;
 	if (update)
