@@ -312,6 +312,10 @@ AccrualTryRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_nul
  * Rows are matched by ref, as the refunds above are; one probe of a small
  * partial index when nothing waits.
  */
+#define ACCRUAL_WAITING \
+	"q.program_id = $1 AND q.source = $2 AND q.kind = 'purchase'" \
+	" AND q.replayed_at IS NULL AND q.withdrawn_at IS NULL"
+
 static void
 AccrualChangeQuarantined(AccrualBatch *b, const AccrualSource *s, bool update)
 {
@@ -321,9 +325,7 @@ AccrualChangeQuarantined(AccrualBatch *b, const AccrualSource *s, bool update)
 	char	   *sql;
 
 	LedgerPrepare(&plan_waiting,
-				  "SELECT FROM loyalty.accrual_quarantine q"
-				  " WHERE q.source = $2 AND q.replayed_at IS NULL AND q.withdrawn_at IS NULL"
-				  "   AND q.kind = 'purchase' AND q.program_id = $1 LIMIT 1",
+				  "SELECT FROM loyalty.accrual_quarantine q WHERE " ACCRUAL_WAITING " LIMIT 1",
 				  2, argtypes);
 	LedgerExpect(SPI_execute_plan(plan_waiting, args, NULL, false, 1), SPI_OK_SELECT, "reading the quarantine");
 	if (SPI_processed == 0)
@@ -332,14 +334,12 @@ AccrualChangeQuarantined(AccrualBatch *b, const AccrualSource *s, bool update)
 		sql = psprintf("UPDATE loyalty.accrual_quarantine q SET row_data = n.whole, member_ref = n.member"
 					   "  FROM (SELECT DISTINCT ON (ref) * FROM"
 					   "          (SELECT %s AS ref, %s AS member, to_jsonb(t) AS whole FROM loyalty_new t) x) n"
-					   " WHERE q.source = $2 AND q.ref = n.ref AND q.replayed_at IS NULL"
-					   "   AND q.withdrawn_at IS NULL AND q.kind = 'purchase' AND q.program_id = $1",
+					   " WHERE q.ref = n.ref AND " ACCRUAL_WAITING,
 					   AccrualCol(s->ref, "text"), AccrualCol(s->member, "text"));
 	else
 		sql = psprintf("UPDATE loyalty.accrual_quarantine q SET withdrawn_at = clock_timestamp()"
 					   "  FROM (SELECT DISTINCT %s AS ref FROM loyalty_old t) o"
-					   " WHERE q.source = $2 AND q.ref = o.ref AND q.replayed_at IS NULL"
-					   "   AND q.withdrawn_at IS NULL AND q.kind = 'purchase' AND q.program_id = $1",
+					   " WHERE q.ref = o.ref AND " ACCRUAL_WAITING,
 					   AccrualCol(s->ref, "text"));
 	LedgerExpect(SPI_execute_with_args(sql, 2, (Oid *) argtypes, args, NULL, false, 0), SPI_OK_UPDATE,
 				 "updating the quarantine");
