@@ -4,7 +4,9 @@
 INSERT INTO loyalty.transfer_kind VALUES
     ('accrual',  'Points for a purchase',         'earn'),
     ('refund',   'Points taken back for a return', 'adjust'),
-    ('recover',  'Refund debt recovered',          'adjust');
+    ('recover',  'Refund debt recovered',          'adjust'),
+    ('refund_settle', 'Returned points settle a refund', 'adjust'),
+    ('refund_return', 'Points a refund took given back', 'adjust');
 
 CREATE SEQUENCE loyalty.earning_rule_id_seq;
 CREATE TABLE loyalty.earning_rule (
@@ -35,6 +37,7 @@ CREATE TABLE loyalty.accrual_refund (
     taken        bigint NOT NULL,
     shortfall    bigint NOT NULL,
     forgiven     bigint NOT NULL DEFAULT 0,
+    returned     bigint NOT NULL DEFAULT 0 CHECK (returned >= 0 AND returned <= taken),
     occurred_at  timestamptz NOT NULL,
     PRIMARY KEY (program_id, refund_ref),
     CHECK (points = taken + shortfall + forgiven)
@@ -42,6 +45,7 @@ CREATE TABLE loyalty.accrual_refund (
 -- A purchase's earlier refunds: what they forgave of its expired points.
 CREATE INDEX accrual_refund_purchase_idx ON loyalty.accrual_refund (program_id, purchase_ref);
 COMMENT ON TABLE loyalty.accrual_refund IS 'Each refund of a purchase: amount returned, points it accounts for, of which taken from lots, recorded as debt (shortfall) and forgiven because they had expired';
+COMMENT ON COLUMN loyalty.accrual_refund.returned IS 'Of the points the refund took from the member''s other lots (in place of the purchase''s spent ones), those given back when a cancel returned the purchase''s own points (loyalty._recover_refilled)';
 COMMENT ON COLUMN loyalty.accrual_refund.forgiven IS 'Points of the purchase that had expired unused before the refund: already gone from the member, so neither taken again nor owed';
 
 CREATE SEQUENCE loyalty.accrual_debt_id_seq;

@@ -414,8 +414,9 @@ COMMENT ON FUNCTION loyalty._post_expire(bigint, bigint, bigint, bigint, bigint,
 -- A reversal (a cancelled redemption or capture) that gives points back to
 -- a lot already past its expiry moment at the reversal's time: those
 -- points came back expired, and go to breakage at once, dated at the
--- reversal, except those that repaid a refund's debt right after it
--- (loyalty._recover_refilled, the later 'recover' lines of the lot). Left
+-- reversal, except those that settled a refund right after it
+-- (loyalty._recover_refilled: the later 'recover' and 'refund_settle'
+-- lines of the lot). Left
 -- to the expire job they would be dated at the lot's expiry, before they
 -- came back, and merged with what the lot had left then (which the job
 -- still expires at its expiry moment).
@@ -427,7 +428,8 @@ BEGIN
     FOR d IN SELECT u.lot_id, a.program_id, a.id AS account_id, b.id AS breakage_id, t.occurred_at,
                     -u.amount::bigint - coalesce((SELECT sum(r.amount::bigint) FROM loyalty.lot_use r
                                                   JOIN loyalty.transfer rt ON rt.id = r.transfer_id
-                                                  WHERE r.lot_id = u.lot_id AND rt.kind = 'recover'
+                                                  WHERE r.lot_id = u.lot_id
+                                                    AND rt.kind IN ('recover', 'refund_settle')
                                                     AND rt.id > t.id)::bigint, 0) AS points
              FROM loyalty.transfer t
              JOIN loyalty.lot_use u ON u.transfer_id = t.id AND u.amount < 0

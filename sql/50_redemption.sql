@@ -636,10 +636,12 @@ COMMENT ON FUNCTION loyalty._recover_debt(bigint) IS 'Internal: repays a member 
 
 -- A reversal that gives a purchase's lot back points its refund recorded as
 -- owed (they had been spent by what the reversal undoes) repays that debt
--- from them at once, expired or not (src/accrual_refund.c).
+-- from them at once, expired or not, and with the rest settles the refund
+-- in place of the member's other points it took, which go back to their
+-- lots (src/accrual_refund.c).
 CREATE FUNCTION loyalty._recover_refilled(reversal bigint) RETURNS bigint
 AS 'MODULE_PATHNAME', 'loyalty_recover_refilled' LANGUAGE C VOLATILE STRICT;
-COMMENT ON FUNCTION loyalty._recover_refilled(bigint) IS 'Internal: repays, from the lots a reversal refilled, the refund debt of the purchases those lots belong to; returns the points repaid';
+COMMENT ON FUNCTION loyalty._recover_refilled(bigint) IS 'Internal: from the lots a reversal refilled, repays the refund debt of the purchases those lots belong to and gives back what their refunds took from other lots; returns the points used so';
 
 CREATE FUNCTION loyalty.capture(program text, ref text, points loyalty.points DEFAULT NULL,
                                 occurred_at timestamptz DEFAULT now())

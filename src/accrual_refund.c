@@ -46,6 +46,9 @@ static SPIPlanPtr plan_expired;
 static SPIPlanPtr plan_owes;
 static SPIPlanPtr plan_refilled;
 static SPIPlanPtr plan_debt_pay_one;
+static SPIPlanPtr plan_taken_elsewhere;
+static SPIPlanPtr plan_returned;
+static SPIPlanPtr plan_expire_refilled;
 
 void
 AccrualCheckRef(const char *ref)
@@ -375,6 +378,210 @@ loyalty_recover_debt(PG_FUNCTION_ARGS)
 }
 
 /*
+ * The second half of _recover_refilled: what is left of a purchase's
+ * refilled points once its refund's debt is repaid goes back in exchange
+ * for what its refunds took from the member's other lots in place of the
+ * spent points. The refilled points settle the refund (refund_settle,
+ * member to issuance, from the purchase's own lot) and the other lots get
+ * back as much (refund_return, issuance to member, restoring exactly those
+ * lots, as far as each can hold it); accrual_refund.returned counts what
+ * was given back, so a second cancel never gives it twice. Points given
+ * back to a lot past its expiry expire at once, as a cancel's do.
+ * own/own_used: the refilled lots and what the debts took of each.
+ */
+static int64
+AccrualSwapRefilled(int64 reversal, int64 *own, int64 *own_used, int nown)
+{
+	static const Oid argtypes[] = {INT8OID};
+	static const Oid retargs[] = {INT8OID, TEXTOID, INT8OID};
+	Datum		arg = Int64GetDatum(reversal);
+	int64	   *settle_lots,
+			   *settle_amounts,
+			   *back_lots,
+			   *back_amounts;
+	char	  **refunds;
+	int64	   *refund_back;
+	int			nsettle = 0,
+				nback = 0,
+				nrefunds = 0;
+	int64		total = 0;
+	int64		lot = 0,
+				left = 0;
+	char	   *refund = NULL;
+	int64		skip = 0;
+	int64		account = 0,
+				program_id = 0;
+	TimestampTz at = 0;
+	char	   *member_ref = NULL;
+	char	   *purchase = NULL;
+	uint64		nrows;
+	SPITupleTable *tab;
+
+	LedgerPrepare(&plan_taken_elsewhere,
+				  "SELECT u.lot_id, -u.amount::bigint, l.remaining::bigint, r.refund_ref, r.returned,"
+				  "       tu.lot_id, tu.amount::bigint, (o.amount::bigint - o.remaining::bigint),"
+				  "       greatest(t.occurred_at, r.occurred_at), t.program_id, l.account_id, m.member_ref, e.ref"
+				  "  FROM loyalty.transfer t"
+				  "  JOIN loyalty.lot_use u ON u.transfer_id = t.id AND u.amount::bigint < 0"
+				  "  JOIN loyalty.lot l ON l.id = u.lot_id"
+				  "  JOIN loyalty.transfer e ON e.id = l.transfer_id AND e.kind = 'accrual'"
+				  "  JOIN loyalty.accrual_refund r ON r.program_id = e.program_id AND r.purchase_ref = e.ref"
+				  "       AND r.taken > r.returned"
+				  "  JOIN loyalty.transfer rt ON rt.program_id = r.program_id AND rt.kind = 'refund'"
+				  "       AND rt.ref = r.refund_ref"
+				  "  JOIN loyalty.lot_use tu ON tu.transfer_id = rt.id AND tu.lot_id <> l.id AND tu.amount::bigint > 0"
+				  "  JOIN loyalty.lot o ON o.id = tu.lot_id"
+				  "  JOIN loyalty.account a ON a.id = l.account_id"
+				  "  JOIN loyalty.member m ON m.id = a.member_id"
+				  " WHERE t.id = $1"
+				  " ORDER BY u.lot_id, r.refund_ref, tu.lot_id"
+				  " FOR UPDATE OF o",
+				  1, argtypes);
+	LedgerExpect(SPI_execute_plan(plan_taken_elsewhere, &arg, NULL, false, 0), SPI_OK_SELECT,
+				 "reading what refunds took");
+	nrows = SPI_processed;
+	tab = SPI_tuptable;
+	if (nrows == 0)
+		return 0;
+	settle_lots = palloc(sizeof(int64) * nrows);
+	settle_amounts = palloc(sizeof(int64) * nrows);
+	back_lots = palloc(sizeof(int64) * nrows);
+	back_amounts = palloc(sizeof(int64) * nrows);
+	refunds = palloc(sizeof(char *) * nrows);
+	refund_back = palloc(sizeof(int64) * nrows);
+	for (uint64 i = 0; i < nrows; i++)
+	{
+		HeapTuple	t = tab->vals[i];
+		TupleDesc	d = tab->tupdesc;
+		int64		this_lot = DatumGetInt64(SPI_getbinval(t, d, 1, &(bool){0}));
+		char	   *this_refund = SPI_getvalue(t, d, 4);
+		int64		other = DatumGetInt64(SPI_getbinval(t, d, 6, &(bool){0}));
+		int64		took = DatumGetInt64(SPI_getbinval(t, d, 7, &(bool){0}));
+		int64		room = DatumGetInt64(SPI_getbinval(t, d, 8, &(bool){0}));
+		int64		give;
+
+		if (this_lot != lot)
+		{
+			/* what came back and the debts left, as far as the lot (read after them) holds it */
+			lot = this_lot;
+			left = DatumGetInt64(SPI_getbinval(t, d, 2, &(bool){0}));
+			for (int k = 0; k < nown; k++)
+				if (own[k] == lot)
+					left -= own_used[k];
+			left = Min(left, DatumGetInt64(SPI_getbinval(t, d, 3, &(bool){0})));
+			refund = NULL;
+		}
+		if (refund == NULL || strcmp(refund, this_refund) != 0)
+		{
+			/* what this refund gave back before comes first in lot order */
+			refund = this_refund;
+			skip = DatumGetInt64(SPI_getbinval(t, d, 5, &(bool){0}));
+		}
+		if (skip >= took)
+		{
+			skip -= took;
+			continue;
+		}
+		took -= skip;
+		skip = 0;
+		/* the other lot can hold no more than it lacks (a lot it shares with another refund) */
+		for (int k = 0; k < nback; k++)
+			if (back_lots[k] == other)
+				room -= back_amounts[k];
+		give = Min(Min(took, room), left);
+		if (give <= 0)
+			continue;
+		left -= give;
+		total += give;
+		if (nsettle > 0 && settle_lots[nsettle - 1] == lot)
+			settle_amounts[nsettle - 1] += give;
+		else
+		{
+			settle_lots[nsettle] = lot;
+			settle_amounts[nsettle++] = give;
+		}
+		back_lots[nback] = other;
+		back_amounts[nback++] = -give;
+		if (nrefunds > 0 && strcmp(refunds[nrefunds - 1], refund) == 0)
+			refund_back[nrefunds - 1] += give;
+		else
+		{
+			refunds[nrefunds] = refund;
+			refund_back[nrefunds++] = give;
+		}
+		at = Max(at, DatumGetTimestampTz(SPI_getbinval(t, d, 9, &(bool){0})));
+		program_id = DatumGetInt64(SPI_getbinval(t, d, 10, &(bool){0}));
+		account = DatumGetInt64(SPI_getbinval(t, d, 11, &(bool){0}));
+		member_ref = SPI_getvalue(t, d, 12);
+		purchase = SPI_getvalue(t, d, 13);
+	}
+	if (total > 0)
+	{
+		AccrualBatch b;
+		LedgerPosting p;
+		int64		returned;
+
+		memset(&b, 0, sizeof(b));
+		AccrualLoadProgram(&b, program_id, NULL);
+		AccrualPostBack(&b, account, member_ref, "refund_settle",
+						psprintf("%s, settled by transfer %lld", purchase, (long long) reversal),
+						total, nsettle, settle_lots, settle_amounts, at);
+		/* one restore per lot, as the lot_use key wants */
+		for (int i = 0; i < nback; i++)
+			for (int k = i + 1; k < nback; k++)
+				if (back_lots[k] == back_lots[i] && back_amounts[k] != 0)
+				{
+					back_amounts[i] += back_amounts[k];
+					back_amounts[k] = 0;
+				}
+		{
+			int			j = 0;
+
+			for (int i = 0; i < nback; i++)
+				if (back_amounts[i] != 0)
+				{
+					back_lots[j] = back_lots[i];
+					back_amounts[j++] = back_amounts[i];
+				}
+			nback = j;
+		}
+		memset(&p, 0, sizeof(p));
+		p.program_id = b.program_id;
+		p.kind = "refund_return";
+		p.ref = psprintf("%s, given back by transfer %lld", purchase, (long long) reversal);
+		p.debit_account = b.issuance;
+		p.debit_label = "issuance account";
+		p.credit_account = account;
+		p.credit_is_member = true;
+		p.credit_label = psprintf("member \"%s\"", member_ref);
+		p.amount = total;
+		p.occurred_at = at;
+		p.vests_at = at;
+		p.nuses = nback;
+		p.use_lots = back_lots;
+		p.use_amounts = back_amounts;
+		returned = LedgerPost(&p, NULL);
+		LedgerPrepare(&plan_returned,
+					  "UPDATE loyalty.accrual_refund SET returned = returned + $3"
+					  " WHERE program_id = $1 AND refund_ref = $2",
+					  3, retargs);
+		for (int i = 0; i < nrefunds; i++)
+		{
+			Datum		args[3] = {Int64GetDatum(program_id), CStringGetTextDatum(refunds[i]),
+			Int64GetDatum(refund_back[i])};
+
+			LedgerExpect(SPI_execute_plan(plan_returned, args, NULL, false, 0), SPI_OK_UPDATE,
+						 "recording what a refund gave back");
+		}
+		LedgerPrepare(&plan_expire_refilled, "SELECT loyalty._expire_refilled($1)", 1, argtypes);
+		arg = Int64GetDatum(returned);
+		LedgerExpect(SPI_execute_plan(plan_expire_refilled, &arg, NULL, false, 0), SPI_OK_SELECT,
+					 "expiring what came back expired");
+	}
+	return total;
+}
+
+/*
  * _recover_refilled(reversal): a reversal (a cancelled redemption or
  * capture) gave points back to the lot of a purchase whose refund had
  * recorded them as owed, because they had been spent by what the reversal
@@ -387,10 +594,15 @@ loyalty_recover_debt(PG_FUNCTION_ARGS)
  * back are not the refund's: they repay a debt only as any credit does
  * (AccrualRecoverIfOwed), from lots not expired.
  *
+ * What is left of them then settles the refund in place of the member's
+ * other points it took (AccrualSwapRefilled), so that a cancel after a
+ * refund ends where a cancel before it does.
+ *
  * The recovery is dated at the reversal, or at the debt if that is later
  * (a refund dated in the future owes from its date). Called right after the
  * reversal, which holds the member account's lock; returns the points
- * repaid. loyalty._expire_refilled expires only what is left of them.
+ * repaid and settled. loyalty._expire_refilled expires only what is left
+ * of them.
  */
 Datum
 loyalty_recover_refilled(PG_FUNCTION_ARGS)
@@ -489,6 +701,7 @@ loyalty_recover_refilled(PG_FUNCTION_ARGS)
 						 "paying a debt");
 		}
 	}
+	total += AccrualSwapRefilled(reversal, lots, amounts, nlots);
 	SPI_finish();
 	PG_RETURN_INT64(total);
 }

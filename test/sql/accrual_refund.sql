@@ -195,6 +195,36 @@ SELECT refund_ref, points, taken, shortfall, forgiven FROM loyalty.accrual_refun
 SELECT * FROM pg_temp.state('x3');
 SELECT lifetime_expired, lifetime_adjusted FROM loyalty.account_summary('exp', 'x3');
 
+-- When the refund took the member's other points in place of the spent
+-- ones, the cancel gives those back too: x4 earns 100 (x-7) and 30 (x-8),
+-- spends 60 of x-7's on a pin, and x-7's other 40 expire. Returning x-7
+-- takes x-8's 30 and owes 30. Cancelling the pin gives 60 back to x-7's
+-- expired lot: 30 repay the debt, the other 30 settle the refund in place
+-- of x-8's, which get their 30 back. x4 keeps x-8's 30, as x5 does, whose
+-- pin is cancelled before the refund; a second cancel path (a replay)
+-- gives nothing twice.
+SELECT loyalty.enroll('exp', m, occurred_at => '2025-01-01 00:00+00') > 0 AS enrolled
+FROM unnest(ARRAY['x4', 'x5']) m;
+SELECT loyalty.accrue('exp', m, 100, m || '-a', now() - interval '40 days') AS earned,
+       loyalty.accrue('exp', m, 30, m || '-b', now() - interval '2 days') AS earned_later
+FROM unnest(ARRAY['x4', 'x5']) m;
+SELECT m, r.points FROM unnest(ARRAY['x4', 'x5']) m,
+       loyalty.redeem('exp', m, 'pin', m || '-pin', 1, now() - interval '35 days') r;
+SELECT rows, points FROM loyalty.run_job('expire', now());
+SELECT loyalty.refund('exp', 'x4-a') AS clawed;
+SELECT loyalty.cancel_redemption('exp', 'x4-pin') > 0 AS cancelled;
+SELECT loyalty.cancel_redemption('exp', 'x4-pin') > 0 AS cancelled_again;
+SELECT loyalty.cancel_redemption('exp', 'x5-pin') > 0 AS cancelled;
+SELECT loyalty.refund('exp', 'x5-a') AS clawed;
+SELECT refund_ref, points, taken, shortfall, forgiven, returned FROM loyalty.accrual_refund
+WHERE refund_ref IN ('x4-a', 'x5-a') ORDER BY refund_ref;
+SELECT m, s.* FROM unnest(ARRAY['x4', 'x5']) m, pg_temp.state(m) s;
+SELECT m, loyalty.balance('exp', m) AS balance FROM unnest(ARRAY['x4', 'x5']) m;
+SELECT l.amount, l.remaining FROM loyalty.lot l JOIN loyalty.transfer t ON t.id = l.transfer_id
+WHERE t.ref = 'x4-b';
+SELECT kind, points, balance FROM loyalty.statement('exp', 'x4') ORDER BY transfer_id;
+SELECT count(*) AS chain_problems FROM loyalty.verify_chain('exp');
+
 -- Under a rolling policy, points that lapsed are neither taken by a refund
 -- nor owed: y1's 100 from a year ago lapsed (6 months without activity);
 -- returning p1, whose 50 were spent, owes 50.
