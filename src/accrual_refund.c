@@ -459,6 +459,7 @@ AccrualSwapRefilled(int64 reversal, int64 *own, int64 *own_used, int nown)
 		int64		took = DatumGetInt64(SPI_getbinval(t, d, 7, &(bool){0}));
 		int64		room = DatumGetInt64(SPI_getbinval(t, d, 8, &(bool){0}));
 		int64		give;
+		int			k;
 
 		if (this_lot != lot)
 		{
@@ -484,13 +485,18 @@ AccrualSwapRefilled(int64 reversal, int64 *own, int64 *own_used, int nown)
 		}
 		took -= skip;
 		skip = 0;
-		/* the other lot can hold no more than it lacks (a lot it shares with another refund) */
-		for (int k = 0; k < nback; k++)
-			if (back_lots[k] == other)
-				room -= back_amounts[k];
-		give = Min(Min(took, room), left);
+		/* one restore per lot (the lot_use key), no more than the lot lacks */
+		for (k = 0; k < nback && back_lots[k] != other; k++)
+			;
+		if (k == nback)
+		{
+			back_lots[nback] = other;
+			back_amounts[nback++] = 0;
+		}
+		give = Min(Min(took, room + back_amounts[k]), left);
 		if (give <= 0)
 			continue;
+		back_amounts[k] -= give;
 		left -= give;
 		total += give;
 		if (nsettle > 0 && settle_lots[nsettle - 1] == lot)
@@ -500,8 +506,6 @@ AccrualSwapRefilled(int64 reversal, int64 *own, int64 *own_used, int nown)
 			settle_lots[nsettle] = lot;
 			settle_amounts[nsettle++] = give;
 		}
-		back_lots[nback] = other;
-		back_amounts[nback++] = -give;
 		if (nrefunds > 0 && strcmp(refunds[nrefunds - 1], refund) == 0)
 			refund_back[nrefunds - 1] += give;
 		else
@@ -526,14 +530,7 @@ AccrualSwapRefilled(int64 reversal, int64 *own, int64 *own_used, int nown)
 		AccrualPostBack(&b, account, member_ref, "refund_settle",
 						psprintf("%s, settled by transfer %lld", purchase, (long long) reversal),
 						total, nsettle, settle_lots, settle_amounts, at);
-		/* one restore per lot, as the lot_use key wants */
-		for (int i = 0; i < nback; i++)
-			for (int k = i + 1; k < nback; k++)
-				if (back_lots[k] == back_lots[i] && back_amounts[k] != 0)
-				{
-					back_amounts[i] += back_amounts[k];
-					back_amounts[k] = 0;
-				}
+		/* lots that could take nothing back are not named */
 		{
 			int			j = 0;
 
