@@ -192,11 +192,7 @@ AccrualTakeLots(int64 account, int64 first_lot, int64 need, TimestampTz at,
 	int64		held;
 
 	LedgerPrepare(&plan_take,
-				  "WITH after AS (SELECT u.lot_id, min(u.left_after) AS dip"
-				  "                 FROM (SELECT u.lot_id, sum(u.amount::bigint) OVER"
-				  "                              (PARTITION BY u.lot_id ORDER BY u.occurred_at DESC) AS left_after"
-				  "                         FROM loyalty.lot_use u WHERE u.account_id = $1 AND u.occurred_at > $3) u"
-				  "                GROUP BY u.lot_id HAVING min(u.left_after) < 0)"
+				  LEDGER_LOT_DIP("$1", "$3")
 				  "SELECT l.id, (l.remaining::bigint + coalesce(x.dip, 0))::bigint,"
 				  "       (SELECT a.held::bigint FROM loyalty.account a WHERE a.id = $1),"
 				  "       l.vests_at > $3"
@@ -378,6 +374,20 @@ loyalty_recover_debt(PG_FUNCTION_ARGS)
 }
 
 /*
+ * The lots a reversal (transfer $1) refilled that are the lots of refunded
+ * purchases, one row per refund of such a purchase: u (the refill), l (the
+ * lot), e (the purchase's journal line), r (the refund), m (the member).
+ */
+#define ACCRUAL_REFILLED_REFUNDED \
+	"  FROM loyalty.transfer t" \
+	"  JOIN loyalty.lot_use u ON u.transfer_id = t.id AND u.amount::bigint < 0" \
+	"  JOIN loyalty.lot l ON l.id = u.lot_id" \
+	"  JOIN loyalty.transfer e ON e.id = l.transfer_id AND e.kind = 'accrual'" \
+	"  JOIN loyalty.accrual_refund r ON r.program_id = e.program_id AND r.purchase_ref = e.ref" \
+	"  JOIN loyalty.account a ON a.id = l.account_id" \
+	"  JOIN loyalty.member m ON m.id = a.member_id"
+
+/*
  * The second half of _recover_refilled: what is left of a purchase's
  * refilled points once its refund's debt is repaid goes back in exchange
  * for what its refunds took from the member's other lots in place of the
@@ -421,19 +431,12 @@ AccrualSwapRefilled(int64 reversal, int64 *own, int64 *own_used, int nown)
 				  "SELECT u.lot_id, -u.amount::bigint, l.remaining::bigint, r.refund_ref, r.returned,"
 				  "       tu.lot_id, tu.amount::bigint, (o.amount::bigint - o.remaining::bigint),"
 				  "       greatest(t.occurred_at, r.occurred_at), t.program_id, l.account_id, m.member_ref, e.ref"
-				  "  FROM loyalty.transfer t"
-				  "  JOIN loyalty.lot_use u ON u.transfer_id = t.id AND u.amount::bigint < 0"
-				  "  JOIN loyalty.lot l ON l.id = u.lot_id"
-				  "  JOIN loyalty.transfer e ON e.id = l.transfer_id AND e.kind = 'accrual'"
-				  "  JOIN loyalty.accrual_refund r ON r.program_id = e.program_id AND r.purchase_ref = e.ref"
-				  "       AND r.taken > r.returned"
+				  ACCRUAL_REFILLED_REFUNDED
 				  "  JOIN loyalty.transfer rt ON rt.program_id = r.program_id AND rt.kind = 'refund'"
 				  "       AND rt.ref = r.refund_ref"
 				  "  JOIN loyalty.lot_use tu ON tu.transfer_id = rt.id AND tu.lot_id <> l.id AND tu.amount::bigint > 0"
 				  "  JOIN loyalty.lot o ON o.id = tu.lot_id"
-				  "  JOIN loyalty.account a ON a.id = l.account_id"
-				  "  JOIN loyalty.member m ON m.id = a.member_id"
-				  " WHERE t.id = $1"
+				  " WHERE t.id = $1 AND r.taken > r.returned"
 				  " ORDER BY u.lot_id, r.refund_ref, tu.lot_id"
 				  " FOR UPDATE OF o",
 				  1, argtypes);
@@ -466,9 +469,9 @@ AccrualSwapRefilled(int64 reversal, int64 *own, int64 *own_used, int nown)
 			/* what came back and the debts left, as far as the lot (read after them) holds it */
 			lot = this_lot;
 			left = DatumGetInt64(SPI_getbinval(t, d, 2, &(bool){0}));
-			for (int k = 0; k < nown; k++)
-				if (own[k] == lot)
-					left -= own_used[k];
+			for (int j = 0; j < nown; j++)
+				if (own[j] == lot)
+					left -= own_used[j];
 			left = Min(left, DatumGetInt64(SPI_getbinval(t, d, 3, &(bool){0})));
 			refund = NULL;
 		}
@@ -628,15 +631,9 @@ loyalty_recover_refilled(PG_FUNCTION_ARGS)
 	LedgerPrepare(&plan_refilled,
 				  "SELECT u.lot_id, -u.amount::bigint, l.remaining::bigint, d.id, d.outstanding,"
 				  "       greatest(t.occurred_at, d.created_at), t.program_id, l.account_id, m.member_ref"
-				  "  FROM loyalty.transfer t"
-				  "  JOIN loyalty.lot_use u ON u.transfer_id = t.id AND u.amount::bigint < 0"
-				  "  JOIN loyalty.lot l ON l.id = u.lot_id"
-				  "  JOIN loyalty.transfer e ON e.id = l.transfer_id AND e.kind = 'accrual'"
-				  "  JOIN loyalty.accrual_refund r ON r.program_id = e.program_id AND r.purchase_ref = e.ref"
+				  ACCRUAL_REFILLED_REFUNDED
 				  "  JOIN loyalty.accrual_debt d ON d.program_id = r.program_id AND d.refund_ref = r.refund_ref"
 				  "       AND d.account_id = l.account_id AND d.outstanding > 0"
-				  "  JOIN loyalty.account a ON a.id = l.account_id"
-				  "  JOIN loyalty.member m ON m.id = a.member_id"
 				  " WHERE t.id = $1"
 				  " ORDER BY u.lot_id, d.id",
 				  1, argtypes);

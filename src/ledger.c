@@ -314,11 +314,7 @@ LedgerChooseLots(const LedgerPosting *p, LedgerUse *use, const LedgerSide *debit
 	 * dated now that is one probe of lot_use_account_idx finding nothing.
 	 */
 	LedgerPrepare(&plan_open_lots,
-				  "WITH after AS (SELECT u.lot_id, min(u.left_after) AS dip"
-				  "                 FROM (SELECT u.lot_id, sum(u.amount::bigint) OVER"
-				  "                              (PARTITION BY u.lot_id ORDER BY u.occurred_at DESC) AS left_after"
-				  "                         FROM loyalty.lot_use u WHERE u.account_id = $1 AND u.occurred_at > $2) u"
-				  "                GROUP BY u.lot_id HAVING min(u.left_after) < 0)"
+				  LEDGER_LOT_DIP("$1", "$2")
 				  "SELECT l.id, (l.remaining::bigint + coalesce(a.dip, 0))::bigint, l.pending FROM loyalty.lot l"
 				  "  LEFT JOIN after a ON a.lot_id = l.id"
 				  " WHERE l.account_id = $1 AND l.remaining OPERATOR(loyalty.>) 0"

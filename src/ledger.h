@@ -64,6 +64,21 @@ typedef struct LedgerTarget
 	TimestampTz expires_at;
 } LedgerTarget;
 
+/*
+ * What a lot held at the lowest from a moment on, below what it holds now:
+ * a CTE "after" of (lot_id, dip) over one account's lot_use rows dated
+ * after at (reversals count negative), for lots that dipped. A lot can
+ * give its remaining plus its dip (coalesce(dip, 0)), not more: points a
+ * reversal dated later gave back were not there yet at at. account and at
+ * are the query's parameter names, e.g. "$1" and "$2".
+ */
+#define LEDGER_LOT_DIP(account, at) \
+	"WITH after AS (SELECT u.lot_id, min(u.left_after) AS dip" \
+	"                 FROM (SELECT u.lot_id, sum(u.amount::bigint) OVER" \
+	"                              (PARTITION BY u.lot_id ORDER BY u.occurred_at DESC) AS left_after" \
+	"                         FROM loyalty.lot_use u WHERE u.account_id = " account " AND u.occurred_at > " at ") u" \
+	"                GROUP BY u.lot_id HAVING min(u.left_after) < 0)"
+
 extern char *loyalty_actor;
 
 extern void LedgerInit(void);
