@@ -72,6 +72,15 @@ SELECT points, refunded_amount, refunded_points FROM loyalty.accrual WHERE ref =
 SELECT loyalty.refund('coffee', 'demo-2', NULL, 'demo-2-rest') AS clawed_back;
 
 \echo
+\echo == A nightly sync deletes an order of bob and loads it again: the DELETE refunds it,
+\echo == the same order back undoes that refund (no point lost, none earned twice)
+INSERT INTO public.demo_orders VALUES ('demo-6', 'bob', 9.90, now() - interval '1 day', 'coffee');
+CREATE TEMPORARY TABLE demo_yesterday AS SELECT * FROM public.demo_orders WHERE sold_at > now() - interval '2 days';
+DELETE FROM public.demo_orders WHERE sold_at > now() - interval '2 days';
+INSERT INTO public.demo_orders SELECT * FROM demo_yesterday;
+SELECT kind, ref, points, balance FROM loyalty.statement('coffee', 'bob') WHERE ref LIKE 'demo-6%' ORDER BY transfer_id;
+
+\echo
 \echo == Version 2 from April: 2 points per euro; March purchases keep version 1
 SELECT loyalty.set_earning_rules('coffee', '{"base": {"per": 1.00, "points": 2}}', '2025-04-01', 'spring') AS version;
 SELECT loyalty.accrue('coffee', 'bob', 4.20, 'demo-acc-2', '2025-04-02 08:00+02', 'coffee') AS points;

@@ -6,7 +6,8 @@ INSERT INTO loyalty.transfer_kind VALUES
     ('refund',   'Points taken back for a return', 'adjust'),
     ('recover',  'Refund debt recovered',          'adjust'),
     ('refund_settle', 'Returned points settle a refund', 'adjust'),
-    ('refund_return', 'Points a refund took given back', 'adjust');
+    ('refund_return', 'Points a refund took given back', 'adjust'),
+    ('refund_undo', 'Refund undone: the order came back', 'adjust');
 
 CREATE SEQUENCE loyalty.earning_rule_id_seq;
 CREATE TABLE loyalty.earning_rule (
@@ -39,6 +40,7 @@ CREATE TABLE loyalty.accrual_refund (
     forgiven     bigint NOT NULL DEFAULT 0,
     returned     bigint NOT NULL DEFAULT 0 CHECK (returned >= 0 AND returned <= taken),
     occurred_at  timestamptz NOT NULL,
+    restored_at  timestamptz,
     PRIMARY KEY (program_id, refund_ref),
     CHECK (points = taken + shortfall + forgiven)
 );
@@ -46,6 +48,7 @@ CREATE TABLE loyalty.accrual_refund (
 CREATE INDEX accrual_refund_purchase_idx ON loyalty.accrual_refund (program_id, purchase_ref);
 COMMENT ON TABLE loyalty.accrual_refund IS 'Each refund of a purchase: amount returned, points it accounts for, of which taken from lots, recorded as debt (shortfall) and forgiven because they had expired';
 COMMENT ON COLUMN loyalty.accrual_refund.returned IS 'Of the points the refund took from the member''s other lots (in place of the purchase''s spent ones), those given back when a cancel returned the purchase''s own points (loyalty._recover_refilled)';
+COMMENT ON COLUMN loyalty.accrual_refund.restored_at IS 'When the refund a DELETE of an attached table posted was undone because the application inserted the same order again (loyalty._restore_deleted): it no longer counts against the purchase';
 COMMENT ON COLUMN loyalty.accrual_refund.forgiven IS 'Points of the purchase that had expired unused before the refund: already gone from the member, so neither taken again nor owed';
 
 CREATE SEQUENCE loyalty.accrual_debt_id_seq;
@@ -95,8 +98,9 @@ CREATE TABLE loyalty.accrual_quarantine (
     source         regclass,
     -- what the row is: a purchase (row_data is the application's row), or a
     -- refund an UPDATE or DELETE could not post (row_data says what to
-    -- refund: by an amount, or down to a new amount)
-    kind           text NOT NULL DEFAULT 'purchase' CHECK (kind IN ('purchase', 'refund', 'refund_to')),
+    -- refund: by an amount, or down to a new amount), or the undoing of a
+    -- DELETE's refund that the order's insertion again could not post
+    kind           text NOT NULL DEFAULT 'purchase' CHECK (kind IN ('purchase', 'refund', 'refund_to', 'restore')),
     ref            text,
     member_ref     text,
     row_data       jsonb NOT NULL,
@@ -218,6 +222,71 @@ CREATE FUNCTION loyalty._refund_to(program text, ref text, new_amount numeric, r
 RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_refund_to'
 LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp;
 COMMENT ON FUNCTION loyalty._refund_to(text, text, numeric, text) IS 'Internal: refunds a purchase down to what it now amounts to (what is left unrefunded beyond new_amount, nothing if none), as an UPDATE lowering an attached table''s amount does; replay_quarantine retries such refunds with it';
+
+-- An order deleted from an attached table and inserted again (a sync job
+-- that reloads a day's orders, a restore from a backup): the DELETE
+-- refunded the purchase (refund_ref ref:deleted, then ref:deleted:2, ...),
+-- and the same order back in the table undoes that refund, as if it had
+-- never gone. The refund's journal line is reversed, restoring exactly the
+-- lots it took (loyalty._reverse_transfer, so points given back to a lot
+-- already past its expiry expire at once, and a refilled lot of another
+-- refunded purchase repays that refund's debt); the refund stops counting
+-- against the purchase. Undone only while nothing else happened to what
+-- the refund did: a refund that recorded debt, or whose points a cancel
+-- already gave back (accrual_refund.returned), raises LY014 and the
+-- trigger quarantines the undoing, for an administrator to decide.
+-- A refund waiting in the quarantine for the same deletion is withdrawn.
+-- Returns the points given back (0: nothing to undo).
+CREATE FUNCTION loyalty._restore_deleted(program text, ref text) RETURNS bigint
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
+#variable_conflict use_variable
+DECLARE
+    v_program bigint := loyalty._program_id(program);
+    a loyalty.accrual;
+    d loyalty.accrual_refund;
+    v_transfer bigint;
+BEGIN
+    SELECT * INTO a FROM loyalty.accrual x WHERE x.program_id = v_program AND x.ref = ref;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'purchase "%" does not exist in program "%"', ref, program USING ERRCODE = 'LY011';
+    END IF;
+    -- the member account first, as every posting locks it, then the purchase
+    PERFORM FROM loyalty.account x WHERE x.id = a.account_id FOR UPDATE;
+    SELECT * INTO a FROM loyalty.accrual x WHERE x.program_id = v_program AND x.ref = ref FOR UPDATE;
+    UPDATE loyalty.accrual_quarantine q SET withdrawn_at = clock_timestamp()
+    WHERE q.program_id = v_program AND q.kind = 'refund' AND q.ref = ref
+      AND q.replayed_at IS NULL AND q.withdrawn_at IS NULL
+      AND (q.row_data ->> 'refund_ref' = ref || ':deleted'
+           OR starts_with(q.row_data ->> 'refund_ref', ref || ':deleted:'));
+    SELECT * INTO d FROM loyalty.accrual_refund r
+    WHERE r.program_id = v_program AND r.purchase_ref = ref AND r.restored_at IS NULL
+      AND (r.refund_ref = ref || ':deleted' OR starts_with(r.refund_ref, ref || ':deleted:'))
+    ORDER BY r.occurred_at DESC, r.refund_ref DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN 0;
+    END IF;
+    IF d.shortfall > 0 OR d.returned > 0 THEN
+        RAISE EXCEPTION 'the refund "%" of purchase "%" cannot be undone', d.refund_ref, ref
+            USING ERRCODE = 'LY014',
+                  DETAIL = CASE WHEN d.shortfall > 0
+                                THEN format('It recorded %s points as owed (the member had spent them).', d.shortfall)
+                                ELSE format('A cancel already gave back %s of the points it took.', d.returned) END,
+                  HINT = 'The order is back in its table: post what the member should get with loyalty.adjust().';
+    END IF;
+    -- no longer a refund of the purchase, before the reversal reads refunds
+    UPDATE loyalty.accrual_refund r SET restored_at = now()
+    WHERE r.program_id = v_program AND r.refund_ref = d.refund_ref;
+    UPDATE loyalty.accrual x SET refunded_amount = x.refunded_amount - d.amount,
+                                 refunded_points = x.refunded_points - d.points
+    WHERE x.program_id = v_program AND x.ref = ref;
+    IF d.taken > 0 THEN
+        SELECT t.id INTO STRICT v_transfer FROM loyalty.transfer t
+        WHERE t.program_id = v_program AND t.kind = 'refund' AND t.ref = d.refund_ref;
+        PERFORM loyalty._reverse_transfer(v_transfer, 'refund_undo', d.refund_ref);
+    END IF;
+    RETURN d.taken;
+END $$;
+COMMENT ON FUNCTION loyalty._restore_deleted(text, text) IS 'Internal: undoes the refund a DELETE of an attached table posted for a purchase whose order was inserted again (restoring exactly the lots it took); LY014 when the refund recorded debt or was partly given back; returns the points given back';
 
 COMMENT ON FUNCTION loyalty.refund(text, text, numeric, text) IS 'Claws back the points of a purchase in proportion to the amount returned (NULL: all that is left), except those that expired unused; idempotent on refund_ref (default: the purchase ref); returns the points clawed back (taken from lots plus owed)';
 
@@ -538,6 +607,8 @@ BEGIN
             IF q.kind = 'refund_to' THEN
                 PERFORM loyalty._refund_to(program, q.row_data ->> 'refund_of', (q.row_data ->> 'to_amount')::numeric,
                                            q.row_data ->> 'refund_ref');
+            ELSIF q.kind = 'restore' THEN
+                PERFORM loyalty._restore_deleted(program, q.row_data ->> 'restore_of');
             ELSIF q.kind = 'refund' THEN
                 PERFORM loyalty.refund(program, q.row_data ->> 'refund_of', (q.row_data ->> 'amount')::numeric,
                                        q.row_data ->> 'refund_ref');

@@ -226,13 +226,15 @@ AccrualText(HeapTuple tup, TupleDesc desc, int col)
 /*
  * The row repeats a ref already used for another purchase (posted before,
  * or earlier in the batch): its content is the first one's (a repeat) or
- * it is refused, 23505.
+ * it is refused, 23505. A repeat of a posted purchase is noted: an attached
+ * table's order deleted and inserted again undoes the DELETE's refund.
  */
 static void
-AccrualRepeat(AccrualRow *r, int64 first_points, bool same)
+AccrualRepeat(AccrualRow *r, int64 first_points, bool same, bool posted)
 {
 	r->existing = true;
 	r->existing_points = first_points;
+	r->reinserted = same && posted;
 	if (!same)
 		r->problem = psprintf("ref \"%s\" was already used for a different purchase", r->ref),
 			r->sqlstate = "23505";
@@ -285,7 +287,7 @@ AccrualProblem(AccrualBatch *b, AccrualRow *r, HeapTuple tup, TupleDesc desc)
 			r->sqlstate = "LY004";
 	else if (DatumGetBool(SPI_getbinval(tup, desc, COL_EXISTS, &isnull)))
 		AccrualRepeat(r, DatumGetInt64(SPI_getbinval(tup, desc, COL_EXISTING_POINTS, &isnull)),
-					  DatumGetBool(SPI_getbinval(tup, desc, COL_SAME, &isnull)));
+					  DatumGetBool(SPI_getbinval(tup, desc, COL_SAME, &isnull)), true);
 	else if ((r->rules = AccrualRulesAt(b->rules, r->occurred_at)) == NULL)
 		r->problem = psprintf("program \"%s\" has no earning rules in force at %s", b->code,
 							  timestamptz_to_str(r->occurred_at)),
@@ -722,7 +724,7 @@ AccrualPostedBefore(AccrualRow *r, Relation rel, TupleTableSlot *slot)
 	posted.store = AccrualStoredText(rel, slot, "store");
 	posted.attrs = slot_getattr(slot, LedgerAttnum(rel, "attrs"), &posted.attrs_null);
 	AccrualRepeat(r, DatumGetInt64(slot_getattr(slot, LedgerAttnum(rel, "points"), &isnull)),
-				  AccrualSameRow(&posted, r));
+				  AccrualSameRow(&posted, r), true);
 }
 
 /*
@@ -813,7 +815,7 @@ AccrualDuplicates(AccrualBatch *b)
 
 			if (first->existing || strcmp(first->ref, r->ref) != 0)
 				continue;
-			AccrualRepeat(r, 0, AccrualSameRow(first, r));
+			AccrualRepeat(r, 0, AccrualSameRow(first, r), false);
 			break;
 		}
 	pfree(keys);
@@ -1405,6 +1407,7 @@ AccrualQuarantine(AccrualBatch *b)
 	{
 		AccrualRow *r = &b->rows[i];
 
+		AccrualNoteReinserted(b, r);
 		if (r->problem == NULL)
 			continue;
 		nulls[0][n] = r->ref == NULL;
@@ -1439,6 +1442,23 @@ AccrualQuarantine(AccrualBatch *b)
 				  7, argtypes);
 	LedgerExpect(SPI_execute_plan(plan_quarantine, args, NULL, false, 0), SPI_OK_INSERT,
 				  "quarantining purchases");
+}
+
+/*
+ * Keep the ref of a row that repeats a posted purchase, for the trigger to
+ * undo a DELETE's refund of it once the statement is posted (an INSERT of
+ * an order the application deleted before: loyalty._restore_deleted).
+ */
+void
+AccrualNoteReinserted(AccrualBatch *b, AccrualRow *r)
+{
+	MemoryContext old;
+
+	if (!r->reinserted || r->problem != NULL || b->stmt_cxt == NULL)
+		return;
+	old = MemoryContextSwitchTo(b->stmt_cxt);
+	b->reinserted = lappend(b->reinserted, pstrdup(r->ref));
+	MemoryContextSwitchTo(old);
 }
 
 /* Recover outstanding refund debts of the batch's members from what they just earned. */

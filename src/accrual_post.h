@@ -33,6 +33,7 @@ typedef struct AccrualRow
 	Datum		whole;			/* the application's row as jsonb, for the quarantine */
 	bool		whole_null;
 	bool		existing;		/* the same purchase was posted before */
+	bool		reinserted;		/* and is its repeat: a DELETE's refund may need undoing */
 	int64		existing_points;
 	const char *problem;		/* why it cannot earn; NULL: it can */
 	const char *sqlstate;
@@ -90,6 +91,8 @@ typedef struct AccrualBatch
 	int64		ninserted;
 	MemoryContext chunk_cxt;	/* per-chunk allocations; NULL: the caller's */
 	int			nquarantined;
+	List	   *reinserted;		/* refs of posted purchases inserted again (trigger) */
+	MemoryContext stmt_cxt;		/* where they are kept: the trigger's */
 } AccrualBatch;
 
 /* Batches of at most this many rows use generic plans. */
@@ -112,6 +115,7 @@ extern void AccrualPostSource(AccrualBatch *b, SPIPlanPtr lock, SPIPlanPtr read,
 							  char *nulls);
 extern void AccrualEnrollUnknown(AccrualBatch *b, const char *source, Datum *args, char *nulls,
 								 int nargs, Oid *argtypes);
+extern void AccrualNoteReinserted(AccrualBatch *b, AccrualRow *r);
 extern void AccrualCheckRef(const char *ref);
 extern char *AccrualDescribeExisting(AccrualBatch *b, AccrualRow *r);
 extern void AccrualRecover(AccrualBatch *b, int64 account);

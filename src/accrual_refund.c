@@ -384,6 +384,7 @@ loyalty_recover_debt(PG_FUNCTION_ARGS)
 	"  JOIN loyalty.lot l ON l.id = u.lot_id" \
 	"  JOIN loyalty.transfer e ON e.id = l.transfer_id AND e.kind = 'accrual'" \
 	"  JOIN loyalty.accrual_refund r ON r.program_id = e.program_id AND r.purchase_ref = e.ref" \
+	"       AND r.restored_at IS NULL" \
 	"  JOIN loyalty.account a ON a.id = l.account_id" \
 	"  JOIN loyalty.member m ON m.id = a.member_id"
 
@@ -730,7 +731,8 @@ AccrualExpiredUnforgiven(AccrualBatch *b, const char *ref, int64 account, int64 
 				  "                                    OR (" ACCRUAL_ROLLING("$1")
 				  "                                        AND $5 >= loyalty._rolling_lapse($1, l.occurred_at, $5)))), 0)"
 				  "                - coalesce((SELECT sum(f.forgiven) FROM loyalty.accrual_refund f"
-				  "                             WHERE f.program_id = $3 AND f.purchase_ref = $4), 0), 0)::bigint",
+				  "                             WHERE f.program_id = $3 AND f.purchase_ref = $4"
+				  "                               AND f.restored_at IS NULL), 0), 0)::bigint",
 				  5, argtypes);
 	args[0] = Int64GetDatum(account);
 	args[1] = Int64GetDatum(transfer);

@@ -304,6 +304,66 @@ AccrualTryRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_nul
 }
 
 /*
+ * INSERT of orders posted before (AccrualNoteReinserted): an order the
+ * application deleted and inserts again gets back what the DELETE's refund
+ * took, each in a subtransaction; one that cannot be undone is quarantined
+ * (kind restore), as a failed refund is. A repeat whose purchase has no
+ * such refund (a retried import) costs a probe and changes nothing.
+ */
+static void
+AccrualRestoreReinserted(AccrualBatch *b)
+{
+	static const Oid argtypes[] = {TEXTOID, TEXTOID};
+	static const Oid qargs[] = {INT8OID, OIDOID, TEXTOID, TEXTOID, TEXTOID};
+	static SPIPlanPtr plan_restore;
+	static SPIPlanPtr plan_quarantine_restore;
+	ListCell   *lc;
+
+	LedgerPrepare(&plan_restore, "SELECT loyalty._restore_deleted($1, $2)", 2, argtypes);
+	foreach(lc, b->reinserted)
+	{
+		const char *ref = lfirst(lc);
+		Datum		args[5] = {CStringGetTextDatum(b->code), CStringGetTextDatum(ref)};
+		MemoryContext cxt = CurrentMemoryContext;
+		ResourceOwner owner = CurrentResourceOwner;
+
+		BeginInternalSubTransaction(NULL);
+		MemoryContextSwitchTo(cxt);
+		PG_TRY();
+		{
+			LedgerExpect(SPI_execute_plan(plan_restore, args, NULL, false, 1), SPI_OK_SELECT,
+						 "undoing a refund");
+			ReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(cxt);
+			CurrentResourceOwner = owner;
+		}
+		PG_CATCH();
+		{
+			ErrorData  *e;
+
+			MemoryContextSwitchTo(cxt);
+			e = CopyErrorData();
+			FlushErrorState();
+			RollbackAndReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(cxt);
+			CurrentResourceOwner = owner;
+			LedgerPrepare(&plan_quarantine_restore,
+						  "INSERT INTO loyalty.accrual_quarantine (program_id, source, kind, ref, row_data, reason, sqlstate)"
+						  " VALUES ($1, $2, 'restore', $3, jsonb_build_object('restore_of', $3), $4, $5)",
+						  5, qargs);
+			args[0] = Int64GetDatum(b->program_id);
+			args[1] = ObjectIdGetDatum(b->source);
+			args[2] = CStringGetTextDatum(ref);
+			args[3] = CStringGetTextDatum(e->message);
+			args[4] = CStringGetTextDatum(unpack_sql_state(e->sqlerrcode));
+			LedgerExpect(SPI_execute_plan(plan_quarantine_restore, args, NULL, false, 0), SPI_OK_INSERT,
+						 "quarantining the undoing of a refund");
+		}
+		PG_END_TRY();
+	}
+}
+
+/*
  * UPDATE and DELETE of rows that wait in the quarantine (purchases that
  * could not earn, by source and ref): a replay must post the order as it is
  * when replayed, not as it was when it was refused. An UPDATE replaces the
@@ -312,22 +372,30 @@ AccrualTryRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_nul
  * Rows are matched by ref, as the refunds above are; one probe of a small
  * partial index when nothing waits.
  */
-#define ACCRUAL_WAITING \
-	"q.program_id = $1 AND q.source = $2 AND q.kind = 'purchase'" \
+#define ACCRUAL_WAITING_KIND(kinds) \
+	"q.program_id = $1 AND q.source = $2 AND q.kind IN (" kinds ")" \
 	" AND q.replayed_at IS NULL AND q.withdrawn_at IS NULL"
+#define ACCRUAL_WAITING ACCRUAL_WAITING_KIND("'purchase'")
+/* a DELETE also withdraws the undoing of a DELETE's refund that waits */
+#define ACCRUAL_WAITING_DELETE ACCRUAL_WAITING_KIND("'purchase', 'restore'")
 
 static void
 AccrualChangeQuarantined(AccrualBatch *b, const AccrualSource *s, bool update)
 {
 	static const Oid argtypes[] = {INT8OID, OIDOID};
 	static SPIPlanPtr plan_waiting;
+	static SPIPlanPtr plan_waiting_delete;
 	Datum		args[2] = {Int64GetDatum(b->program_id), ObjectIdGetDatum(b->source)};
 	char	   *sql;
 
 	LedgerPrepare(&plan_waiting,
 				  "SELECT FROM loyalty.accrual_quarantine q WHERE " ACCRUAL_WAITING " LIMIT 1",
 				  2, argtypes);
-	LedgerExpect(SPI_execute_plan(plan_waiting, args, NULL, false, 1), SPI_OK_SELECT, "reading the quarantine");
+	LedgerPrepare(&plan_waiting_delete,
+				  "SELECT FROM loyalty.accrual_quarantine q WHERE " ACCRUAL_WAITING_DELETE " LIMIT 1",
+				  2, argtypes);
+	LedgerExpect(SPI_execute_plan(update ? plan_waiting : plan_waiting_delete, args, NULL, false, 1),
+				 SPI_OK_SELECT, "reading the quarantine");
 	if (SPI_processed == 0)
 		return;
 	if (update)
@@ -339,7 +407,7 @@ AccrualChangeQuarantined(AccrualBatch *b, const AccrualSource *s, bool update)
 	else
 		sql = psprintf("UPDATE loyalty.accrual_quarantine q SET withdrawn_at = clock_timestamp()"
 					   "  FROM (SELECT DISTINCT %s AS ref FROM loyalty_old t) o"
-					   " WHERE q.ref = o.ref AND " ACCRUAL_WAITING,
+					   " WHERE q.ref = o.ref AND " ACCRUAL_WAITING_DELETE,
 					   AccrualCol(s->ref, "text"));
 	LedgerExpect(SPI_execute_with_args(sql, 2, (Oid *) argtypes, args, NULL, false, 0), SPI_OK_UPDATE,
 				 "updating the quarantine");
@@ -370,7 +438,10 @@ AccrualOnChange(AccrualBatch *b, const AccrualSource *s, bool update)
 					   AccrualCol(s->ref, "text"), AccrualCol(s->amount, "numeric"),
 					   AccrualCol(s->ref, "text"), AccrualCol(s->amount, "numeric"));
 	else
-		sql = psprintf("SELECT o.ref, NULL::numeric, o.ref || ':deleted', x.account_id"
+		sql = psprintf("SELECT o.ref, NULL::numeric, o.ref || ':deleted' || coalesce(':' || nullif("
+					   "         (SELECT count(*) + 1 FROM loyalty.accrual_refund r WHERE r.program_id = $1"
+					   "             AND r.purchase_ref = o.ref AND r.restored_at IS NOT NULL), 1), ''),"
+					   "       x.account_id"
 					   "  FROM (SELECT %s AS ref FROM loyalty_old t) o"
 					   "  JOIN loyalty.accrual x ON x.program_id = $1 AND x.ref = o.ref"
 					   " ORDER BY o.ref",
@@ -456,7 +527,12 @@ accrual_trigger(PG_FUNCTION_ARGS)
 	b.source = relid;
 	AccrualLoadProgram(&b, s.program_id, NULL);
 	if (TRIGGER_FIRED_BY_INSERT(trig->tg_event))
+	{
+		b.stmt_cxt = CurrentMemoryContext;
 		AccrualOnInsert(&b, &s, trig, tuplestore_tuple_count(trig->tg_newtable));
+		if (b.reinserted != NIL)
+			AccrualRestoreReinserted(&b);
+	}
 	else
 		AccrualOnChange(&b, &s, TRIGGER_FIRED_BY_UPDATE(trig->tg_event));
 	SPI_finish();

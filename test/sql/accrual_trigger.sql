@@ -62,7 +62,9 @@ SELECT ref, member_ref, sqlstate, reason, row_data ->> 'note' AS note FROM loyal
 SELECT program, source, sqlstate, reason, rows FROM loyalty.quarantine_summary ORDER BY sqlstate, reason;
 SELECT loyalty.balance('shop', 'c1') AS c1, loyalty.balance('shop', 'c2') AS c2;
 
--- Re-inserting an order (a retried import) never earns twice.
+-- Re-inserting an order never earns twice: deleted and inserted again, it
+-- gets back what its DELETE took (accrual_reinsert.sql), and no new journal
+-- line of kind accrual.
 DELETE FROM public.orders WHERE id = 'o3';   -- refunds o3 (105 points)
 SELECT loyalty.balance('shop', 'c2') AS c2_after_delete;
 INSERT INTO public.orders VALUES ('o3', 'c2', 5.50, '2025-02-01 12:00+00', 'books', NULL);

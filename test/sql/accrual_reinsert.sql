@@ -1,0 +1,160 @@
+-- An order deleted from an attached table and inserted again (a sync job
+-- reloading a day's orders) gets back what the DELETE's refund took: the
+-- refund is undone (refund_undo), restoring exactly the lots it took.
+SET client_min_messages = warning;
+DROP EXTENSION IF EXISTS loyalty CASCADE;
+CREATE EXTENSION loyalty;
+CREATE EXTENSION IF NOT EXISTS pgtap;
+RESET client_min_messages;
+SET TIME ZONE 'UTC';
+
+-- A member's balances, what its lots hold, what it owes.
+CREATE FUNCTION pg_temp.state(p text, m text)
+RETURNS TABLE (available bigint, pending bigint, lots bigint, debt bigint)
+LANGUAGE sql AS $$
+    SELECT a.available::bigint, a.pending::bigint,
+           (SELECT coalesce(sum(l.remaining::bigint), 0)::bigint FROM loyalty.lot l WHERE l.account_id = a.id),
+           (SELECT coalesce(sum(d.outstanding), 0)::bigint FROM loyalty.accrual_debt d WHERE d.account_id = a.id)
+    FROM loyalty.account a JOIN loyalty.member mm ON mm.id = a.member_id
+    JOIN loyalty.program pr ON pr.id = mm.program_id
+    WHERE pr.code = p AND mm.member_ref = m
+$$;
+
+SELECT loyalty.create_program('shop', 'Shop', 'UTC') > 0 AS created;
+SELECT loyalty.enroll('shop', m, occurred_at => '2025-01-01 00:00+00') > 0 AS enrolled
+FROM unnest(ARRAY['c1', 'c2', 'c3', 'c4']) m;
+SELECT loyalty.set_earning_rules('shop', '{"base": {"per": 1, "points": 1}, "pending_days": 30}',
+                                 '2025-01-01') AS version;
+CREATE TABLE public.orders (id text PRIMARY KEY, customer text, total numeric(12,2), placed_at timestamptz);
+SELECT loyalty.attach_accrual('public.orders', 'shop', 'customer', 'total', 'id', 'placed_at');
+
+-- One moment for the whole file: an order inserted again is the same
+-- order only with the same time.
+SELECT now() AS t0 \gset
+SELECT plan(6);
+
+-- c1: 100 pending (o1) and 40 available (o2, past its window). Deleting o1
+-- takes its 100 pending points; inserting it again gives them back to the
+-- same lot, still pending.
+INSERT INTO public.orders VALUES ('o1', 'c1', 100, :'t0'::timestamptz - interval '1 day'),
+                                 ('o2', 'c1', 40, :'t0'::timestamptz - interval '60 days');
+SELECT loyalty.run_job('vest', now()) IS NOT NULL AS vested;
+SELECT * FROM pg_temp.state('shop', 'c1');
+DELETE FROM public.orders WHERE id = 'o1';
+SELECT * FROM pg_temp.state('shop', 'c1');
+INSERT INTO public.orders VALUES ('o1', 'c1', 100, :'t0'::timestamptz - interval '1 day');
+SELECT * FROM pg_temp.state('shop', 'c1');
+SELECT l.amount, l.remaining, l.pending FROM loyalty.lot l JOIN loyalty.accrual a ON a.transfer_id = l.transfer_id
+WHERE a.ref = 'o1';
+SELECT ref, refunded_amount, refunded_points FROM loyalty.accrual WHERE ref = 'o1';
+SELECT refund_ref, points, taken, restored_at IS NOT NULL AS restored FROM loyalty.accrual_refund
+WHERE purchase_ref = 'o1';
+-- Inserted again, as a retried import: a repeat, nothing more.
+INSERT INTO public.orders VALUES ('o1', 'c1', 100, :'t0'::timestamptz - interval '1 day') ON CONFLICT DO NOTHING;
+DELETE FROM public.orders WHERE id = 'o1';
+INSERT INTO public.orders VALUES ('o1', 'c1', 100, :'t0'::timestamptz - interval '1 day');
+INSERT INTO public.orders SELECT 'o1', 'c1', 100, :'t0'::timestamptz WHERE false;
+SELECT * FROM pg_temp.state('shop', 'c1');
+-- Each deletion is a refund of its own, each insertion undoes the last one.
+SELECT refund_ref, points, restored_at IS NOT NULL AS restored FROM loyalty.accrual_refund
+WHERE purchase_ref = 'o1' ORDER BY refund_ref;
+SELECT kind, ref, points FROM loyalty.statement('shop', 'c1') ORDER BY transfer_id;
+-- explain_accrual still explains the purchase, unrefunded.
+SELECT (loyalty.explain_accrual('shop', 'o1') ->> 'points')::bigint AS points;
+
+-- A partial refund (the amount lowered) stays when the deleted order
+-- comes back: only the DELETE's refund is undone.
+INSERT INTO public.orders VALUES ('o3', 'c2', 80, :'t0'::timestamptz - interval '60 days');
+SELECT loyalty.run_job('vest', now()) IS NOT NULL AS vested;
+UPDATE public.orders SET total = 50 WHERE id = 'o3';
+DELETE FROM public.orders WHERE id = 'o3';
+SELECT * FROM pg_temp.state('shop', 'c2');
+-- the row as it was first posted: the same purchase
+INSERT INTO public.orders VALUES ('o3', 'c2', 80, :'t0'::timestamptz - interval '60 days');
+SELECT * FROM pg_temp.state('shop', 'c2');
+SELECT ref, refunded_amount, refunded_points FROM loyalty.accrual WHERE ref = 'o3';
+
+-- Other lots: c3 earns 100 (o4) and 30 (o5), spends 120 on an
+-- adjustment (all of o4's lot, 20 of o5's). Deleting o4 takes what is
+-- left, 10 of o5's lot, and owes 90: such a refund is not undone by the
+-- insertion (LY014), which is quarantined and replays with the same error.
+INSERT INTO public.orders VALUES ('o4', 'c3', 100, :'t0'::timestamptz - interval '60 days'),
+                                 ('o5', 'c3', 30, :'t0'::timestamptz - interval '50 days');
+SELECT loyalty.run_job('vest', now()) IS NOT NULL AS vested;
+SELECT loyalty.adjust('shop', 'c3', -120, 'c3-spend', 'spent in store') > 0 AS spent;
+DELETE FROM public.orders WHERE id = 'o4';
+SELECT * FROM pg_temp.state('shop', 'c3');
+SELECT refund_ref, points, taken, shortfall FROM loyalty.accrual_refund WHERE purchase_ref = 'o4';
+SELECT lives_ok(format($$INSERT INTO public.orders VALUES ('o4', 'c3', 100, %L::timestamptz - interval '60 days')$$,
+                       :'t0'),
+                'an order whose refund cannot be undone still inserts');
+SELECT * FROM pg_temp.state('shop', 'c3');
+SELECT kind, ref, sqlstate, reason, row_data FROM loyalty.accrual_quarantine WHERE ref = 'o4';
+SELECT throws_ok($$SELECT loyalty._restore_deleted('shop', 'o4')$$, 'LY014',
+                 'the refund "o4:deleted" of purchase "o4" cannot be undone');
+SELECT * FROM loyalty.replay_quarantine('shop');
+-- Deleted again, the order withdraws its waiting undoing; the refund it
+-- already had is not posted twice.
+DELETE FROM public.orders WHERE id = 'o4';
+SELECT kind, withdrawn_at IS NOT NULL AS withdrawn FROM loyalty.accrual_quarantine WHERE ref = 'o4';
+SELECT * FROM pg_temp.state('shop', 'c3');
+
+-- The refund took points from other lots: undoing it gives them back to
+-- those lots. c4 earns 100 (o6) and 50 (o7), spends 100 (o6's lot, the
+-- oldest), then earns 80 (o8). Deleting o6 takes 100 from o7's and o8's
+-- lots (nothing owed); o6 back gives each lot exactly what it lost.
+INSERT INTO public.orders VALUES ('o6', 'c4', 100, :'t0'::timestamptz - interval '70 days'),
+                                 ('o7', 'c4', 50, :'t0'::timestamptz - interval '65 days');
+SELECT loyalty.run_job('vest', now()) IS NOT NULL AS vested;
+SELECT loyalty.adjust('shop', 'c4', -100, 'c4-spend', 'spent in store') > 0 AS spent;
+INSERT INTO public.orders VALUES ('o8', 'c4', 80, :'t0'::timestamptz - interval '60 days');
+SELECT loyalty.run_job('vest', now()) IS NOT NULL AS vested;
+DELETE FROM public.orders WHERE id = 'o6';
+SELECT refund_ref, points, taken, shortfall, forgiven FROM loyalty.accrual_refund WHERE purchase_ref = 'o6';
+SELECT * FROM pg_temp.state('shop', 'c4');
+SELECT a.ref, l.remaining FROM loyalty.lot l JOIN loyalty.accrual a ON a.transfer_id = l.transfer_id
+WHERE a.account_id = l.account_id AND a.ref IN ('o6', 'o7', 'o8') ORDER BY a.ref;
+INSERT INTO public.orders VALUES ('o6', 'c4', 100, :'t0'::timestamptz - interval '70 days');
+SELECT * FROM pg_temp.state('shop', 'c4');
+SELECT a.ref, l.remaining FROM loyalty.lot l JOIN loyalty.accrual a ON a.transfer_id = l.transfer_id
+WHERE a.account_id = l.account_id AND a.ref IN ('o6', 'o7', 'o8') ORDER BY a.ref;
+
+-- A whole day reloaded in one statement each: every order comes back.
+INSERT INTO public.orders SELECT 'd' || i, 'c1', 10 * i, :'t0'::timestamptz - interval '2 days' FROM generate_series(1, 20) i;
+SELECT * FROM pg_temp.state('shop', 'c1');
+CREATE TABLE pg_temp.day AS SELECT * FROM public.orders WHERE id LIKE 'd%';
+DELETE FROM public.orders WHERE id LIKE 'd%';
+SELECT * FROM pg_temp.state('shop', 'c1');
+INSERT INTO public.orders SELECT * FROM pg_temp.day;
+SELECT * FROM pg_temp.state('shop', 'c1');
+SELECT count(*) AS undone FROM loyalty.accrual_refund WHERE purchase_ref LIKE 'd%' AND restored_at IS NOT NULL;
+
+-- A different order under a deleted ref is refused as before (23505),
+-- and the deletion's refund stays.
+DELETE FROM public.orders WHERE id = 'd1';
+INSERT INTO public.orders VALUES ('d1', 'c1', 999, :'t0'::timestamptz - interval '2 days');
+SELECT kind, sqlstate FROM loyalty.accrual_quarantine WHERE ref = 'd1';
+SELECT refund_ref, restored_at IS NOT NULL AS restored FROM loyalty.accrual_refund
+WHERE purchase_ref = 'd1' ORDER BY refund_ref;
+
+-- Through the function API a repeat is only a repeat.
+SELECT loyalty.accrue('shop', 'c2', 15, 'api-1', :'t0'::timestamptz - interval '1 day') AS earned;
+SELECT loyalty.refund('shop', 'api-1', NULL, 'api-1:deleted') AS clawed;
+SELECT loyalty.accrue('shop', 'c2', 15, 'api-1', :'t0'::timestamptz - interval '1 day') AS repeat;
+SELECT refund_ref, restored_at IS NOT NULL AS restored FROM loyalty.accrual_refund WHERE purchase_ref = 'api-1';
+
+SELECT is((SELECT count(*) FROM loyalty.verify_chain('shop')), 0::bigint, 'the chain holds');
+-- Every member's balances are what its lots hold.
+SELECT is((SELECT count(*) FROM loyalty.account a
+           WHERE a.member_id IS NOT NULL
+             AND a.available::bigint + a.pending::bigint
+                 <> (SELECT coalesce(sum(l.remaining::bigint), 0) FROM loyalty.lot l WHERE l.account_id = a.id)),
+          0::bigint, 'balances match the lots');
+-- What a purchase counts as refunded is what its refunds not undone add up to.
+SELECT is((SELECT count(*) FROM loyalty.accrual x
+           WHERE x.refunded_points <> (SELECT coalesce(sum(r.points), 0) FROM loyalty.accrual_refund r
+                                       WHERE r.program_id = x.program_id AND r.purchase_ref = x.ref
+                                         AND r.restored_at IS NULL)),
+          0::bigint, 'refunded points are the refunds not undone');
+SELECT * FROM finish();
+DROP TABLE public.orders;
