@@ -121,9 +121,10 @@ CREATE INDEX accrual_quarantine_open_idx ON loyalty.accrual_quarantine (program_
     WHERE replayed_at IS NULL AND withdrawn_at IS NULL;
 -- An UPDATE or DELETE of an attached table finds the waiting purchases of
 -- the refs it changed (loyalty._accrual_trigger): the row as it is now is
--- what a replay posts, and a deleted order posts nothing.
+-- what a replay posts, and a deleted order posts nothing (nor does the
+-- undoing of its earlier DELETE's refund, kind restore).
 CREATE INDEX accrual_quarantine_ref_idx ON loyalty.accrual_quarantine (source, ref)
-    WHERE replayed_at IS NULL AND withdrawn_at IS NULL AND kind = 'purchase';
+    WHERE replayed_at IS NULL AND withdrawn_at IS NULL AND kind IN ('purchase', 'restore');
 COMMENT ON COLUMN loyalty.accrual_quarantine.withdrawn_at IS 'When the application deleted the row from its table before it could earn: a replay skips it (an UPDATE of the row instead replaces row_data with the row as it is now)';
 COMMENT ON COLUMN loyalty.accrual_quarantine.columns IS 'The attachment''s column names when the row was quarantined (member, amount, ref, occurred_at, category, channel, store): replay_quarantine reads a value under the current column''s name, or under this one if row_data has no such key';
 COMMENT ON TABLE loyalty.accrual_quarantine IS 'Rows of an application''s purchase table that could not earn (unknown member, bad amount, no ref, ...): the reason, the row, when; replay_quarantine() retries them';

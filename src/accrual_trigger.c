@@ -271,36 +271,78 @@ AccrualQuarantineRefund(AccrualBatch *b, const char *ref, Datum amount, bool amo
 	LedgerExpect(rc, SPI_OK_INSERT, "quarantining a refund");
 }
 
-/* One refund in a subtransaction; a failure is quarantined. */
-static void
-AccrualTryRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_null, const char *refund_ref,
-				 bool to_amount)
+/* What a step run in a subtransaction is given (AccrualSubtransaction). */
+typedef struct AccrualStepArgs
+{
+	AccrualBatch *b;
+	const char *ref;
+	Datum		amount;
+	bool		amount_null;
+	const char *refund_ref;
+	bool		to_amount;
+} AccrualStepArgs;
+
+/*
+ * Run step in a subtransaction of its own: returns NULL when it succeeded,
+ * or the error it raised, with everything it did rolled back.
+ */
+static ErrorData *
+AccrualSubtransaction(void (*step) (const AccrualStepArgs *), const AccrualStepArgs *a)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	ResourceOwner owner = CurrentResourceOwner;
+	ErrorData  *e = NULL;
 
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(cxt);
 	PG_TRY();
 	{
-		AccrualRefundPurchase(b, ref, amount, amount_null, refund_ref, to_amount);
+		step(a);
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(cxt);
 		CurrentResourceOwner = owner;
 	}
 	PG_CATCH();
 	{
-		ErrorData  *e;
-
 		MemoryContextSwitchTo(cxt);
 		e = CopyErrorData();
 		FlushErrorState();
 		RollbackAndReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(cxt);
 		CurrentResourceOwner = owner;
-		AccrualQuarantineRefund(b, ref, amount, amount_null, refund_ref, to_amount, e->message, e->sqlerrcode);
 	}
 	PG_END_TRY();
+	return e;
+}
+
+static void
+AccrualRefundStep(const AccrualStepArgs *a)
+{
+	AccrualRefundPurchase(a->b, a->ref, a->amount, a->amount_null, a->refund_ref, a->to_amount);
+}
+
+/* One refund in a subtransaction; a failure is quarantined. */
+static void
+AccrualTryRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_null, const char *refund_ref,
+				 bool to_amount)
+{
+	AccrualStepArgs a = {b, ref, amount, amount_null, refund_ref, to_amount};
+	ErrorData  *e = AccrualSubtransaction(AccrualRefundStep, &a);
+
+	if (e != NULL)
+		AccrualQuarantineRefund(b, ref, amount, amount_null, refund_ref, to_amount, e->message, e->sqlerrcode);
+}
+
+/* loyalty._restore_deleted(program, ref) */
+static void
+AccrualRestoreStep(const AccrualStepArgs *a)
+{
+	static const Oid argtypes[] = {TEXTOID, TEXTOID};
+	static SPIPlanPtr plan_restore;
+	Datum		args[2] = {CStringGetTextDatum(a->b->code), CStringGetTextDatum(a->ref)};
+
+	LedgerPrepare(&plan_restore, "SELECT loyalty._restore_deleted($1, $2)", 2, argtypes);
+	LedgerExpect(SPI_execute_plan(plan_restore, args, NULL, false, 1), SPI_OK_SELECT, "undoing a refund");
 }
 
 /*
@@ -313,53 +355,29 @@ AccrualTryRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_nul
 static void
 AccrualRestoreReinserted(AccrualBatch *b)
 {
-	static const Oid argtypes[] = {TEXTOID, TEXTOID};
-	static const Oid qargs[] = {INT8OID, OIDOID, TEXTOID, TEXTOID, TEXTOID};
-	static SPIPlanPtr plan_restore;
+	static const Oid argtypes[] = {INT8OID, OIDOID, TEXTOID, TEXTOID, TEXTOID};
 	static SPIPlanPtr plan_quarantine_restore;
 	ListCell   *lc;
 
-	LedgerPrepare(&plan_restore, "SELECT loyalty._restore_deleted($1, $2)", 2, argtypes);
 	foreach(lc, b->reinserted)
 	{
-		const char *ref = lfirst(lc);
-		Datum		args[5] = {CStringGetTextDatum(b->code), CStringGetTextDatum(ref)};
-		MemoryContext cxt = CurrentMemoryContext;
-		ResourceOwner owner = CurrentResourceOwner;
+		AccrualStepArgs a = {b, lfirst(lc)};
+		ErrorData  *e = AccrualSubtransaction(AccrualRestoreStep, &a);
+		Datum		args[5];
 
-		BeginInternalSubTransaction(NULL);
-		MemoryContextSwitchTo(cxt);
-		PG_TRY();
-		{
-			LedgerExpect(SPI_execute_plan(plan_restore, args, NULL, false, 1), SPI_OK_SELECT,
-						 "undoing a refund");
-			ReleaseCurrentSubTransaction();
-			MemoryContextSwitchTo(cxt);
-			CurrentResourceOwner = owner;
-		}
-		PG_CATCH();
-		{
-			ErrorData  *e;
-
-			MemoryContextSwitchTo(cxt);
-			e = CopyErrorData();
-			FlushErrorState();
-			RollbackAndReleaseCurrentSubTransaction();
-			MemoryContextSwitchTo(cxt);
-			CurrentResourceOwner = owner;
-			LedgerPrepare(&plan_quarantine_restore,
-						  "INSERT INTO loyalty.accrual_quarantine (program_id, source, kind, ref, row_data, reason, sqlstate)"
-						  " VALUES ($1, $2, 'restore', $3, jsonb_build_object('restore_of', $3), $4, $5)",
-						  5, qargs);
-			args[0] = Int64GetDatum(b->program_id);
-			args[1] = ObjectIdGetDatum(b->source);
-			args[2] = CStringGetTextDatum(ref);
-			args[3] = CStringGetTextDatum(e->message);
-			args[4] = CStringGetTextDatum(unpack_sql_state(e->sqlerrcode));
-			LedgerExpect(SPI_execute_plan(plan_quarantine_restore, args, NULL, false, 0), SPI_OK_INSERT,
-						 "quarantining the undoing of a refund");
-		}
-		PG_END_TRY();
+		if (e == NULL)
+			continue;
+		LedgerPrepare(&plan_quarantine_restore,
+					  "INSERT INTO loyalty.accrual_quarantine (program_id, source, kind, ref, row_data, reason, sqlstate)"
+					  " VALUES ($1, $2, 'restore', $3, jsonb_build_object('restore_of', $3), $4, $5)",
+					  5, argtypes);
+		args[0] = Int64GetDatum(b->program_id);
+		args[1] = ObjectIdGetDatum(b->source);
+		args[2] = CStringGetTextDatum(a.ref);
+		args[3] = CStringGetTextDatum(e->message);
+		args[4] = CStringGetTextDatum(unpack_sql_state(e->sqlerrcode));
+		LedgerExpect(SPI_execute_plan(plan_quarantine_restore, args, NULL, false, 0), SPI_OK_INSERT,
+					 "quarantining the undoing of a refund");
 	}
 }
 
