@@ -108,6 +108,9 @@ CREATE TABLE loyalty.accrual_quarantine (
     -- table): a replay after a column was renamed finds the value under the
     -- key it was stored with
     columns        jsonb,
+    -- the TimeZone of the session whose statement quarantined a purchase:
+    -- a replay reads a timestamp or date column in it, as the trigger did
+    time_zone      text,
     reason         text NOT NULL,
     sqlstate       text NOT NULL,
     quarantined_at timestamptz NOT NULL DEFAULT clock_timestamp(),
@@ -126,6 +129,7 @@ CREATE INDEX accrual_quarantine_open_idx ON loyalty.accrual_quarantine (program_
 CREATE INDEX accrual_quarantine_ref_idx ON loyalty.accrual_quarantine (source, ref)
     WHERE replayed_at IS NULL AND withdrawn_at IS NULL AND kind IN ('purchase', 'restore');
 COMMENT ON COLUMN loyalty.accrual_quarantine.withdrawn_at IS 'When the application deleted the row from its table before it could earn: a replay skips it (an UPDATE of the row instead replaces row_data with the row as it is now)';
+COMMENT ON COLUMN loyalty.accrual_quarantine.time_zone IS 'The TimeZone setting of the session whose statement quarantined the purchase: replay_quarantine reads a time column without time zone (timestamp, date) in it, as the trigger would have';
 COMMENT ON COLUMN loyalty.accrual_quarantine.columns IS 'The attachment''s column names when the row was quarantined (member, amount, ref, occurred_at, category, channel, store): replay_quarantine reads a value under the current column''s name, or under this one if row_data has no such key';
 COMMENT ON TABLE loyalty.accrual_quarantine IS 'Rows of an application''s purchase table that could not earn (unknown member, bad amount, no ref, ...): the reason, the row, when; replay_quarantine() retries them';
 
@@ -598,6 +602,7 @@ DECLARE
     v_msg text;
     v_amount numeric;
     v_at timestamptz;
+    v_time_zone text := current_setting('TimeZone');
 BEGIN
     FOR q IN SELECT * FROM loyalty.accrual_quarantine x
              WHERE x.program_id = v_program AND x.replayed_at IS NULL AND x.withdrawn_at IS NULL
@@ -621,14 +626,19 @@ BEGIN
                 RAISE EXCEPTION 'accrual is not attached to "%"', q.source::text USING ERRCODE = 'LY013';
             ELSE
                 -- the amount and the time as the trigger read them: through
-                -- the column's own type (money's text is '$7.50'; a timestamp
-                -- without time zone is read in this session's time zone)
+                -- the column's own type (money's text is '$7.50'), and a
+                -- timestamp without time zone (or a date) in the time zone
+                -- of the session whose statement quarantined the row
+                IF q.time_zone IS NOT NULL THEN
+                    PERFORM set_config('TimeZone', q.time_zone, true);
+                END IF;
                 EXECUTE format('SELECT ($1 ->> %L)::%s::numeric, ($1 ->> %L)::%s::timestamptz',
                                loyalty._quarantine_key(q, s.amount_column, 'amount'),
                                loyalty._column_type(q.source, s.amount_column),
                                loyalty._quarantine_key(q, s.occurred_at_column, 'occurred_at'),
                                coalesce(loyalty._column_type(q.source, s.occurred_at_column), 'timestamptz'))
                     INTO v_amount, v_at USING q.row_data;
+                PERFORM set_config('TimeZone', v_time_zone, true);
                 PERFORM loyalty.accrue(program, q.row_data ->> loyalty._quarantine_key(q, s.member_column, 'member'),
                                    v_amount, q.row_data ->> loyalty._quarantine_key(q, s.ref_column, 'ref'),
                                    coalesce(v_at, q.quarantined_at),

@@ -1430,14 +1430,14 @@ AccrualQuarantine(AccrualBatch *b)
 		args[2 + c] = AccrualArray(cols[c], nulls[c], n, types[c]);
 	LedgerPrepare(&plan_quarantine,
 				  "INSERT INTO loyalty.accrual_quarantine (program_id, source, ref, member_ref, row_data, columns,"
-				  "       reason, sqlstate)"
+				  "       time_zone, reason, sqlstate)"
 				  " SELECT $1, $2, q.ref, q.member_ref, coalesce(q.row_data, '{}'),"
 				  "        (SELECT jsonb_strip_nulls(jsonb_build_object('member', s.member_column,"
 				  "                 'amount', s.amount_column, 'ref', s.ref_column,"
 				  "                 'occurred_at', s.occurred_at_column, 'category', s.category_column,"
 				  "                 'channel', s.channel_column, 'store', s.store_column))"
 				  "           FROM loyalty.accrual_source s WHERE s.source = $2),"
-				  "        q.reason, q.sqlstate"
+				  "        current_setting('TimeZone'), q.reason, q.sqlstate"
 				  "   FROM unnest($3, $4, $5, $6, $7) AS q(ref, member_ref, row_data, reason, sqlstate)",
 				  7, argtypes);
 	LedgerExpect(SPI_execute_plan(plan_quarantine, args, NULL, false, 0), SPI_OK_INSERT,

@@ -298,12 +298,17 @@ SELECT loyalty.detach_accrual('public.odd_orders');
 DROP TABLE public.odd_orders;
 
 -- A replay reads the amount and the time through the columns' own types:
--- money (whose text is '$7.50') and a timestamp without time zone.
+-- money (whose text is '$7.50') and a timestamp without time zone, read in
+-- the time zone of the session that inserted the row (10:00 in Tokyo is
+-- 01:00 UTC), not the replaying session's.
 SELECT loyalty.create_program('cash', 'Cash', 'UTC') > 0 AS created;
 SELECT loyalty.set_earning_rules('cash', '{"base": {"per": 1, "points": 1}}', '2025-01-01') AS version;
 CREATE TABLE public.cash_sales (id int, who text, amt money, sold timestamp);
 SELECT loyalty.attach_accrual('public.cash_sales', 'cash', 'who', 'amt', 'id', 'sold');
+SET TIME ZONE 'Asia/Tokyo';
 INSERT INTO public.cash_sales VALUES (1, 'cz', '$7.50', '2025-04-01 10:00');   -- not enrolled yet
+SET TIME ZONE 'UTC';
+SELECT time_zone FROM loyalty.accrual_quarantine WHERE source = 'public.cash_sales'::regclass;
 SELECT ref, sqlstate, row_data ->> 'amt' AS amt FROM loyalty.accrual_quarantine WHERE source = 'public.cash_sales'::regclass;
 SELECT loyalty.enroll('cash', 'cz', occurred_at => '2025-01-01') > 0 AS enrolled;
 SELECT * FROM loyalty.replay_quarantine('cash');
