@@ -28,14 +28,18 @@
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
+#include "catalog/index.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
 #include "commands/sequence.h"
 #include "executor/executor.h"
 #include "nodes/makefuncs.h"
+#include "optimizer/optimizer.h"
 #include "storage/lmgr.h"
 #include "utils/fmgroids.h"
+#include "utils/hsearch.h"
+#include "utils/memutils.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
@@ -124,6 +128,235 @@ LedgerAttnum(Relation rel, const char *name)
 }
 
 /*
+ * The attribute numbers of a writer's columns, by table and column list (a
+ * static array of the caller's): a sale opens four writers of 9 to 21
+ * columns, and finding each by name was a tenth of opening them. Like the
+ * table Oids, an entry is a guess checked on every use (the attribute at
+ * that number is a live column of that name), so a table altered since is
+ * simply looked up again.
+ */
+#define LEDGER_COLUMN_SETS 16
+
+typedef struct LedgerColumnSet
+{
+	Oid			relid;
+	const char *const *columns;
+	AttrNumber	attno[LEDGER_WRITER_MAX_COLS];
+} LedgerColumnSet;
+
+static LedgerColumnSet ledger_column_sets[LEDGER_COLUMN_SETS];
+
+static void
+LedgerWriterColumns(LedgerWriter *w, const char *const *columns)
+{
+	TupleDesc	desc = RelationGetDescr(w->rel);
+	LedgerColumnSet *set = NULL;
+	int			c;
+
+	for (int i = 0; i < LEDGER_COLUMN_SETS; i++)
+	{
+		LedgerColumnSet *e = &ledger_column_sets[i];
+
+		if (e->columns == columns && e->relid == RelationGetRelid(w->rel))
+		{
+			set = e;
+			break;
+		}
+		if (e->columns == NULL && set == NULL)
+			set = e;
+	}
+	for (c = 0; set != NULL && set->columns == columns && c < w->ncols; c++)
+	{
+		AttrNumber	a = set->attno[c];
+
+		if (a < 1 || a > desc->natts || TupleDescAttr(desc, a - 1)->attisdropped ||
+			strcmp(NameStr(TupleDescAttr(desc, a - 1)->attname), columns[c]) != 0)
+			break;
+		w->attno[c] = a;
+	}
+	if (set != NULL && set->columns == columns && c == w->ncols)
+		return;
+	for (c = 0; c < w->ncols; c++)
+		w->attno[c] = LedgerAttnum(w->rel, columns[c]);
+	if (set == NULL)
+		set = &ledger_column_sets[(uintptr_t) columns % LEDGER_COLUMN_SETS];
+	set->relid = RelationGetRelid(w->rel);
+	set->columns = columns;
+	memcpy(set->attno, w->attno, sizeof(AttrNumber) * w->ncols);
+}
+
+/*
+ * What ExecOpenIndices builds for a table's indexes (IndexInfo, with the
+ * partial indexes' predicates ready to evaluate), kept per backend: a sale
+ * opens the same four tables every time, and building their IndexInfo and
+ * planning and compiling the predicates of the journal's partial indexes
+ * (kind <> 'accrual', remaining > 0) cost more than inserting the entries.
+ * The indexes themselves are still opened and locked by every writer; an
+ * entry is used only while the table has the same indexes with the same
+ * pg_index rows (Oid and xmin), and each writer takes a copy of its own
+ * IndexInfo (the index AM's per-statement cache, the ready flag).
+ */
+typedef struct LedgerIndexSet
+{
+	Oid			relid;			/* the hash key */
+	int			n;
+	Oid		   *oids;
+	TransactionId *xmins;
+	IndexInfo **infos;			/* templates, with predicate and expression states */
+	MemoryContext cxt;
+} LedgerIndexSet;
+
+static HTAB *ledger_index_sets = NULL;
+/* writers open now (their IndexInfo copies point into the sets), and sets they outlived */
+static int	ledger_writers_open = 0;
+static List *ledger_retired = NIL;
+
+static void
+LedgerIndexSetsAtEOXact(XactEvent event, void *arg)
+{
+	if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT ||
+		event == XACT_EVENT_COMMIT || event == XACT_EVENT_PARALLEL_COMMIT ||
+		event == XACT_EVENT_PREPARE)
+		ledger_writers_open = 0;
+}
+
+/* Whether set still describes the indexes opened (descs). */
+static bool
+LedgerIndexSetValid(const LedgerIndexSet *set, Relation *descs, int n)
+{
+	if (set->n != n)
+		return false;
+	for (int i = 0; i < n; i++)
+		if (set->oids[i] != RelationGetRelid(descs[i]) ||
+			set->xmins[i] != HeapTupleHeaderGetXmin(descs[i]->rd_indextuple->t_data))
+			return false;
+	return true;
+}
+
+/* Build the templates of set from the indexes opened. */
+static void
+LedgerIndexSetBuild(LedgerIndexSet *set, Relation *descs, int n)
+{
+	MemoryContext old;
+
+	set->cxt = AllocSetContextCreate(TopMemoryContext, "loyalty index set", ALLOCSET_SMALL_SIZES);
+	old = MemoryContextSwitchTo(set->cxt);
+	set->n = n;
+	set->oids = palloc(sizeof(Oid) * Max(n, 1));
+	set->xmins = palloc(sizeof(TransactionId) * Max(n, 1));
+	set->infos = palloc(sizeof(IndexInfo *) * Max(n, 1));
+	for (int i = 0; i < n; i++)
+	{
+		IndexInfo  *ii = BuildIndexInfo(descs[i]);
+
+		if (ii->ii_Unique)
+			BuildSpeculativeIndexInfo(descs[i], ii);
+		/* as ExecInsertIndexTuples and FormIndexDatum would, per statement */
+		if (ii->ii_Predicate != NIL)
+			ii->ii_PredicateState = ExecInitQual((List *) expression_planner((Expr *) ii->ii_Predicate), NULL);
+		if (ii->ii_Expressions != NIL)
+		{
+			ListCell   *lc;
+
+			foreach(lc, ii->ii_Expressions)
+				ii->ii_ExpressionsState = lappend(ii->ii_ExpressionsState,
+												  ExecInitExpr(expression_planner(lfirst(lc)), NULL));
+		}
+		set->oids[i] = RelationGetRelid(descs[i]);
+		set->xmins[i] = HeapTupleHeaderGetXmin(descs[i]->rd_indextuple->t_data);
+		set->infos[i] = ii;
+	}
+	MemoryContextSwitchTo(old);
+}
+
+/*
+ * ExecOpenIndices for a writer, from the backend's index set of its table:
+ * the same arrays in rri, each IndexInfo a copy of the template.
+ */
+static void
+LedgerOpenIndices(LedgerWriter *w)
+{
+	Relation	rel = w->rel;
+	List	   *oids;
+	int			n;
+	int			i = 0;
+	ListCell   *lc;
+	Relation   *descs;
+	IndexInfo **infos;
+	LedgerIndexSet *set;
+	bool		found;
+
+	w->rri->ri_NumIndices = 0;
+	if (!RelationGetForm(rel)->relhasindex)
+		return;
+	oids = RelationGetIndexList(rel);
+	n = list_length(oids);
+	if (n == 0)
+		return;
+	descs = palloc(sizeof(Relation) * n);
+	infos = palloc(sizeof(IndexInfo *) * n);
+	foreach(lc, oids)
+		descs[i++] = index_open(lfirst_oid(lc), RowExclusiveLock);
+	list_free(oids);
+
+	if (ledger_index_sets == NULL)
+	{
+		HASHCTL		ctl;
+
+		ctl.keysize = sizeof(Oid);
+		ctl.entrysize = sizeof(LedgerIndexSet);
+		ledger_index_sets = hash_create("loyalty index sets", 16, &ctl, HASH_ELEM | HASH_BLOBS);
+		RegisterXactCallback(LedgerIndexSetsAtEOXact, NULL);
+	}
+	if (ledger_writers_open == 0 && ledger_retired != NIL)
+	{
+		foreach(lc, ledger_retired)
+			MemoryContextDelete(lfirst(lc));
+		list_free(ledger_retired);
+		ledger_retired = NIL;
+	}
+	set = hash_search(ledger_index_sets, &rel->rd_id, HASH_ENTER, &found);
+	if (found && !LedgerIndexSetValid(set, descs, n))
+	{
+		/* a writer still open may use it: free it once none is */
+		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+		ledger_retired = lappend(ledger_retired, set->cxt);
+		MemoryContextSwitchTo(old);
+		found = false;
+	}
+	if (!found)
+	{
+		set->cxt = NULL;
+		PG_TRY();
+		{
+			LedgerIndexSetBuild(set, descs, n);
+		}
+		PG_CATCH();
+		{
+			if (set->cxt != NULL)
+				MemoryContextDelete(set->cxt);
+			hash_search(ledger_index_sets, &rel->rd_id, HASH_REMOVE, NULL);
+			PG_RE_THROW();
+		}
+		PG_END_TRY();
+	}
+	for (i = 0; i < n; i++)
+	{
+		IndexInfo  *ii = palloc(sizeof(IndexInfo));
+
+		memcpy(ii, set->infos[i], sizeof(IndexInfo));
+		ii->ii_ReadyForInserts = descs[i]->rd_index->indisready;
+		ii->ii_AmCache = NULL;
+		ii->ii_Context = CurrentMemoryContext;
+		infos[i] = ii;
+	}
+	w->rri->ri_NumIndices = n;
+	w->rri->ri_IndexRelationDescs = descs;
+	w->rri->ri_IndexRelationInfo = infos;
+}
+
+/*
  * Rows a bulk appender keeps before writing them together, as COPY does:
  * one table_multi_insert (a WAL record and a buffer lock per page, not per
  * row), then their index entries row by row.
@@ -150,8 +383,7 @@ LedgerWriterOpen(const char *table, const char *const *columns, int ncols, const
 	w->rel = LedgerOpenTable(table, RowExclusiveLock);
 	desc = RelationGetDescr(w->rel);
 	w->ncols = ncols;
-	for (int c = 0; c < ncols; c++)
-		w->attno[c] = LedgerAttnum(w->rel, columns[c]);
+	LedgerWriterColumns(w, columns);
 	for (int i = 0; i < desc->natts; i++)
 		if (!TupleDescAttr(desc, i)->attisdropped)
 			given++;
@@ -159,11 +391,17 @@ LedgerWriterOpen(const char *table, const char *const *columns, int ncols, const
 		elog(ERROR, "loyalty.%s has %d columns, the writer knows %d", table, given, ncols);
 
 	w->estate = CreateExecutorState();
+	/*
+	 * Only what the index routines read: the table and (LedgerOpenIndices)
+	 * its indexes. InitResultRelInfo would also copy the table's triggers,
+	 * which a writer never fires.
+	 */
 	w->rri = makeNode(ResultRelInfo);
-	InitResultRelInfo(w->rri, w->rel, 0, NULL, 0);
+	w->rri->ri_RelationDesc = w->rel;
+	ledger_writers_open++;
 	if (arbiter != NULL)
 	{
-		ExecOpenIndices(w->rri, true);
+		LedgerOpenIndices(w);
 		w->indices_open = true;
 		w->arbiters = list_make1_oid(LedgerIndexOid(w->rel, arbiter));
 	}
@@ -196,7 +434,7 @@ LedgerWriterIndices(LedgerWriter *w)
 {
 	if (!w->indices_open)
 	{
-		ExecOpenIndices(w->rri, false);
+		LedgerOpenIndices(w);
 		w->indices_open = true;
 	}
 }
@@ -393,8 +631,9 @@ LedgerWriterClose(LedgerWriter *w)
 		for (int i = 0; i < LEDGER_BUFFERED_ROWS && w->buffered[i] != NULL; i++)
 			ExecDropSingleTupleTableSlot(w->buffered[i]);
 	}
-	if (w->indices_open)
-		ExecCloseIndices(w->rri);
+	/* the indexes' locks are kept to the end of the transaction, as the table's */
+	for (int i = 0; w->indices_open && i < w->rri->ri_NumIndices; i++)
+		index_close(w->rri->ri_IndexRelationDescs[i], NoLock);
 	if (w->bistate != NULL)
 		FreeBulkInsertState(w->bistate);
 	ExecDropSingleTupleTableSlot(w->slot);
@@ -403,6 +642,8 @@ LedgerWriterClose(LedgerWriter *w)
 	FreeExecutorState(w->estate);
 	table_close(w->rel, NoLock);
 	pfree(w);
+	if (ledger_writers_open > 0)
+		ledger_writers_open--;
 }
 
 /*
