@@ -68,7 +68,8 @@ test: setup
 	@$(MAKE) --no-print-directory -s install
 	@scripts/test $(TEST)
 
-bench: setup
+bench:
+	@scripts/setup bench
 	@$(MAKE) --no-print-directory -s all
 	@$(MAKE) --no-print-directory -s install
 	@scripts/bench $(BENCH)

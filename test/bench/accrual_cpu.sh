@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# CPU per sale, without the noise of a shared machine: the instructions
+# (callgrind) a single-user backend executes for 3,000 one-row INSERTs,
+# each its own transaction, into the bench's orders table with accrual
+# attached vs the same table bare. Throughput on a 2-core VM moves by a
+# fifth between runs of the same build; instruction counts move by less
+# than 0.1 %, so this is the figure that shows what a change to the sale's
+# path saves. Informational: the budget is accrual_oltp's; this row's
+# "ratio" is the trigger's instructions per sale over the bare insert's.
+set -euo pipefail
+command -v valgrind >/dev/null || { echo "accrual_cpu: valgrind is missing (scripts/setup bench)" >&2; exit 1; }
+bindir=$(pg_config --bindir)
+n=3000
+work=$(mktemp -d /tmp/loyalty_cpu.XXXXXX)
+as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+[ "$(id -u)" -eq 0 ] && chown postgres: "$work"
+stop() { as_pg "$bindir/pg_ctl" -D "$work/data" -m fast -w stop >/dev/null 2>&1 || true; rm -rf "$work"; }
+trap stop EXIT
+
+# a cluster of its own (single-user mode needs it stopped), set up as accrual_oltp's
+as_pg "$bindir/initdb" -D "$work/data" -A trust -U postgres >/dev/null
+cat >> "$work/data/postgresql.conf" <<CONF
+shared_preload_libraries = 'loyalty'
+listen_addresses = ''
+unix_socket_directories = '$work'
+shared_buffers = 256MB
+synchronous_commit = off
+CONF
+as_pg "$bindir/pg_ctl" -D "$work/data" -l "$work/log" -w start >/dev/null
+as_pg psql -X -q -v ON_ERROR_STOP=1 -h "$work" -d postgres >/dev/null <<'SQL'
+CREATE EXTENSION loyalty;
+SELECT loyalty.create_program('shop', 'Shop', 'UTC');
+SELECT count(loyalty.enroll('shop', 'm' || i, occurred_at => '2025-01-01')) FROM generate_series(1, 10000) i;
+SELECT loyalty.set_earning_rules('shop', '{"base": {"per": 1, "points": 1, "rounding": "floor"},
+  "exclude": {"category": ["gift_card"]},
+  "multipliers": [{"when": {"category": ["electronics"]}, "factor": 2},
+                  {"when": {"weekday": [6, 7]}, "factor": 2}],
+  "caps": {"per_purchase": 10000}, "pending_days": 30, "min_amount": 1}', '2025-01-01', 'bench');
+CREATE TABLE orders_bare (id text PRIMARY KEY, customer text, total numeric(12,2),
+                          placed_at timestamptz, category text);
+CREATE TABLE orders_acc (LIKE orders_bare INCLUDING ALL);
+SELECT loyalty.attach_accrual('orders_acc', 'shop', 'customer', 'total', 'id', 'placed_at', 'category');
+VACUUM ANALYZE;
+SQL
+as_pg "$bindir/pg_ctl" -D "$work/data" -m fast -w stop >/dev/null
+for t in bare acc; do
+    for i in $(seq 1 $n); do
+        echo "INSERT INTO orders_$t VALUES ('o$i', 'm$(( (i * 7919) % 10000 + 1 ))', $(( i % 200 + 1 )).50, now(), 'books');"
+    done > "$work/$t.sql"
+done
+chmod a+r "$work"/*.sql
+
+ir() {          # ir TABLE: instructions of the backend running the inserts
+    as_pg valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bindir/postgres" --single \
+        -D "$work/data" postgres < "$work/$1.sql" 2>&1 >"$work/$1.out" | sed -n 's/.*refs: *//p' | tr -d ,
+}
+empty=$(as_pg valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bindir/postgres" --single \
+        -D "$work/data" postgres < /dev/null 2>&1 | sed -n 's/.*refs: *//p' | tr -d ,)
+bare=$(ir bare)
+acc=$(ir acc)
+grep -h ERROR "$work/bare.out" "$work/acc.out" >&2 && exit 1
+echo "start-up and shut-down: $empty instructions; bare: $bare; attached: $acc" >&2
+per_bare=$(( (bare - empty) / n ))
+per_trigger=$(( (acc - bare) / n ))
+r=$(awk -v a="$per_trigger" -v b="$per_bare" 'BEGIN { printf "%.2f", a / b }')
+echo "| accrual_cpu | instructions per one-row sale: what accrual adds vs the bare insert's (callgrind, single-user) | ${per_trigger} | ${per_bare} | ${r} | (informational) | INFO |"
