@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # OLTP accrual: single-purchase INSERTs from 8 pgbench clients into a table
-# with accrual attached vs the same table bare, and vs pgbench's tpcb-like
-# in the same database. Budgets (DESIGN.md): >= 0.6 of bare, >= 1.5x
+# with accrual attached vs the same table bare (taking turns), and vs
+# pgbench's tpcb-like in the same database. Budgets (DESIGN.md): >= 0.6 of bare, >= 1.5x
 # tpcb-like.
 set -euo pipefail
 secs=$(awk -v s="$BENCH_SCALE" 'BEGIN { v = int(60 * s); if (v < 10) v = 10; printf "%d", v }')
@@ -35,16 +35,34 @@ SQL
 done
 chmod -R a+rX "$work"
 
-run() {         # run TABLE: tps of 8 clients
+run() {         # run TABLE SECONDS: tps of 8 clients
     q -c "CHECKPOINT" >/dev/null
-    pgbench -n -c 8 -j 2 -T "$secs" -f "$work/$1.sql" 2>&1 | tee "$work/$1.log" \
+    pgbench -n -c 8 -j 2 -T "$2" -f "$work/$1.sql" 2>&1 | tee -a "$work/$1.log" \
         | sed -n 's/^tps = \([0-9.]*\) .*/\1/p'
 }
-# a short warm-up of both, then the measured runs
+# a short warm-up of both, then the measured runs: the two tables take
+# turns, five runs each of a fifth of the time (each pair in the other
+# order than the last), and each side's figure is its mean tps over its
+# runs (its transactions over its time). On a shared 2-core VM throughput
+# drifts over minutes; one run of each, a minute apart, put the drift into
+# the ratio (0.48 to 0.63 for one build).
 pgbench -n -c 8 -j 2 -T 3 -f "$work/bare.sql" >/dev/null 2>&1
 pgbench -n -c 8 -j 2 -T 3 -f "$work/acc.sql" >/dev/null 2>&1
-bare=$(run bare); echo "bare: $bare tps" >&2
-acc=$(run acc);   echo "accrual attached: $acc tps" >&2
+turns=5
+each=$(( secs / turns )); [ "$each" -lt 5 ] && each=5
+bare_runs=(); acc_runs=()
+for i in $(seq 1 $turns); do
+    if [ $((i % 2)) -eq 1 ]; then
+        b=$(run bare "$each"); a=$(run acc "$each")
+    else
+        a=$(run acc "$each"); b=$(run bare "$each")
+    fi
+    bare_runs+=("$b"); acc_runs+=("$a")
+    echo "turn $i: bare $b tps, accrual attached $a tps ($(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.2f", a / b }'))" >&2
+done
+mean() { printf '%s\n' "$@" | awk '{ s += $1 } END { printf "%.0f", s / NR }'; }
+bare=$(mean "${bare_runs[@]}"); echo "bare: $bare tps ($turns runs of $each s)" >&2
+acc=$(mean "${acc_runs[@]}");   echo "accrual attached: $acc tps ($turns runs of $each s)" >&2
 grep -E "failed|aborted" "$work/acc.log" >&2 || true
 pgbench -q -i -s 10 >/dev/null 2>&1
 pgbench -n -c 8 -j 2 -T 3 -b tpcb-like >/dev/null 2>&1
