@@ -241,8 +241,12 @@ COMMENT ON FUNCTION loyalty._refund_to(text, text, numeric, text) IS 'Internal: 
 -- already gave back (accrual_refund.returned), raises LY014 and the
 -- trigger quarantines the undoing, for an administrator to decide.
 -- A refund waiting in the quarantine for the same deletion is withdrawn.
--- Returns the points given back (0: nothing to undo).
-CREATE FUNCTION loyalty._restore_deleted(program text, ref text) RETURNS bigint
+-- to_amount: the order came back with another amount (it was lowered
+-- before the DELETE, or the reload carries a correction); once the refund
+-- is undone, the purchase is refunded down to it as an UPDATE lowering
+-- the amount would be (ref:amount:<to_amount>; nothing if it is not lower
+-- than what is left). Returns the points given back (0: nothing to undo).
+CREATE FUNCTION loyalty._restore_deleted(program text, ref text, to_amount numeric DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 #variable_conflict use_variable
 DECLARE
@@ -289,9 +293,33 @@ BEGIN
         WHERE t.program_id = v_program AND t.kind = 'refund' AND t.ref = d.refund_ref;
         PERFORM loyalty._reverse_transfer(v_transfer, 'refund_undo', d.refund_ref);
     END IF;
+    IF to_amount IS NOT NULL THEN
+        PERFORM loyalty._refund_to(program, ref, to_amount, ref || ':amount:' || to_amount);
+    END IF;
     RETURN d.taken;
 END $$;
-COMMENT ON FUNCTION loyalty._restore_deleted(text, text) IS 'Internal: undoes the refund a DELETE of an attached table posted for a purchase whose order was inserted again (restoring exactly the lots it took); LY014 when the refund recorded debt or was partly given back; returns the points given back';
+COMMENT ON FUNCTION loyalty._restore_deleted(text, text, numeric) IS 'Internal: undoes the refund a DELETE of an attached table posted for a purchase whose order was inserted again (restoring exactly the lots it took), then refunds it down to to_amount if given; LY014 when the refund recorded debt or was partly given back; returns the points given back';
+
+-- Whether an attached table's row refused as another purchase under a
+-- posted ref (23505) is that purchase's order coming back after a DELETE
+-- with only its amount changed: the same member, time (unless the row has
+-- none), category, channel and store, no attrs, and a DELETE's refund not
+-- yet undone. The trigger then undoes the refund down to the new amount
+-- (loyalty._restore_deleted) instead of quarantining the row.
+CREATE FUNCTION loyalty._reinserted_changed(program_id bigint, ref text, member_id bigint, occurred_at timestamptz,
+                                            occurred_unset boolean, category text, channel text, store text)
+RETURNS boolean LANGUAGE sql STABLE SET search_path = loyalty, pg_catalog, pg_temp AS $$
+    SELECT EXISTS (
+        SELECT FROM loyalty.accrual x
+        JOIN loyalty.accrual_refund r ON r.program_id = x.program_id AND r.purchase_ref = x.ref
+        WHERE x.program_id = $1 AND x.ref = $2 AND x.member_id = $3
+          AND ($5 OR x.occurred_at = $4)
+          AND x.category IS NOT DISTINCT FROM $6 AND x.channel IS NOT DISTINCT FROM $7
+          AND x.store IS NOT DISTINCT FROM $8 AND x.attrs = '{}'
+          AND r.restored_at IS NULL
+          AND (r.refund_ref = x.ref || ':deleted' OR starts_with(r.refund_ref, x.ref || ':deleted:')))
+$$;
+COMMENT ON FUNCTION loyalty._reinserted_changed(bigint, text, bigint, timestamptz, boolean, text, text, text) IS 'Internal: whether a row refused as another purchase under a posted ref is that purchase''s deleted order back with another amount (loyalty._restore_deleted then undoes the DELETE''s refund down to it)';
 
 COMMENT ON FUNCTION loyalty.refund(text, text, numeric, text) IS 'Claws back the points of a purchase in proportion to the amount returned (NULL: all that is left), except those that expired unused; idempotent on refund_ref (default: the purchase ref); returns the points clawed back (taken from lots plus owed)';
 
@@ -614,7 +642,8 @@ BEGIN
                 PERFORM loyalty._refund_to(program, q.row_data ->> 'refund_of', (q.row_data ->> 'to_amount')::numeric,
                                            q.row_data ->> 'refund_ref');
             ELSIF q.kind = 'restore' THEN
-                PERFORM loyalty._restore_deleted(program, q.row_data ->> 'restore_of');
+                PERFORM loyalty._restore_deleted(program, q.row_data ->> 'restore_of',
+                                                 (q.row_data ->> 'to_amount')::numeric);
             ELSIF q.kind = 'refund' THEN
                 PERFORM loyalty.refund(program, q.row_data ->> 'refund_of', (q.row_data ->> 'amount')::numeric,
                                        q.row_data ->> 'refund_ref');

@@ -235,6 +235,7 @@ AccrualRepeat(AccrualRow *r, int64 first_points, bool same, bool posted)
 	r->existing = true;
 	r->existing_points = first_points;
 	r->reinserted = same && posted;
+	r->changed_repeat = !same && posted;
 	if (!same)
 		r->problem = psprintf("ref \"%s\" was already used for a different purchase", r->ref),
 			r->sqlstate = "23505";
@@ -1384,6 +1385,77 @@ AccrualWholeRows(AccrualBatch *b)
 	SPI_freetuptable(SPI_tuptable);
 }
 
+/*
+ * Keep the ref of a row that repeats a posted purchase, for the trigger to
+ * undo a DELETE's refund of it once the statement is posted (an INSERT of
+ * an order the application deleted before: loyalty._restore_deleted).
+ * to_amount: the row is that order with another amount (lowered before
+ * the DELETE, say), and the purchase is refunded down to it after.
+ */
+static void
+AccrualNoteReinsert(AccrualBatch *b, AccrualRow *r, bool to_amount)
+{
+	MemoryContext old = MemoryContextSwitchTo(b->stmt_cxt);
+	AccrualReinsert *x = palloc(sizeof(AccrualReinsert));
+
+	x->ref = pstrdup(r->ref);
+	x->to_amount = to_amount ? DatumGetCString(DirectFunctionCall1(numeric_out, r->amount)) : NULL;
+	b->reinserted = lappend(b->reinserted, x);
+	MemoryContextSwitchTo(old);
+}
+
+void
+AccrualNoteReinserted(AccrualBatch *b, AccrualRow *r)
+{
+	if (r->reinserted && r->problem == NULL && b->stmt_cxt != NULL)
+		AccrualNoteReinsert(b, r, false);
+}
+
+/*
+ * Rows refused because their ref was posted for a different purchase
+ * (23505) that are a deleted order coming back with another amount: the
+ * same member, time, category, channel and store, and a DELETE's refund
+ * not yet undone (loyalty._reinserted_changed). They are not quarantined:
+ * the trigger undoes the refund and refunds down to the new amount.
+ */
+static void
+AccrualChangedReinserts(AccrualBatch *b)
+{
+	static const Oid argtypes[] = {INT8OID, TEXTOID, INT8OID, TIMESTAMPTZOID, BOOLOID, TEXTOID, TEXTOID, TEXTOID};
+	static SPIPlanPtr plan_changed;
+
+	if (b->stmt_cxt == NULL)
+		return;
+	for (int i = 0; i < b->nrows; i++)
+	{
+		AccrualRow *r = &b->rows[i];
+		Datum		args[8];
+		char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
+		bool		isnull[3];
+
+		if (!r->changed_repeat || r->problem == NULL || r->amount_null)
+			continue;
+		LedgerPrepare(&plan_changed,
+					  "SELECT loyalty._reinserted_changed($1, $2, $3, $4, $5, $6, $7, $8)", 8, argtypes);
+		args[0] = Int64GetDatum(b->program_id);
+		args[1] = CStringGetTextDatum(r->ref);
+		args[2] = Int64GetDatum(r->member_id);
+		args[3] = TimestampTzGetDatum(r->occurred_at);
+		args[4] = BoolGetDatum(r->occurred_unset);
+		args[5] = AccrualTextOrNull(r->category, &isnull[0]);
+		args[6] = AccrualTextOrNull(r->channel, &isnull[1]);
+		args[7] = AccrualTextOrNull(r->store, &isnull[2]);
+		for (int k = 0; k < 3; k++)
+			nulls[5 + k] = isnull[k] ? 'n' : ' ';
+		LedgerExpect(SPI_execute_plan(plan_changed, args, nulls, false, 1), SPI_OK_SELECT,
+					 "reading a deleted purchase");
+		if (!DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &(bool){0})))
+			continue;
+		r->problem = NULL;
+		AccrualNoteReinsert(b, r, true);
+	}
+}
+
 /* Rows that could not earn, into the quarantine. */
 static void
 AccrualQuarantine(AccrualBatch *b)
@@ -1397,6 +1469,7 @@ AccrualQuarantine(AccrualBatch *b)
 	int			n = 0;
 	MemoryContext old = AccrualChunkMemory(b);
 
+	AccrualChangedReinserts(b);
 	AccrualWholeRows(b);
 	for (int c = 0; c < 5; c++)
 	{
@@ -1442,23 +1515,6 @@ AccrualQuarantine(AccrualBatch *b)
 				  7, argtypes);
 	LedgerExpect(SPI_execute_plan(plan_quarantine, args, NULL, false, 0), SPI_OK_INSERT,
 				  "quarantining purchases");
-}
-
-/*
- * Keep the ref of a row that repeats a posted purchase, for the trigger to
- * undo a DELETE's refund of it once the statement is posted (an INSERT of
- * an order the application deleted before: loyalty._restore_deleted).
- */
-void
-AccrualNoteReinserted(AccrualBatch *b, AccrualRow *r)
-{
-	MemoryContext old;
-
-	if (!r->reinserted || r->problem != NULL || b->stmt_cxt == NULL)
-		return;
-	old = MemoryContextSwitchTo(b->stmt_cxt);
-	b->reinserted = lappend(b->reinserted, pstrdup(r->ref));
-	MemoryContextSwitchTo(old);
 }
 
 /* Recover outstanding refund debts of the batch's members from what they just earned. */

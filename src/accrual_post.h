@@ -34,6 +34,7 @@ typedef struct AccrualRow
 	bool		whole_null;
 	bool		existing;		/* the same purchase was posted before */
 	bool		reinserted;		/* and is its repeat: a DELETE's refund may need undoing */
+	bool		changed_repeat; /* it repeats a posted purchase's ref with other content */
 	int64		existing_points;
 	const char *problem;		/* why it cannot earn; NULL: it can */
 	const char *sqlstate;
@@ -63,6 +64,13 @@ typedef struct AccrualHead
 	int64		last_transfer;
 } AccrualHead;
 
+/* A posted purchase's order inserted again: its ref, and the amount it now has if that differs. */
+typedef struct AccrualReinsert
+{
+	char	   *ref;
+	char	   *to_amount;		/* NULL: the same row */
+} AccrualReinsert;
+
 typedef struct AccrualBatch
 {
 	int64		program_id;
@@ -91,7 +99,7 @@ typedef struct AccrualBatch
 	int64		ninserted;
 	MemoryContext chunk_cxt;	/* per-chunk allocations; NULL: the caller's */
 	int			nquarantined;
-	List	   *reinserted;		/* refs of posted purchases inserted again (trigger) */
+	List	   *reinserted;		/* AccrualReinsert of posted purchases inserted again (trigger) */
 	MemoryContext stmt_cxt;		/* where they are kept: the trigger's */
 } AccrualBatch;
 

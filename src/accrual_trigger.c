@@ -333,50 +333,62 @@ AccrualTryRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_nul
 		AccrualQuarantineRefund(b, ref, amount, amount_null, refund_ref, to_amount, e->message, e->sqlerrcode);
 }
 
-/* loyalty._restore_deleted(program, ref) */
+/* loyalty._restore_deleted(program, ref, to_amount) */
 static void
 AccrualRestoreStep(const AccrualStepArgs *a)
 {
-	static const Oid argtypes[] = {TEXTOID, TEXTOID};
+	static const Oid argtypes[] = {TEXTOID, TEXTOID, NUMERICOID};
 	static SPIPlanPtr plan_restore;
-	Datum		args[2] = {CStringGetTextDatum(a->b->code), CStringGetTextDatum(a->ref)};
+	Datum		args[3] = {CStringGetTextDatum(a->b->code), CStringGetTextDatum(a->ref), a->amount};
+	char		nulls[3] = {' ', ' ', a->amount_null ? 'n' : ' '};
 
-	LedgerPrepare(&plan_restore, "SELECT loyalty._restore_deleted($1, $2)", 2, argtypes);
-	LedgerExpect(SPI_execute_plan(plan_restore, args, NULL, false, 1), SPI_OK_SELECT, "undoing a refund");
+	LedgerPrepare(&plan_restore, "SELECT loyalty._restore_deleted($1, $2, $3)", 3, argtypes);
+	LedgerExpect(SPI_execute_plan(plan_restore, args, nulls, false, 1), SPI_OK_SELECT, "undoing a refund");
 }
 
 /*
  * INSERT of orders posted before (AccrualNoteReinserted): an order the
  * application deleted and inserts again gets back what the DELETE's refund
- * took, each in a subtransaction; one that cannot be undone is quarantined
- * (kind restore), as a failed refund is. A repeat whose purchase has no
- * such refund (a retried import) costs a probe and changes nothing.
+ * took (and, inserted with another amount, is refunded down to it), each
+ * in a subtransaction; one that cannot be undone is quarantined (kind
+ * restore), as a failed refund is. A repeat whose purchase has no such
+ * refund (a retried import) costs a probe and changes nothing.
  */
 static void
 AccrualRestoreReinserted(AccrualBatch *b)
 {
-	static const Oid argtypes[] = {INT8OID, OIDOID, TEXTOID, TEXTOID, TEXTOID};
+	static const Oid argtypes[] = {INT8OID, OIDOID, TEXTOID, TEXTOID, TEXTOID, NUMERICOID};
 	static SPIPlanPtr plan_quarantine_restore;
 	ListCell   *lc;
 
 	foreach(lc, b->reinserted)
 	{
-		AccrualStepArgs a = {b, lfirst(lc)};
-		ErrorData  *e = AccrualSubtransaction(AccrualRestoreStep, &a);
-		Datum		args[5];
+		AccrualReinsert *x = lfirst(lc);
+		AccrualStepArgs a = {b, x->ref};
+		ErrorData  *e;
+		Datum		args[6];
+		char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
 
+		a.amount_null = x->to_amount == NULL;
+		if (x->to_amount != NULL)
+			a.amount = DirectFunctionCall3(numeric_in, CStringGetDatum(x->to_amount),
+										   ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1));
+		e = AccrualSubtransaction(AccrualRestoreStep, &a);
 		if (e == NULL)
 			continue;
 		LedgerPrepare(&plan_quarantine_restore,
 					  "INSERT INTO loyalty.accrual_quarantine (program_id, source, kind, ref, row_data, reason, sqlstate)"
-					  " VALUES ($1, $2, 'restore', $3, jsonb_build_object('restore_of', $3), $4, $5)",
-					  5, argtypes);
+					  " VALUES ($1, $2, 'restore', $3,"
+					  "         jsonb_strip_nulls(jsonb_build_object('restore_of', $3, 'to_amount', $6)), $4, $5)",
+					  6, argtypes);
 		args[0] = Int64GetDatum(b->program_id);
 		args[1] = ObjectIdGetDatum(b->source);
-		args[2] = CStringGetTextDatum(a.ref);
+		args[2] = CStringGetTextDatum(x->ref);
 		args[3] = CStringGetTextDatum(e->message);
 		args[4] = CStringGetTextDatum(unpack_sql_state(e->sqlerrcode));
-		LedgerExpect(SPI_execute_plan(plan_quarantine_restore, args, NULL, false, 0), SPI_OK_INSERT,
+		args[5] = a.amount;
+		nulls[5] = a.amount_null ? 'n' : ' ';
+		LedgerExpect(SPI_execute_plan(plan_quarantine_restore, args, nulls, false, 0), SPI_OK_INSERT,
 					 "quarantining the undoing of a refund");
 	}
 }

@@ -74,6 +74,25 @@ INSERT INTO public.orders VALUES ('o3', 'c2', 80, :'t0'::timestamptz - interval 
 SELECT * FROM pg_temp.state('shop', 'c2');
 SELECT ref, refunded_amount, refunded_points FROM loyalty.accrual WHERE ref = 'o3';
 
+-- The order back with its amount as it was when deleted (lowered from 80
+-- to 50 by a partial return): the DELETE's refund is undone, the partial
+-- refund stays. Back with less than that (a correction in the reload):
+-- undone, then refunded down to it. Back with more: undone, and the raise
+-- earns nothing, as an UPDATE raising the amount would.
+INSERT INTO public.orders VALUES ('o9', 'c2', 80, :'t0'::timestamptz - interval '60 days'),
+                                 ('o10', 'c2', 100, :'t0'::timestamptz - interval '60 days'),
+                                 ('o11', 'c2', 20, :'t0'::timestamptz - interval '60 days');
+UPDATE public.orders SET total = 50 WHERE id = 'o9';
+DELETE FROM public.orders WHERE id IN ('o9', 'o10', 'o11');
+INSERT INTO public.orders VALUES ('o9', 'c2', 50, :'t0'::timestamptz - interval '60 days'),
+                                 ('o10', 'c2', 60, :'t0'::timestamptz - interval '60 days'),
+                                 ('o11', 'c2', 35, :'t0'::timestamptz - interval '60 days');
+SELECT ref, points, refunded_amount, refunded_points FROM loyalty.accrual WHERE ref IN ('o9', 'o10', 'o11') ORDER BY ref;
+SELECT refund_ref, points, restored_at IS NOT NULL AS restored FROM loyalty.accrual_refund
+WHERE purchase_ref IN ('o9', 'o10', 'o11') ORDER BY refund_ref;
+SELECT count(*) AS quarantined FROM loyalty.accrual_quarantine WHERE ref IN ('o9', 'o10', 'o11');
+SELECT * FROM pg_temp.state('shop', 'c2');
+
 -- Other lots: c3 earns 100 (o4) and 30 (o5), spends 120 on an
 -- adjustment (all of o4's lot, 20 of o5's). Deleting o4 takes what is
 -- left, 10 of o5's lot, and owes 90: such a refund is not undone by the
@@ -129,10 +148,10 @@ INSERT INTO public.orders SELECT * FROM pg_temp.day;
 SELECT * FROM pg_temp.state('shop', 'c1');
 SELECT count(*) AS undone FROM loyalty.accrual_refund WHERE purchase_ref LIKE 'd%' AND restored_at IS NOT NULL;
 
--- A different order under a deleted ref is refused as before (23505),
--- and the deletion's refund stays.
+-- A different order under a deleted ref (another member) is refused as
+-- before (23505), and the deletion's refund stays.
 DELETE FROM public.orders WHERE id = 'd1';
-INSERT INTO public.orders VALUES ('d1', 'c1', 999, :'t0'::timestamptz - interval '2 days');
+INSERT INTO public.orders VALUES ('d1', 'c2', 10, :'t0'::timestamptz - interval '2 days');
 SELECT kind, sqlstate FROM loyalty.accrual_quarantine WHERE ref = 'd1';
 SELECT refund_ref, restored_at IS NOT NULL AS restored FROM loyalty.accrual_refund
 WHERE purchase_ref = 'd1' ORDER BY refund_ref;
