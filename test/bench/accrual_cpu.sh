@@ -8,6 +8,7 @@
 # path saves. Informational: the budget is accrual_oltp's; this row's
 # "ratio" is the trigger's instructions per sale over the bare insert's.
 set -euo pipefail
+. "$(dirname "$0")/oltp.bash"
 command -v valgrind >/dev/null || { echo "accrual_cpu: valgrind is missing (scripts/setup bench)" >&2; exit 1; }
 bindir=$(pg_config --bindir)
 n=3000
@@ -27,21 +28,8 @@ shared_buffers = 256MB
 synchronous_commit = off
 CONF
 as_pg "$bindir/pg_ctl" -D "$work/data" -l "$work/log" -w start >/dev/null
-as_pg psql -X -q -v ON_ERROR_STOP=1 -h "$work" -d postgres >/dev/null <<'SQL'
-CREATE EXTENSION loyalty;
-SELECT loyalty.create_program('shop', 'Shop', 'UTC');
-SELECT count(loyalty.enroll('shop', 'm' || i, occurred_at => '2025-01-01')) FROM generate_series(1, 10000) i;
-SELECT loyalty.set_earning_rules('shop', '{"base": {"per": 1, "points": 1, "rounding": "floor"},
-  "exclude": {"category": ["gift_card"]},
-  "multipliers": [{"when": {"category": ["electronics"]}, "factor": 2},
-                  {"when": {"weekday": [6, 7]}, "factor": 2}],
-  "caps": {"per_purchase": 10000}, "pending_days": 30, "min_amount": 1}', '2025-01-01', 'bench');
-CREATE TABLE orders_bare (id text PRIMARY KEY, customer text, total numeric(12,2),
-                          placed_at timestamptz, category text);
-CREATE TABLE orders_acc (LIKE orders_bare INCLUDING ALL);
-SELECT loyalty.attach_accrual('orders_acc', 'shop', 'customer', 'total', 'id', 'placed_at', 'category');
-VACUUM ANALYZE;
-SQL
+{ echo "CREATE EXTENSION loyalty;"; oltp_setup 10000; } |
+    as_pg psql -X -q -v ON_ERROR_STOP=1 -h "$work" -d postgres >/dev/null
 as_pg "$bindir/pg_ctl" -D "$work/data" -m fast -w stop >/dev/null
 for t in bare acc; do
     for i in $(seq 1 $n); do

@@ -4,6 +4,7 @@
 # pgbench's tpcb-like in the same database. Budgets (DESIGN.md): >= 0.6 of bare, >= 1.5x
 # tpcb-like.
 set -euo pipefail
+. "$(dirname "$0")/oltp.bash"
 secs=$(awk -v s="$BENCH_SCALE" 'BEGIN { v = int(60 * s); if (v < 10) v = 10; printf "%d", v }')
 m=10000
 q() { psql -X -q -v ON_ERROR_STOP=1 -At "$@"; }
@@ -11,21 +12,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 echo "set-up: $m members, ${secs} s per run" >&2
-q >/dev/null <<SQL
-SELECT loyalty.create_program('shop', 'Shop', 'UTC');
-SELECT count(loyalty.enroll('shop', 'm' || i, occurred_at => '2025-01-01')) FROM generate_series(1, $m) i;
-SELECT loyalty.set_earning_rules('shop', '{"base": {"per": 1, "points": 1, "rounding": "floor"},
-  "exclude": {"category": ["gift_card"]},
-  "multipliers": [{"when": {"category": ["electronics"]}, "factor": 2},
-                  {"when": {"weekday": [6, 7]}, "factor": 2}],
-  "caps": {"per_purchase": 10000}, "pending_days": 30, "min_amount": 1}', '2025-01-01', 'bench');
-CREATE SEQUENCE order_id;
-CREATE TABLE orders_bare (id text PRIMARY KEY, customer text, total numeric(12,2),
-                          placed_at timestamptz, category text);
-CREATE TABLE orders_acc (LIKE orders_bare INCLUDING ALL);
-SELECT loyalty.attach_accrual('orders_acc', 'shop', 'customer', 'total', 'id', 'placed_at', 'category');
-VACUUM ANALYZE;
-SQL
+{ oltp_setup "$m"; echo "CREATE SEQUENCE order_id;"; } | q >/dev/null
 for t in bare acc; do
     cat > "$work/$t.sql" <<SQL
 \set m random(1, $m)
