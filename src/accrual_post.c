@@ -1415,42 +1415,64 @@ AccrualNoteReinserted(AccrualBatch *b, AccrualRow *r)
  * Rows refused because their ref was posted for a different purchase
  * (23505) that are a deleted order coming back with another amount: the
  * same member, time, category, channel and store, and a DELETE's refund
- * not yet undone (loyalty._reinserted_changed). They are not quarantined:
- * the trigger undoes the refund and refunds down to the new amount.
+ * not yet undone (loyalty._reinserted_changed, one query for the chunk).
+ * They are not quarantined: the trigger undoes the refund and refunds
+ * down to the new amount.
  */
 static void
 AccrualChangedReinserts(AccrualBatch *b)
 {
-	static const Oid argtypes[] = {INT8OID, TEXTOID, INT8OID, TIMESTAMPTZOID, BOOLOID, TEXTOID, TEXTOID, TEXTOID};
+	static const Oid argtypes[] = {INT8OID, INT4ARRAYOID, TEXTARRAYOID, INT8ARRAYOID, TIMESTAMPTZARRAYOID,
+	BOOLARRAYOID, TEXTARRAYOID, TEXTARRAYOID, TEXTARRAYOID};
+	static const Oid types[] = {INT4OID, TEXTOID, INT8OID, TIMESTAMPTZOID, BOOLOID, TEXTOID, TEXTOID, TEXTOID};
 	static SPIPlanPtr plan_changed;
+	Datum	   *cols[8];
+	bool	   *nulls[8];
+	Datum		args[9];
+	int			n = 0;
 
 	if (b->stmt_cxt == NULL)
 		return;
 	for (int i = 0; i < b->nrows; i++)
 	{
 		AccrualRow *r = &b->rows[i];
-		Datum		args[8];
-		char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
-		bool		isnull[3];
 
 		if (!r->changed_repeat || r->problem == NULL || r->amount_null)
 			continue;
-		LedgerPrepare(&plan_changed,
-					  "SELECT loyalty._reinserted_changed($1, $2, $3, $4, $5, $6, $7, $8)", 8, argtypes);
-		args[0] = Int64GetDatum(b->program_id);
-		args[1] = CStringGetTextDatum(r->ref);
-		args[2] = Int64GetDatum(r->member_id);
-		args[3] = TimestampTzGetDatum(r->occurred_at);
-		args[4] = BoolGetDatum(r->occurred_unset);
-		args[5] = AccrualTextOrNull(r->category, &isnull[0]);
-		args[6] = AccrualTextOrNull(r->channel, &isnull[1]);
-		args[7] = AccrualTextOrNull(r->store, &isnull[2]);
-		for (int k = 0; k < 3; k++)
-			nulls[5 + k] = isnull[k] ? 'n' : ' ';
-		LedgerExpect(SPI_execute_plan(plan_changed, args, nulls, false, 1), SPI_OK_SELECT,
-					 "reading a deleted purchase");
-		if (!DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &(bool){0})))
-			continue;
+		if (n == 0)
+			for (int c = 0; c < 8; c++)
+			{
+				cols[c] = palloc(sizeof(Datum) * b->nrows);
+				nulls[c] = palloc0(sizeof(bool) * b->nrows);
+			}
+		cols[0][n] = Int32GetDatum(i);
+		cols[1][n] = CStringGetTextDatum(r->ref);
+		cols[2][n] = Int64GetDatum(r->member_id);
+		cols[3][n] = TimestampTzGetDatum(r->occurred_at);
+		cols[4][n] = BoolGetDatum(r->occurred_unset);
+		cols[5][n] = AccrualTextOrNull(r->category, &nulls[5][n]);
+		cols[6][n] = AccrualTextOrNull(r->channel, &nulls[6][n]);
+		cols[7][n] = AccrualTextOrNull(r->store, &nulls[7][n]);
+		n++;
+	}
+	if (n == 0)
+		return;
+	args[0] = Int64GetDatum(b->program_id);
+	for (int c = 0; c < 8; c++)
+		args[1 + c] = AccrualArray(cols[c], nulls[c], n, types[c]);
+	LedgerPrepare(&plan_changed,
+				  "SELECT q.i FROM unnest($2, $3, $4, $5, $6, $7, $8, $9)"
+				  "       AS q(i, ref, member_id, occurred_at, occurred_unset, category, channel, store)"
+				  " WHERE loyalty._reinserted_changed($1, q.ref, q.member_id, q.occurred_at, q.occurred_unset,"
+				  "                                   q.category, q.channel, q.store)",
+				  9, argtypes);
+	LedgerExpect(SPI_execute_plan(plan_changed, args, NULL, false, 0), SPI_OK_SELECT,
+				 "reading deleted purchases");
+	for (uint64 k = 0; k < SPI_processed; k++)
+	{
+		AccrualRow *r = &b->rows[DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[k], SPI_tuptable->tupdesc, 1,
+															   &(bool){0}))];
+
 		r->problem = NULL;
 		AccrualNoteReinsert(b, r, true);
 	}
