@@ -60,13 +60,16 @@ CREATE TABLE loyalty.accrual_debt (
     amount      bigint NOT NULL CHECK (amount > 0),
     outstanding bigint NOT NULL CHECK (outstanding >= 0),
     created_at  timestamptz NOT NULL DEFAULT now(),
-    shown_as_negative boolean NOT NULL DEFAULT false
+    shown_as_negative boolean NOT NULL DEFAULT false,
+    cancelled_at timestamptz,
+    CHECK (cancelled_at IS NULL OR outstanding = 0)
 );
 ALTER SEQUENCE loyalty.accrual_debt_id_seq OWNED BY loyalty.accrual_debt.id;
 CREATE INDEX accrual_debt_open_idx ON loyalty.accrual_debt (account_id) WHERE outstanding > 0;
 COMMENT ON TABLE loyalty.accrual_debt IS 'Points a refund could not claw back because the member had spent them; recovered from later earnings';
 CREATE INDEX accrual_debt_negative_idx ON loyalty.accrual_debt (account_id) WHERE shown_as_negative;
 COMMENT ON COLUMN loyalty.accrual_debt.created_at IS 'When the refund was posted (its occurred_at): the debt counts from then';
+COMMENT ON COLUMN loyalty.accrual_debt.cancelled_at IS 'When the refund that recorded the debt was undone (the order came back to its table before anything was recovered, loyalty._restore_deleted): nothing is owed, and no recover transfer paid it';
 COMMENT ON COLUMN loyalty.accrual_debt.shown_as_negative IS 'The program option shortfall was "negative" when the refund was posted: the member''s balance shows the debt below zero until it is recovered';
 
 CREATE TABLE loyalty.accrual_campaign (
@@ -236,10 +239,13 @@ COMMENT ON FUNCTION loyalty._refund_to(text, text, numeric, text) IS 'Internal: 
 -- lots it took (loyalty._reverse_transfer, so points given back to a lot
 -- already past its expiry expire at once, and a refilled lot of another
 -- refunded purchase repays that refund's debt); the refund stops counting
--- against the purchase. Undone only while nothing else happened to what
--- the refund did: a refund that recorded debt, or whose points a cancel
--- already gave back (accrual_refund.returned), raises LY014 and the
--- trigger quarantines the undoing, for an administrator to decide.
+-- against the purchase. What it recorded as owed (the member had spent
+-- the points) is cancelled (accrual_debt.cancelled_at). Undone only while
+-- nothing else happened to what the refund did: a refund whose debt was
+-- recovered in part since, whose debt shows as a negative balance, or
+-- whose points a cancel already gave back (accrual_refund.returned),
+-- raises LY014 and the trigger quarantines the undoing, for an
+-- administrator to decide.
 -- A refund waiting in the quarantine for the same deletion is withdrawn.
 -- to_amount: the order came back with another amount (it was lowered
 -- before the DELETE, or the reload carries a correction); once the refund
@@ -253,6 +259,7 @@ DECLARE
     v_program bigint := loyalty._program_id(program);
     a loyalty.accrual;
     d loyalty.accrual_refund;
+    v_debt loyalty.accrual_debt;
     v_transfer bigint;
 BEGIN
     SELECT * INTO a FROM loyalty.accrual x WHERE x.program_id = v_program AND x.ref = ref;
@@ -274,14 +281,23 @@ BEGIN
     IF NOT FOUND THEN
         RETURN 0;
     END IF;
-    IF d.shortfall > 0 OR d.returned > 0 THEN
+    -- what it recorded as owed is cancelled, unless some was recovered
+    -- already (from later purchases) or the program shows debt as a
+    -- negative balance (whose history the statement reads)
+    SELECT * INTO v_debt FROM loyalty.accrual_debt x
+    WHERE x.program_id = v_program AND x.refund_ref = d.refund_ref AND x.account_id = a.account_id;
+    IF d.returned > 0 OR v_debt.outstanding < v_debt.amount OR v_debt.shown_as_negative THEN
         RAISE EXCEPTION 'the refund "%" of purchase "%" cannot be undone', d.refund_ref, ref
             USING ERRCODE = 'LY014',
-                  DETAIL = CASE WHEN d.shortfall > 0
-                                THEN format('It recorded %s points as owed (the member had spent them).', d.shortfall)
-                                ELSE format('A cancel already gave back %s of the points it took.', d.returned) END,
+                  DETAIL = CASE WHEN d.returned > 0
+                                THEN format('A cancel already gave back %s of the points it took.', d.returned)
+                                WHEN v_debt.shown_as_negative
+                                THEN format('It recorded %s points as owed, shown as a negative balance.', v_debt.amount)
+                                ELSE format('Of the %s points it recorded as owed, %s were recovered since.',
+                                            v_debt.amount, v_debt.amount - v_debt.outstanding) END,
                   HINT = 'The order is back in its table: post what the member should get with loyalty.adjust().';
     END IF;
+    UPDATE loyalty.accrual_debt x SET outstanding = 0, cancelled_at = now() WHERE x.id = v_debt.id;
     -- no longer a refund of the purchase, before the reversal reads refunds
     UPDATE loyalty.accrual_refund r SET restored_at = now()
     WHERE r.program_id = v_program AND r.refund_ref = d.refund_ref;
@@ -296,7 +312,7 @@ BEGIN
     IF to_amount IS NOT NULL THEN
         PERFORM loyalty._refund_to(program, ref, to_amount, ref || ':amount:' || to_amount);
     END IF;
-    RETURN d.taken;
+    RETURN d.taken + coalesce(v_debt.amount, 0);
 END $$;
 COMMENT ON FUNCTION loyalty._restore_deleted(text, text, numeric) IS 'Internal: undoes the refund a DELETE of an attached table posted for a purchase whose order was inserted again (restoring exactly the lots it took), then refunds it down to to_amount if given; LY014 when the refund recorded debt or was partly given back; returns the points given back';
 

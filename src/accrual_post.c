@@ -1539,8 +1539,13 @@ AccrualQuarantine(AccrualBatch *b)
 				  "quarantining purchases");
 }
 
-/* Recover outstanding refund debts of the batch's members from what they just earned. */
-static void
+/*
+ * Recover outstanding refund debts of the batch's members from what they
+ * just earned. The trigger does it last (defer_recovery), once the orders
+ * inserted again have had their DELETE's refunds undone: a debt such a
+ * refund recorded is cancelled, not paid from the statement's new sales.
+ */
+void
 AccrualRecoverDebts(AccrualBatch *b)
 {
 	static const Oid argtypes[] = {INT8ARRAYOID};
@@ -1584,7 +1589,8 @@ AccrualPostLocked(AccrualBatch *b)
 	AccrualCompute(b);
 	AccrualWrite(b);
 	AccrualSaveBudgets(b);
-	AccrualRecoverDebts(b);
+	if (!b->defer_recovery)
+		AccrualRecoverDebts(b);
 }
 
 /* The query locking the member accounts a source names, all of them, in id order. */
@@ -1657,7 +1663,8 @@ AccrualPostSource(AccrualBatch *b, SPIPlanPtr lock, SPIPlanPtr read, Datum *args
 	b->posted_refs = NULL;
 	AccrualWriteAccounts(b);
 	AccrualSaveBudgets(b);
-	AccrualRecoverDebts(b);
+	if (!b->defer_recovery)
+		AccrualRecoverDebts(b);
 }
 
 /*

@@ -99,6 +99,7 @@ typedef struct AccrualBatch
 	int64		ninserted;
 	MemoryContext chunk_cxt;	/* per-chunk allocations; NULL: the caller's */
 	int			nquarantined;
+	bool		defer_recovery; /* the caller recovers debts (AccrualRecoverDebts) once done */
 	List	   *reinserted;		/* AccrualReinsert of posted purchases inserted again (trigger) */
 	MemoryContext stmt_cxt;		/* where they are kept: the trigger's */
 } AccrualBatch;
@@ -124,6 +125,7 @@ extern void AccrualPostSource(AccrualBatch *b, SPIPlanPtr lock, SPIPlanPtr read,
 extern void AccrualEnrollUnknown(AccrualBatch *b, const char *source, Datum *args, char *nulls,
 								 int nargs, Oid *argtypes);
 extern void AccrualNoteReinserted(AccrualBatch *b, AccrualRow *r);
+extern void AccrualRecoverDebts(AccrualBatch *b);
 extern void AccrualCheckRef(const char *ref);
 extern char *AccrualDescribeExisting(AccrualBatch *b, AccrualRow *r);
 extern void AccrualRecover(AccrualBatch *b, int64 account);

@@ -559,9 +559,11 @@ accrual_trigger(PG_FUNCTION_ARGS)
 	if (TRIGGER_FIRED_BY_INSERT(trig->tg_event))
 	{
 		b.stmt_cxt = CurrentMemoryContext;
+		b.defer_recovery = true;
 		AccrualOnInsert(&b, &s, trig, tuplestore_tuple_count(trig->tg_newtable));
 		if (b.reinserted != NIL)
 			AccrualRestoreReinserted(&b);
+		AccrualRecoverDebts(&b);
 	}
 	else
 		AccrualOnChange(&b, &s, TRIGGER_FIRED_BY_UPDATE(trig->tg_event));

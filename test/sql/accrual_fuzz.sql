@@ -6,7 +6,8 @@
 -- in the table counts for exactly its amount (at most what it was posted
 -- with), an order gone counts for nothing, and the chains hold. The only
 -- failures allowed are spending more than the balance (LY001) and undoing
--- a DELETE whose refund recorded debt (LY014, quarantined).
+-- a DELETE whose refund's debt was recovered in part since (LY014,
+-- quarantined).
 SET client_min_messages = warning;
 DROP EXTENSION IF EXISTS loyalty CASCADE;
 CREATE EXTENSION loyalty;
@@ -71,7 +72,7 @@ SELECT is((SELECT count(*) FROM public.fz_log WHERE err NOT LIKE 'LY001 %'), 0::
           'no step failed but for spending more than the balance');
 SELECT is((SELECT count(*) FROM loyalty.accrual_quarantine
            WHERE replayed_at IS NULL AND withdrawn_at IS NULL AND (kind <> 'restore' OR sqlstate <> 'LY014')),
-          0::bigint, 'nothing waits in the quarantine but undoings of refunds that recorded debt');
+          0::bigint, 'nothing waits in the quarantine but undoings that cannot be done (LY014)');
 SELECT is((SELECT count(*) FROM loyalty.verify_chain('f')), 0::bigint, 'the chains hold');
 SELECT is((SELECT count(*) FROM loyalty.account a WHERE a.member_id IS NOT NULL
              AND a.available::bigint + a.pending::bigint
