@@ -1399,7 +1399,8 @@ AccrualNoteReinsert(AccrualBatch *b, AccrualRow *r, bool to_amount)
 	AccrualReinsert *x = palloc(sizeof(AccrualReinsert));
 
 	x->ref = pstrdup(r->ref);
-	x->to_amount = to_amount ? DatumGetCString(DirectFunctionCall1(numeric_out, r->amount)) : NULL;
+	x->same = !to_amount;
+	x->to_amount = to_amount ? datumCopy(r->amount, false, -1) : (Datum) 0;
 	b->reinserted = lappend(b->reinserted, x);
 	MemoryContextSwitchTo(old);
 }

@@ -68,7 +68,8 @@ typedef struct AccrualHead
 typedef struct AccrualReinsert
 {
 	char	   *ref;
-	char	   *to_amount;		/* NULL: the same row */
+	Datum		to_amount;		/* numeric */
+	bool		same;			/* the same row: no to_amount */
 } AccrualReinsert;
 
 typedef struct AccrualBatch

@@ -364,16 +364,11 @@ AccrualRestoreReinserted(AccrualBatch *b)
 	foreach(lc, b->reinserted)
 	{
 		AccrualReinsert *x = lfirst(lc);
-		AccrualStepArgs a = {b, x->ref};
-		ErrorData  *e;
+		AccrualStepArgs a = {b, x->ref, x->to_amount, x->same};
+		ErrorData  *e = AccrualSubtransaction(AccrualRestoreStep, &a);
 		Datum		args[6];
 		char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
 
-		a.amount_null = x->to_amount == NULL;
-		if (x->to_amount != NULL)
-			a.amount = DirectFunctionCall3(numeric_in, CStringGetDatum(x->to_amount),
-										   ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1));
-		e = AccrualSubtransaction(AccrualRestoreStep, &a);
 		if (e == NULL)
 			continue;
 		LedgerPrepare(&plan_quarantine_restore,
