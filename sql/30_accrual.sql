@@ -251,7 +251,8 @@ COMMENT ON FUNCTION loyalty._refund_to(text, text, numeric, text) IS 'Internal: 
 -- before the DELETE, or the reload carries a correction); once the refund
 -- is undone, the purchase is refunded down to it as an UPDATE lowering
 -- the amount would be (ref:amount:<to_amount>; nothing if it is not lower
--- than what is left). Returns the points given back (0: nothing to undo).
+-- than what is left). Returns the points the refund had taken or recorded
+-- as owed (0: nothing to undo).
 CREATE FUNCTION loyalty._restore_deleted(program text, ref text, to_amount numeric DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 #variable_conflict use_variable
@@ -314,7 +315,7 @@ BEGIN
     END IF;
     RETURN d.taken + coalesce(v_debt.amount, 0);
 END $$;
-COMMENT ON FUNCTION loyalty._restore_deleted(text, text, numeric) IS 'Internal: undoes the refund a DELETE of an attached table posted for a purchase whose order was inserted again (restoring exactly the lots it took), then refunds it down to to_amount if given; LY014 when the refund recorded debt or was partly given back; returns the points given back';
+COMMENT ON FUNCTION loyalty._restore_deleted(text, text, numeric) IS 'Internal: undoes the refund a DELETE of an attached table posted for a purchase whose order was inserted again (restoring exactly the lots it took and cancelling the debt it recorded), then refunds it down to to_amount if given; LY014 when that debt was recovered in part or shows as a negative balance, or a cancel gave part of the refund back; returns the points the refund had taken or recorded as owed';
 
 -- Whether an attached table's row refused as another purchase under a
 -- posted ref (23505) is that purchase's order coming back after a DELETE
