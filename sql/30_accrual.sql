@@ -231,6 +231,16 @@ RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_refund_to'
 LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp;
 COMMENT ON FUNCTION loyalty._refund_to(text, text, numeric, text) IS 'Internal: refunds a purchase down to what it now amounts to (what is left unrefunded beyond new_amount, nothing if none), as an UPDATE lowering an attached table''s amount does; replay_quarantine retries such refunds with it';
 
+-- Whether refund_ref names a refund the DELETE of an attached table posted
+-- for purchase ref: ref:deleted, then ref:deleted:2, ... after each undoing
+-- (loyalty._accrual_trigger). Inlined into the queries that use it.
+CREATE FUNCTION loyalty._deletion_refund(refund_ref text, ref text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT $1 OPERATOR(pg_catalog.=) ($2 OPERATOR(pg_catalog.||) ':deleted')
+        OR pg_catalog.starts_with($1, $2 OPERATOR(pg_catalog.||) ':deleted:')
+$$;
+COMMENT ON FUNCTION loyalty._deletion_refund(text, text) IS 'Internal: whether a refund_ref is one the DELETE of an attached table posted for the purchase ref (ref:deleted, ref:deleted:2, ...)';
+
 -- An order deleted from an attached table and inserted again (a sync job
 -- that reloads a day's orders, a restore from a backup): the DELETE
 -- refunded the purchase (refund_ref ref:deleted, then ref:deleted:2, ...),
@@ -273,11 +283,10 @@ BEGIN
     UPDATE loyalty.accrual_quarantine q SET withdrawn_at = clock_timestamp()
     WHERE q.program_id = v_program AND q.kind = 'refund' AND q.ref = ref
       AND q.replayed_at IS NULL AND q.withdrawn_at IS NULL
-      AND (q.row_data ->> 'refund_ref' = ref || ':deleted'
-           OR starts_with(q.row_data ->> 'refund_ref', ref || ':deleted:'));
+      AND loyalty._deletion_refund(q.row_data ->> 'refund_ref', ref);
     SELECT * INTO d FROM loyalty.accrual_refund r
     WHERE r.program_id = v_program AND r.purchase_ref = ref AND r.restored_at IS NULL
-      AND (r.refund_ref = ref || ':deleted' OR starts_with(r.refund_ref, ref || ':deleted:'))
+      AND loyalty._deletion_refund(r.refund_ref, ref)
     ORDER BY r.occurred_at DESC, r.refund_ref DESC LIMIT 1;
     IF NOT FOUND THEN
         RETURN 0;
@@ -334,7 +343,7 @@ RETURNS boolean LANGUAGE sql STABLE SET search_path = loyalty, pg_catalog, pg_te
           AND x.category IS NOT DISTINCT FROM $6 AND x.channel IS NOT DISTINCT FROM $7
           AND x.store IS NOT DISTINCT FROM $8 AND x.attrs = '{}'
           AND r.restored_at IS NULL
-          AND (r.refund_ref = x.ref || ':deleted' OR starts_with(r.refund_ref, x.ref || ':deleted:')))
+          AND loyalty._deletion_refund(r.refund_ref, x.ref))
 $$;
 COMMENT ON FUNCTION loyalty._reinserted_changed(bigint, text, bigint, timestamptz, boolean, text, text, text) IS 'Internal: whether a row refused as another purchase under a posted ref is that purchase''s deleted order back with another amount (loyalty._restore_deleted then undoes the DELETE''s refund down to it)';
 

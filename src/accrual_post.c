@@ -234,8 +234,7 @@ AccrualRepeat(AccrualRow *r, int64 first_points, bool same, bool posted)
 {
 	r->existing = true;
 	r->existing_points = first_points;
-	r->reinserted = same && posted;
-	r->changed_repeat = !same && posted;
+	r->repeats_posted = posted;
 	if (!same)
 		r->problem = psprintf("ref \"%s\" was already used for a different purchase", r->ref),
 			r->sqlstate = "23505";
@@ -1408,7 +1407,7 @@ AccrualNoteReinsert(AccrualBatch *b, AccrualRow *r, bool to_amount)
 void
 AccrualNoteReinserted(AccrualBatch *b, AccrualRow *r)
 {
-	if (r->reinserted && r->problem == NULL && b->stmt_cxt != NULL)
+	if (r->repeats_posted && r->problem == NULL && b->stmt_cxt != NULL)
 		AccrualNoteReinsert(b, r, false);
 }
 
@@ -1438,7 +1437,7 @@ AccrualChangedReinserts(AccrualBatch *b)
 	{
 		AccrualRow *r = &b->rows[i];
 
-		if (!r->changed_repeat || r->problem == NULL || r->amount_null)
+		if (!r->repeats_posted || r->problem == NULL || r->amount_null)
 			continue;
 		if (n == 0)
 			for (int c = 0; c < 8; c++)

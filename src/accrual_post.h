@@ -33,8 +33,7 @@ typedef struct AccrualRow
 	Datum		whole;			/* the application's row as jsonb, for the quarantine */
 	bool		whole_null;
 	bool		existing;		/* the same purchase was posted before */
-	bool		reinserted;		/* and is its repeat: a DELETE's refund may need undoing */
-	bool		changed_repeat; /* it repeats a posted purchase's ref with other content */
+	bool		repeats_posted; /* its ref is a posted purchase's (the same content, or 23505) */
 	int64		existing_points;
 	const char *problem;		/* why it cannot earn; NULL: it can */
 	const char *sqlstate;

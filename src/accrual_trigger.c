@@ -242,33 +242,40 @@ AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, int6
 										true, 3, argtypes), args, nulls);
 }
 
-/* Quarantine one refund that failed. */
+/*
+ * Quarantine one refund, or the undoing of a DELETE's refund, that failed:
+ * kind refund (by amount), refund_to (down to a new amount) or restore
+ * (row_data {"restore_of", "to_amount"}), for replay_quarantine to retry.
+ */
 static void
-AccrualQuarantineRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_null,
-						const char *refund_ref, bool to_amount, const char *reason, int sqlerrcode)
+AccrualQuarantineStep(AccrualBatch *b, const char *kind, const char *ref, Datum amount, bool amount_null,
+					  const char *refund_ref, const ErrorData *e)
 {
-	static const Oid argtypes[] = {INT8OID, OIDOID, TEXTOID, TEXTOID, TEXTOID, NUMERICOID, TEXTOID};
-	Datum		args[7];
-	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
-	int			rc;
+	static const Oid argtypes[] = {INT8OID, OIDOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, NUMERICOID, TEXTOID};
+	static SPIPlanPtr plan_quarantine_step;
+	Datum		args[8];
+	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
 
+	LedgerPrepare(&plan_quarantine_step,
+				  "INSERT INTO loyalty.accrual_quarantine (program_id, source, kind, ref, row_data, reason, sqlstate)"
+				  " VALUES ($1, $2, $3, $4,"
+				  "         CASE $3 WHEN 'restore' THEN jsonb_strip_nulls(jsonb_build_object('restore_of', $4, 'to_amount', $7))"
+				  "                 WHEN 'refund_to' THEN jsonb_build_object('refund_of', $4, 'to_amount', $7, 'refund_ref', $8)"
+				  "                 ELSE jsonb_build_object('refund_of', $4, 'amount', $7, 'refund_ref', $8) END,"
+				  "         $5, $6)",
+				  8, argtypes);
 	args[0] = Int64GetDatum(b->program_id);
 	args[1] = ObjectIdGetDatum(b->source);
-	args[2] = CStringGetTextDatum(ref);
-	args[3] = CStringGetTextDatum(reason);
-	args[4] = CStringGetTextDatum(unpack_sql_state(sqlerrcode));
-	args[5] = amount;
-	nulls[5] = amount_null ? 'n' : ' ';
-	args[6] = CStringGetTextDatum(refund_ref);
-	rc = SPI_execute_with_args(to_amount ?
-							   "INSERT INTO loyalty.accrual_quarantine (program_id, source, kind, ref, row_data, reason, sqlstate)"
-							   " VALUES ($1, $2, 'refund_to', $3,"
-							   "         jsonb_build_object('refund_of', $3, 'to_amount', $6, 'refund_ref', $7), $4, $5)" :
-							   "INSERT INTO loyalty.accrual_quarantine (program_id, source, kind, ref, row_data, reason, sqlstate)"
-							   " VALUES ($1, $2, 'refund', $3,"
-							   "         jsonb_build_object('refund_of', $3, 'amount', $6, 'refund_ref', $7), $4, $5)",
-							   7, (Oid *) argtypes, args, nulls, false, 0);
-	LedgerExpect(rc, SPI_OK_INSERT, "quarantining a refund");
+	args[2] = CStringGetTextDatum(kind);
+	args[3] = CStringGetTextDatum(ref);
+	args[4] = CStringGetTextDatum(e->message);
+	args[5] = CStringGetTextDatum(unpack_sql_state(e->sqlerrcode));
+	args[6] = amount;
+	nulls[6] = amount_null ? 'n' : ' ';
+	args[7] = refund_ref ? CStringGetTextDatum(refund_ref) : (Datum) 0;
+	nulls[7] = refund_ref ? ' ' : 'n';
+	LedgerExpect(SPI_execute_plan(plan_quarantine_step, args, nulls, false, 0), SPI_OK_INSERT,
+				 "quarantining a refund");
 }
 
 /* What a step run in a subtransaction is given (AccrualSubtransaction). */
@@ -330,7 +337,7 @@ AccrualTryRefund(AccrualBatch *b, const char *ref, Datum amount, bool amount_nul
 	ErrorData  *e = AccrualSubtransaction(AccrualRefundStep, &a);
 
 	if (e != NULL)
-		AccrualQuarantineRefund(b, ref, amount, amount_null, refund_ref, to_amount, e->message, e->sqlerrcode);
+		AccrualQuarantineStep(b, to_amount ? "refund_to" : "refund", ref, amount, amount_null, refund_ref, e);
 }
 
 /* loyalty._restore_deleted(program, ref, to_amount) */
@@ -357,8 +364,6 @@ AccrualRestoreStep(const AccrualStepArgs *a)
 static void
 AccrualRestoreReinserted(AccrualBatch *b)
 {
-	static const Oid argtypes[] = {INT8OID, OIDOID, TEXTOID, TEXTOID, TEXTOID, NUMERICOID};
-	static SPIPlanPtr plan_quarantine_restore;
 	ListCell   *lc;
 
 	foreach(lc, b->reinserted)
@@ -366,25 +371,9 @@ AccrualRestoreReinserted(AccrualBatch *b)
 		AccrualReinsert *x = lfirst(lc);
 		AccrualStepArgs a = {b, x->ref, x->to_amount, x->same};
 		ErrorData  *e = AccrualSubtransaction(AccrualRestoreStep, &a);
-		Datum		args[6];
-		char		nulls[6] = {' ', ' ', ' ', ' ', ' ', ' '};
 
-		if (e == NULL)
-			continue;
-		LedgerPrepare(&plan_quarantine_restore,
-					  "INSERT INTO loyalty.accrual_quarantine (program_id, source, kind, ref, row_data, reason, sqlstate)"
-					  " VALUES ($1, $2, 'restore', $3,"
-					  "         jsonb_strip_nulls(jsonb_build_object('restore_of', $3, 'to_amount', $6)), $4, $5)",
-					  6, argtypes);
-		args[0] = Int64GetDatum(b->program_id);
-		args[1] = ObjectIdGetDatum(b->source);
-		args[2] = CStringGetTextDatum(x->ref);
-		args[3] = CStringGetTextDatum(e->message);
-		args[4] = CStringGetTextDatum(unpack_sql_state(e->sqlerrcode));
-		args[5] = a.amount;
-		nulls[5] = a.amount_null ? 'n' : ' ';
-		LedgerExpect(SPI_execute_plan(plan_quarantine_restore, args, nulls, false, 0), SPI_OK_INSERT,
-					 "quarantining the undoing of a refund");
+		if (e != NULL)
+			AccrualQuarantineStep(b, "restore", x->ref, a.amount, a.amount_null, NULL, e);
 	}
 }
 
