@@ -31,8 +31,9 @@ RESET ROLE;
 SELECT is(actor, session_user::text, 'the session user is recorded as the actor') FROM loyalty.transfer;
 SELECT is_empty($$SELECT p.oid::regprocedure FROM pg_proc p
                   WHERE p.pronamespace = 'loyalty'::regnamespace AND p.prosecdef
-                    AND NOT EXISTS (SELECT FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%, pg\_temp')$$,
-                'every SECURITY DEFINER function pins its search_path with pg_temp last');
+                    AND NOT EXISTS (SELECT FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%, pg\_temp')
+                    AND p.oid <> 'loyalty._accrual_trigger()'::regprocedure$$,
+                'every SECURITY DEFINER function but the accrual trigger (which pushes its own) pins its search_path with pg_temp last');
 
 -- Without pg_temp last, a caller's temporary objects (here a domain named
 -- text whose check runs the caller's code) would shadow the ones the
@@ -47,6 +48,43 @@ SELECT loyalty.enroll('shop', 'c2', email => 'x@example.com', occurred_at => '20
 SELECT is(loyalty.balance('shop', 'c1', '2026-02-01'), '100'::loyalty.points, 'balance still works');
 SELECT is_empty($$SELECT * FROM pg_temp.calls$$, 'the caller''s temporary objects never run inside the API');
 RESET ROLE;
+
+-- The accrual trigger pins its search path in C (loyalty, pg_catalog, no
+-- temporary schema), not with SET: neither the caller's search_path nor
+-- its temporary objects resolve a name in the trigger's SQL, on the
+-- one-row path, the statement path, refunds or deletes.
+SELECT loyalty.set_earning_rules('shop', '{"base": {"per": 1, "points": 1}}', '2026-01-01', 'v1') > 0 AS rules;
+CREATE TABLE public.security_sales (ref text PRIMARY KEY, member text, amount numeric, at timestamptz);
+GRANT ALL ON public.security_sales TO loyalty_test_app;
+SELECT loyalty.attach_accrual('public.security_sales', 'shop', 'member', 'amount', 'ref', 'at');
+CREATE SCHEMA evil;
+GRANT USAGE, CREATE ON SCHEMA evil TO loyalty_test_app;
+SET ROLE loyalty_test_app;
+CREATE FUNCTION evil.spy_text(pg_catalog.text, pg_catalog.text) RETURNS boolean LANGUAGE sql AS
+    $$ INSERT INTO pg_temp.calls VALUES (current_user);
+       SELECT $1 OPERATOR(pg_catalog.=) $2 $$;
+CREATE FUNCTION evil.spy_int8(bigint, bigint) RETURNS boolean LANGUAGE sql AS
+    $$ INSERT INTO pg_temp.calls VALUES (current_user);
+       SELECT $1 OPERATOR(pg_catalog.=) $2 $$;
+CREATE OPERATOR evil.= (LEFTARG = pg_catalog.text, RIGHTARG = pg_catalog.text, FUNCTION = evil.spy_text);
+CREATE OPERATOR evil.= (LEFTARG = bigint, RIGHTARG = bigint, FUNCTION = evil.spy_int8);
+SET search_path = evil, pg_catalog, pg_temp;
+INSERT INTO public.security_sales VALUES ('s1', 'c1', 10, '2026-03-01'), ('s2', 'c1', 20, '2026-03-01');
+INSERT INTO public.security_sales VALUES ('s3', 'c1', 30, '2026-03-01');
+INSERT INTO public.security_sales VALUES ('s4', 'nobody', 40, '2026-03-01');
+UPDATE public.security_sales SET amount = 5 WHERE ref OPERATOR(pg_catalog.=) 's1';
+DELETE FROM public.security_sales WHERE ref OPERATOR(pg_catalog.=) 's2';
+SET search_path = public, loyalty;
+SELECT is(loyalty.balance('shop', 'c1', now()), '135'::loyalty.points,
+          'the application''s role earns and refunds through the attached table');
+-- (the application's own statements may call them: only a call as the
+-- trigger's owner would be a call from inside)
+SELECT is_empty($$SELECT * FROM pg_temp.calls WHERE who <> 'loyalty_test_app'$$,
+                'the caller''s search_path and temporary objects never run inside the accrual trigger');
+RESET ROLE;
+SELECT is(count(*), 1::bigint, 'the unknown member is quarantined') FROM loyalty.accrual_quarantine;
+DROP SCHEMA evil CASCADE;
+DROP TABLE public.security_sales;
 
 SELECT is_empty($$SELECT p.oid::regprocedure FROM pg_proc p
                   WHERE p.pronamespace = 'loyalty'::regnamespace
