@@ -39,10 +39,12 @@
 #include "storage/lmgr.h"
 #include "utils/fmgroids.h"
 #include "utils/hsearch.h"
+#include "utils/inval.h"
 #include "utils/memutils.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
+#include "utils/syscache.h"
 
 #include "ledger_write.h"
 
@@ -99,11 +101,64 @@ LedgerOpenTable(const char *table, LOCKMODE mode)
 	return rel;
 }
 
+/*
+ * The Oids of the indexes and sequences of loyalty tables a backend has
+ * looked up by name (two catalog look-ups each, a dozen per sale). Every
+ * change to pg_class this backend takes in empties the list, and a name is
+ * only looked up once its table is locked: a relation dropped or renamed
+ * before that lock is seen (the lock takes in the invalidations), and none
+ * can be after it while the table is locked.
+ */
+#define LEDGER_NAMES 64
+
+typedef struct LedgerNameOid
+{
+	char		name[NAMEDATALEN];
+	Oid			nsp;
+	Oid			relid;
+} LedgerNameOid;
+
+static LedgerNameOid ledger_names[LEDGER_NAMES];
+static int	ledger_nnames = 0;
+
+static void
+LedgerNamesReset(Datum arg, int cacheid, uint32 hashvalue)
+{
+	ledger_nnames = 0;
+}
+
+/* The Oid of a relation in a table's schema by name (InvalidOid: none). */
+static Oid
+LedgerRelid(Relation table, const char *name)
+{
+	static bool registered = false;
+	Oid			nsp = RelationGetNamespace(table);
+	Oid			relid;
+
+	if (!registered)
+	{
+		CacheRegisterSyscacheCallback(RELOID, LedgerNamesReset, (Datum) 0);
+		registered = true;
+	}
+	for (int i = 0; i < ledger_nnames; i++)
+		if (ledger_names[i].nsp == nsp && strcmp(ledger_names[i].name, name) == 0)
+			return ledger_names[i].relid;
+	relid = get_relname_relid(name, nsp);
+	if (OidIsValid(relid) && ledger_nnames < LEDGER_NAMES && strlen(name) < NAMEDATALEN)
+	{
+		strlcpy(ledger_names[ledger_nnames].name, name, NAMEDATALEN);
+		ledger_names[ledger_nnames].nsp = nsp;
+		ledger_names[ledger_nnames].relid = relid;
+		ledger_nnames++;
+	}
+	return relid;
+}
+
 /* The Oid of an index of a loyalty table, by name; an error if there is none. */
 Oid
 LedgerIndexOid(Relation rel, const char *index)
 {
-	Oid			idx = get_relname_relid(index, RelationGetNamespace(rel));
+	Oid			idx = LedgerRelid(rel, index);
 
 	if (!OidIsValid(idx))
 		elog(ERROR, "index loyalty.%s does not exist", index);
@@ -413,7 +468,11 @@ LedgerWriterOpen(const char *table, const char *const *columns, int ncols, const
 		w->buffered = palloc0(sizeof(TupleTableSlot *) * LEDGER_BUFFERED_ROWS);
 	w->cid = GetCurrentCommandId(true);
 	if (sequence != NULL)
-		w->seq = RangeVarGetRelid(makeRangeVar("loyalty", (char *) sequence, -1), NoLock, false);
+	{
+		w->seq = LedgerRelid(w->rel, sequence);
+		if (!OidIsValid(w->seq))
+			elog(ERROR, "sequence loyalty.%s does not exist", sequence);
+	}
 	return w;
 }
 
