@@ -381,12 +381,11 @@ AccrualRestoreReinserted(AccrualBatch *b)
 
 /*
  * UPDATE and DELETE of rows that wait in the quarantine (purchases that
- * could not earn, by source and ref): a replay must post the order as it is
- * when replayed, not as it was when it was refused. An UPDATE replaces the
- * waiting row's row_data (and member) with the new row; a DELETE withdraws
- * it, so that a replay does not earn for an order the application deleted.
- * Rows are matched by ref, as the refunds above are; one probe of a small
- * partial index when nothing waits.
+ * could not earn, by source): a replay must post the order as it is when
+ * replayed, not as it was when it was refused. An UPDATE replaces the
+ * waiting row's row_data (and ref and member) with the new row; a DELETE
+ * withdraws it, so that a replay does not earn for an order the application
+ * deleted. One probe of a small partial index when nothing waits.
  */
 #define ACCRUAL_WAITING_KIND(kinds) \
 	"q.program_id = $1 AND q.source = $2 AND q.kind IN (" kinds ")" \
@@ -414,16 +413,31 @@ AccrualChangeQuarantined(AccrualBatch *b, const AccrualSource *s, bool update)
 				 SPI_OK_SELECT, "reading the quarantine");
 	if (SPI_processed == 0)
 		return;
+	/*
+	 * A waiting row is the application's row as it was quarantined (or last
+	 * updated): it is matched by that whole row, so that a row whose ref was
+	 * NULL, or is the very thing the UPDATE corrects, is followed too; and
+	 * by ref, as before, for a row changed while the table was detached. An
+	 * UPDATE's transition tables hold each row's old and new versions at the
+	 * same position (the executor adds both to them for each row it
+	 * updates), which pairs them without a key; the quarantined row takes
+	 * the new version's ref and member.
+	 */
 	if (update)
-		sql = psprintf("UPDATE loyalty.accrual_quarantine q SET row_data = n.whole, member_ref = n.member"
-					   "  FROM (SELECT DISTINCT ON (ref) * FROM"
-					   "          (SELECT %s AS ref, %s AS member, to_jsonb(t) AS whole FROM loyalty_new t) x) n"
-					   " WHERE q.ref = n.ref AND " ACCRUAL_WAITING,
-					   AccrualCol(s->ref, "text"), AccrualCol(s->member, "text"));
+		sql = psprintf("UPDATE loyalty.accrual_quarantine q"
+					   "   SET row_data = c.whole, member_ref = c.member, ref = c.ref"
+					   "  FROM (SELECT o.ref AS old_ref, o.whole AS old_whole, n.ref, n.member, n.whole"
+					   "          FROM (SELECT row_number() OVER () AS i, %s AS ref, to_jsonb(t) AS whole"
+					   "                  FROM loyalty_old t) o"
+					   "          JOIN (SELECT row_number() OVER () AS i, %s AS ref, %s AS member, to_jsonb(t) AS whole"
+					   "                  FROM loyalty_new t) n ON n.i = o.i) c"
+					   " WHERE (q.row_data = c.old_whole OR q.ref = c.old_ref) AND " ACCRUAL_WAITING,
+					   AccrualCol(s->ref, "text"), AccrualCol(s->ref, "text"), AccrualCol(s->member, "text"));
 	else
 		sql = psprintf("UPDATE loyalty.accrual_quarantine q SET withdrawn_at = clock_timestamp()"
-					   "  FROM (SELECT DISTINCT %s AS ref FROM loyalty_old t) o"
-					   " WHERE q.ref = o.ref AND " ACCRUAL_WAITING_DELETE,
+					   "  FROM (SELECT %s AS ref, to_jsonb(t) AS whole FROM loyalty_old t) o"
+					   " WHERE (q.ref = o.ref OR q.kind = 'purchase' AND q.row_data = o.whole)"
+					   "   AND " ACCRUAL_WAITING_DELETE,
 					   AccrualCol(s->ref, "text"));
 	LedgerExpect(SPI_execute_with_args(sql, 2, (Oid *) argtypes, args, NULL, false, 0), SPI_OK_UPDATE,
 				 "updating the quarantine");

@@ -455,6 +455,32 @@ SELECT * FROM loyalty.replay_quarantine('shop', (SELECT source FROM loyalty.accr
 SELECT ref, sqlstate, reason ~ '^the table this row came from \(oid \d+\) was dropped$' AS dropped
 FROM loyalty.accrual_quarantine WHERE ref = 'dd2';
 
+-- A waiting row follows the application's UPDATE even when the UPDATE
+-- changes its ref: a NULL or wrong ref corrected in the application is a
+-- fix a replay sees. The row is matched by the whole row it was
+-- quarantined as; two rows corrected by one statement each get their own
+-- new version (the transition tables pair them by position, a wrong
+-- pairing would swap c1 and c2). A DELETE withdraws a row whose ref is NULL.
+CREATE TABLE public.loose_orders (id text, customer text, total numeric, placed_at timestamptz, note text);
+SELECT loyalty.attach_accrual('public.loose_orders', 'shop', 'customer', 'total', 'id', 'placed_at');
+INSERT INTO public.loose_orders VALUES
+    (NULL, 'c1', 10.00, '2025-05-01', 'no ref 1'),
+    (NULL, 'c2', 20.00, '2025-05-01', 'no ref 2'),
+    (NULL, 'c1', 30.00, '2025-05-01', 'no ref 3'),
+    ('lo4', 'c1', -4.00, '2025-05-01', 'negative');
+SELECT ref, member_ref, sqlstate, row_data ->> 'note' AS note
+FROM loyalty.accrual_quarantine WHERE source = 'public.loose_orders'::regclass ORDER BY id;
+UPDATE public.loose_orders SET id = 'lo' || right(note, 1) WHERE note IN ('no ref 1', 'no ref 2');
+UPDATE public.loose_orders SET id = 'lo4b', total = 4.00 WHERE id = 'lo4';
+DELETE FROM public.loose_orders WHERE note = 'no ref 3';
+SELECT ref, member_ref, withdrawn_at IS NOT NULL AS withdrawn, row_data ->> 'id' AS id,
+       row_data ->> 'customer' AS customer, row_data ->> 'total' AS total
+FROM loyalty.accrual_quarantine WHERE source = 'public.loose_orders'::regclass ORDER BY id;
+SELECT * FROM loyalty.replay_quarantine('shop', 'public.loose_orders');
+SELECT a.ref, m.member_ref, a.amount, a.points
+FROM loyalty.accrual a JOIN loyalty.member m ON m.id = a.member_id
+WHERE a.ref LIKE 'lo%' ORDER BY a.ref;
+
 -- Detach: the triggers go, what was posted stays.
 SELECT loyalty.detach_accrual('public.orders');
 SELECT count(*) AS triggers FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass;
