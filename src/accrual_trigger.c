@@ -10,18 +10,23 @@
  */
 #include "postgres.h"
 
+#include "access/table.h"
+#include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
+#include "executor/executor.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "lib/stringinfo.h"
+#include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/queryenvironment.h"
 #include "utils/rel.h"
 #include "utils/resowner.h"
 #include "utils/snapmgr.h"
@@ -31,6 +36,7 @@
 #include "accrual.h"
 #include "accrual_post.h"
 #include "ledger.h"
+#include "ledger_write.h"
 
 PG_FUNCTION_INFO_V1(accrual_trigger);
 
@@ -204,9 +210,9 @@ AccrualSourcePlan(const char *sql, Relation rel, bool custom, int nargs, const O
 	return plan_read[free_slot];
 }
 
-/* INSERT: post the new rows. */
+/* INSERT: post the new rows (of table, the transition table's name). */
 static void
-AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, int64 nrows)
+AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, const char *table, int64 nrows)
 {
 	static const Oid argtypes[] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID};
 	char	   *source;
@@ -214,7 +220,7 @@ AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, int6
 	char		nulls[3] = {' ', ' ', ' '};
 
 	b->statement_rows = nrows;
-	if (nrows == 1)
+	if (nrows == 1 && strcmp(table, "loyalty_new") == 0)
 	{
 		const char *const cols[7] = {s->ref, s->member, s->amount, s->occurred_at, s->category,
 		s->channel, s->store};
@@ -223,7 +229,7 @@ AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, int6
 		if (AccrualFastInsert(b, trig, cols))
 			return;
 	}
-	source = AccrualSourceSql(s, "loyalty_new");
+	source = AccrualSourceSql(s, table);
 	args[0] = Int64GetDatum(b->program_id);
 	args[1] = TimestampTzGetDatum(b->earliest);
 	args[2] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
@@ -451,7 +457,7 @@ AccrualChangeQuarantined(AccrualBatch *b, const AccrualSource *s, bool update)
  * raise, which earns nothing, that would refund twice).
  */
 static void
-AccrualOnChange(AccrualBatch *b, const AccrualSource *s, bool update)
+AccrualRefundChanged(AccrualBatch *b, const AccrualSource *s, bool update, const char *old_table)
 {
 	static const Oid argtypes[] = {INT8OID};
 	Datum		arg = Int64GetDatum(b->program_id);
@@ -461,21 +467,21 @@ AccrualOnChange(AccrualBatch *b, const AccrualSource *s, bool update)
 
 	if (update)
 		sql = psprintf("SELECT o.ref, n.amount, o.ref || ':amount:' || n.amount, x.account_id"
-					   "  FROM (SELECT %s AS ref, %s AS amount FROM loyalty_old t) o"
+					   "  FROM (SELECT %s AS ref, %s AS amount FROM %s t) o"
 					   "  JOIN (SELECT %s AS ref, %s AS amount FROM loyalty_new t) n ON n.ref = o.ref"
 					   "  JOIN loyalty.accrual x ON x.program_id = $1 AND x.ref = o.ref"
 					   " WHERE n.amount < o.amount ORDER BY o.ref",
-					   AccrualCol(s->ref, "text"), AccrualCol(s->amount, "numeric"),
+					   AccrualCol(s->ref, "text"), AccrualCol(s->amount, "numeric"), old_table,
 					   AccrualCol(s->ref, "text"), AccrualCol(s->amount, "numeric"));
 	else
 		sql = psprintf("SELECT o.ref, NULL::numeric, o.ref || ':deleted' || coalesce(':' || nullif("
 					   "         (SELECT count(*) + 1 FROM loyalty.accrual_refund r WHERE r.program_id = $1"
 					   "             AND r.purchase_ref = o.ref AND r.restored_at IS NOT NULL), 1), ''),"
 					   "       x.account_id"
-					   "  FROM (SELECT %s AS ref FROM loyalty_old t) o"
+					   "  FROM (SELECT %s AS ref FROM %s t) o"
 					   "  JOIN loyalty.accrual x ON x.program_id = $1 AND x.ref = o.ref"
 					   " ORDER BY o.ref",
-					   AccrualCol(s->ref, "text"));
+					   AccrualCol(s->ref, "text"), old_table);
 	LedgerExpect(SPI_execute_with_args(sql, 1, (Oid *) argtypes, &arg, NULL, false, 0), SPI_OK_SELECT,
 				  "reading changed purchases");
 	tab = SPI_tuptable;
@@ -509,7 +515,152 @@ AccrualOnChange(AccrualBatch *b, const AccrualSource *s, bool update)
 		AccrualTryRefund(b, SPI_getvalue(tab->vals[i], tab->tupdesc, 1), amount, amount_null,
 						 SPI_getvalue(tab->vals[i], tab->tupdesc, 3), update);
 	}
+}
+
+/*
+ * A column's value as text, as the trigger's cast to text reads it (the
+ * type's output; character(n) without its padding), or NULL.
+ */
+static char *
+AccrualSlotText(TupleTableSlot *slot, AttrNumber attno, Oid typoutput, bool bpchar)
+{
+	bool		isnull;
+	Datum		d = slot_getattr(slot, attno, &isnull);
+	char	   *v;
+	size_t		len;
+
+	if (isnull)
+		return NULL;
+	v = OidOutputFunctionCall(typoutput, d);
+	len = strlen(v);
+	while (bpchar && len > 0 && v[len - 1] == ' ')
+		v[--len] = '\0';
+	return v;
+}
+
+static void
+AccrualRegister(const char *name, Relation rel, Tuplestorestate *store)
+{
+	EphemeralNamedRelation enr = palloc0(sizeof(EphemeralNamedRelationData));
+
+	enr->md.name = (char *) name;
+	enr->md.reliddesc = RelationGetRelid(rel);
+	enr->md.tupdesc = NULL;
+	enr->md.enrtype = ENR_NAMED_TUPLESTORE;
+	enr->md.enrtuples = tuplestore_tuple_count(store);
+	enr->reldata = store;
+	if (SPI_register_relation(enr) != SPI_OK_REL_REGISTER)
+		elog(ERROR, "could not register the transition table %s", name);
+}
+
+/*
+ * UPDATE changing the ref of orders that earned: the order under the old
+ * ref is gone from the table and one under the new ref is there, so the
+ * old purchase is refunded as a DELETE refunds it (ref:deleted, which its
+ * return undoes) and the new row posts as an INSERT posts it (earning,
+ * quarantined, or bringing back a deleted order). Without this, the points
+ * stayed with a ref no row had any more, and deleting or lowering the
+ * row later refunded nothing. A row whose old version never earned is
+ * left to the quarantine (AccrualChangeQuarantined): an UPDATE that is
+ * not a change of ref never earns.
+ *
+ * The old and new versions of a row are at the same position in the two
+ * transition tables (the executor adds both for each row it updates);
+ * refs are compared as the trigger reads them, as text.
+ */
+static void
+AccrualOnMoved(const AccrualSource *s, TriggerData *trig)
+{
+	Relation	rel = trig->tg_relation;
+	TupleDesc	desc = RelationGetDescr(rel);
+	Tuplestorestate *olds = trig->tg_oldtable;
+	Tuplestorestate *news = trig->tg_newtable;
+	Tuplestorestate *moved_old;
+	Tuplestorestate *moved_new;
+	TupleTableSlot *os;
+	TupleTableSlot *ns;
+	TupleTableSlot *xs;
+	Relation	accrual;
+	Snapshot	snap;
+	AttrNumber	attno = InvalidAttrNumber;
+	Oid			typoutput;
+	bool		varlena;
+	bool		bpchar;
+	int64		nmoved = 0;
+	AccrualBatch b;
+
+	if (olds == NULL || news == NULL || tuplestore_tuple_count(olds) != tuplestore_tuple_count(news))
+		return;
+	for (int i = 0; i < desc->natts; i++)
+		if (!TupleDescAttr(desc, i)->attisdropped && strcmp(NameStr(TupleDescAttr(desc, i)->attname), s->ref) == 0)
+			attno = i + 1;
+	if (attno == InvalidAttrNumber)
+		return;
+	getTypeOutputInfo(TupleDescAttr(desc, attno - 1)->atttypid, &typoutput, &varlena);
+	bpchar = getBaseType(TupleDescAttr(desc, attno - 1)->atttypid) == BPCHAROID;
+
+	moved_old = tuplestore_begin_heap(false, false, work_mem);
+	moved_new = tuplestore_begin_heap(false, false, work_mem);
+	os = MakeSingleTupleTableSlot(desc, &TTSOpsMinimalTuple);
+	ns = MakeSingleTupleTableSlot(desc, &TTSOpsMinimalTuple);
+	accrual = LedgerOpenTable("accrual", AccessShareLock);
+	xs = table_slot_create(accrual, NULL);
+	snap = RegisterSnapshot(GetLatestSnapshot());
+	/* read pointers of our own, as scans of the transition tables take */
+	tuplestore_select_read_pointer(olds, tuplestore_alloc_read_pointer(olds, EXEC_FLAG_REWIND));
+	tuplestore_rescan(olds);
+	tuplestore_select_read_pointer(news, tuplestore_alloc_read_pointer(news, EXEC_FLAG_REWIND));
+	tuplestore_rescan(news);
+	while (tuplestore_gettupleslot(olds, true, false, os) && tuplestore_gettupleslot(news, true, false, ns))
+	{
+		char	   *old_ref = AccrualSlotText(os, attno, typoutput, bpchar);
+		char	   *new_ref = AccrualSlotText(ns, attno, typoutput, bpchar);
+		Datum		keys[2];
+
+		if (old_ref == NULL || (new_ref != NULL && strcmp(old_ref, new_ref) == 0))
+			continue;
+		keys[0] = Int64GetDatum(s->program_id);
+		keys[1] = CStringGetTextDatum(old_ref);
+		if (!LedgerIndexFetch(accrual, "accrual_pkey", 2, keys, snap, xs))
+			continue;
+		tuplestore_puttupleslot(moved_old, os);
+		tuplestore_puttupleslot(moved_new, ns);
+		nmoved++;
+	}
+	UnregisterSnapshot(snap);
+	ExecDropSingleTupleTableSlot(os);
+	ExecDropSingleTupleTableSlot(ns);
+	ExecDropSingleTupleTableSlot(xs);
+	table_close(accrual, NoLock);
+	if (nmoved == 0)
+		return;
+
+	AccrualRegister("loyalty_moved_old", rel, moved_old);
+	AccrualRegister("loyalty_moved_new", rel, moved_new);
+	memset(&b, 0, sizeof(b));
+	b.source = RelationGetRelid(rel);
+	AccrualLoadProgram(&b, s->program_id, NULL);
+	AccrualRefundChanged(&b, s, false, "loyalty_moved_old");
+
+	memset(&b, 0, sizeof(b));
+	b.source = RelationGetRelid(rel);
+	AccrualLoadProgram(&b, s->program_id, NULL);
+	b.stmt_cxt = CurrentMemoryContext;
+	b.defer_recovery = true;
+	AccrualOnInsert(&b, s, trig, "loyalty_moved_new", nmoved);
+	if (b.reinserted != NIL)
+		AccrualRestoreReinserted(&b);
+	AccrualRecoverDebts(&b);
+}
+
+/* UPDATE and DELETE: refunds, the quarantine, and refs changed. */
+static void
+AccrualOnChange(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, bool update)
+{
+	AccrualRefundChanged(b, s, update, "loyalty_old");
 	AccrualChangeQuarantined(b, s, update);
+	if (update && s->ref != NULL)
+		AccrualOnMoved(s, trig);
 }
 
 /*
@@ -586,13 +737,13 @@ accrual_trigger(PG_FUNCTION_ARGS)
 	{
 		b.stmt_cxt = CurrentMemoryContext;
 		b.defer_recovery = true;
-		AccrualOnInsert(&b, &s, trig, tuplestore_tuple_count(trig->tg_newtable));
+		AccrualOnInsert(&b, &s, trig, "loyalty_new", tuplestore_tuple_count(trig->tg_newtable));
 		if (b.reinserted != NIL)
 			AccrualRestoreReinserted(&b);
 		AccrualRecoverDebts(&b);
 	}
 	else
-		AccrualOnChange(&b, &s, TRIGGER_FIRED_BY_UPDATE(trig->tg_event));
+		AccrualOnChange(&b, &s, trig, TRIGGER_FIRED_BY_UPDATE(trig->tg_event));
 	SPI_finish();
 	PopOverrideSearchPath();
 	return PointerGetDatum(NULL);

@@ -1,6 +1,7 @@
 -- Random table traffic against one attached table, 2,000 steps under a
--- fixed seed: sales, amounts lowered, orders deleted and brought back (the
--- same or lowered), redemptions and their cancels, vest and expire runs.
+-- fixed seed: sales, amounts lowered, refs changed, orders deleted and
+-- brought back (the same or lowered), redemptions and their cancels, vest
+-- and expire runs.
 -- Whatever the sequence, no point is lost or made: balances are their
 -- lots, a purchase's refunded figures are its refunds not undone, an order
 -- in the table counts for exactly its amount (at most what it was posted
@@ -38,8 +39,10 @@ BEGIN
                 SELECT id INTO ref FROM public.fz_orders ORDER BY random() LIMIT 1;
                 UPDATE public.fz_orders SET total = greatest(total - 1 - floor(random() * 20), 0) WHERE id = ref;
             ELSIF op < 0.40 THEN
+                -- its ref changed: the old order goes (and may come back), the new one earns
                 SELECT id INTO ref FROM public.fz_orders ORDER BY random() LIMIT 1;
-                NULL;  -- (a raise earns nothing: accrual_trigger.sql)
+                INSERT INTO public.fz_gone SELECT * FROM public.fz_orders WHERE id = ref;
+                UPDATE public.fz_orders SET id = 'n' || i WHERE id = ref;
             ELSIF op < 0.55 THEN
                 SELECT id INTO ref FROM public.fz_orders ORDER BY random() LIMIT 1;
                 INSERT INTO public.fz_gone SELECT * FROM public.fz_orders WHERE id = ref ON CONFLICT DO NOTHING;

@@ -181,6 +181,27 @@ SELECT kind, sqlstate FROM loyalty.accrual_quarantine WHERE ref = 'd1';
 SELECT refund_ref, restored_at IS NOT NULL AS restored FROM loyalty.accrual_refund
 WHERE purchase_ref = 'd1' ORDER BY refund_ref;
 
+-- An UPDATE changing the ref of an order that earned: the old ref is
+-- refunded as a DELETE refunds it, the new one earns as an INSERT would
+-- (two rows in one statement, each with its own). Deleting the row then
+-- refunds it under its new ref. Changing the ref back brings the old
+-- purchase back (its refund undone, then refunded down to a lowered
+-- amount) and refunds the other. c2 holds 100 more pending after the
+-- first UPDATE, 70 after the DELETE, 50 in the end.
+SELECT * FROM pg_temp.state('shop', 'c2');
+INSERT INTO public.orders VALUES ('r1', 'c2', 70, :'t0'::timestamptz - interval '3 days'),
+                                 ('r2', 'c2', 30, :'t0'::timestamptz - interval '3 days');
+UPDATE public.orders SET id = id || 'x' WHERE id IN ('r1', 'r2');
+SELECT * FROM pg_temp.state('shop', 'c2');
+SELECT ref, amount, points, refunded_points FROM loyalty.accrual WHERE ref LIKE 'r_%' ORDER BY ref;
+DELETE FROM public.orders WHERE id = 'r2x';
+SELECT * FROM pg_temp.state('shop', 'c2');
+UPDATE public.orders SET id = 'r1', total = 50 WHERE id = 'r1x';
+SELECT * FROM pg_temp.state('shop', 'c2');
+SELECT ref, amount, points, refunded_amount, refunded_points FROM loyalty.accrual WHERE ref LIKE 'r_%' ORDER BY ref;
+SELECT refund_ref, points, restored_at IS NOT NULL AS restored FROM loyalty.accrual_refund
+WHERE purchase_ref LIKE 'r_%' ORDER BY refund_ref;
+
 -- Through the function API a repeat is only a repeat.
 SELECT loyalty.accrue('shop', 'c2', 15, 'api-1', :'t0'::timestamptz - interval '1 day') AS earned;
 SELECT loyalty.refund('shop', 'api-1', NULL, 'api-1:deleted') AS clawed;
