@@ -216,7 +216,8 @@ CREATE FUNCTION loyalty.accrue(program text, member_ref text, amount numeric, re
                                occurred_at timestamptz DEFAULT NULL, category text DEFAULT NULL,
                                channel text DEFAULT NULL, store text DEFAULT NULL, attrs jsonb DEFAULT '{}')
 RETURNS bigint AS 'MODULE_PATHNAME', 'loyalty_accrue'
-LANGUAGE C VOLATILE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp;
+-- SECURITY DEFINER without SET search_path, as _accrual_trigger below
+LANGUAGE C VOLATILE SECURITY DEFINER;
 COMMENT ON FUNCTION loyalty.accrue(text, text, numeric, text, timestamptz, text, text, text, jsonb) IS 'Posts the points of one purchase by the rules in force at occurred_at (NULL: now, the transaction''s start, and a retry under the same ref in a later transaction is the same purchase); idempotent on ref; returns the points earned';
 
 CREATE FUNCTION loyalty.refund(program text, ref text, amount numeric DEFAULT NULL, refund_ref text DEFAULT NULL)
@@ -405,7 +406,7 @@ COMMENT ON FUNCTION loyalty.explain_accrual(text, text) IS 'How the points of a 
 
 -- SECURITY DEFINER without SET search_path: the function pushes the same
 -- path (loyalty, pg_catalog; no temporary schema) itself, at a fraction of
--- what fmgr's SET costs every sale (src/accrual_trigger.c).
+-- what fmgr's SET costs every sale (LedgerPushSearchPath, src/ledger.c).
 CREATE FUNCTION loyalty._accrual_trigger() RETURNS trigger
 AS 'MODULE_PATHNAME', 'accrual_trigger'
 LANGUAGE C SECURITY DEFINER;

@@ -18,6 +18,7 @@
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "common/hashfn.h"
 #include "common/int.h"
@@ -1726,8 +1727,8 @@ AccrualRaise(AccrualBatch *b, AccrualRow *r)
 }
 
 /* accrue(program, member_ref, amount, ref, occurred_at, category, channel, store, attrs) */
-Datum
-loyalty_accrue(PG_FUNCTION_ARGS)
+static Datum
+AccrualAccrue(FunctionCallInfo fcinfo)
 {
 	static const Oid argtypes[] = {INT8OID, TIMESTAMPTZOID, TEXTOID, TEXTOID, NUMERICOID,
 		TIMESTAMPTZOID, TEXTOID, TEXTOID, TEXTOID, JSONBOID};
@@ -1834,4 +1835,16 @@ loyalty_accrue(PG_FUNCTION_ARGS)
 	}
 	SPI_finish();
 	PG_RETURN_INT64(points);
+}
+
+/* accrue() runs under its own search path (LedgerPushSearchPath) */
+Datum
+loyalty_accrue(PG_FUNCTION_ARGS)
+{
+	Datum		d;
+
+	LedgerPushSearchPath();
+	d = AccrualAccrue(fcinfo);
+	PopOverrideSearchPath();
+	return d;
 }

@@ -14,7 +14,6 @@
 #include "access/tableam.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
-#include "catalog/pg_namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/executor.h"
@@ -682,30 +681,6 @@ accrual_ordinal(PG_FUNCTION_ARGS)
 	PG_RETURN_INT64(++ordinal);
 }
 
-/*
- * The search path the trigger runs under: loyalty, then pg_catalog, as
- * every SECURITY DEFINER function of the extension pins with SET
- * search_path, but without the caller's temporary schema at all. The
- * trigger is SECURITY DEFINER without that SET clause: fmgr applying it
- * at every call, and the application's next statement then recomputing
- * its own path, cost a one-row sale about 4 % of what accrual adds
- * (callgrind, accrual_cpu). An override is a pointer swap; it is pushed
- * before anything else runs, so no name the trigger's SQL, casts or
- * PL/pgSQL calls look up resolves in the caller's path or temporary
- * schema. It is popped on return; an error leaves it to the
- * (sub)transaction's abort, which drops overrides pushed at its level.
- */
-static void
-AccrualPushSearchPath(void)
-{
-	OverrideSearchPath path;
-
-	memset(&path, 0, sizeof(path));
-	path.schemas = list_make2_oid(get_namespace_oid("loyalty", false), PG_CATALOG_NAMESPACE);
-	PushOverrideSearchPath(&path);
-	list_free(path.schemas);
-}
-
 Datum
 accrual_trigger(PG_FUNCTION_ARGS)
 {
@@ -718,7 +693,7 @@ accrual_trigger(PG_FUNCTION_ARGS)
 		!TRIGGER_FIRED_AFTER(trig->tg_event))
 		elog(ERROR, "_accrual_trigger() must be an AFTER ... FOR EACH STATEMENT trigger");
 	relid = RelationGetRelid(trig->tg_relation);
-	AccrualPushSearchPath();
+	LedgerPushSearchPath();
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	if (SPI_register_trigger_data(trig) != SPI_OK_TD_REGISTER)

@@ -16,6 +16,8 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
 #include "executor/spi.h"
@@ -105,6 +107,31 @@ LedgerPrepare(SPIPlanPtr *slot, const char *sql, int nargs, const Oid *argtypes)
 		*slot = plan;
 	}
 	return *slot;
+}
+
+/*
+ * The search path of a C entry point that runs for every sale (the accrual
+ * trigger, accrue()): loyalty, then pg_catalog, as every other SECURITY
+ * DEFINER function of the extension pins with SET search_path, but without
+ * the caller's temporary schema at all. Those two are SECURITY DEFINER
+ * without the SET clause: fmgr applying it at every call, and the
+ * application's next statement then recomputing its own path, cost a
+ * one-row sale about 10,000 instructions, 4 % of what accrual adds
+ * (callgrind, accrual_cpu). An override is pushed before anything runs,
+ * so no name their SQL, casts or PL/pgSQL calls look up resolves in the
+ * caller's path or temporary schema. The caller pops it
+ * (PopOverrideSearchPath) on return; an error leaves it to the
+ * (sub)transaction's abort, which drops overrides pushed at its level.
+ */
+void
+LedgerPushSearchPath(void)
+{
+	OverrideSearchPath path;
+
+	memset(&path, 0, sizeof(path));
+	path.schemas = list_make2_oid(get_namespace_oid("loyalty", false), PG_CATALOG_NAMESPACE);
+	PushOverrideSearchPath(&path);
+	list_free(path.schemas);
 }
 
 void

@@ -88,6 +88,7 @@ extern void LedgerResolve(const char *program, const char *member_ref, const cha
 extern int64 LedgerPost(const LedgerPosting *posting, bool *replayed);
 extern char *LedgerTextArg(FunctionCallInfo fcinfo, int n, const char *name);
 extern void LedgerExpect(int got, int expected, const char *what);
+extern void LedgerPushSearchPath(void);
 extern const char *LedgerActor(void);
 
 #endif

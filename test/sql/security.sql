@@ -32,8 +32,9 @@ SELECT is(actor, session_user::text, 'the session user is recorded as the actor'
 SELECT is_empty($$SELECT p.oid::regprocedure FROM pg_proc p
                   WHERE p.pronamespace = 'loyalty'::regnamespace AND p.prosecdef
                     AND NOT EXISTS (SELECT FROM unnest(p.proconfig) c WHERE c LIKE 'search_path=%, pg\_temp')
-                    AND p.oid <> 'loyalty._accrual_trigger()'::regprocedure$$,
-                'every SECURITY DEFINER function but the accrual trigger (which pushes its own) pins its search_path with pg_temp last');
+                    AND p.oid NOT IN ('loyalty._accrual_trigger()'::regprocedure,
+                                      'loyalty.accrue(text, text, numeric, text, timestamptz, text, text, text, jsonb)'::regprocedure)$$,
+                'every SECURITY DEFINER function but the accrual trigger and accrue (which push their own) pins its search_path with pg_temp last');
 
 -- Without pg_temp last, a caller's temporary objects (here a domain named
 -- text whose check runs the caller's code) would shadow the ones the
@@ -49,13 +50,17 @@ SELECT is(loyalty.balance('shop', 'c1', '2026-02-01'), '100'::loyalty.points, 'b
 SELECT is_empty($$SELECT * FROM pg_temp.calls$$, 'the caller''s temporary objects never run inside the API');
 RESET ROLE;
 
--- The accrual trigger pins its search path in C (loyalty, pg_catalog, no
--- temporary schema), not with SET: neither the caller's search_path nor
--- its temporary objects resolve a name in the trigger's SQL, on the
--- one-row path, the statement path, refunds or deletes.
+-- The accrual trigger and accrue() pin their search path in C (loyalty,
+-- pg_catalog, no temporary schema), not with SET: neither the caller's
+-- search_path nor its temporary objects resolve a name in their SQL, on
+-- the one-row path, the statement path, a repeat, refunds or deletes.
 SELECT loyalty.set_earning_rules('shop', '{"base": {"per": 1, "points": 1}}', '2026-01-01', 'v1') > 0 AS rules;
 CREATE TABLE public.security_sales (ref text PRIMARY KEY, member text, amount numeric, at timestamptz);
 GRANT ALL ON public.security_sales TO loyalty_test_app;
+-- (pg_catalog.text: the caller's temporary domain text shadows it here)
+GRANT EXECUTE ON FUNCTION loyalty.accrue(pg_catalog.text, pg_catalog.text, numeric, pg_catalog.text, timestamptz,
+                                         pg_catalog.text, pg_catalog.text, pg_catalog.text, jsonb)
+    TO loyalty_test_app;
 SELECT loyalty.attach_accrual('public.security_sales', 'shop', 'member', 'amount', 'ref', 'at');
 CREATE SCHEMA evil;
 GRANT USAGE, CREATE ON SCHEMA evil TO loyalty_test_app;
@@ -74,13 +79,15 @@ INSERT INTO public.security_sales VALUES ('s3', 'c1', 30, '2026-03-01');
 INSERT INTO public.security_sales VALUES ('s4', 'nobody', 40, '2026-03-01');
 UPDATE public.security_sales SET amount = 5 WHERE ref OPERATOR(pg_catalog.=) 's1';
 DELETE FROM public.security_sales WHERE ref OPERATOR(pg_catalog.=) 's2';
+SELECT loyalty.accrue('shop', 'c1', 7, 's5', '2026-03-01') AS earned;
+SELECT loyalty.accrue('shop', 'c1', 7, 's5', '2026-03-01') AS repeat;
 SET search_path = public, loyalty;
-SELECT is(loyalty.balance('shop', 'c1', now()), '135'::loyalty.points,
-          'the application''s role earns and refunds through the attached table');
+SELECT is(loyalty.balance('shop', 'c1', now()), '142'::loyalty.points,
+          'the application''s role earns and refunds through the attached table and accrue');
 -- (the application's own statements may call them: only a call as the
 -- trigger's owner would be a call from inside)
 SELECT is_empty($$SELECT * FROM pg_temp.calls WHERE who <> 'loyalty_test_app'$$,
-                'the caller''s search_path and temporary objects never run inside the accrual trigger');
+                'the caller''s search_path and temporary objects never run inside the accrual trigger or accrue');
 RESET ROLE;
 SELECT is(count(*), 1::bigint, 'the unknown member is quarantined') FROM loyalty.accrual_quarantine;
 DROP SCHEMA evil CASCADE;
