@@ -660,6 +660,11 @@ DECLARE
     v_msg text;
     v_amount numeric;
     v_at timestamptz;
+    v_ref text;
+    v_member text;
+    v_category text;
+    v_channel text;
+    v_store text;
     v_time_zone text := current_setting('TimeZone');
 BEGIN
     FOR q IN SELECT * FROM loyalty.accrual_quarantine x
@@ -698,12 +703,23 @@ BEGIN
                                coalesce(loyalty._column_type(q.source, s.occurred_at_column), 'timestamptz'))
                     INTO v_amount, v_at USING q.row_data;
                 PERFORM set_config('TimeZone', v_time_zone, true);
-                PERFORM loyalty.accrue(program, q.row_data ->> loyalty._quarantine_key(q, s.member_column, 'member'),
-                                   v_amount, q.row_data ->> loyalty._quarantine_key(q, s.ref_column, 'ref'),
-                                   coalesce(v_at, q.quarantined_at),
-                                   q.row_data ->> loyalty._quarantine_key(q, s.category_column, 'category'),
-                                   q.row_data ->> loyalty._quarantine_key(q, s.channel_column, 'channel'),
-                                   q.row_data ->> loyalty._quarantine_key(q, s.store_column, 'store'));
+                v_ref := q.row_data ->> loyalty._quarantine_key(q, s.ref_column, 'ref');
+                v_member := q.row_data ->> loyalty._quarantine_key(q, s.member_column, 'member');
+                v_category := q.row_data ->> loyalty._quarantine_key(q, s.category_column, 'category');
+                v_channel := q.row_data ->> loyalty._quarantine_key(q, s.channel_column, 'channel');
+                v_store := q.row_data ->> loyalty._quarantine_key(q, s.store_column, 'store');
+                -- the order of a purchase its table's DELETE refunded, back
+                -- (the same member, time, category, channel and store; any
+                -- amount): undone as the trigger undoes it, where accrue
+                -- would only see a repeat, or another purchase (23505)
+                IF v_ref IS NOT NULL AND loyalty._reinserted_changed(v_program, v_ref,
+                       (SELECT m.id FROM loyalty.member m WHERE m.program_id = v_program AND m.member_ref = v_member),
+                       v_at, v_at IS NULL, v_category, v_channel, v_store) THEN
+                    PERFORM loyalty._restore_deleted(program, v_ref, v_amount);
+                ELSE
+                    PERFORM loyalty.accrue(program, v_member, v_amount, v_ref, coalesce(v_at, q.quarantined_at),
+                                           v_category, v_channel, v_store);
+                END IF;
             END IF;
             UPDATE loyalty.accrual_quarantine x SET replayed_at = clock_timestamp(), attempts = x.attempts + 1
             WHERE x.id = q.id;

@@ -180,6 +180,16 @@ INSERT INTO public.orders VALUES ('d1', 'c2', 10, :'t0'::timestamptz - interval 
 SELECT kind, sqlstate FROM loyalty.accrual_quarantine WHERE ref = 'd1';
 SELECT refund_ref, restored_at IS NOT NULL AS restored FROM loyalty.accrual_refund
 WHERE purchase_ref = 'd1' ORDER BY refund_ref;
+-- Corrected in the application to the purchase it is (member c1), the
+-- waiting row replays as the trigger would have taken it: the deletion's
+-- refund is undone, down to the row's lowered amount (10 to 8).
+UPDATE public.orders SET customer = 'c1', total = 8 WHERE id = 'd1';
+SELECT * FROM pg_temp.state('shop', 'c1');
+SELECT * FROM loyalty.replay_quarantine('shop', 'public.orders');
+SELECT kind, sqlstate, replayed_at IS NOT NULL AS replayed FROM loyalty.accrual_quarantine WHERE ref = 'd1';
+SELECT refund_ref, points, restored_at IS NOT NULL AS restored FROM loyalty.accrual_refund
+WHERE purchase_ref = 'd1' ORDER BY refund_ref;
+SELECT * FROM pg_temp.state('shop', 'c1');
 
 -- An UPDATE changing the ref of an order that earned: the old ref is
 -- refunded as a DELETE refunds it, the new one earns as an INSERT would
