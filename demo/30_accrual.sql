@@ -57,10 +57,12 @@ SELECT ref, points, rule_version FROM loyalty.accrual WHERE ref LIKE 'demo-%' OR
 SELECT program, source, sqlstate, reason, rows FROM loyalty.quarantine_summary WHERE program = 'coffee';
 
 \echo
-\echo == Fix the causes and replay: enrol dave, correct the till error
+\echo == Fix the causes and replay: enrol dave, correct the till error in the orders table
+\echo == (the waiting row follows the UPDATE, here its order number too)
 SELECT loyalty.enroll('coffee', 'dave', occurred_at => '2025-03-01') > 0 AS dave_enrolled;
-UPDATE loyalty.accrual_quarantine SET row_data = row_data || '{"total": 1.00}'
-WHERE ref = 'demo-4' AND replayed_at IS NULL;
+UPDATE public.demo_orders SET order_no = 'demo-4b', total = 1.00 WHERE order_no = 'demo-4';
+SELECT ref, sqlstate, row_data ->> 'total' AS total FROM loyalty.accrual_quarantine
+WHERE ref LIKE 'demo-%' AND replayed_at IS NULL ORDER BY id;
 SELECT * FROM loyalty.replay_quarantine('coffee');
 
 \echo
