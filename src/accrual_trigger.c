@@ -604,7 +604,8 @@ AccrualOnMoved(const AccrualSource *s, TriggerData *trig)
 	ns = MakeSingleTupleTableSlot(desc, &TTSOpsMinimalTuple);
 	accrual = LedgerOpenTable("accrual", AccessShareLock);
 	xs = table_slot_create(accrual, NULL);
-	snap = RegisterSnapshot(GetLatestSnapshot());
+	/* the snapshot the queries below read the purchases with */
+	snap = RegisterSnapshot(GetTransactionSnapshot());
 	/* read pointers of our own, as scans of the transition tables take */
 	tuplestore_select_read_pointer(olds, tuplestore_alloc_read_pointer(olds, EXEC_FLAG_REWIND));
 	tuplestore_rescan(olds);
