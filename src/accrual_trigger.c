@@ -23,6 +23,7 @@
 #include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/datum.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/queryenvironment.h"
@@ -613,11 +614,21 @@ AccrualOnMoved(const AccrualSource *s, TriggerData *trig)
 	tuplestore_rescan(news);
 	while (tuplestore_gettupleslot(olds, true, false, os) && tuplestore_gettupleslot(news, true, false, ns))
 	{
-		char	   *old_ref = AccrualSlotText(os, attno, typoutput, bpchar);
-		char	   *new_ref = AccrualSlotText(ns, attno, typoutput, bpchar);
+		Form_pg_attribute att = TupleDescAttr(desc, attno - 1);
+		bool		old_null;
+		bool		new_null;
+		Datum		old_d = slot_getattr(os, attno, &old_null);
+		Datum		new_d = slot_getattr(ns, attno, &new_null);
+		char	   *old_ref;
+		char	   *new_ref;
 		Datum		keys[2];
 
-		if (old_ref == NULL || (new_ref != NULL && strcmp(old_ref, new_ref) == 0))
+		/* most UPDATEs leave the ref alone: no text for the same bytes */
+		if (old_null || (!new_null && datumIsEqual(old_d, new_d, att->attbyval, att->attlen)))
+			continue;
+		old_ref = AccrualSlotText(os, attno, typoutput, bpchar);
+		new_ref = AccrualSlotText(ns, attno, typoutput, bpchar);
+		if (new_ref != NULL && strcmp(old_ref, new_ref) == 0)
 			continue;
 		keys[0] = Int64GetDatum(s->program_id);
 		keys[1] = CStringGetTextDatum(old_ref);
