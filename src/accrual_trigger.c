@@ -648,6 +648,29 @@ AccrualOnMoved(const AccrualSource *s, TriggerData *trig)
 
 	AccrualRegister("loyalty_moved_old", rel, moved_old);
 	AccrualRegister("loyalty_moved_new", rel, moved_new);
+
+	/*
+	 * The accounts of both steps first, in id order, as every posting locks
+	 * them: the old purchases' members and the new rows' (a member enrolled
+	 * by the posting has a new account no one else can be waiting for).
+	 * Each step then takes locks it already holds.
+	 */
+	{
+		static const Oid argtypes[] = {INT8OID};
+		Datum		arg = Int64GetDatum(s->program_id);
+		char	   *sql = psprintf("SELECT 1 FROM loyalty.account a WHERE a.id IN ("
+								   "  SELECT x.account_id FROM loyalty_moved_old t"
+								   "    JOIN loyalty.accrual x ON x.program_id = $1 AND x.ref = %s"
+								   "  UNION"
+								   "  SELECT c.id FROM loyalty_moved_new t"
+								   "    JOIN loyalty.member m ON m.program_id = $1 AND m.member_ref = %s"
+								   "    JOIN loyalty.account c ON c.member_id = m.id)"
+								   " ORDER BY a.id FOR UPDATE",
+								   AccrualCol(s->ref, "text"), AccrualCol(s->member, "text"));
+
+		LedgerExpect(SPI_execute_with_args(sql, 1, (Oid *) argtypes, &arg, NULL, false, 0),
+					 SPI_OK_SELECT, "locking accounts");
+	}
 	memset(&b, 0, sizeof(b));
 	b.source = RelationGetRelid(rel);
 	AccrualLoadProgram(&b, s->program_id, NULL);
