@@ -91,6 +91,21 @@ SELECT is_empty($$SELECT * FROM pg_temp.calls WHERE who <> 'loyalty_test_app'$$,
 RESET ROLE;
 SELECT is(count(*), 1::bigint, 'the unknown member is quarantined') FROM loyalty.accrual_quarantine;
 DROP SCHEMA evil CASCADE;
+
+-- An error inside the trigger leaves none of its search path behind: the
+-- abort of the savepoint (here a PL/pgSQL exception block) drops it, and
+-- the session's own path is back, with no warning of a leaked path.
+UPDATE loyalty.program SET time_zone = 'Mars/Base' WHERE code = 'shop';
+SET search_path = public;
+DO $$
+BEGIN
+    INSERT INTO public.security_sales VALUES ('e1', 'c1', 1, '2026-03-01');
+EXCEPTION WHEN others THEN
+    RAISE NOTICE 'the trigger failed: %', SQLERRM;
+END $$;
+SELECT is(current_schemas(false), ARRAY['public']::name[], 'the session''s search path is its own again');
+UPDATE loyalty.program SET time_zone = 'UTC' WHERE code = 'shop';
+SET search_path = public, loyalty;
 DROP TABLE public.security_sales;
 
 SELECT is_empty($$SELECT p.oid::regprocedure FROM pg_proc p
