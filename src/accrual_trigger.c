@@ -553,6 +553,31 @@ AccrualRegister(const char *name, Relation rel, Tuplestorestate *store)
 		elog(ERROR, "could not register the transition table %s", name);
 }
 
+/* A batch of the attached table's program. */
+static void
+AccrualStartBatch(AccrualBatch *b, Relation rel, const AccrualSource *s)
+{
+	memset(b, 0, sizeof(*b));
+	b->source = RelationGetRelid(rel);
+	AccrualLoadProgram(b, s->program_id, NULL);
+}
+
+/*
+ * Post a statement's new rows (of table, a transition table): earn, undo
+ * the DELETE of orders back in the table, then recover debts from what
+ * the statement earned, after the undoing.
+ */
+static void
+AccrualPostNew(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, const char *table, int64 nrows)
+{
+	b->stmt_cxt = CurrentMemoryContext;
+	b->defer_recovery = true;
+	AccrualOnInsert(b, s, trig, table, nrows);
+	if (b->reinserted != NIL)
+		AccrualRestoreReinserted(b);
+	AccrualRecoverDebts(b);
+}
+
 /*
  * UPDATE changing the ref of orders that earned: the order under the old
  * ref is gone from the table and one under the new ref is there, so the
@@ -582,7 +607,7 @@ AccrualOnMoved(const AccrualSource *s, TriggerData *trig)
 	TupleTableSlot *xs;
 	Relation	accrual;
 	Snapshot	snap;
-	AttrNumber	attno = InvalidAttrNumber;
+	AttrNumber	attno;
 	Oid			typoutput;
 	bool		varlena;
 	bool		bpchar;
@@ -591,11 +616,7 @@ AccrualOnMoved(const AccrualSource *s, TriggerData *trig)
 
 	if (olds == NULL || news == NULL || tuplestore_tuple_count(olds) != tuplestore_tuple_count(news))
 		return;
-	for (int i = 0; i < desc->natts; i++)
-		if (!TupleDescAttr(desc, i)->attisdropped && strcmp(NameStr(TupleDescAttr(desc, i)->attname), s->ref) == 0)
-			attno = i + 1;
-	if (attno == InvalidAttrNumber)
-		return;
+	attno = LedgerAttnum(rel, s->ref);
 	getTypeOutputInfo(TupleDescAttr(desc, attno - 1)->atttypid, &typoutput, &varlena);
 	bpchar = getBaseType(TupleDescAttr(desc, attno - 1)->atttypid) == BPCHAROID;
 
@@ -671,20 +692,10 @@ AccrualOnMoved(const AccrualSource *s, TriggerData *trig)
 		LedgerExpect(SPI_execute_with_args(sql, 1, (Oid *) argtypes, &arg, NULL, false, 0),
 					 SPI_OK_SELECT, "locking accounts");
 	}
-	memset(&b, 0, sizeof(b));
-	b.source = RelationGetRelid(rel);
-	AccrualLoadProgram(&b, s->program_id, NULL);
+	AccrualStartBatch(&b, rel, s);
 	AccrualRefundChanged(&b, s, false, "loyalty_moved_old");
-
-	memset(&b, 0, sizeof(b));
-	b.source = RelationGetRelid(rel);
-	AccrualLoadProgram(&b, s->program_id, NULL);
-	b.stmt_cxt = CurrentMemoryContext;
-	b.defer_recovery = true;
-	AccrualOnInsert(&b, s, trig, "loyalty_moved_new", nmoved);
-	if (b.reinserted != NIL)
-		AccrualRestoreReinserted(&b);
-	AccrualRecoverDebts(&b);
+	AccrualStartBatch(&b, rel, s);
+	AccrualPostNew(&b, s, trig, "loyalty_moved_new", nmoved);
 }
 
 /* UPDATE and DELETE: refunds, the quarantine, and refs changed. */
@@ -740,18 +751,9 @@ accrual_trigger(PG_FUNCTION_ARGS)
 		PopOverrideSearchPath();
 		return PointerGetDatum(NULL);
 	}
-	memset(&b, 0, sizeof(b));
-	b.source = relid;
-	AccrualLoadProgram(&b, s.program_id, NULL);
+	AccrualStartBatch(&b, trig->tg_relation, &s);
 	if (TRIGGER_FIRED_BY_INSERT(trig->tg_event))
-	{
-		b.stmt_cxt = CurrentMemoryContext;
-		b.defer_recovery = true;
-		AccrualOnInsert(&b, &s, trig, "loyalty_new", tuplestore_tuple_count(trig->tg_newtable));
-		if (b.reinserted != NIL)
-			AccrualRestoreReinserted(&b);
-		AccrualRecoverDebts(&b);
-	}
+		AccrualPostNew(&b, &s, trig, "loyalty_new", tuplestore_tuple_count(trig->tg_newtable));
 	else
 		AccrualOnChange(&b, &s, trig, TRIGGER_FIRED_BY_UPDATE(trig->tg_event));
 	SPI_finish();

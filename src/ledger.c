@@ -27,8 +27,10 @@
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
+#include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 #include "accrual_post.h"
@@ -123,13 +125,29 @@ LedgerPrepare(SPIPlanPtr *slot, const char *sql, int nargs, const Oid *argtypes)
  * (PopOverrideSearchPath) on return; an error leaves it to the
  * (sub)transaction's abort, which drops overrides pushed at its level.
  */
+static Oid	ledger_nsp = InvalidOid;	/* loyalty's, until a schema changes */
+
+static void
+LedgerNamespaceReset(Datum arg, int cacheid, uint32 hashvalue)
+{
+	ledger_nsp = InvalidOid;
+}
+
 void
 LedgerPushSearchPath(void)
 {
+	static bool registered = false;
 	OverrideSearchPath path;
 
+	if (!registered)
+	{
+		CacheRegisterSyscacheCallback(NAMESPACEOID, LedgerNamespaceReset, (Datum) 0);
+		registered = true;
+	}
+	if (!OidIsValid(ledger_nsp))
+		ledger_nsp = get_namespace_oid("loyalty", false);
 	memset(&path, 0, sizeof(path));
-	path.schemas = list_make2_oid(get_namespace_oid("loyalty", false), PG_CATALOG_NAMESPACE);
+	path.schemas = list_make2_oid(ledger_nsp, PG_CATALOG_NAMESPACE);
 	PushOverrideSearchPath(&path);
 	list_free(path.schemas);
 }

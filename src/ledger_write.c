@@ -178,7 +178,8 @@ LedgerAttnum(Relation rel, const char *name)
 		if (!TupleDescAttr(desc, i)->attisdropped &&
 			strcmp(NameStr(TupleDescAttr(desc, i)->attname), name) == 0)
 			return i + 1;
-	elog(ERROR, "loyalty.%s has no column \"%s\"", RelationGetRelationName(rel), name);
+	elog(ERROR, "%s.%s has no column \"%s\"", get_namespace_name(RelationGetNamespace(rel)),
+		 RelationGetRelationName(rel), name);
 	return InvalidAttrNumber;	/* keep the compiler quiet */
 }
 
