@@ -139,9 +139,12 @@ COMMENT ON TABLE loyalty.transfer IS 'The journal: each row moves amount points 
 -- Every purchase posted by accrual (docs/accrual.md). Created with the
 -- journal because the journal's account indexes leave accruals out: a
 -- member's purchase lines are found from here (loyalty._account_transfers).
-CREATE SEQUENCE loyalty.accrual_id_seq;
+-- A purchase's id comes from the journal's sequence, and its journal line
+-- and lot, when it earns, take the same id: one nextval per sale, not
+-- three (and two sequence locks less). Ids of the three tables still grow
+-- in the order rows are created, which is all anything orders them by.
 CREATE TABLE loyalty.accrual (
-    id              bigint NOT NULL DEFAULT nextval('loyalty.accrual_id_seq'),
+    id              bigint NOT NULL DEFAULT nextval('loyalty.transfer_id_seq'),
     program_id      bigint NOT NULL,
     ref             text COLLATE "C" NOT NULL,
     member_id       bigint NOT NULL,
@@ -170,7 +173,6 @@ CREATE TABLE loyalty.accrual (
     -- its own, which saves an index entry on every purchase.
     PRIMARY KEY (program_id, ref)
 );
-ALTER SEQUENCE loyalty.accrual_id_seq OWNED BY loyalty.accrual.id;
 -- A member's purchases: the day cap and first purchase when posting, and
 -- a member's purchase lines in the journal (statement, account_summary,
 -- verify_chain's heads), which transfer_credit_idx leaves out.
@@ -180,9 +182,11 @@ CREATE INDEX accrual_account_day_idx ON loyalty.accrual (account_id, day);
 CREATE INDEX accrual_time_brin ON loyalty.accrual USING brin (occurred_at);
 COMMENT ON TABLE loyalty.accrual IS 'Every purchase posted by accrual: what it was, the rule version, points and their breakdown, and how much of it was refunded';
 
-CREATE SEQUENCE loyalty.lot_id_seq;
+-- A lot has the id of the transfer that credited it (a posting credits at
+-- most one lot), and the default draws from the journal's sequence for any
+-- other writer, so ids never collide (see loyalty.accrual).
 CREATE TABLE loyalty.lot (
-    id           bigint PRIMARY KEY DEFAULT nextval('loyalty.lot_id_seq'),
+    id           bigint PRIMARY KEY DEFAULT nextval('loyalty.transfer_id_seq'),
     account_id   bigint NOT NULL,
     transfer_id  bigint NOT NULL,
     amount       loyalty.points NOT NULL CHECK (amount > 0),
@@ -192,7 +196,6 @@ CREATE TABLE loyalty.lot (
     expires_at   timestamptz,
     pending      boolean NOT NULL DEFAULT false
 );
-ALTER SEQUENCE loyalty.lot_id_seq OWNED BY loyalty.lot.id;
 -- Every read of an account's lots asks for the ones with something left
 -- (spending, balances, refunds, _lots_as_of), so this one index serves them
 -- all; a second index on (account_id, occurred_at) cost a tenth of a bulk
@@ -226,7 +229,6 @@ SELECT pg_catalog.pg_extension_config_dump('loyalty.account_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('loyalty.transfer', '');
 SELECT pg_catalog.pg_extension_config_dump('loyalty.transfer_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('loyalty.lot', '');
-SELECT pg_catalog.pg_extension_config_dump('loyalty.lot_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('loyalty.lot_use', '');
 
 -- The journal is append-only, for the table owner too: the triggers are

@@ -139,7 +139,6 @@ COMMENT ON TABLE loyalty.accrual_quarantine IS 'Rows of an application''s purcha
 SELECT pg_catalog.pg_extension_config_dump('loyalty.earning_rule', '');
 SELECT pg_catalog.pg_extension_config_dump('loyalty.earning_rule_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('loyalty.accrual', '');
-SELECT pg_catalog.pg_extension_config_dump('loyalty.accrual_id_seq', '');
 SELECT pg_catalog.pg_extension_config_dump('loyalty.accrual_refund', '');
 SELECT pg_catalog.pg_extension_config_dump('loyalty.accrual_debt', '');
 SELECT pg_catalog.pg_extension_config_dump('loyalty.accrual_debt_id_seq', '');
@@ -149,7 +148,7 @@ SELECT pg_catalog.pg_extension_config_dump('loyalty.accrual_quarantine', '');
 SELECT pg_catalog.pg_extension_config_dump('loyalty.accrual_quarantine_id_seq', '');
 REVOKE ALL ON loyalty.earning_rule, loyalty.accrual, loyalty.accrual_refund, loyalty.accrual_debt,
               loyalty.accrual_campaign, loyalty.accrual_source, loyalty.accrual_quarantine FROM PUBLIC;
-REVOKE ALL ON SEQUENCE loyalty.earning_rule_id_seq, loyalty.accrual_id_seq, loyalty.accrual_debt_id_seq,
+REVOKE ALL ON SEQUENCE loyalty.earning_rule_id_seq, loyalty.accrual_debt_id_seq,
               loyalty.accrual_quarantine_id_seq FROM PUBLIC;
 
 -- ---- rules ----

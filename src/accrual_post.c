@@ -989,6 +989,20 @@ static const char *const lot_cols[] = {"id", "account_id", "transfer_id", "amoun
 "occurred_at", "vests_at", "expires_at", "pending"};
 
 /*
+ * The writer of purchases' journal lines: ids are the purchases' own, and
+ * every line is of kind accrual, so the journal's indexes that leave
+ * accruals out are not even opened.
+ */
+static LedgerWriter *
+AccrualTransferWriter(bool bulk)
+{
+	LedgerWriter *tw = LedgerWriterOpen("transfer", transfer_cols, lengthof(transfer_cols), NULL, bulk, NULL);
+
+	LedgerWriterConstant(tw, "kind");
+	return tw;
+}
+
+/*
  * A purchase whose ref a concurrent transaction (or this statement) posted
  * first: the row at tid, which its insert found.
  */
@@ -1040,15 +1054,16 @@ AccrualUncountFrom(AccrualBatch *b, int *which, int k, int n, bool redo)
  * The purchases of the chunk (rows listed in which[]); returns how many
  * were inserted and leaves ->accrual_id 0 on the rows a concurrent
  * transaction posted first (ON CONFLICT DO NOTHING on the ref: the one race
- * the member lock does not cover, the same ref for two members). A purchase
- * that earns is given the id of its transfer (from tw's sequence) before it
- * is written: accrual.transfer_id is how its journal line is found, since
- * accrual transfers have no entry in the journal's ref index.
+ * the member lock does not cover, the same ref for two members). Each
+ * purchase takes one id from the journal's sequence, which its transfer and
+ * lot share when it earns (one nextval per sale, not three):
+ * accrual.transfer_id is how its journal line is found, since accrual
+ * transfers have no entry in the journal's ref index.
  */
 static int64
 AccrualInsertPurchases(AccrualBatch *b, int *which, int n, LedgerWriter **tw, bool bulk)
 {
-	LedgerWriter *w = LedgerWriterOpen("accrual", accrual_cols, lengthof(accrual_cols), "accrual_id_seq",
+	LedgerWriter *w = LedgerWriterOpen("accrual", accrual_cols, lengthof(accrual_cols), "transfer_id_seq",
 									   n > ACCRUAL_SMALL, "accrual_pkey");
 	Datum		program = Int64GetDatum(b->program_id);
 	Datum		posted = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
@@ -1099,8 +1114,8 @@ AccrualInsertPurchases(AccrualBatch *b, int *which, int n, LedgerWriter **tw, bo
 		w->values[18] = Int64GetDatum(0);
 		w->values[19] = posted;
 		if (r->points > 0 && *tw == NULL)
-			*tw = LedgerWriterOpen("transfer", transfer_cols, lengthof(transfer_cols), "transfer_id_seq", bulk, NULL);
-		r->transfer_id = r->points > 0 ? LedgerWriterNextId(*tw) : 0;
+			*tw = AccrualTransferWriter(bulk);
+		r->transfer_id = r->points > 0 ? r->accrual_id : 0;
 		w->nulls[20] = r->transfer_id == 0;
 		w->values[20] = Int64GetDatum(r->transfer_id);
 		if (LedgerWriterInsertIfNew(w, &conflict))
@@ -1172,7 +1187,7 @@ AccrualWriteTransfer(AccrualBatch *b, AccrualRow *r, LedgerWriter *tw, LedgerWri
 	LedgerWriterInsert(tw);
 
 	memset(lw->nulls, 0, sizeof(lw->nulls));
-	lw->values[0] = Int64GetDatum(LedgerWriterNextId(lw));
+	lw->values[0] = Int64GetDatum(tid);	/* the purchase's id, as its transfer's */
 	lw->values[1] = Int64GetDatum(r->account_id);
 	lw->values[2] = Int64GetDatum(tid);
 	lw->values[3] = PointsGetDatum(r->points);
@@ -1281,13 +1296,12 @@ AccrualWrite(AccrualBatch *b)
 		if (b->rows[which[k]].points > 0)
 			earning++;
 	bulk = earning > ACCRUAL_SMALL;
-	tw = earning == 0 ? NULL : LedgerWriterOpen("transfer", transfer_cols, lengthof(transfer_cols),
-												"transfer_id_seq", bulk, NULL);
+	tw = earning == 0 ? NULL : AccrualTransferWriter(bulk);
 	b->ninserted = AccrualInsertPurchases(b, which, n, &tw, bulk);
 	/* tw is open when some row earns (one may start to after a lost race) */
 	if (tw != NULL && b->ninserted > 0)
 	{
-		LedgerWriter *lw = LedgerWriterOpen("lot", lot_cols, lengthof(lot_cols), "lot_id_seq", bulk, NULL);
+		LedgerWriter *lw = LedgerWriterOpen("lot", lot_cols, lengthof(lot_cols), NULL, bulk, NULL);
 		TimestampTz posted_at = GetCurrentTransactionStartTimestamp();
 		const char *actor = LedgerActor();
 		Datum		actor_d = CStringGetTextDatum(actor);

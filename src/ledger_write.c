@@ -37,6 +37,7 @@
 #include "nodes/makefuncs.h"
 #include "optimizer/optimizer.h"
 #include "storage/lmgr.h"
+#include "utils/datum.h"
 #include "utils/fmgroids.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
@@ -247,7 +248,12 @@ LedgerWriterColumns(LedgerWriter *w, const char *const *columns)
  * opens the same four tables every time, and building their IndexInfo and
  * planning and compiling the predicates of the journal's partial indexes
  * (kind <> 'accrual', remaining > 0) cost more than inserting the entries.
- * The indexes themselves are still opened and locked by every writer; an
+ * The indexes themselves are still opened and locked by every writer but
+ * for one case: a partial index whose predicate reads only columns the
+ * writer has declared the same in every row (LedgerWriterConstant), and is
+ * false for them, can never take one of its rows, so it is left alone (the
+ * journal's three indexes WHERE kind <> 'accrual', for a purchase's
+ * transfer: three locks, opens and predicate tests less per sale). An
  * entry is used only while the table has the same indexes with the same
  * pg_index rows (Oid and xmin), and each writer takes a copy of its own
  * IndexInfo (the index AM's per-statement cache, the ready flag).
@@ -259,6 +265,7 @@ typedef struct LedgerIndexSet
 	Oid		   *oids;
 	TransactionId *xmins;
 	IndexInfo **infos;			/* templates, with predicate and expression states */
+	Bitmapset **predattrs;		/* the columns each predicate reads (NULL: none) */
 	MemoryContext cxt;
 } LedgerIndexSet;
 
@@ -276,15 +283,34 @@ LedgerIndexSetsAtEOXact(XactEvent event, void *arg)
 		ledger_writers_open = 0;
 }
 
-/* Whether set still describes the indexes opened (descs). */
+/* The xmin of an index's pg_index row (InvalidTransactionId: no such index). */
+static TransactionId
+LedgerIndexXmin(Oid index)
+{
+	HeapTuple	tup = SearchSysCache1(INDEXRELID, ObjectIdGetDatum(index));
+	TransactionId xmin;
+
+	if (!HeapTupleIsValid(tup))
+		return InvalidTransactionId;
+	xmin = HeapTupleHeaderGetXmin(tup->t_data);
+	ReleaseSysCache(tup);
+	return xmin;
+}
+
+/*
+ * Whether set still describes the table's indexes: oids[] in the order of
+ * its index list, descs[i] each opened, or NULL for one left alone (then
+ * its pg_index row is checked through the catalog cache).
+ */
 static bool
-LedgerIndexSetValid(const LedgerIndexSet *set, Relation *descs, int n)
+LedgerIndexSetValid(const LedgerIndexSet *set, const Oid *oids, Relation *descs, int n)
 {
 	if (set->n != n)
 		return false;
 	for (int i = 0; i < n; i++)
-		if (set->oids[i] != RelationGetRelid(descs[i]) ||
-			set->xmins[i] != HeapTupleHeaderGetXmin(descs[i]->rd_indextuple->t_data))
+		if (set->oids[i] != oids[i] ||
+			set->xmins[i] != (descs[i] != NULL ? HeapTupleHeaderGetXmin(descs[i]->rd_indextuple->t_data)
+							  : LedgerIndexXmin(oids[i])))
 			return false;
 	return true;
 }
@@ -301,9 +327,13 @@ LedgerIndexSetBuild(LedgerIndexSet *set, Relation *descs, int n)
 	set->oids = palloc(sizeof(Oid) * Max(n, 1));
 	set->xmins = palloc(sizeof(TransactionId) * Max(n, 1));
 	set->infos = palloc(sizeof(IndexInfo *) * Max(n, 1));
+	set->predattrs = palloc0(sizeof(Bitmapset *) * Max(n, 1));
 	for (int i = 0; i < n; i++)
 	{
 		IndexInfo  *ii = BuildIndexInfo(descs[i]);
+
+		if (ii->ii_Predicate != NIL)
+			pull_varattnos((Node *) ii->ii_Predicate, 1, &set->predattrs[i]);
 
 		if (ii->ii_Unique)
 			BuildSpeculativeIndexInfo(descs[i], ii);
@@ -326,34 +356,61 @@ LedgerIndexSetBuild(LedgerIndexSet *set, Relation *descs, int n)
 }
 
 /*
+ * Whether the index at position i of set can be left alone by writer w:
+ * its predicate reads only columns w declared the same in every row and is
+ * false for them (first: the writer's first row).
+ */
+static bool
+LedgerIndexNeverTakes(LedgerWriter *w, LedgerIndexSet *set, int i, TupleTableSlot *first)
+{
+	ExprContext *econtext;
+	bool		takes;
+
+	if (set->infos[i]->ii_PredicateState == NULL || set->predattrs[i] == NULL ||
+		!bms_is_subset(set->predattrs[i], w->constattrs))
+		return false;
+	econtext = GetPerTupleExprContext(w->estate);
+	econtext->ecxt_scantuple = first;
+	takes = ExecQual(set->infos[i]->ii_PredicateState, econtext);
+	ResetPerTupleExprContext(w->estate);
+	return !takes;
+}
+
+/*
  * ExecOpenIndices for a writer, from the backend's index set of its table:
- * the same arrays in rri, each IndexInfo a copy of the template.
+ * the same arrays in rri, each IndexInfo a copy of the template, less the
+ * partial indexes that can never take the writer's rows (first: the row
+ * about to be indexed, whose constant columns decide that).
  */
 static void
-LedgerOpenIndices(LedgerWriter *w)
+LedgerOpenIndices(LedgerWriter *w, TupleTableSlot *first)
 {
 	Relation	rel = w->rel;
-	List	   *oids;
+	List	   *list;
 	int			n;
-	int			i = 0;
+	int			k = 0;
 	ListCell   *lc;
+	Oid		   *oids;
 	Relation   *descs;
+	bool	   *skip;
 	IndexInfo **infos;
-	LedgerIndexSet *set;
-	bool		found;
+	LedgerIndexSet *set = NULL;
+	bool		found = false;
 
 	w->rri->ri_NumIndices = 0;
 	if (!RelationGetForm(rel)->relhasindex)
 		return;
-	oids = RelationGetIndexList(rel);
-	n = list_length(oids);
+	list = RelationGetIndexList(rel);
+	n = list_length(list);
 	if (n == 0)
 		return;
-	descs = palloc(sizeof(Relation) * n);
+	oids = palloc(sizeof(Oid) * n);
+	descs = palloc0(sizeof(Relation) * n);
+	skip = palloc0(sizeof(bool) * n);
 	infos = palloc(sizeof(IndexInfo *) * n);
-	foreach(lc, oids)
-		descs[i++] = index_open(lfirst_oid(lc), RowExclusiveLock);
-	list_free(oids);
+	foreach(lc, list)
+		oids[k++] = lfirst_oid(lc);
+	list_free(list);
 
 	if (ledger_index_sets == NULL)
 	{
@@ -371,8 +428,22 @@ LedgerOpenIndices(LedgerWriter *w)
 		list_free(ledger_retired);
 		ledger_retired = NIL;
 	}
+	/* which indexes to leave alone: only from a set of these very indexes */
+	if (first != NULL && w->constattrs != NULL)
+	{
+		set = hash_search(ledger_index_sets, &rel->rd_id, HASH_FIND, NULL);
+		for (int i = 0; set != NULL && i < n; i++)
+			if (i >= set->n || set->oids[i] != oids[i])
+				set = NULL;
+		for (int i = 0; set != NULL && i < n; i++)
+			skip[i] = LedgerIndexNeverTakes(w, set, i, first);
+	}
+	for (int i = 0; i < n; i++)
+		if (!skip[i])
+			descs[i] = index_open(oids[i], RowExclusiveLock);
+
 	set = hash_search(ledger_index_sets, &rel->rd_id, HASH_ENTER, &found);
-	if (found && !LedgerIndexSetValid(set, descs, n))
+	if (found && !LedgerIndexSetValid(set, oids, descs, n))
 	{
 		/* a writer still open may use it: free it once none is */
 		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
@@ -383,6 +454,13 @@ LedgerOpenIndices(LedgerWriter *w)
 	}
 	if (!found)
 	{
+		/* built from every index: none is left alone on a set not checked */
+		for (int i = 0; i < n; i++)
+			if (skip[i])
+			{
+				descs[i] = index_open(oids[i], RowExclusiveLock);
+				skip[i] = false;
+			}
 		set->cxt = NULL;
 		PG_TRY();
 		{
@@ -397,17 +475,24 @@ LedgerOpenIndices(LedgerWriter *w)
 		}
 		PG_END_TRY();
 	}
-	for (i = 0; i < n; i++)
+	k = 0;
+	for (int i = 0; i < n; i++)
 	{
-		IndexInfo  *ii = palloc(sizeof(IndexInfo));
+		IndexInfo  *ii;
 
+		if (skip[i])
+			continue;
+		ii = palloc(sizeof(IndexInfo));
 		memcpy(ii, set->infos[i], sizeof(IndexInfo));
 		ii->ii_ReadyForInserts = descs[i]->rd_index->indisready;
 		ii->ii_AmCache = NULL;
 		ii->ii_Context = CurrentMemoryContext;
-		infos[i] = ii;
+		descs[k] = descs[i];
+		infos[k++] = ii;
 	}
-	w->rri->ri_NumIndices = n;
+	pfree(oids);
+	pfree(skip);
+	w->rri->ri_NumIndices = k;
 	w->rri->ri_IndexRelationDescs = descs;
 	w->rri->ri_IndexRelationInfo = infos;
 }
@@ -457,7 +542,7 @@ LedgerWriterOpen(const char *table, const char *const *columns, int ncols, const
 	ledger_writers_open++;
 	if (arbiter != NULL)
 	{
-		LedgerOpenIndices(w);
+		LedgerOpenIndices(w, NULL);
 		w->indices_open = true;
 		w->arbiters = list_make1_oid(LedgerIndexOid(w->rel, arbiter));
 	}
@@ -477,6 +562,56 @@ LedgerWriterOpen(const char *table, const char *const *columns, int ncols, const
 	return w;
 }
 
+/*
+ * Declare that column (one of the writer's) has the same value in every row
+ * it writes, as its first row has: partial indexes whose predicate reads
+ * only such columns and is false for them are then left alone (see
+ * LedgerIndexSet). A row with another value is an error, not a missed index
+ * entry. Before the first row.
+ */
+void
+LedgerWriterConstant(LedgerWriter *w, const char *column)
+{
+	AttrNumber	a = LedgerAttnum(w->rel, column);
+
+	Assert(!w->indices_open && !w->const_seen);
+	for (int c = 0; c < w->ncols; c++)
+		if (w->attno[c] == a)
+		{
+			w->constcol[w->nconst++] = c;
+			w->constattrs = bms_add_member(w->constattrs, a - FirstLowInvalidHeapAttributeNumber);
+			return;
+		}
+	elog(ERROR, "the writer of loyalty.%s has no column \"%s\"", RelationGetRelationName(w->rel), column);
+}
+
+/* Check the row in w->values against the writer's constant columns (the first row sets them). */
+static void
+LedgerWriterCheckConstants(LedgerWriter *w)
+{
+	TupleDesc	desc = RelationGetDescr(w->rel);
+
+	for (int i = 0; i < w->nconst; i++)
+	{
+		int			c = w->constcol[i];
+		Form_pg_attribute att = TupleDescAttr(desc, w->attno[c] - 1);
+
+		if (!w->const_seen)
+		{
+			MemoryContext old = MemoryContextSwitchTo(w->estate->es_query_cxt);
+
+			w->constnull[i] = w->nulls[c];
+			w->constval[i] = w->nulls[c] ? (Datum) 0 : datumCopy(w->values[c], att->attbyval, att->attlen);
+			MemoryContextSwitchTo(old);
+		}
+		else if (w->nulls[c] != w->constnull[i] ||
+				 (!w->nulls[c] && !datumIsEqual(w->values[c], w->constval[i], att->attbyval, att->attlen)))
+			elog(ERROR, "column \"%s\" of a row written to loyalty.%s differs from the writer's first row",
+				 NameStr(att->attname), RelationGetRelationName(w->rel));
+	}
+	w->const_seen = true;
+}
+
 /* The next value of the writer's sequence. */
 int64
 LedgerWriterNextId(LedgerWriter *w)
@@ -486,15 +621,16 @@ LedgerWriterNextId(LedgerWriter *w)
 }
 
 /*
- * The table's indexes, opened when first needed: a writer that only
- * rewrites rows in place (heap-only updates) never opens them.
+ * The table's indexes, opened when first needed (slot: the first row to
+ * index): a writer that only rewrites rows in place (heap-only updates)
+ * never opens them.
  */
 static void
-LedgerWriterIndices(LedgerWriter *w)
+LedgerWriterIndices(LedgerWriter *w, TupleTableSlot *slot)
 {
 	if (!w->indices_open)
 	{
-		LedgerOpenIndices(w);
+		LedgerOpenIndices(w, slot);
 		w->indices_open = true;
 	}
 }
@@ -505,6 +641,8 @@ LedgerWriterFill(LedgerWriter *w, TupleTableSlot *slot)
 {
 	TupleDesc	desc = RelationGetDescr(w->rel);
 
+	if (w->nconst > 0)
+		LedgerWriterCheckConstants(w);
 	ExecClearTuple(slot);
 	for (int c = 0; c < w->ncols; c++)
 	{
@@ -532,7 +670,7 @@ LedgerWriterSlot(LedgerWriter *w)
 static void
 LedgerWriterIndexRow(LedgerWriter *w, TupleTableSlot *slot, bool update)
 {
-	LedgerWriterIndices(w);
+	LedgerWriterIndices(w, slot);
 	if (w->rri->ri_NumIndices > 0)
 		list_free(ExecInsertIndexTuples(w->rri, slot, w->estate, update, false, NULL, NIL));
 }

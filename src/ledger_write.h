@@ -33,6 +33,13 @@ typedef struct LedgerWriter
 	Datum		values[LEDGER_WRITER_MAX_COLS];
 	bool		nulls[LEDGER_WRITER_MAX_COLS];
 	Oid			seq;			/* the sequence of the first column, or InvalidOid */
+	/* columns whose value is the same in every row (LedgerWriterConstant) */
+	int			nconst;
+	int			constcol[LEDGER_WRITER_MAX_COLS];	/* positions in values[] */
+	Datum		constval[LEDGER_WRITER_MAX_COLS];	/* the first row's */
+	bool		constnull[LEDGER_WRITER_MAX_COLS];
+	bool		const_seen;
+	Bitmapset  *constattrs;		/* their attnos, offset as pull_varattnos does */
 } LedgerWriter;
 
 extern Relation LedgerOpenTable(const char *table, LOCKMODE mode);
@@ -40,6 +47,7 @@ extern Oid	LedgerIndexOid(Relation rel, const char *index);
 extern AttrNumber LedgerAttnum(Relation rel, const char *name);
 extern LedgerWriter *LedgerWriterOpen(const char *table, const char *const *columns, int ncols,
 									  const char *sequence, bool bulk, const char *arbiter);
+extern void LedgerWriterConstant(LedgerWriter *w, const char *column);
 extern int64 LedgerWriterNextId(LedgerWriter *w);
 extern void LedgerWriterInsert(LedgerWriter *w);
 extern bool LedgerWriterInsertIfNew(LedgerWriter *w, ItemPointer conflict);

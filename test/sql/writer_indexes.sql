@@ -38,7 +38,7 @@ BEGIN
     RESET enable_bitmapscan;
 END $$;
 
-SELECT plan(9);
+SELECT plan(16);
 -- writes before: the sets are built
 SELECT sum(loyalty.accrue('shop', 'c1', 10, 'a' || i, '2025-02-01')) AS earned FROM generate_series(1, 5) i;
 
@@ -78,5 +78,41 @@ SELECT is(pg_temp.through_index($$SELECT count(*) FROM loyalty.lot WHERE remaini
           (SELECT count(*) FROM loyalty.lot WHERE remaining::bigint > 0), 'an index of the same transaction, changed by a refund');
 ROLLBACK;
 SELECT lives_ok($$SELECT loyalty.accrue('shop', 'c1', 10, 'f1', '2025-02-06')$$, 'a write after the rollback');
+
+-- A purchase's journal line leaves the journal's indexes WHERE kind <>
+-- 'accrual' alone, unopened: the writer declares kind the same in every
+-- row. An index whose predicate is true for accruals, or reads another
+-- column, is still written (each DBA index below), in one-row and bulk.
+CREATE INDEX writer_test_accrual_lines ON loyalty.transfer (credit_account_id) WHERE kind = 'accrual';
+CREATE INDEX writer_test_big_lines ON loyalty.transfer (id) WHERE kind <> 'accrual' OR amount OPERATOR(loyalty.>) 15;
+SELECT loyalty.accrue('shop', 'c1', 10, 'g1', '2025-02-07') AS earned;
+BEGIN;
+SELECT loyalty.accrue('shop', 'c2', 20, 'g2', '2025-02-07') AS earned;
+SELECT is(array_agg(l.relation::regclass::text ORDER BY 1),
+          ARRAY['loyalty.transfer_pkey', 'loyalty.writer_test_accrual_lines', 'loyalty.writer_test_big_lines'],
+          'a sale locks only the journal indexes that can take its line')
+FROM pg_locks l JOIN pg_index i ON i.indexrelid = l.relation
+WHERE l.pid = pg_backend_pid() AND i.indrelid = 'loyalty.transfer'::regclass;
+COMMIT;
+CREATE TABLE writer_test_orders (id text PRIMARY KEY, customer text, total numeric);
+SELECT loyalty.attach_accrual('writer_test_orders', 'shop', 'customer', 'total', 'id');
+INSERT INTO writer_test_orders SELECT 'h' || i, 'c' || (i % 2 + 1), 10 + i % 10 FROM generate_series(1, 200) i;
+SELECT is(pg_temp.through_index($$SELECT count(*) FROM loyalty.transfer WHERE kind = 'accrual' AND credit_account_id > 0$$),
+          (SELECT count(*) FROM loyalty.transfer WHERE kind = 'accrual'), 'an index WHERE kind = ''accrual'' has every line');
+SELECT is(pg_temp.through_index($$SELECT count(*) FROM loyalty.transfer WHERE (kind <> 'accrual' OR amount OPERATOR(loyalty.>) 15) AND id > 0$$),
+          (SELECT count(*) FROM loyalty.transfer WHERE kind <> 'accrual' OR amount::bigint > 15), 'an index reading amount too has its lines');
+SELECT cmp_ok((SELECT count(*) FROM loyalty.transfer WHERE kind = 'accrual' AND amount::bigint > 15), '>', 50::bigint,
+              'of which there are many');
+-- amcheck: every row each btree index should hold is in it, and no other
+CREATE EXTENSION IF NOT EXISTS amcheck;
+SELECT is(count(bt_index_check(i.indexrelid, true)), 12::bigint, 'the btree indexes of the journal, lots and purchases check')
+FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam
+WHERE a.amname = 'btree' AND i.indrelid IN ('loyalty.transfer'::regclass, 'loyalty.lot'::regclass, 'loyalty.accrual'::regclass);
+-- one id per sale: the purchase, its journal line and its lot share it
+SELECT is((SELECT count(*) FROM loyalty.accrual a LEFT JOIN loyalty.lot l ON l.transfer_id = a.transfer_id
+           WHERE a.transfer_id IS NOT NULL AND (a.transfer_id <> a.id OR l.id IS DISTINCT FROM a.id)), 0::bigint,
+          'a purchase that earned has its own id as its transfer''s and its lot''s');
+SELECT is((SELECT count(*) FROM loyalty.lot l WHERE l.id <> l.transfer_id), 0::bigint, 'every lot has its transfer''s id');
+
 SELECT is((SELECT count(*) FROM loyalty.verify_chain('shop')), 0::bigint, 'the chain holds');
 SELECT * FROM finish();
