@@ -547,8 +547,7 @@ LedgerWriterOpen(const char *table, const char *const *columns, int ncols, const
 		w->arbiters = list_make1_oid(LedgerIndexOid(w->rel, arbiter));
 	}
 	w->slot = table_slot_create(w->rel, NULL);
-	w->update_slot = MakeSingleTupleTableSlot(RelationGetDescr(w->rel), &TTSOpsHeapTuple);
-	w->fetch_slot = table_slot_create(w->rel, NULL);
+	/* update_slot and fetch_slot when first needed: most writers only append */
 	w->bistate = bulk ? GetBulkInsertState() : NULL;
 	if (bulk && arbiter == NULL)
 		w->buffered = palloc0(sizeof(TupleTableSlot *) * LEDGER_BUFFERED_ROWS);
@@ -787,7 +786,16 @@ LedgerWriterUpdate(LedgerWriter *w, ItemPointer tid)
 	simple_heap_update(w->rel, tid, tuple);
 	*tid = tuple->t_self;
 	if (!HeapTupleIsHeapOnly(tuple))
+	{
+		if (w->update_slot == NULL)
+		{
+			MemoryContext old = MemoryContextSwitchTo(GetMemoryChunkContext(w));
+
+			w->update_slot = MakeSingleTupleTableSlot(RelationGetDescr(w->rel), &TTSOpsHeapTuple);
+			MemoryContextSwitchTo(old);
+		}
 		LedgerWriterIndexRow(w, ExecStoreHeapTuple(tuple, w->update_slot, false), true);
+	}
 	ResetPerTupleExprContext(w->estate);
 }
 
@@ -795,7 +803,16 @@ LedgerWriterUpdate(LedgerWriter *w, ItemPointer tid)
 TupleTableSlot *
 LedgerWriterRow(LedgerWriter *w, ItemPointer tid)
 {
-	TupleTableSlot *slot = w->fetch_slot;
+	TupleTableSlot *slot;
+
+	if (w->fetch_slot == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(GetMemoryChunkContext(w));
+
+		w->fetch_slot = table_slot_create(w->rel, NULL);
+		MemoryContextSwitchTo(old);
+	}
+	slot = w->fetch_slot;
 
 	if (!table_tuple_fetch_row_version(w->rel, tid, SnapshotAny, slot))
 		elog(ERROR, "row (%u,%u) of loyalty.%s is gone", ItemPointerGetBlockNumber(tid),
@@ -835,8 +852,10 @@ LedgerWriterClose(LedgerWriter *w)
 	if (w->bistate != NULL)
 		FreeBulkInsertState(w->bistate);
 	ExecDropSingleTupleTableSlot(w->slot);
-	ExecDropSingleTupleTableSlot(w->update_slot);
-	ExecDropSingleTupleTableSlot(w->fetch_slot);
+	if (w->update_slot != NULL)
+		ExecDropSingleTupleTableSlot(w->update_slot);
+	if (w->fetch_slot != NULL)
+		ExecDropSingleTupleTableSlot(w->fetch_slot);
 	FreeExecutorState(w->estate);
 	table_close(w->rel, NoLock);
 	pfree(w);
