@@ -7,6 +7,7 @@ INSERT INTO loyalty.transfer_kind VALUES
     ('recover',  'Refund debt recovered',          'adjust'),
     ('refund_settle', 'Returned points settle a refund', 'adjust'),
     ('refund_return', 'Points a refund took given back', 'adjust'),
+    ('recover_return', 'Points a debt recovery took given back', 'adjust'),
     ('refund_undo', 'Refund undone: the order came back', 'adjust');
 
 CREATE SEQUENCE loyalty.earning_rule_id_seq;
@@ -62,14 +63,22 @@ CREATE TABLE loyalty.accrual_debt (
     created_at  timestamptz NOT NULL DEFAULT now(),
     shown_as_negative boolean NOT NULL DEFAULT false,
     cancelled_at timestamptz,
-    CHECK (cancelled_at IS NULL OR outstanding = 0)
+    refilled    bigint NOT NULL DEFAULT 0 CHECK (refilled >= 0),
+    given_back  bigint NOT NULL DEFAULT 0 CHECK (given_back >= 0),
+    CHECK (cancelled_at IS NULL OR outstanding = 0),
+    CHECK (outstanding + refilled + given_back <= amount)
 );
 ALTER SEQUENCE loyalty.accrual_debt_id_seq OWNED BY loyalty.accrual_debt.id;
 CREATE INDEX accrual_debt_open_idx ON loyalty.accrual_debt (account_id) WHERE outstanding > 0;
+-- A refund's debt by its ref: undoing a DELETE's refund, and a cancel giving
+-- back what credits repaid of a debt already paid off (outstanding 0).
+CREATE INDEX accrual_debt_refund_idx ON loyalty.accrual_debt (program_id, refund_ref);
 COMMENT ON TABLE loyalty.accrual_debt IS 'Points a refund could not claw back because the member had spent them; recovered from later earnings';
 CREATE INDEX accrual_debt_negative_idx ON loyalty.accrual_debt (account_id) WHERE shown_as_negative;
 COMMENT ON COLUMN loyalty.accrual_debt.created_at IS 'When the refund was posted (its occurred_at): the debt counts from then';
 COMMENT ON COLUMN loyalty.accrual_debt.cancelled_at IS 'When the refund that recorded the debt was undone (the order came back to its table before anything was recovered, loyalty._restore_deleted): nothing is owed, and no recover transfer paid it';
+COMMENT ON COLUMN loyalty.accrual_debt.refilled IS 'Of the amount, what the purchase''s own points repaid when a cancel gave them back to its lot (loyalty._recover_refilled)';
+COMMENT ON COLUMN loyalty.accrual_debt.given_back IS 'Of what later credits repaid, what a cancel gave back to the lots those recoveries took, the purchase''s returned points settling it instead (loyalty._recover_refilled)';
 COMMENT ON COLUMN loyalty.accrual_debt.shown_as_negative IS 'The program option shortfall was "negative" when the refund was posted: the member''s balance shows the debt below zero until it is recovered';
 
 CREATE TABLE loyalty.accrual_campaign (

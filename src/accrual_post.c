@@ -380,7 +380,8 @@ AccrualCmpInt64(const void *a, const void *b)
 	return x < y ? -1 : x > y ? 1 : 0;
 }
 
-static Datum
+/* An int8[] of the values. */
+Datum
 AccrualInt64Array(int64 *v, int n)
 {
 	Datum	   *d = palloc(sizeof(Datum) * Max(n, 1));

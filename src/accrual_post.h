@@ -115,6 +115,7 @@ extern void AccrualReadRows(AccrualBatch *b);
 extern void AccrualPostBatch(AccrualBatch *b, bool quarantine);
 extern void AccrualPostLocked(AccrualBatch *b);
 extern HTAB *AccrualHeadTable(long n);
+extern Datum AccrualInt64Array(int64 *v, int n);
 extern AccrualHead *AccrualAddHead(AccrualBatch *b, int64 account, Datum last_hash, bool isnull,
 								   ItemPointer tid);
 extern bool AccrualFastInsert(AccrualBatch *b, struct TriggerData *trig, const char *const *cols);

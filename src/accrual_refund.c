@@ -49,6 +49,9 @@ static SPIPlanPtr plan_debt_pay_one;
 static SPIPlanPtr plan_taken_elsewhere;
 static SPIPlanPtr plan_returned;
 static SPIPlanPtr plan_expire_refilled;
+static SPIPlanPtr plan_repaid;
+static SPIPlanPtr plan_recovered_from;
+static SPIPlanPtr plan_given_back;
 
 void
 AccrualCheckRef(const char *ref)
@@ -583,6 +586,210 @@ AccrualSwapRefilled(int64 reversal, int64 *own, int64 *own_used, int nown)
 }
 
 /*
+ * The third part of _recover_refilled: what is left of a purchase's
+ * refilled points once its refund's debt is repaid and the refund settled
+ * (AccrualSwapRefilled) replaces what later credits already repaid of that
+ * debt (a recover line after an earn, a purchase, ...). Had the reversal
+ * come before the refund, the refund would have owed nothing and those
+ * credits would still be the member's. The refilled points settle the
+ * refund (refund_settle, from the purchase's lot) and the lots the member's
+ * recoveries took get as much back (recover_return, issuance to member,
+ * restoring them, oldest lot first, each no more than its recoveries took
+ * net of what came back before, nor than it lacks);
+ * accrual_debt.given_back counts it, so nothing is given back twice, and
+ * accrual_debt.refilled (what refilled lots repaid) is never given back.
+ * Points given back to a lot past its expiry expire at once.
+ */
+static int64
+AccrualReturnRecovered(int64 reversal)
+{
+	static const Oid argtypes[] = {INT8OID};
+	static const Oid fromargs[] = {INT8OID, INT8ARRAYOID, TIMESTAMPTZOID};
+	static const Oid giveargs[] = {INT8OID, INT8OID};
+	Datum		arg = Int64GetDatum(reversal);
+	SPITupleTable *tab;
+	uint64		nrows;
+	int64	   *settle_lots,
+			   *settle_amounts,
+			   *debts,
+			   *debt_give,
+			   *back_lots,
+			   *back_amounts;
+	int			nsettle = 0,
+				ndebts = 0,
+				nback = 0;
+	int64		lot = 0,
+				left = 0,
+				want = 0,
+				placed = 0;
+	int64		account = 0,
+				program_id = 0;
+	TimestampTz at = 0,
+				since = DT_NOEND;
+	char	   *member_ref = NULL;
+	char	   *purchase = NULL;
+
+	LedgerPrepare(&plan_repaid,
+				  "SELECT u.lot_id,"
+				  "       least(l.remaining::bigint, -u.amount::bigint"
+				  "             - coalesce((SELECT sum(x.amount::bigint) FROM loyalty.lot_use x"
+				  "                         JOIN loyalty.transfer xt ON xt.id = x.transfer_id"
+				  "                         WHERE x.lot_id = u.lot_id AND xt.id > t.id"
+				  "                           AND xt.kind IN ('recover', 'refund_settle')), 0)),"
+				  "       d.id, d.amount - d.outstanding - d.refilled - d.given_back,"
+				  "       greatest(t.occurred_at, r.occurred_at), t.program_id, l.account_id, m.member_ref, e.ref,"
+				  "       d.created_at"
+				  ACCRUAL_REFILLED_REFUNDED
+				  "  JOIN loyalty.accrual_debt d ON d.program_id = r.program_id AND d.refund_ref = r.refund_ref"
+				  "       AND d.account_id = l.account_id AND d.cancelled_at IS NULL"
+				  " WHERE t.id = $1 AND d.amount - d.outstanding - d.refilled - d.given_back > 0"
+				  " ORDER BY u.lot_id, d.id",
+				  1, argtypes);
+	LedgerExpect(SPI_execute_plan(plan_repaid, &arg, NULL, false, 0), SPI_OK_SELECT,
+				 "reading what credits repaid");
+	nrows = SPI_processed;
+	tab = SPI_tuptable;
+	if (nrows == 0)
+		return 0;
+	settle_lots = palloc(sizeof(int64) * nrows);
+	settle_amounts = palloc(sizeof(int64) * nrows);
+	debts = palloc(sizeof(int64) * nrows);
+	debt_give = palloc(sizeof(int64) * nrows);
+	for (uint64 i = 0; i < nrows; i++)
+	{
+		HeapTuple	t = tab->vals[i];
+		TupleDesc	d = tab->tupdesc;
+		int64		this_lot = DatumGetInt64(SPI_getbinval(t, d, 1, &(bool){0}));
+		int64		give;
+
+		if (this_lot != lot)
+		{
+			lot = this_lot;
+			left = DatumGetInt64(SPI_getbinval(t, d, 2, &(bool){0}));
+		}
+		give = Min(left, DatumGetInt64(SPI_getbinval(t, d, 4, &(bool){0})));
+		if (give <= 0)
+			continue;
+		left -= give;
+		want += give;
+		if (nsettle > 0 && settle_lots[nsettle - 1] == lot)
+			settle_amounts[nsettle - 1] += give;
+		else
+		{
+			settle_lots[nsettle] = lot;
+			settle_amounts[nsettle++] = give;
+		}
+		debts[ndebts] = DatumGetInt64(SPI_getbinval(t, d, 3, &(bool){0}));
+		debt_give[ndebts++] = give;
+		at = Max(at, DatumGetTimestampTz(SPI_getbinval(t, d, 5, &(bool){0})));
+		since = Min(since, DatumGetTimestampTz(SPI_getbinval(t, d, 10, &(bool){0})));
+		program_id = DatumGetInt64(SPI_getbinval(t, d, 6, &(bool){0}));
+		account = DatumGetInt64(SPI_getbinval(t, d, 7, &(bool){0}));
+		member_ref = SPI_getvalue(t, d, 8);
+		purchase = SPI_getvalue(t, d, 9);
+	}
+	if (want == 0)
+		return 0;
+
+	/* the lots the member's recoveries took from since the first of those debts, net of give-backs */
+	LedgerPrepare(&plan_recovered_from,
+				  "SELECT x.lot_id, sum(x.amount::bigint)::bigint, min(l.amount::bigint - l.remaining::bigint)"
+				  "  FROM loyalty.transfer rt"
+				  "  JOIN loyalty.lot_use x ON x.transfer_id = rt.id"
+				  "  JOIN loyalty.lot l ON l.id = x.lot_id"
+				  " WHERE ((rt.kind = 'recover' AND rt.debit_account_id = $1 AND rt.ref LIKE 'recovery % after transfer %')"
+				  "        OR (rt.kind = 'recover_return' AND rt.credit_account_id = $1))"
+				  "   AND rt.occurred_at >= $3 AND x.lot_id <> ALL ($2)"
+				  " GROUP BY x.lot_id HAVING sum(x.amount::bigint) > 0"
+				  " ORDER BY x.lot_id",
+				  3, fromargs);
+	{
+		Datum		args[3] = {Int64GetDatum(account), AccrualInt64Array(settle_lots, nsettle),
+		TimestampTzGetDatum(since)};
+
+		LedgerExpect(SPI_execute_plan(plan_recovered_from, args, NULL, false, 0), SPI_OK_SELECT,
+					 "reading what recoveries took");
+	}
+	back_lots = palloc(sizeof(int64) * Max(SPI_processed, 1));
+	back_amounts = palloc(sizeof(int64) * Max(SPI_processed, 1));
+	for (uint64 i = 0; i < SPI_processed && placed < want; i++)
+	{
+		HeapTuple	t = SPI_tuptable->vals[i];
+		TupleDesc	d = SPI_tuptable->tupdesc;
+		int64		give = Min(want - placed, Min(DatumGetInt64(SPI_getbinval(t, d, 2, &(bool){0})),
+												  DatumGetInt64(SPI_getbinval(t, d, 3, &(bool){0}))));
+
+		if (give <= 0)
+			continue;
+		back_lots[nback] = DatumGetInt64(SPI_getbinval(t, d, 1, &(bool){0}));
+		back_amounts[nback++] = -give;
+		placed += give;
+	}
+	if (placed == 0)
+		return 0;
+
+	/* as much as the lots could take: the debts and refilled lots in order give that */
+	{
+		int64		rest = placed;
+
+		for (int i = 0; i < nsettle; i++)
+		{
+			settle_amounts[i] = Min(settle_amounts[i], rest);
+			rest -= settle_amounts[i];
+		}
+		rest = placed;
+		for (int i = 0; i < ndebts; i++)
+		{
+			debt_give[i] = Min(debt_give[i], rest);
+			rest -= debt_give[i];
+		}
+	}
+	{
+		AccrualBatch b;
+		LedgerPosting p;
+		int64		returned;
+
+		memset(&b, 0, sizeof(b));
+		AccrualLoadProgram(&b, program_id, NULL);
+		AccrualPostBack(&b, account, member_ref, "refund_settle",
+						psprintf("%s, recovery settled by transfer %lld", purchase, (long long) reversal),
+						placed, nsettle, settle_lots, settle_amounts, at);
+		memset(&p, 0, sizeof(p));
+		p.program_id = b.program_id;
+		p.kind = "recover_return";
+		p.ref = psprintf("%s, recovery given back by transfer %lld", purchase, (long long) reversal);
+		p.debit_account = b.issuance;
+		p.debit_label = "issuance account";
+		p.credit_account = account;
+		p.credit_is_member = true;
+		p.credit_label = psprintf("member \"%s\"", member_ref);
+		p.amount = placed;
+		p.occurred_at = at;
+		p.vests_at = at;
+		p.nuses = nback;
+		p.use_lots = back_lots;
+		p.use_amounts = back_amounts;
+		returned = LedgerPost(&p, NULL);
+		LedgerPrepare(&plan_given_back,
+					  "UPDATE loyalty.accrual_debt SET given_back = given_back + $2 WHERE id = $1",
+					  2, giveargs);
+		for (int i = 0; i < ndebts; i++)
+		{
+			Datum		args[2] = {Int64GetDatum(debts[i]), Int64GetDatum(debt_give[i])};
+
+			if (debt_give[i] > 0)
+				LedgerExpect(SPI_execute_plan(plan_given_back, args, NULL, false, 0), SPI_OK_UPDATE,
+							 "recording what a debt gave back");
+		}
+		LedgerPrepare(&plan_expire_refilled, "SELECT loyalty._expire_refilled($1)", 1, argtypes);
+		arg = Int64GetDatum(returned);
+		LedgerExpect(SPI_execute_plan(plan_expire_refilled, &arg, NULL, false, 0), SPI_OK_SELECT,
+					 "expiring what came back expired");
+	}
+	return placed;
+}
+
+/*
  * _recover_refilled(reversal): a reversal (a cancelled redemption or
  * capture) gave points back to the lot of a purchase whose refund had
  * recorded them as owed, because they had been spent by what the reversal
@@ -686,7 +893,8 @@ loyalty_recover_refilled(PG_FUNCTION_ARGS)
 								 (long long) debts[0], (long long) reversal),
 						total, nlots, lots, amounts, at);
 		LedgerPrepare(&plan_debt_pay_one,
-					  "UPDATE loyalty.accrual_debt SET outstanding = outstanding - $2 WHERE id = $1",
+					  "UPDATE loyalty.accrual_debt SET outstanding = outstanding - $2, refilled = refilled + $2"
+					  " WHERE id = $1",
 					  2, payargs);
 		for (int i = 0; i < ndebts; i++)
 		{
@@ -697,6 +905,7 @@ loyalty_recover_refilled(PG_FUNCTION_ARGS)
 		}
 	}
 	total += AccrualSwapRefilled(reversal, lots, amounts, nlots);
+	total += AccrualReturnRecovered(reversal);
 	SPI_finish();
 	PG_RETURN_INT64(total);
 }

@@ -225,6 +225,40 @@ WHERE t.ref = 'x4-b';
 SELECT kind, points, balance FROM loyalty.statement('exp', 'x4') ORDER BY transfer_id;
 SELECT count(*) AS chain_problems FROM loyalty.verify_chain('exp');
 
+-- What a later credit already repaid of the debt comes back too: x6 does
+-- what x4 did, but between the refund and the cancel it earns 20 (x6-c),
+-- which repay 20 of the 30 owed. Cancelling the pin then gives 60 back
+-- to x6-a's expired lot: 10 repay the rest of the debt, 30 settle the
+-- refund in place of x6-b's (which get their 30 back), and the last 20
+-- settle it in place of the 20 x6-c repaid, which x6-c's lot gets back.
+-- x7 does the same with the pin cancelled before the refund: both keep
+-- 30 + 20.
+SELECT loyalty.enroll('exp', m, occurred_at => '2025-01-01 00:00+00') > 0 AS enrolled
+FROM unnest(ARRAY['x6', 'x7']) m;
+SELECT loyalty.accrue('exp', m, 100, m || '-a', now() - interval '40 days') AS earned,
+       loyalty.accrue('exp', m, 30, m || '-b', now() - interval '2 days') AS earned_later
+FROM unnest(ARRAY['x6', 'x7']) m;
+SELECT m, r.points FROM unnest(ARRAY['x6', 'x7']) m,
+       loyalty.redeem('exp', m, 'pin', m || '-pin', 1, now() - interval '35 days') r;
+SELECT rows, points FROM loyalty.run_job('expire', now());
+SELECT loyalty.refund('exp', 'x6-a') AS clawed;
+SELECT loyalty.accrue('exp', 'x6', 20, 'x6-c', now() - interval '1 day') AS earned;
+SELECT * FROM pg_temp.state('x6');
+SELECT loyalty.cancel_redemption('exp', 'x6-pin') > 0 AS cancelled;
+SELECT loyalty.cancel_redemption('exp', 'x6-pin') > 0 AS cancelled_again;
+SELECT loyalty.cancel_redemption('exp', 'x7-pin') > 0 AS cancelled;
+SELECT loyalty.refund('exp', 'x7-a') AS clawed;
+SELECT loyalty.accrue('exp', 'x7', 20, 'x7-c', now() - interval '1 day') AS earned;
+SELECT refund_ref, points, taken, shortfall, forgiven, returned FROM loyalty.accrual_refund
+WHERE refund_ref IN ('x6-a', 'x7-a') ORDER BY refund_ref;
+SELECT refund_ref, amount, outstanding, refilled, given_back FROM loyalty.accrual_debt WHERE refund_ref IN ('x6-a', 'x7-a');
+SELECT m, s.* FROM unnest(ARRAY['x6', 'x7']) m, pg_temp.state(m) s;
+SELECT m, loyalty.balance('exp', m) AS balance FROM unnest(ARRAY['x6', 'x7']) m;
+SELECT t.ref, l.amount, l.remaining FROM loyalty.lot l JOIN loyalty.transfer t ON t.id = l.transfer_id
+WHERE t.ref IN ('x6-b', 'x6-c', 'x7-b', 'x7-c') ORDER BY t.ref;
+SELECT kind, points, balance FROM loyalty.statement('exp', 'x6') ORDER BY transfer_id;
+SELECT count(*) AS chain_problems FROM loyalty.verify_chain('exp');
+
 -- Under a rolling policy, points that lapsed are neither taken by a refund
 -- nor owed: y1's 100 from a year ago lapsed (6 months without activity);
 -- returning p1, whose 50 were spent, owes 50.
