@@ -377,6 +377,40 @@ loyalty_recover_debt(PG_FUNCTION_ARGS)
 }
 
 /*
+ * Give points back to a member's lots (kind, issuance to member, restoring
+ * exactly the lots named: amounts negative, as lot_use counts them), then
+ * expire at once what came back to a lot past its expiry.
+ */
+static void
+AccrualGiveBack(AccrualBatch *b, int64 account, const char *member_ref, const char *kind, char *ref,
+				int64 amount, TimestampTz at, int n, int64 *lots, int64 *amounts)
+{
+	static const Oid argtypes[] = {INT8OID};
+	LedgerPosting p;
+	Datum		arg;
+
+	memset(&p, 0, sizeof(p));
+	p.program_id = b->program_id;
+	p.kind = kind;
+	p.ref = ref;
+	p.debit_account = b->issuance;
+	p.debit_label = "issuance account";
+	p.credit_account = account;
+	p.credit_is_member = true;
+	p.credit_label = psprintf("member \"%s\"", member_ref);
+	p.amount = amount;
+	p.occurred_at = at;
+	p.vests_at = at;
+	p.nuses = n;
+	p.use_lots = lots;
+	p.use_amounts = amounts;
+	arg = Int64GetDatum(LedgerPost(&p, NULL));
+	LedgerPrepare(&plan_expire_refilled, "SELECT loyalty._expire_refilled($1)", 1, argtypes);
+	LedgerExpect(SPI_execute_plan(plan_expire_refilled, &arg, NULL, false, 0), SPI_OK_SELECT,
+				 "expiring what came back expired");
+}
+
+/*
  * The lots a reversal (transfer $1) refilled that are the lots of refunded
  * purchases, one row per refund of such a purchase: u (the refill), l (the
  * lot), e (the purchase's journal line), r (the refund), m (the member).
@@ -529,8 +563,6 @@ AccrualSwapRefilled(int64 reversal, int64 *own, int64 *own_used, int nown)
 	if (total > 0)
 	{
 		AccrualBatch b;
-		LedgerPosting p;
-		int64		returned;
 
 		memset(&b, 0, sizeof(b));
 		AccrualLoadProgram(&b, program_id, NULL);
@@ -549,22 +581,9 @@ AccrualSwapRefilled(int64 reversal, int64 *own, int64 *own_used, int nown)
 				}
 			nback = j;
 		}
-		memset(&p, 0, sizeof(p));
-		p.program_id = b.program_id;
-		p.kind = "refund_return";
-		p.ref = psprintf("%s, given back by transfer %lld", purchase, (long long) reversal);
-		p.debit_account = b.issuance;
-		p.debit_label = "issuance account";
-		p.credit_account = account;
-		p.credit_is_member = true;
-		p.credit_label = psprintf("member \"%s\"", member_ref);
-		p.amount = total;
-		p.occurred_at = at;
-		p.vests_at = at;
-		p.nuses = nback;
-		p.use_lots = back_lots;
-		p.use_amounts = back_amounts;
-		returned = LedgerPost(&p, NULL);
+		AccrualGiveBack(&b, account, member_ref, "refund_return",
+						psprintf("%s, given back by transfer %lld", purchase, (long long) reversal),
+						total, at, nback, back_lots, back_amounts);
 		LedgerPrepare(&plan_returned,
 					  "UPDATE loyalty.accrual_refund SET returned = returned + $3"
 					  " WHERE program_id = $1 AND refund_ref = $2",
@@ -577,10 +596,6 @@ AccrualSwapRefilled(int64 reversal, int64 *own, int64 *own_used, int nown)
 			LedgerExpect(SPI_execute_plan(plan_returned, args, NULL, false, 0), SPI_OK_UPDATE,
 						 "recording what a refund gave back");
 		}
-		LedgerPrepare(&plan_expire_refilled, "SELECT loyalty._expire_refilled($1)", 1, argtypes);
-		arg = Int64GetDatum(returned);
-		LedgerExpect(SPI_execute_plan(plan_expire_refilled, &arg, NULL, false, 0), SPI_OK_SELECT,
-					 "expiring what came back expired");
 	}
 	return total;
 }
@@ -746,30 +761,15 @@ AccrualReturnRecovered(int64 reversal)
 	}
 	{
 		AccrualBatch b;
-		LedgerPosting p;
-		int64		returned;
 
 		memset(&b, 0, sizeof(b));
 		AccrualLoadProgram(&b, program_id, NULL);
 		AccrualPostBack(&b, account, member_ref, "refund_settle",
 						psprintf("%s, recovery settled by transfer %lld", purchase, (long long) reversal),
 						placed, nsettle, settle_lots, settle_amounts, at);
-		memset(&p, 0, sizeof(p));
-		p.program_id = b.program_id;
-		p.kind = "recover_return";
-		p.ref = psprintf("%s, recovery given back by transfer %lld", purchase, (long long) reversal);
-		p.debit_account = b.issuance;
-		p.debit_label = "issuance account";
-		p.credit_account = account;
-		p.credit_is_member = true;
-		p.credit_label = psprintf("member \"%s\"", member_ref);
-		p.amount = placed;
-		p.occurred_at = at;
-		p.vests_at = at;
-		p.nuses = nback;
-		p.use_lots = back_lots;
-		p.use_amounts = back_amounts;
-		returned = LedgerPost(&p, NULL);
+		AccrualGiveBack(&b, account, member_ref, "recover_return",
+						psprintf("%s, recovery given back by transfer %lld", purchase, (long long) reversal),
+						placed, at, nback, back_lots, back_amounts);
 		LedgerPrepare(&plan_given_back,
 					  "UPDATE loyalty.accrual_debt SET given_back = given_back + $2 WHERE id = $1",
 					  2, giveargs);
@@ -781,10 +781,6 @@ AccrualReturnRecovered(int64 reversal)
 				LedgerExpect(SPI_execute_plan(plan_given_back, args, NULL, false, 0), SPI_OK_UPDATE,
 							 "recording what a debt gave back");
 		}
-		LedgerPrepare(&plan_expire_refilled, "SELECT loyalty._expire_refilled($1)", 1, argtypes);
-		arg = Int64GetDatum(returned);
-		LedgerExpect(SPI_execute_plan(plan_expire_refilled, &arg, NULL, false, 0), SPI_OK_SELECT,
-					 "expiring what came back expired");
 	}
 	return placed;
 }
