@@ -746,12 +746,16 @@ AccrualReturnRecovered(int64 reversal)
 	/* as much as the lots could take: the debts and refilled lots in order give that */
 	{
 		int64		rest = placed;
+		int			j = 0;
 
-		for (int i = 0; i < nsettle; i++)
+		/* lots left with nothing to settle are not named (lot_use has no zero rows) */
+		for (int i = 0; i < nsettle && rest > 0; i++)
 		{
-			settle_amounts[i] = Min(settle_amounts[i], rest);
-			rest -= settle_amounts[i];
+			settle_lots[j] = settle_lots[i];
+			settle_amounts[j] = Min(settle_amounts[i], rest);
+			rest -= settle_amounts[j++];
 		}
+		nsettle = j;
 		rest = placed;
 		for (int i = 0; i < ndebts; i++)
 		{
