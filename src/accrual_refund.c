@@ -376,6 +376,19 @@ loyalty_recover_debt(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
+/* Add amount to lot's entry of lots/amounts, the last one when it is that lot's (rows come by lot). */
+static void
+AccrualAddByLot(int64 *lots, int64 *amounts, int *n, int64 lot, int64 amount)
+{
+	if (*n > 0 && lots[*n - 1] == lot)
+		amounts[*n - 1] += amount;
+	else
+	{
+		lots[*n] = lot;
+		amounts[(*n)++] = amount;
+	}
+}
+
 /*
  * Give points back to a member's lots (kind, issuance to member, restoring
  * exactly the lots named: amounts negative, as lot_use counts them), then
@@ -540,13 +553,7 @@ AccrualSwapRefilled(int64 reversal, int64 *own, int64 *own_used, int nown)
 		back_amounts[k] -= give;
 		left -= give;
 		total += give;
-		if (nsettle > 0 && settle_lots[nsettle - 1] == lot)
-			settle_amounts[nsettle - 1] += give;
-		else
-		{
-			settle_lots[nsettle] = lot;
-			settle_amounts[nsettle++] = give;
-		}
+		AccrualAddByLot(settle_lots, settle_amounts, &nsettle, lot, give);
 		if (nrefunds > 0 && strcmp(refunds[nrefunds - 1], refund) == 0)
 			refund_back[nrefunds - 1] += give;
 		else
@@ -687,13 +694,7 @@ AccrualReturnRecovered(int64 reversal)
 			continue;
 		left -= give;
 		want += give;
-		if (nsettle > 0 && settle_lots[nsettle - 1] == lot)
-			settle_amounts[nsettle - 1] += give;
-		else
-		{
-			settle_lots[nsettle] = lot;
-			settle_amounts[nsettle++] = give;
-		}
+		AccrualAddByLot(settle_lots, settle_amounts, &nsettle, lot, give);
 		debts[ndebts] = DatumGetInt64(SPI_getbinval(t, d, 3, &(bool){0}));
 		debt_give[ndebts++] = give;
 		at = Max(at, DatumGetTimestampTz(SPI_getbinval(t, d, 5, &(bool){0})));
@@ -869,13 +870,7 @@ loyalty_recover_refilled(PG_FUNCTION_ARGS)
 		if (pay <= 0)
 			continue;
 		left -= pay;
-		if (nlots > 0 && lots[nlots - 1] == lot)
-			amounts[nlots - 1] += pay;
-		else
-		{
-			lots[nlots] = lot;
-			amounts[nlots++] = pay;
-		}
+		AccrualAddByLot(lots, amounts, &nlots, lot, pay);
 		debts[ndebts] = DatumGetInt64(SPI_getbinval(t, d, 4, &(bool){0}));
 		pays[ndebts++] = pay;
 		total += pay;
