@@ -259,12 +259,16 @@ COMMENT ON FUNCTION loyalty._deletion_refund(text, text) IS 'Internal: whether a
 -- already past its expiry expire at once, and a refilled lot of another
 -- refunded purchase repays that refund's debt); the refund stops counting
 -- against the purchase. What it recorded as owed (the member had spent
--- the points) is cancelled (accrual_debt.cancelled_at). Undone only while
--- nothing else happened to what the refund did: a refund whose debt was
--- recovered in part since, whose debt shows as a negative balance, or
+-- the points) is cancelled (accrual_debt.cancelled_at), and what later
+-- credits already repaid of it goes back to the lots those recoveries
+-- took (loyalty._give_back_recovered, accrual_debt.given_back). Undone
+-- only while nothing else happened to what the refund did: a refund whose
+-- debt shows as a negative balance, whose debt the purchase's own points
+-- repaid or a cancel gave back to (accrual_debt.refilled, given_back), or
 -- whose points a cancel already gave back (accrual_refund.returned),
 -- raises LY014 and the trigger quarantines the undoing, for an
--- administrator to decide.
+-- administrator to decide; so does one whose repaid points the lots they
+-- came from can no longer all take back.
 -- A refund waiting in the quarantine for the same deletion is withdrawn.
 -- to_amount: the order came back with another amount (it was lowered
 -- before the DELETE, or the reload carries a correction); once the refund
@@ -272,6 +276,11 @@ COMMENT ON FUNCTION loyalty._deletion_refund(text, text) IS 'Internal: whether a
 -- the amount would be (ref:amount:<to_amount>; nothing if it is not lower
 -- than what is left). Returns the points the refund had taken or recorded
 -- as owed (0: nothing to undo).
+CREATE FUNCTION loyalty._give_back_recovered(account bigint, points bigint, debt bigint, since timestamptz,
+                                             ref text, occurred_at timestamptz) RETURNS bigint
+AS 'MODULE_PATHNAME', 'loyalty_give_back_recovered' LANGUAGE C VOLATILE STRICT;
+COMMENT ON FUNCTION loyalty._give_back_recovered(bigint, bigint, bigint, timestamptz, text, timestamptz) IS 'Internal: gives up to points back to the lots the account''s debt recoveries since then, of that debt or older ones, took (recover_return), expiring at once what comes back to a lot past its expiry; returns the points given back';
+
 CREATE FUNCTION loyalty._restore_deleted(program text, ref text, to_amount numeric DEFAULT NULL) RETURNS bigint
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 #variable_conflict use_variable
@@ -281,6 +290,8 @@ DECLARE
     d loyalty.accrual_refund;
     v_debt loyalty.accrual_debt;
     v_transfer bigint;
+    v_repaid bigint;
+    v_given bigint;
 BEGIN
     SELECT * INTO a FROM loyalty.accrual x WHERE x.program_id = v_program AND x.ref = ref;
     IF NOT FOUND THEN
@@ -305,18 +316,21 @@ BEGIN
     -- negative balance (whose history the statement reads)
     SELECT * INTO v_debt FROM loyalty.accrual_debt x
     WHERE x.program_id = v_program AND x.refund_ref = d.refund_ref AND x.account_id = a.account_id;
-    IF d.returned > 0 OR v_debt.outstanding < v_debt.amount OR v_debt.shown_as_negative THEN
+    IF d.returned > 0 OR v_debt.shown_as_negative OR v_debt.refilled > 0 OR v_debt.given_back > 0 THEN
         RAISE EXCEPTION 'the refund "%" of purchase "%" cannot be undone', d.refund_ref, ref
             USING ERRCODE = 'LY014',
                   DETAIL = CASE WHEN d.returned > 0
                                 THEN format('A cancel already gave back %s of the points it took.', d.returned)
                                 WHEN v_debt.shown_as_negative
                                 THEN format('It recorded %s points as owed, shown as a negative balance.', v_debt.amount)
-                                ELSE format('Of the %s points it recorded as owed, %s were recovered since.',
-                                            v_debt.amount, v_debt.amount - v_debt.outstanding) END,
+                                ELSE format('Of the %s points it recorded as owed, %s were repaid by points a cancel gave back.',
+                                            v_debt.amount, v_debt.refilled + v_debt.given_back) END,
                   HINT = 'The order is back in its table: post what the member should get with loyalty.adjust().';
     END IF;
-    UPDATE loyalty.accrual_debt x SET outstanding = 0, cancelled_at = now() WHERE x.id = v_debt.id;
+    -- what later credits repaid of the debt (recovered: amount - outstanding)
+    v_repaid := coalesce(v_debt.amount - v_debt.outstanding, 0);
+    UPDATE loyalty.accrual_debt x SET outstanding = 0, cancelled_at = now(), given_back = v_repaid
+    WHERE x.id = v_debt.id;
     -- no longer a refund of the purchase, before the reversal reads refunds
     UPDATE loyalty.accrual_refund r SET restored_at = now()
     WHERE r.program_id = v_program AND r.refund_ref = d.refund_ref;
@@ -328,12 +342,23 @@ BEGIN
         WHERE t.program_id = v_program AND t.kind = 'refund' AND t.ref = d.refund_ref;
         PERFORM loyalty._reverse_transfer(v_transfer, 'refund_undo', d.refund_ref);
     END IF;
+    IF v_repaid > 0 THEN
+        v_given := loyalty._give_back_recovered(a.account_id, v_repaid, v_debt.id, v_debt.created_at,
+                                                d.refund_ref || ', recovery given back', now());
+        IF v_given < v_repaid THEN
+            RAISE EXCEPTION 'the refund "%" of purchase "%" cannot be undone', d.refund_ref, ref
+                USING ERRCODE = 'LY014',
+                      DETAIL = format('Of the %s points later credits repaid of what it recorded as owed, the lots they came from can take back only %s.',
+                                      v_repaid, v_given),
+                      HINT = 'The order is back in its table: post what the member should get with loyalty.adjust().';
+        END IF;
+    END IF;
     IF to_amount IS NOT NULL THEN
         PERFORM loyalty._refund_to(program, ref, to_amount, ref || ':amount:' || to_amount);
     END IF;
     RETURN d.taken + coalesce(v_debt.amount, 0);
 END $$;
-COMMENT ON FUNCTION loyalty._restore_deleted(text, text, numeric) IS 'Internal: undoes the refund a DELETE of an attached table posted for a purchase whose order was inserted again (restoring exactly the lots it took and cancelling the debt it recorded), then refunds it down to to_amount if given; LY014 when that debt was recovered in part or shows as a negative balance, or a cancel gave part of the refund back; returns the points the refund had taken or recorded as owed';
+COMMENT ON FUNCTION loyalty._restore_deleted(text, text, numeric) IS 'Internal: undoes the refund a DELETE of an attached table posted for a purchase whose order was inserted again (restoring exactly the lots it took, cancelling the debt it recorded and giving back to their lots what later credits repaid of it), then refunds it down to to_amount if given; LY014 when that debt shows as a negative balance or was repaid by points a cancel gave back, or a cancel gave part of the refund back; returns the points the refund had taken or recorded as owed';
 
 -- Whether an attached table's row refused as another purchase under a
 -- posted ref (23505) is that purchase's order coming back after a DELETE

@@ -31,6 +31,7 @@ PG_FUNCTION_INFO_V1(loyalty_refund);
 PG_FUNCTION_INFO_V1(loyalty_refund_to);
 PG_FUNCTION_INFO_V1(loyalty_recover_debt);
 PG_FUNCTION_INFO_V1(loyalty_recover_refilled);
+PG_FUNCTION_INFO_V1(loyalty_give_back_recovered);
 
 static SPIPlanPtr plan_purchase;
 static SPIPlanPtr plan_refund_find;
@@ -52,6 +53,7 @@ static SPIPlanPtr plan_expire_refilled;
 static SPIPlanPtr plan_repaid;
 static SPIPlanPtr plan_recovered_from;
 static SPIPlanPtr plan_given_back;
+static SPIPlanPtr plan_account_member;
 
 void
 AccrualCheckRef(const char *ref)
@@ -608,6 +610,104 @@ AccrualSwapRefilled(int64 reversal, int64 *own, int64 *own_used, int nown)
 }
 
 /*
+ * Where up to want points that credits repaid of an account's refund debts
+ * go back: the lots the account's recoveries (dated from since on) took
+ * from, oldest lot first, of recoveries that could have paid debt (one
+ * pays the oldest debts first, from the one its ref names: that one is
+ * not a later debt), each no more than its recoveries took net of what
+ * came back to it before, nor than it lacks; not the lots in exclude.
+ * lots and amounts get them (amounts negative, restores, as lot_use counts
+ * them); returns the points placed.
+ */
+static int64
+AccrualRecoveredLots(int64 account, int64 debt, TimestampTz since, int64 *exclude, int nexclude, int64 want,
+					 int64 **lots, int64 **amounts, int *n)
+{
+	static const Oid fromargs[] = {INT8OID, INT8ARRAYOID, TIMESTAMPTZOID, INT8OID};
+	Datum		args[4] = {Int64GetDatum(account), AccrualInt64Array(exclude, nexclude),
+	TimestampTzGetDatum(since), Int64GetDatum(debt)};
+	int64		placed = 0;
+
+	LedgerPrepare(&plan_recovered_from,
+				  "SELECT x.lot_id, sum(x.amount::bigint)::bigint, min(l.amount::bigint - l.remaining::bigint)"
+				  "  FROM loyalty.transfer rt"
+				  "  JOIN loyalty.lot_use x ON x.transfer_id = rt.id"
+				  "  JOIN loyalty.lot l ON l.id = x.lot_id"
+				  " WHERE ((rt.kind = 'recover' AND rt.debit_account_id = $1 AND rt.ref LIKE 'recovery % after transfer %'"
+				  "         AND split_part(rt.ref, ' ', 2)::bigint <= $4)"
+				  "        OR (rt.kind = 'recover_return' AND rt.credit_account_id = $1))"
+				  "   AND rt.occurred_at >= $3 AND x.lot_id <> ALL ($2)"
+				  " GROUP BY x.lot_id HAVING sum(x.amount::bigint) > 0"
+				  " ORDER BY x.lot_id",
+				  4, fromargs);
+	LedgerExpect(SPI_execute_plan(plan_recovered_from, args, NULL, false, 0), SPI_OK_SELECT,
+				 "reading what recoveries took");
+	*lots = palloc(sizeof(int64) * Max(SPI_processed, 1));
+	*amounts = palloc(sizeof(int64) * Max(SPI_processed, 1));
+	*n = 0;
+	for (uint64 i = 0; i < SPI_processed && placed < want; i++)
+	{
+		HeapTuple	t = SPI_tuptable->vals[i];
+		TupleDesc	d = SPI_tuptable->tupdesc;
+		int64		give = Min(want - placed, Min(DatumGetInt64(SPI_getbinval(t, d, 2, &(bool){0})),
+												  DatumGetInt64(SPI_getbinval(t, d, 3, &(bool){0}))));
+
+		if (give <= 0)
+			continue;
+		(*lots)[*n] = DatumGetInt64(SPI_getbinval(t, d, 1, &(bool){0}));
+		(*amounts)[(*n)++] = -give;
+		placed += give;
+	}
+	return placed;
+}
+
+/*
+ * _give_back_recovered(account, points, debt, since, ref, at): undoing a
+ * DELETE's refund (loyalty._restore_deleted), what later credits repaid of
+ * its debt goes back to the lots those recoveries took
+ * (AccrualRecoveredLots), from the issuance account (recover_return, ref);
+ * what came back to a lot past its expiry expires at once. The caller
+ * holds the member account's lock. Returns the points given back, which
+ * is less than asked only when those lots cannot take them all.
+ */
+Datum
+loyalty_give_back_recovered(PG_FUNCTION_ARGS)
+{
+	static const Oid argtypes[] = {INT8OID};
+	int64		account = PG_GETARG_INT64(0);
+	int64		want = PG_GETARG_INT64(1);
+	int64	   *lots;
+	int64	   *amounts;
+	int			n;
+	int64		placed;
+	Datum		arg = Int64GetDatum(account);
+	AccrualBatch b;
+	char	   *member_ref;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	LedgerPrepare(&plan_account_member,
+				  "SELECT a.program_id, m.member_ref FROM loyalty.account a"
+				  "  JOIN loyalty.member m ON m.id = a.member_id WHERE a.id = $1",
+				  1, argtypes);
+	LedgerExpect(SPI_execute_plan(plan_account_member, &arg, NULL, false, 1), SPI_OK_SELECT,
+				 "reading a member account");
+	if (SPI_processed != 1)
+		elog(ERROR, "member account %lld does not exist", (long long) account);
+	memset(&b, 0, sizeof(b));
+	AccrualLoadProgram(&b, DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+													   &(bool){0})), NULL);
+	member_ref = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+	placed = AccrualRecoveredLots(account, PG_GETARG_INT64(2), PG_GETARG_TIMESTAMPTZ(3), NULL, 0, want,
+								  &lots, &amounts, &n);
+	if (placed > 0)
+		AccrualGiveBack(&b, account, member_ref, "recover_return", text_to_cstring(PG_GETARG_TEXT_PP(4)),
+						placed, PG_GETARG_TIMESTAMPTZ(5), n, lots, amounts);
+	SPI_finish();
+	PG_RETURN_INT64(placed);
+}
+
+/*
  * The third part of _recover_refilled: what is left of a purchase's
  * refilled points once its refund's debt is repaid and the refund settled
  * (AccrualSwapRefilled) replaces what later credits already repaid of that
@@ -626,7 +726,6 @@ static int64
 AccrualReturnRecovered(int64 reversal)
 {
 	static const Oid argtypes[] = {INT8OID};
-	static const Oid fromargs[] = {INT8OID, INT8ARRAYOID, TIMESTAMPTZOID};
 	static const Oid giveargs[] = {INT8OID, INT8OID};
 	Datum		arg = Int64GetDatum(reversal);
 	SPITupleTable *tab;
@@ -648,6 +747,7 @@ AccrualReturnRecovered(int64 reversal)
 				program_id = 0;
 	TimestampTz at = 0,
 				since = DT_NOEND;
+	int64		last_debt = 0;
 	char	   *member_ref = NULL;
 	char	   *purchase = NULL;
 
@@ -657,7 +757,7 @@ AccrualReturnRecovered(int64 reversal)
 				  "             - coalesce((SELECT sum(x.amount::bigint) FROM loyalty.lot_use x"
 				  "                         JOIN loyalty.transfer xt ON xt.id = x.transfer_id"
 				  "                         WHERE x.lot_id = u.lot_id AND xt.id > t.id"
-				  "                           AND xt.kind IN ('recover', 'refund_settle')), 0)),"
+				  "                           AND xt.kind IN ('recover', 'refund_settle'))::bigint, 0)),"
 				  "       d.id, d.amount - d.outstanding - d.refilled - d.given_back,"
 				  "       greatest(t.occurred_at, r.occurred_at), t.program_id, l.account_id, m.member_ref, e.ref,"
 				  "       d.created_at"
@@ -696,6 +796,7 @@ AccrualReturnRecovered(int64 reversal)
 		want += give;
 		AccrualAddByLot(settle_lots, settle_amounts, &nsettle, lot, give);
 		debts[ndebts] = DatumGetInt64(SPI_getbinval(t, d, 3, &(bool){0}));
+		last_debt = Max(last_debt, debts[ndebts]);
 		debt_give[ndebts++] = give;
 		at = Max(at, DatumGetTimestampTz(SPI_getbinval(t, d, 5, &(bool){0})));
 		since = Min(since, DatumGetTimestampTz(SPI_getbinval(t, d, 10, &(bool){0})));
@@ -707,40 +808,8 @@ AccrualReturnRecovered(int64 reversal)
 	if (want == 0)
 		return 0;
 
-	/* the lots the member's recoveries took from since the first of those debts, net of give-backs */
-	LedgerPrepare(&plan_recovered_from,
-				  "SELECT x.lot_id, sum(x.amount::bigint)::bigint, min(l.amount::bigint - l.remaining::bigint)"
-				  "  FROM loyalty.transfer rt"
-				  "  JOIN loyalty.lot_use x ON x.transfer_id = rt.id"
-				  "  JOIN loyalty.lot l ON l.id = x.lot_id"
-				  " WHERE ((rt.kind = 'recover' AND rt.debit_account_id = $1 AND rt.ref LIKE 'recovery % after transfer %')"
-				  "        OR (rt.kind = 'recover_return' AND rt.credit_account_id = $1))"
-				  "   AND rt.occurred_at >= $3 AND x.lot_id <> ALL ($2)"
-				  " GROUP BY x.lot_id HAVING sum(x.amount::bigint) > 0"
-				  " ORDER BY x.lot_id",
-				  3, fromargs);
-	{
-		Datum		args[3] = {Int64GetDatum(account), AccrualInt64Array(settle_lots, nsettle),
-		TimestampTzGetDatum(since)};
-
-		LedgerExpect(SPI_execute_plan(plan_recovered_from, args, NULL, false, 0), SPI_OK_SELECT,
-					 "reading what recoveries took");
-	}
-	back_lots = palloc(sizeof(int64) * Max(SPI_processed, 1));
-	back_amounts = palloc(sizeof(int64) * Max(SPI_processed, 1));
-	for (uint64 i = 0; i < SPI_processed && placed < want; i++)
-	{
-		HeapTuple	t = SPI_tuptable->vals[i];
-		TupleDesc	d = SPI_tuptable->tupdesc;
-		int64		give = Min(want - placed, Min(DatumGetInt64(SPI_getbinval(t, d, 2, &(bool){0})),
-												  DatumGetInt64(SPI_getbinval(t, d, 3, &(bool){0}))));
-
-		if (give <= 0)
-			continue;
-		back_lots[nback] = DatumGetInt64(SPI_getbinval(t, d, 1, &(bool){0}));
-		back_amounts[nback++] = -give;
-		placed += give;
-	}
+	placed = AccrualRecoveredLots(account, last_debt, since, settle_lots, nsettle, want, &back_lots, &back_amounts,
+								  &nback);
 	if (placed == 0)
 		return 0;
 
