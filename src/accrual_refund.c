@@ -633,8 +633,9 @@ AccrualRecoveredLots(int64 account, int64 debt, TimestampTz since, int64 *exclud
 				  "  FROM loyalty.transfer rt"
 				  "  JOIN loyalty.lot_use x ON x.transfer_id = rt.id"
 				  "  JOIN loyalty.lot l ON l.id = x.lot_id"
-				  " WHERE ((rt.kind = 'recover' AND rt.debit_account_id = $1 AND rt.ref LIKE 'recovery % after transfer %'"
-				  "         AND split_part(rt.ref, ' ', 2)::bigint <= $4)"
+				  " WHERE ((rt.kind = 'recover' AND rt.debit_account_id = $1"
+				  "         AND CASE WHEN rt.ref LIKE 'recovery % after transfer %'"
+				  "                  THEN split_part(rt.ref, ' ', 2)::bigint <= $4 END)"
 				  "        OR (rt.kind = 'recover_return' AND rt.credit_account_id = $1))"
 				  "   AND rt.occurred_at >= $3 AND x.lot_id <> ALL ($2)"
 				  " GROUP BY x.lot_id HAVING sum(x.amount::bigint) > 0"
@@ -682,6 +683,7 @@ loyalty_give_back_recovered(PG_FUNCTION_ARGS)
 	int64		placed;
 	Datum		arg = Int64GetDatum(account);
 	AccrualBatch b;
+	int64		program_id;
 	char	   *member_ref;
 
 	if (SPI_connect() != SPI_OK_CONNECT)
@@ -694,10 +696,11 @@ loyalty_give_back_recovered(PG_FUNCTION_ARGS)
 				 "reading a member account");
 	if (SPI_processed != 1)
 		elog(ERROR, "member account %lld does not exist", (long long) account);
-	memset(&b, 0, sizeof(b));
-	AccrualLoadProgram(&b, DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
-													   &(bool){0})), NULL);
+	/* both read before loading the program, whose queries replace SPI_tuptable */
+	program_id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &(bool){0}));
 	member_ref = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2);
+	memset(&b, 0, sizeof(b));
+	AccrualLoadProgram(&b, program_id, NULL);
 	placed = AccrualRecoveredLots(account, PG_GETARG_INT64(2), PG_GETARG_TIMESTAMPTZ(3), NULL, 0, want,
 								  &lots, &amounts, &n);
 	if (placed > 0)
