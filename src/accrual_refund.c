@@ -425,6 +425,59 @@ AccrualGiveBack(AccrualBatch *b, int64 account, const char *member_ref, const ch
 				 "expiring what came back expired");
 }
 
+/* Keep the first total of amounts, in order: later entries get what is left, or 0. */
+static void
+AccrualCapAt(int64 *amounts, int n, int64 total)
+{
+	for (int i = 0; i < n; i++)
+	{
+		amounts[i] = Min(amounts[i], total);
+		total -= amounts[i];
+	}
+}
+
+/* Drop the entries whose amount is 0 (lot_use has no zero rows); returns how many are left. */
+static int
+AccrualDropZeros(int64 *lots, int64 *amounts, int n)
+{
+	int			j = 0;
+
+	for (int i = 0; i < n; i++)
+		if (amounts[i] != 0)
+		{
+			lots[j] = lots[i];
+			amounts[j++] = amounts[i];
+		}
+	return j;
+}
+
+/*
+ * Points a reversal (transfer reversal) gave back to the lots of a refunded
+ * purchase, exchanged for points the member lost elsewhere because of its
+ * refund: they settle the refund (refund_settle, from the refilled lots in
+ * settle) and the lots in back get as much back (kind, restoring them;
+ * AccrualGiveBack). label tells the exchanges of one reversal apart in
+ * their refs ("" for what the refund took, "recovery " for what credits
+ * repaid of its debt).
+ */
+static void
+AccrualExchange(int64 program_id, int64 account, const char *member_ref, const char *purchase, int64 reversal,
+				const char *label, const char *kind, int64 total, TimestampTz at,
+				int nsettle, int64 *settle_lots, int64 *settle_amounts,
+				int nback, int64 *back_lots, int64 *back_amounts)
+{
+	AccrualBatch b;
+
+	memset(&b, 0, sizeof(b));
+	AccrualLoadProgram(&b, program_id, NULL);
+	AccrualPostBack(&b, account, member_ref, "refund_settle",
+					psprintf("%s, %ssettled by transfer %lld", purchase, label, (long long) reversal),
+					total, AccrualDropZeros(settle_lots, settle_amounts, nsettle), settle_lots, settle_amounts, at);
+	AccrualGiveBack(&b, account, member_ref, kind,
+					psprintf("%s, %sgiven back by transfer %lld", purchase, label, (long long) reversal),
+					total, at, AccrualDropZeros(back_lots, back_amounts, nback), back_lots, back_amounts);
+}
+
 /*
  * The lots a reversal (transfer $1) refilled that are the lots of refunded
  * purchases, one row per refund of such a purchase: u (the refill), l (the
@@ -571,28 +624,8 @@ AccrualSwapRefilled(int64 reversal, int64 *own, int64 *own_used, int nown)
 	}
 	if (total > 0)
 	{
-		AccrualBatch b;
-
-		memset(&b, 0, sizeof(b));
-		AccrualLoadProgram(&b, program_id, NULL);
-		AccrualPostBack(&b, account, member_ref, "refund_settle",
-						psprintf("%s, settled by transfer %lld", purchase, (long long) reversal),
-						total, nsettle, settle_lots, settle_amounts, at);
-		/* lots that could take nothing back are not named */
-		{
-			int			j = 0;
-
-			for (int i = 0; i < nback; i++)
-				if (back_amounts[i] != 0)
-				{
-					back_lots[j] = back_lots[i];
-					back_amounts[j++] = back_amounts[i];
-				}
-			nback = j;
-		}
-		AccrualGiveBack(&b, account, member_ref, "refund_return",
-						psprintf("%s, given back by transfer %lld", purchase, (long long) reversal),
-						total, at, nback, back_lots, back_amounts);
+		AccrualExchange(program_id, account, member_ref, purchase, reversal, "", "refund_return", total, at,
+						nsettle, settle_lots, settle_amounts, nback, back_lots, back_amounts);
 		LedgerPrepare(&plan_returned,
 					  "UPDATE loyalty.accrual_refund SET returned = returned + $3"
 					  " WHERE program_id = $1 AND refund_ref = $2",
@@ -816,48 +849,21 @@ AccrualReturnRecovered(int64 reversal)
 	if (placed == 0)
 		return 0;
 
-	/* as much as the lots could take: the debts and refilled lots in order give that */
+	/* as much as the lots could take: the refilled lots and the debts in order give that */
+	AccrualCapAt(settle_amounts, nsettle, placed);
+	AccrualCapAt(debt_give, ndebts, placed);
+	AccrualExchange(program_id, account, member_ref, purchase, reversal, "recovery ", "recover_return", placed, at,
+					nsettle, settle_lots, settle_amounts, nback, back_lots, back_amounts);
+	LedgerPrepare(&plan_given_back,
+				  "UPDATE loyalty.accrual_debt SET given_back = given_back + $2 WHERE id = $1",
+				  2, giveargs);
+	for (int i = 0; i < ndebts; i++)
 	{
-		int64		rest = placed;
-		int			j = 0;
+		Datum		args[2] = {Int64GetDatum(debts[i]), Int64GetDatum(debt_give[i])};
 
-		/* lots left with nothing to settle are not named (lot_use has no zero rows) */
-		for (int i = 0; i < nsettle && rest > 0; i++)
-		{
-			settle_lots[j] = settle_lots[i];
-			settle_amounts[j] = Min(settle_amounts[i], rest);
-			rest -= settle_amounts[j++];
-		}
-		nsettle = j;
-		rest = placed;
-		for (int i = 0; i < ndebts; i++)
-		{
-			debt_give[i] = Min(debt_give[i], rest);
-			rest -= debt_give[i];
-		}
-	}
-	{
-		AccrualBatch b;
-
-		memset(&b, 0, sizeof(b));
-		AccrualLoadProgram(&b, program_id, NULL);
-		AccrualPostBack(&b, account, member_ref, "refund_settle",
-						psprintf("%s, recovery settled by transfer %lld", purchase, (long long) reversal),
-						placed, nsettle, settle_lots, settle_amounts, at);
-		AccrualGiveBack(&b, account, member_ref, "recover_return",
-						psprintf("%s, recovery given back by transfer %lld", purchase, (long long) reversal),
-						placed, at, nback, back_lots, back_amounts);
-		LedgerPrepare(&plan_given_back,
-					  "UPDATE loyalty.accrual_debt SET given_back = given_back + $2 WHERE id = $1",
-					  2, giveargs);
-		for (int i = 0; i < ndebts; i++)
-		{
-			Datum		args[2] = {Int64GetDatum(debts[i]), Int64GetDatum(debt_give[i])};
-
-			if (debt_give[i] > 0)
-				LedgerExpect(SPI_execute_plan(plan_given_back, args, NULL, false, 0), SPI_OK_UPDATE,
-							 "recording what a debt gave back");
-		}
+		if (debt_give[i] > 0)
+			LedgerExpect(SPI_execute_plan(plan_given_back, args, NULL, false, 0), SPI_OK_UPDATE,
+						 "recording what a debt gave back");
 	}
 	return placed;
 }
