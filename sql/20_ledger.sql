@@ -177,9 +177,12 @@ CREATE TABLE loyalty.accrual (
 -- a member's purchase lines in the journal (statement, account_summary,
 -- verify_chain's heads), which transfer_credit_idx leaves out.
 CREATE INDEX accrual_account_day_idx ON loyalty.accrual (account_id, day);
--- Purchases arrive roughly in time order: a BRIN index serves simulate_accrual's
--- time windows at almost no cost per insert (a btree here cost a random insert).
-CREATE INDEX accrual_time_brin ON loyalty.accrual USING brin (occurred_at);
+-- No index by occurred_at: simulate_accrual's time window (its only reader)
+-- scans the table. A BRIN index here made every sale rewrite the summary of
+-- the range the newest rows go to (one exclusive buffer lock on one page,
+-- shared by all sessions, and a WAL record per sale); a btree costs a random
+-- insert. A DBA who simulates narrow windows of a long history can add
+-- either: the writers maintain every index of the table (docs/accrual.md).
 COMMENT ON TABLE loyalty.accrual IS 'Every purchase posted by accrual: what it was, the rule version, points and their breakdown, and how much of it was refunded';
 
 -- A lot has the id of the transfer that credited it (a posting credits at

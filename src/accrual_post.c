@@ -1004,6 +1004,39 @@ AccrualTransferWriter(bool bulk)
 }
 
 /*
+ * The writer of the lots of the purchases at which[0..n) that earn. When
+ * none of them expires, lot_expiry_idx (expires_at IS NOT NULL) can take
+ * none of their lots; when all are pending or all are not, lot_pending_idx
+ * (WHERE pending) takes all or none: such columns are declared the same in
+ * every row, and an index that can never take one is not opened
+ * (LedgerWriterConstant). A program without expiry and without a return
+ * window writes two index entries per lot instead of four.
+ */
+static LedgerWriter *
+AccrualLotWriter(AccrualBatch *b, const int *which, int n, bool bulk)
+{
+	LedgerWriter *lw = LedgerWriterOpen("lot", lot_cols, lengthof(lot_cols), NULL, bulk, NULL);
+	bool		expires = false;
+	int			pending = -1;	/* -1: none seen yet, 2: both */
+
+	for (int k = 0; k < n; k++)
+	{
+		AccrualRow *r = &b->rows[which[k]];
+		int			p = r->vests_at > r->occurred_at;
+
+		if (r->accrual_id == 0 || r->points <= 0)
+			continue;
+		expires |= !r->expires_null;
+		pending = pending == -1 || pending == p ? p : 2;
+	}
+	if (!expires)
+		LedgerWriterConstant(lw, "expires_at");
+	if (pending != 2)
+		LedgerWriterConstant(lw, "pending");
+	return lw;
+}
+
+/*
  * A purchase whose ref a concurrent transaction (or this statement) posted
  * first: the row at tid, which its insert found.
  */
@@ -1302,7 +1335,7 @@ AccrualWrite(AccrualBatch *b)
 	/* tw is open when some row earns (one may start to after a lost race) */
 	if (tw != NULL && b->ninserted > 0)
 	{
-		LedgerWriter *lw = LedgerWriterOpen("lot", lot_cols, lengthof(lot_cols), NULL, bulk, NULL);
+		LedgerWriter *lw = AccrualLotWriter(b, which, n, bulk);
 		TimestampTz posted_at = GetCurrentTransactionStartTimestamp();
 		const char *actor = LedgerActor();
 		Datum		actor_d = CStringGetTextDatum(actor);

@@ -258,6 +258,13 @@ LedgerWriterColumns(LedgerWriter *w, const char *const *columns)
  * pg_index rows (Oid and xmin), and each writer takes a copy of its own
  * IndexInfo (the index AM's per-statement cache, the ready flag).
  */
+/* One of the ANDed conditions of a partial index's predicate, ready to test. */
+typedef struct LedgerConjunct
+{
+	Bitmapset  *attrs;			/* the columns it reads (NULL: none) */
+	ExprState  *state;
+} LedgerConjunct;
+
 typedef struct LedgerIndexSet
 {
 	Oid			relid;			/* the hash key */
@@ -265,7 +272,7 @@ typedef struct LedgerIndexSet
 	Oid		   *oids;
 	TransactionId *xmins;
 	IndexInfo **infos;			/* templates, with predicate and expression states */
-	Bitmapset **predattrs;		/* the columns each predicate reads (NULL: none) */
+	List	  **conjuncts;		/* each predicate's LedgerConjuncts (NIL: none) */
 	MemoryContext cxt;
 } LedgerIndexSet;
 
@@ -327,14 +334,22 @@ LedgerIndexSetBuild(LedgerIndexSet *set, Relation *descs, int n)
 	set->oids = palloc(sizeof(Oid) * Max(n, 1));
 	set->xmins = palloc(sizeof(TransactionId) * Max(n, 1));
 	set->infos = palloc(sizeof(IndexInfo *) * Max(n, 1));
-	set->predattrs = palloc0(sizeof(Bitmapset *) * Max(n, 1));
+	set->conjuncts = palloc0(sizeof(List *) * Max(n, 1));
 	for (int i = 0; i < n; i++)
 	{
 		IndexInfo  *ii = BuildIndexInfo(descs[i]);
 
-		if (ii->ii_Predicate != NIL)
-			pull_varattnos((Node *) ii->ii_Predicate, 1, &set->predattrs[i]);
+		ListCell   *lc;
 
+		/* ii_Predicate is an implicit-AND list, as RelationGetIndexPredicate makes it */
+		foreach(lc, ii->ii_Predicate)
+		{
+			LedgerConjunct *c = palloc0(sizeof(LedgerConjunct));
+
+			pull_varattnos(lfirst(lc), 1, &c->attrs);
+			c->state = ExecInitQual(list_make1(expression_planner(lfirst(lc))), NULL);
+			set->conjuncts[i] = lappend(set->conjuncts[i], c);
+		}
 		if (ii->ii_Unique)
 			BuildSpeculativeIndexInfo(descs[i], ii);
 		/* as ExecInsertIndexTuples and FormIndexDatum would, per statement */
@@ -357,23 +372,32 @@ LedgerIndexSetBuild(LedgerIndexSet *set, Relation *descs, int n)
 
 /*
  * Whether the index at position i of set can be left alone by writer w:
- * its predicate reads only columns w declared the same in every row and is
- * false for them (first: the writer's first row).
+ * one of the conditions its predicate ANDs reads only columns w declared
+ * the same in every row and is not true for them (first: the writer's
+ * first row), so the predicate is never true for w's rows (the journal's
+ * kind <> 'accrual' for a purchase's line; lot_expiry_idx's expires_at IS
+ * NOT NULL for lots that never expire).
  */
 static bool
 LedgerIndexNeverTakes(LedgerWriter *w, LedgerIndexSet *set, int i, TupleTableSlot *first)
 {
-	ExprContext *econtext;
-	bool		takes;
+	ExprContext *econtext = GetPerTupleExprContext(w->estate);
+	bool		never = false;
+	ListCell   *lc;
 
-	if (set->infos[i]->ii_PredicateState == NULL || set->predattrs[i] == NULL ||
-		!bms_is_subset(set->predattrs[i], w->constattrs))
-		return false;
-	econtext = GetPerTupleExprContext(w->estate);
 	econtext->ecxt_scantuple = first;
-	takes = ExecQual(set->infos[i]->ii_PredicateState, econtext);
+	foreach(lc, set->conjuncts[i])
+	{
+		LedgerConjunct *c = lfirst(lc);
+
+		if (c->attrs != NULL && bms_is_subset(c->attrs, w->constattrs) && !ExecQual(c->state, econtext))
+		{
+			never = true;
+			break;
+		}
+	}
 	ResetPerTupleExprContext(w->estate);
-	return !takes;
+	return never;
 }
 
 /*

@@ -38,7 +38,7 @@ BEGIN
     RESET enable_bitmapscan;
 END $$;
 
-SELECT plan(16);
+SELECT plan(21);
 -- writes before: the sets are built
 SELECT sum(loyalty.accrue('shop', 'c1', 10, 'a' || i, '2025-02-01')) AS earned FROM generate_series(1, 5) i;
 
@@ -88,7 +88,7 @@ CREATE INDEX writer_test_big_lines ON loyalty.transfer (id) WHERE kind <> 'accru
 SELECT loyalty.accrue('shop', 'c1', 10, 'g1', '2025-02-07') AS earned;
 BEGIN;
 SELECT loyalty.accrue('shop', 'c2', 20, 'g2', '2025-02-07') AS earned;
-SELECT is(array_agg(l.relation::regclass::text ORDER BY 1),
+SELECT is(array_agg(l.relation::regclass::text ORDER BY l.relation::regclass::text),
           ARRAY['loyalty.transfer_pkey', 'loyalty.writer_test_accrual_lines', 'loyalty.writer_test_big_lines'],
           'a sale locks only the journal indexes that can take its line')
 FROM pg_locks l JOIN pg_index i ON i.indexrelid = l.relation
@@ -103,6 +103,44 @@ SELECT is(pg_temp.through_index($$SELECT count(*) FROM loyalty.transfer WHERE (k
           (SELECT count(*) FROM loyalty.transfer WHERE kind <> 'accrual' OR amount::bigint > 15), 'an index reading amount too has its lines');
 SELECT cmp_ok((SELECT count(*) FROM loyalty.transfer WHERE kind = 'accrual' AND amount::bigint > 15), '>', 50::bigint,
               'of which there are many');
+-- A lot's two partial indexes are left alone the same way when no lot of
+-- the posting can take an entry: lot_expiry_idx (expires_at IS NOT NULL,
+-- one of its ANDed conditions) in a program without expiry, lot_pending_idx
+-- (WHERE pending) when no purchase has a return window. shop has neither.
+BEGIN;
+SELECT loyalty.accrue('shop', 'c2', 20, 'k1', '2025-02-08') AS earned;
+SELECT is(array_agg(l.relation::regclass::text ORDER BY l.relation::regclass::text),
+          ARRAY['loyalty.lot_open_idx', 'loyalty.lot_pkey'],
+          'a sale without expiry or return window locks two lot indexes')
+FROM pg_locks l JOIN pg_index i ON i.indexrelid = l.relation
+WHERE l.pid = pg_backend_pid() AND i.indrelid = 'loyalty.lot'::regclass;
+COMMIT;
+SELECT loyalty.create_program('exp', 'Expiring', 'UTC', '{"expiry": {"policy": "fixed", "after": "12 months"}}') > 0 AS created;
+SELECT loyalty.enroll('exp', 'c1', occurred_at => '2025-01-01') > 0 AS enrolled;
+-- no return window until March, ten days from then
+SELECT loyalty.set_earning_rules('exp', '{"base": {"per": 1, "points": 1}}', '2025-01-01') AS version;
+SELECT loyalty.set_earning_rules('exp', '{"base": {"per": 1, "points": 1}, "pending_days": 10}', '2025-03-01') AS version;
+BEGIN;
+SELECT loyalty.accrue('exp', 'c1', 20, 'x1', '2025-03-02') AS earned;
+SELECT is(array_agg(l.relation::regclass::text ORDER BY l.relation::regclass::text),
+          ARRAY['loyalty.lot_expiry_idx', 'loyalty.lot_open_idx', 'loyalty.lot_pending_idx', 'loyalty.lot_pkey'],
+          'a sale whose points expire and wait locks all four')
+FROM pg_locks l JOIN pg_index i ON i.indexrelid = l.relation
+WHERE l.pid = pg_backend_pid() AND i.indrelid = 'loyalty.lot'::regclass;
+COMMIT;
+-- one statement of purchases on both sides of the change: some lots
+-- pending, some not, so the pending index is opened and takes just those
+CREATE TABLE writer_test_exp (id text PRIMARY KEY, customer text, total numeric, at timestamptz);
+SELECT loyalty.attach_accrual('writer_test_exp', 'exp', 'customer', 'total', 'id', 'at');
+INSERT INTO writer_test_exp SELECT 'y' || i, 'c1', 10, timestamptz '2025-02-20' + i * interval '1 day' FROM generate_series(1, 20) i;
+SELECT is(pg_temp.through_index($$SELECT count(*) FROM loyalty.lot WHERE pending AND vests_at > '2000-01-01'$$),
+          (SELECT count(*) FROM loyalty.lot WHERE pending), 'the pending index has every pending lot of a mixed statement');
+SELECT is((SELECT count(*) FILTER (WHERE l.pending) || '/' || count(*) FROM loyalty.lot l
+           JOIN loyalty.account a ON a.id = l.account_id JOIN loyalty.program p ON p.id = a.program_id
+           WHERE p.code = 'exp'), '13/21', 'of the program''s 21 lots, 13 are pending (x1 and twelve March purchases)');
+SELECT is(pg_temp.through_index($$SELECT count(*) FROM loyalty.lot WHERE remaining OPERATOR(loyalty.>) 0 AND expires_at IS NOT NULL AND expires_at > '2000-01-01'$$),
+          21::bigint, 'the expiry index has every lot that expires, and only those');
+
 -- amcheck: every row each btree index should hold is in it, and no other
 CREATE EXTENSION IF NOT EXISTS amcheck;
 SELECT is(count(bt_index_check(i.indexrelid, true)), 12::bigint, 'the btree indexes of the journal, lots and purchases check')
