@@ -298,8 +298,30 @@ typedef struct AccrualStepArgs
 } AccrualStepArgs;
 
 /*
+ * Whether an error is about the moment rather than the purchase: the
+ * statement was cancelled (statement_timeout, pg_cancel_backend()), the
+ * transaction has to be retried (a serialization failure under REPEATABLE
+ * READ, a deadlock), a lock wait ran out (lock_timeout), or the server ran
+ * short of a resource or failed an I/O. Quarantining the refund would
+ * swallow the cancel (the statement would go on past its timeout) and hide
+ * the retry the application must make, leaving an administrator a refund
+ * that the retry posts by itself: such errors are raised as they came, and
+ * the application's statement fails with them.
+ */
+static bool
+AccrualTransientError(const ErrorData *e)
+{
+	int			category = ERRCODE_TO_CATEGORY(e->sqlerrcode);
+
+	return category == ERRCODE_TRANSACTION_ROLLBACK || category == ERRCODE_INSUFFICIENT_RESOURCES ||
+		category == ERRCODE_SYSTEM_ERROR || e->sqlerrcode == ERRCODE_QUERY_CANCELED ||
+		e->sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE;
+}
+
+/*
  * Run step in a subtransaction of its own: returns NULL when it succeeded,
- * or the error it raised, with everything it did rolled back.
+ * or the error it raised, with everything it did rolled back. A transient
+ * error (AccrualTransientError) is raised again instead.
  */
 static ErrorData *
 AccrualSubtransaction(void (*step) (const AccrualStepArgs *), const AccrualStepArgs *a)
@@ -327,6 +349,8 @@ AccrualSubtransaction(void (*step) (const AccrualStepArgs *), const AccrualStepA
 		CurrentResourceOwner = owner;
 	}
 	PG_END_TRY();
+	if (e != NULL && AccrualTransientError(e))
+		ReThrowError(e);
 	return e;
 }
 

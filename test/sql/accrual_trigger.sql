@@ -481,6 +481,25 @@ SELECT a.ref, m.member_ref, a.amount, a.points
 FROM loyalty.accrual a JOIN loyalty.member m ON m.id = a.member_id
 WHERE a.ref LIKE 'lo%' ORDER BY a.ref;
 
+-- A DELETE whose refunds outlast statement_timeout is cancelled, as any
+-- statement is: the cancel reaches the refund under way, which raises it
+-- rather than quarantining that one refund and going on with the others
+-- (the statement would have run past its timeout, and an administrator
+-- would have had a refund to replay). Wherever the timeout falls, nothing
+-- of the statement stays.
+CREATE TABLE public.timed_orders (id text PRIMARY KEY, customer text, total numeric, placed_at timestamptz);
+SELECT loyalty.attach_accrual('public.timed_orders', 'shop', 'customer', 'total', 'id', 'placed_at');
+INSERT INTO public.timed_orders SELECT 'to' || i, 'c1', 10.00, '2025-05-02' FROM generate_series(1, 3000) i;
+\set VERBOSITY terse
+SET statement_timeout = '200ms';
+DELETE FROM public.timed_orders;
+RESET statement_timeout;
+\set VERBOSITY default
+SELECT (SELECT count(*) FROM public.timed_orders) AS orders_left,
+       (SELECT count(*) FROM loyalty.accrual_quarantine WHERE source = 'public.timed_orders'::regclass) AS quarantined,
+       (SELECT count(*) FROM loyalty.accrual WHERE ref LIKE 'to%' AND refunded_points > 0) AS refunded;
+SELECT loyalty.detach_accrual('public.timed_orders');
+
 -- Detach: the triggers go, what was posted stays.
 SELECT loyalty.detach_accrual('public.orders');
 SELECT count(*) AS triggers FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass;
