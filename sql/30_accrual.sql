@@ -757,12 +757,18 @@ BEGIN
             UPDATE loyalty.accrual_quarantine x SET replayed_at = clock_timestamp(), attempts = x.attempts + 1
             WHERE x.id = q.id;
             v_ok := v_ok + 1;
-        EXCEPTION WHEN others THEN
-            GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
-            UPDATE loyalty.accrual_quarantine x
-               SET reason = v_msg, sqlstate = v_state, attempts = x.attempts + 1
-            WHERE x.id = q.id;
-            v_bad := v_bad + 1;
+        EXCEPTION
+            -- errors of the moment, not of the row (as the trigger's
+            -- refunds raise them): the caller retries the replay; a cancel
+            -- (57014) is never caught by OTHERS
+            WHEN transaction_rollback OR lock_not_available OR insufficient_resources OR system_error THEN
+                RAISE;
+            WHEN others THEN
+                GET STACKED DIAGNOSTICS v_state = RETURNED_SQLSTATE, v_msg = MESSAGE_TEXT;
+                UPDATE loyalty.accrual_quarantine x
+                   SET reason = v_msg, sqlstate = v_state, attempts = x.attempts + 1
+                WHERE x.id = q.id;
+                v_bad := v_bad + 1;
         END;
     END LOOP;
     RETURN QUERY SELECT v_ok, v_bad;
