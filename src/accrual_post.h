@@ -109,7 +109,8 @@ typedef struct AccrualBatch
 
 extern SPIPlanPtr AccrualPrepare(SPIPlanPtr *slot, int options, const char *sql, int nargs,
 								 const Oid *argtypes);
-extern char *AccrualReadSql(const char *source, bool birthday);
+extern char *AccrualReadSql(const char *source, bool birthday, bool probe);
+extern bool AccrualProbeHistory(int64 nrows);
 extern void AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code);
 extern void AccrualReadRows(AccrualBatch *b);
 extern void AccrualPostBatch(AccrualBatch *b, bool quarantine);

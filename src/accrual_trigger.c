@@ -218,6 +218,7 @@ AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, cons
 	char	   *source;
 	Datum		args[3];
 	char		nulls[3] = {' ', ' ', ' '};
+	bool		probe;
 
 	b->statement_rows = nrows;
 	if (nrows == 1 && strcmp(table, "loyalty_new") == 0)
@@ -235,10 +236,11 @@ AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, cons
 	args[2] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
 	b->source_sql = source;
 	AccrualEnrollUnknown(b, source, args, nulls, 3, (Oid *) argtypes);
+	probe = AccrualProbeHistory(nrows);
 	if (nrows <= loyalty_accrual_chunk)
 	{
 		/* one chunk: read it all, lock the accounts it names, post */
-		LedgerExpect(SPI_execute_plan(AccrualSourcePlan(AccrualReadSql(source, b->rules->uses_birthday),
+		LedgerExpect(SPI_execute_plan(AccrualSourcePlan(AccrualReadSql(source, b->rules->uses_birthday, probe),
 														trig->tg_relation, false, 3, argtypes),
 									   args, nulls, false, 0), SPI_OK_SELECT, "reading new purchases");
 		AccrualReadRows(b);
@@ -246,8 +248,8 @@ AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, cons
 		return;
 	}
 	AccrualPostSource(b, AccrualSourcePlan(AccrualLockSql(source), trig->tg_relation, true, 3, argtypes),
-					  AccrualSourcePlan(AccrualReadSql(source, b->rules->uses_birthday), trig->tg_relation,
-										true, 3, argtypes), args, nulls);
+					  AccrualSourcePlan(AccrualReadSql(source, b->rules->uses_birthday, probe),
+										trig->tg_relation, true, 3, argtypes), args, nulls);
 }
 
 /*
