@@ -242,22 +242,6 @@ LedgerWriterColumns(LedgerWriter *w, const char *const *columns)
 	memcpy(set->attno, w->attno, sizeof(AttrNumber) * w->ncols);
 }
 
-/*
- * What ExecOpenIndices builds for a table's indexes (IndexInfo, with the
- * partial indexes' predicates ready to evaluate), kept per backend: a sale
- * opens the same four tables every time, and building their IndexInfo and
- * planning and compiling the predicates of the journal's partial indexes
- * (kind <> 'accrual', remaining > 0) cost more than inserting the entries.
- * The indexes themselves are still opened and locked by every writer but
- * for one case: a partial index whose predicate reads only columns the
- * writer has declared the same in every row (LedgerWriterConstant), and is
- * false for them, can never take one of its rows, so it is left alone (the
- * journal's three indexes WHERE kind <> 'accrual', for a purchase's
- * transfer: three locks, opens and predicate tests less per sale). An
- * entry is used only while the table has the same indexes with the same
- * pg_index rows (Oid and xmin), and each writer takes a copy of its own
- * IndexInfo (the index AM's per-statement cache, the ready flag).
- */
 /* One of the ANDed conditions of a partial index's predicate, ready to test. */
 typedef struct LedgerConjunct
 {
@@ -265,6 +249,24 @@ typedef struct LedgerConjunct
 	ExprState  *state;
 } LedgerConjunct;
 
+/*
+ * What ExecOpenIndices builds for a table's indexes (IndexInfo, with the
+ * partial indexes' predicates ready to evaluate), kept per backend: a sale
+ * opens the same four tables every time, and building their IndexInfo and
+ * planning and compiling the predicates of the journal's partial indexes
+ * (kind <> 'accrual', remaining > 0) cost more than inserting the entries.
+ * The indexes themselves are still opened and locked by every writer but
+ * for one case: a partial index one of whose ANDed conditions reads only
+ * columns the writer has declared the same in every row
+ * (LedgerWriterConstant), and is not true for them, can never take one of
+ * its rows, so it is left alone (the journal's three indexes WHERE kind <>
+ * 'accrual', for a purchase's transfer; lot_expiry_idx and lot_pending_idx
+ * for lots that never expire or never wait: a lock, an open and a
+ * predicate test less per index and sale). An
+ * entry is used only while the table has the same indexes with the same
+ * pg_index rows (Oid and xmin), and each writer takes a copy of its own
+ * IndexInfo (the index AM's per-statement cache, the ready flag).
+ */
 typedef struct LedgerIndexSet
 {
 	Oid			relid;			/* the hash key */
@@ -338,7 +340,6 @@ LedgerIndexSetBuild(LedgerIndexSet *set, Relation *descs, int n)
 	for (int i = 0; i < n; i++)
 	{
 		IndexInfo  *ii = BuildIndexInfo(descs[i]);
-
 		ListCell   *lc;
 
 		/* ii_Predicate is an implicit-AND list, as RelationGetIndexPredicate makes it */
@@ -381,10 +382,13 @@ LedgerIndexSetBuild(LedgerIndexSet *set, Relation *descs, int n)
 static bool
 LedgerIndexNeverTakes(LedgerWriter *w, LedgerIndexSet *set, int i, TupleTableSlot *first)
 {
-	ExprContext *econtext = GetPerTupleExprContext(w->estate);
+	ExprContext *econtext;
 	bool		never = false;
 	ListCell   *lc;
 
+	if (set->conjuncts[i] == NIL || w->constattrs == NULL)
+		return false;
+	econtext = GetPerTupleExprContext(w->estate);
 	econtext->ecxt_scantuple = first;
 	foreach(lc, set->conjuncts[i])
 	{
