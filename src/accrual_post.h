@@ -109,8 +109,11 @@ typedef struct AccrualBatch
 
 extern SPIPlanPtr AccrualPrepare(SPIPlanPtr *slot, int options, const char *sql, int nargs,
 								 const Oid *argtypes);
-extern char *AccrualReadSql(const char *source, bool birthday, bool probe);
-extern bool AccrualProbeHistory(int64 nrows);
+/* AccrualProbes: which keys the read and lock queries probe rather than hash */
+#define ACCRUAL_PROBE_HISTORY	0x01
+#define ACCRUAL_PROBE_MEMBERS	0x02
+extern char *AccrualReadSql(const char *source, bool birthday, int probes);
+extern int	AccrualProbes(int64 nrows);
 extern void AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code);
 extern void AccrualReadRows(AccrualBatch *b);
 extern void AccrualPostBatch(AccrualBatch *b, bool quarantine);
@@ -121,7 +124,7 @@ extern AccrualHead *AccrualAddHead(AccrualBatch *b, int64 account, Datum last_ha
 								   ItemPointer tid);
 extern bool AccrualFastInsert(AccrualBatch *b, struct TriggerData *trig, const char *const *cols);
 extern bool AccrualFastPost(AccrualBatch *b, AccrualRow *r);
-extern char *AccrualLockSql(const char *source);
+extern char *AccrualLockSql(const char *source, int probes);
 extern void AccrualPostSource(AccrualBatch *b, SPIPlanPtr lock, SPIPlanPtr read, Datum *args,
 							  char *nulls);
 extern void AccrualEnrollUnknown(AccrualBatch *b, const char *source, Datum *args, char *nulls,

@@ -218,7 +218,7 @@ AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, cons
 	char	   *source;
 	Datum		args[3];
 	char		nulls[3] = {' ', ' ', ' '};
-	bool		probe;
+	int			probes;
 
 	b->statement_rows = nrows;
 	if (nrows == 1 && strcmp(table, "loyalty_new") == 0)
@@ -236,19 +236,19 @@ AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, cons
 	args[2] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
 	b->source_sql = source;
 	AccrualEnrollUnknown(b, source, args, nulls, 3, (Oid *) argtypes);
-	probe = AccrualProbeHistory(nrows);
+	probes = AccrualProbes(nrows);
 	if (nrows <= loyalty_accrual_chunk)
 	{
 		/* one chunk: read it all, lock the accounts it names, post */
-		LedgerExpect(SPI_execute_plan(AccrualSourcePlan(AccrualReadSql(source, b->rules->uses_birthday, probe),
+		LedgerExpect(SPI_execute_plan(AccrualSourcePlan(AccrualReadSql(source, b->rules->uses_birthday, probes),
 														trig->tg_relation, false, 3, argtypes),
 									   args, nulls, false, 0), SPI_OK_SELECT, "reading new purchases");
 		AccrualReadRows(b);
 		AccrualPostBatch(b, true);
 		return;
 	}
-	AccrualPostSource(b, AccrualSourcePlan(AccrualLockSql(source), trig->tg_relation, true, 3, argtypes),
-					  AccrualSourcePlan(AccrualReadSql(source, b->rules->uses_birthday, probe),
+	AccrualPostSource(b, AccrualSourcePlan(AccrualLockSql(source, probes), trig->tg_relation, true, 3, argtypes),
+					  AccrualSourcePlan(AccrualReadSql(source, b->rules->uses_birthday, probes),
 										trig->tg_relation, true, 3, argtypes), args, nulls);
 }
 
