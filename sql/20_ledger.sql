@@ -79,6 +79,7 @@ CREATE TABLE loyalty.account (
     held             loyalty.points NOT NULL DEFAULT 0,
     last_transfer_id bigint,
     last_hash        bytea,
+    owes             boolean NOT NULL DEFAULT false,
     CHECK ((kind = 'member') = (member_id IS NOT NULL))
 ) WITH (fillfactor = 70);
 -- Every sale rewrites its member's row (balances, chain head): with room
@@ -92,6 +93,7 @@ CREATE UNIQUE INDEX account_system_key ON loyalty.account (program_id, kind, nam
 COMMENT ON TABLE loyalty.account IS 'One account per member and one per program system account; member rows hold the posted balances and the head of the member''s hash chain';
 COMMENT ON COLUMN loyalty.account.available IS 'Posted, vested points not yet spent or swept by the expire job (balance() is the truth at a given moment)';
 COMMENT ON COLUMN loyalty.account.pending IS 'Posted points still in their return window, not yet swept by the vest job';
+COMMENT ON COLUMN loyalty.account.owes IS 'Set when a refund records a debt for the member (loyalty.accrual_debt), never cleared: a sale of a member that never owed does not look for debts to recover';
 
 CREATE SEQUENCE loyalty.transfer_id_seq;
 CREATE TABLE loyalty.transfer (

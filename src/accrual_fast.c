@@ -269,6 +269,16 @@ AccrualFastPost(AccrualBatch *b, AccrualRow *r)
 		head = FastAttr(account, as, "last_hash", &isnull);
 		AccrualAddHead(b, r->account_id, head, isnull, &as->tts_tid);
 		keys[0] = Int64GetDatum(r->account_id);
+
+		/*
+		 * A member who never owed (account.owes, set with every debt a
+		 * refund records, in the refund's transaction, which holds this
+		 * row's lock until it ends: the version locked here has it) has no
+		 * debt to recover, and the debt table is not touched.
+		 */
+		if (!DatumGetBool(FastAttr(account, as, "owes", &isnull)))
+			b->has_debts = false;
+		else
 		{
 			Relation	debt = LedgerOpenTable("accrual_debt", AccessShareLock);
 

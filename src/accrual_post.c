@@ -1305,7 +1305,7 @@ AccrualWriteTransfer(AccrualBatch *b, AccrualRow *r, LedgerWriter *tw, LedgerWri
 }
 
 static const char *const account_cols[] = {"id", "program_id", "kind", "member_id", "name",
-"available", "pending", "held", "last_transfer_id", "last_hash"};
+"available", "pending", "held", "last_transfer_id", "last_hash", "owes"};
 
 static int64
 AccrualAddPoints(int64 a, int64 b)

@@ -1209,7 +1209,9 @@ AccrualRefundPurchase(AccrualBatch *b, const char *ref, Datum amount, bool amoun
 				  "           VALUES ($1, $2, $3, $4, $5, $6, $7, $10, $8)),"
 				  " a AS (UPDATE loyalty.accrual SET refunded_amount = refunded_amount + $4,"
 				  "              refunded_points = refunded_points + $5"
-				  "        WHERE program_id = $1 AND ref = $3)"
+				  "        WHERE program_id = $1 AND ref = $3),"
+				  /* the member's sales look for debts to recover from now on */
+				  " o AS (UPDATE loyalty.account SET owes = true WHERE id = $9 AND $7 > 0 AND NOT owes)"
 				  " INSERT INTO loyalty.accrual_debt (program_id, account_id, refund_ref, amount, outstanding,"
 				  "        created_at, shown_as_negative)"
 				  " SELECT $1, $9, $2, $7, $7, $8, coalesce(p.options ->> 'shortfall' = 'negative', false)"

@@ -574,3 +574,14 @@ SELECT t AS days, loyalty.balance('ahead', 'f1', now() + t * interval '1 day') A
        (SELECT s.balance FROM loyalty.statement('ahead', 'f1', to_ts => now() + t * interval '1 day') s
         ORDER BY s.occurred_at DESC, s.transfer_id DESC LIMIT 1) AS statement
 FROM unnest(ARRAY[1, 5, 11, 20]) t;
+
+-- A one-row sale looks for debts to recover only when its member's account
+-- says it owes (account.owes, set with every debt a refund records): every
+-- account that has a debt has the flag, and the repayments above went
+-- through it.
+SELECT count(*) > 0 AS some_debts, count(*) FILTER (WHERE NOT a.owes) AS debts_of_accounts_not_owing
+FROM loyalty.accrual_debt d JOIN loyalty.account a ON a.id = d.account_id;
+SELECT count(*) FILTER (WHERE a.owes) > 0 AS some_owe,
+       count(*) FILTER (WHERE a.owes AND NOT EXISTS (SELECT FROM loyalty.accrual_debt d WHERE d.account_id = a.id))
+         AS owing_without_debt
+FROM loyalty.account a WHERE a.member_id IS NOT NULL;
