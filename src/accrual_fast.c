@@ -280,25 +280,20 @@ AccrualFastPost(AccrualBatch *b, AccrualRow *r)
 			b->has_debts = false;
 		else
 		{
-			Relation	debt = LedgerOpenTable("accrual_debt", AccessShareLock);
-
 			/*
-			 * An empty table (no debt ever recorded) answers without a probe.
-			 * Otherwise, under READ COMMITTED, probe with a snapshot taken
-			 * after the lock: a refund the lock waited for may have recorded
-			 * a debt since snap was taken, and this purchase must repay it.
+			 * Under READ COMMITTED, probe with a snapshot taken after the
+			 * lock: a refund the lock waited for may have recorded a debt
+			 * since snap was taken, and this purchase must repay it. (The
+			 * flag already says the table has a row: no size check.)
 			 */
-			b->has_debts = RelationGetNumberOfBlocks(debt) > 0;
-			if (b->has_debts)
-			{
-				TupleTableSlot *ds = table_slot_create(debt, NULL);
-				Snapshot	after = IsolationUsesXactSnapshot() ? snap : RegisterSnapshot(GetLatestSnapshot());
+			Relation	debt = LedgerOpenTable("accrual_debt", AccessShareLock);
+			TupleTableSlot *ds = table_slot_create(debt, NULL);
+			Snapshot	after = IsolationUsesXactSnapshot() ? snap : RegisterSnapshot(GetLatestSnapshot());
 
-				b->has_debts = LedgerIndexFetch(debt, "accrual_debt_open_idx", 1, keys, after, ds);
-				if (after != snap)
-					UnregisterSnapshot(after);
-				ExecDropSingleTupleTableSlot(ds);
-			}
+			b->has_debts = LedgerIndexFetch(debt, "accrual_debt_open_idx", 1, keys, after, ds);
+			if (after != snap)
+				UnregisterSnapshot(after);
+			ExecDropSingleTupleTableSlot(ds);
 			table_close(debt, NoLock);
 		}
 

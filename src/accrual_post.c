@@ -523,11 +523,7 @@ AccrualReadHeads(AccrualBatch *b)
 bool
 AccrualDebtsRecorded(void)
 {
-	Relation	debt = LedgerOpenTable("accrual_debt", AccessShareLock);
-	bool		any = RelationGetNumberOfBlocks(debt) > 0;
-
-	table_close(debt, NoLock);
-	return any;
+	return AccrualTableRows("accrual_debt", 1.0) > 0;
 }
 
 /* Lock the member accounts of the good rows, in account-id order. */
