@@ -28,7 +28,20 @@ shared_buffers = 256MB
 synchronous_commit = off
 CONF
 as_pg "$bindir/pg_ctl" -D "$work/data" -l "$work/log" -w start >/dev/null
-{ echo "CREATE EXTENSION loyalty;"; oltp_setup 10000; } |
+# A history of 20,000 purchases in both tables first (through the trigger
+# for the attached one), then VACUUM ANALYZE: the measured sales go where a
+# running program's do, into btrees of some depth and a block range of
+# accrual_time_brin that no VACUUM has summarized yet. Into empty tables
+# they land in the first block range, whose summary the index's creation
+# made, and each widens it: the index cost 14,500 instructions per sale
+# there, against 5,600 with the history (measured when the history was
+# added; without the index: 224,450 and 221,393 per sale).
+{ echo "CREATE EXTENSION loyalty;"; oltp_setup 10000
+  for t in bare acc; do
+      echo "INSERT INTO orders_$t SELECT 'h' || i, 'm' || (i % 10000 + 1), (i % 200 + 1) + 0.5,"
+      echo "       now() - interval '20 days' + i * interval '1 minute', 'books' FROM generate_series(1, 20000) i;"
+  done
+  echo "VACUUM ANALYZE;"; } |
     as_pg psql -X -q -v ON_ERROR_STOP=1 -h "$work" -d postgres >/dev/null
 as_pg "$bindir/pg_ctl" -D "$work/data" -m fast -w stop >/dev/null
 for t in bare acc; do

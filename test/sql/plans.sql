@@ -161,4 +161,30 @@ SET enable_seqscan = off;
 SELECT count(*) AS purchases, sum(points) AS points FROM loyalty.accrual a JOIN loyalty.program p ON p.id = a.program_id
 WHERE p.code = 'hist';
 
+-- simulate_accrual finds its window's purchases through the BRIN index on
+-- occurred_at (accrual_time_brin), not by reading the program's whole
+-- history: 24 days of 1,000 purchases, a window of one day. Sequential
+-- scans allowed, as in production; the index's scans are counted from
+-- pg_stat_user_indexes once this backend's statistics are flushed.
+SET enable_seqscan = on;
+SELECT loyalty.create_program('sim', 'Simulated', 'UTC') > 0 AS program;
+SELECT count(loyalty.enroll('sim', 's' || i, occurred_at => '2026-01-01')) AS members FROM generate_series(1, 500) i;
+SELECT loyalty.set_earning_rules('sim', '{"base": {"per": 1, "points": 1}}', '2026-01-01', 'plans') AS version;
+CREATE TABLE plans_sim (id text PRIMARY KEY, customer text, total numeric, placed_at timestamptz);
+SELECT loyalty.attach_accrual('plans_sim', 'sim', 'customer', 'total', 'id', 'placed_at');
+INSERT INTO plans_sim SELECT 's' || i, 's' || (i % 500 + 1), 10,
+       timestamptz '2026-03-01' + (i - 1) * interval '86.4 seconds' FROM generate_series(1, 24000) i;
+VACUUM ANALYZE loyalty.accrual;
+SELECT pg_stat_force_next_flush();
+SELECT pg_stat_clear_snapshot();
+SELECT coalesce(sum(idx_scan), 0) AS brin_scans_before FROM pg_stat_user_indexes
+WHERE schemaname = 'loyalty' AND indexrelname = 'accrual_time_brin' \gset
+SELECT * FROM loyalty.simulate_accrual('sim', '{"base": {"per": 1, "points": 2}}', '2026-03-10', '2026-03-11');
+SELECT pg_stat_force_next_flush();
+SELECT pg_stat_clear_snapshot();
+SELECT cmp_ok((SELECT coalesce(sum(idx_scan), 0)::bigint FROM pg_stat_user_indexes
+               WHERE schemaname = 'loyalty' AND indexrelname = 'accrual_time_brin'), '>', :brin_scans_before::bigint,
+              'simulate_accrual reads its window through accrual_time_brin');
+SET enable_seqscan = off;
+
 SELECT * FROM finish();
