@@ -1,7 +1,7 @@
 # Shared by the instruction-count benches (sourced, not run: scripts/bench
 # runs only *.sh): a cluster of their own, stopped while a single-user
 # backend runs a file of SQL under valgrind's callgrind. Instruction counts
-# move by less than 0.01 % between runs, where the throughput of a shared
+# move by less than 0.1 % between runs, where the throughput of a shared
 # 2-core VM moves by a fifth, so these rows show what a change saves.
 #
 #   cpu_cluster          init and start a cluster in $cpu_work (loyalty
