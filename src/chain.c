@@ -11,9 +11,9 @@
 
 #include "common/cryptohash.h"
 #include "fmgr.h"
-#include "lib/stringinfo.h"
 #include "port/pg_bswap.h"
 #include "utils/builtins.h"
+#include "utils/resowner.h"
 #include "utils/timestamp.h"
 
 #include "chain.h"
@@ -22,58 +22,125 @@
 PG_FUNCTION_INFO_V1(transfer_hash);
 PG_FUNCTION_INFO_V1(chain_step);
 
+/*
+ * The content is fed to SHA-256 through a buffer on the stack, flushed when
+ * full: the same bytes in the same order as one update, without building
+ * them in palloc'd memory first.
+ */
+typedef struct ChainFeed
+{
+	pg_cryptohash_ctx *ctx;
+	int			len;
+	uint8		data[256];
+} ChainFeed;
+
 static void
-ChainPutInt64(StringInfo buf, int64 value)
+ChainFlush(ChainFeed *f)
+{
+	if (f->len > 0 && pg_cryptohash_update(f->ctx, f->data, f->len) < 0)
+		elog(ERROR, "could not compute SHA-256: %s", pg_cryptohash_error(f->ctx));
+	f->len = 0;
+}
+
+static void
+ChainPut(ChainFeed *f, const void *data, size_t len)
+{
+	if (f->len + len > sizeof(f->data))
+	{
+		ChainFlush(f);
+		if (len > sizeof(f->data))
+		{
+			if (pg_cryptohash_update(f->ctx, data, len) < 0)
+				elog(ERROR, "could not compute SHA-256: %s", pg_cryptohash_error(f->ctx));
+			return;
+		}
+	}
+	memcpy(f->data + f->len, data, len);
+	f->len += len;
+}
+
+static void
+ChainPutInt64(ChainFeed *f, int64 value)
 {
 	uint64		n = pg_hton64((uint64) value);
 
-	appendBinaryStringInfo(buf, (const char *) &n, sizeof(n));
+	ChainPut(f, &n, sizeof(n));
 }
 
 static void
-ChainPutBytes(StringInfo buf, const void *data, int len)
+ChainPutBytes(ChainFeed *f, const void *data, int len)
 {
 	uint32		n = pg_hton32((uint32) (data == NULL ? -1 : len));
 
-	appendBinaryStringInfo(buf, (const char *) &n, sizeof(n));
+	ChainPut(f, &n, sizeof(n));
 	if (data != NULL)
-		appendBinaryStringInfo(buf, data, len);
+		ChainPut(f, data, len);
 }
 
 static void
-ChainPutText(StringInfo buf, const char *text)
+ChainPutText(ChainFeed *f, const char *text)
 {
-	ChainPutBytes(buf, text, text == NULL ? 0 : strlen(text));
+	ChainPutBytes(f, text, text == NULL ? 0 : strlen(text));
+}
+
+/*
+ * The backend's SHA-256 context, made once and initialised again for each
+ * hash (a bulk statement hashes a million transfers). It belongs to a
+ * resource owner of its own that lives as long as the backend, so that no
+ * transaction's end frees it; an error between init and final leaves it to
+ * the next init.
+ */
+static pg_cryptohash_ctx *
+ChainContext(void)
+{
+	static pg_cryptohash_ctx *ctx = NULL;
+
+	if (ctx == NULL)
+	{
+		static ResourceOwner owner = NULL;
+		ResourceOwner saved = CurrentResourceOwner;
+
+		if (owner == NULL)
+			owner = ResourceOwnerCreate(NULL, "loyalty hash chain");
+		CurrentResourceOwner = owner;
+		PG_TRY();
+		{
+			ctx = pg_cryptohash_create(PG_SHA256);
+		}
+		PG_FINALLY();
+		{
+			CurrentResourceOwner = saved;
+		}
+		PG_END_TRY();
+	}
+	return ctx;
 }
 
 void
 ChainHash(const ChainContent *c, uint8 *out)
 {
-	StringInfoData buf;
-	pg_cryptohash_ctx *ctx;
+	ChainFeed	f;
 
-	initStringInfo(&buf);
-	ChainPutInt64(&buf, c->program_id);
-	ChainPutInt64(&buf, c->debit_account);
-	ChainPutInt64(&buf, c->credit_account);
-	ChainPutInt64(&buf, c->amount);
-	ChainPutText(&buf, c->kind);
-	ChainPutText(&buf, c->ref);
-	ChainPutInt64(&buf, c->occurred_at);
-	ChainPutInt64(&buf, c->posted_at);
-	ChainPutInt64(&buf, c->has_rule_version ? c->rule_version : PG_INT64_MIN);
-	ChainPutText(&buf, c->actor);
-	ChainPutText(&buf, c->reason);
-	ChainPutBytes(&buf, c->debit_prev, c->debit_prev_len);
-	ChainPutBytes(&buf, c->credit_prev, c->credit_prev_len);
-
-	ctx = pg_cryptohash_create(PG_SHA256);
-	if (pg_cryptohash_init(ctx) < 0 ||
-		pg_cryptohash_update(ctx, (uint8 *) buf.data, buf.len) < 0 ||
-		pg_cryptohash_final(ctx, out, CHAIN_HASH_LEN) < 0)
-		elog(ERROR, "could not compute SHA-256: %s", pg_cryptohash_error(ctx));
-	pg_cryptohash_free(ctx);
-	pfree(buf.data);
+	f.ctx = ChainContext();
+	f.len = 0;
+	if (pg_cryptohash_init(f.ctx) < 0)
+		elog(ERROR, "could not compute SHA-256: %s", pg_cryptohash_error(f.ctx));
+	ChainPutInt64(&f, c->program_id);
+	ChainPutInt64(&f, c->debit_account);
+	ChainPutInt64(&f, c->credit_account);
+	ChainPutInt64(&f, c->amount);
+	ChainPutText(&f, c->kind);
+	ChainPutText(&f, c->ref);
+	ChainPutInt64(&f, c->occurred_at);
+	ChainPutInt64(&f, c->posted_at);
+	ChainPutInt64(&f, c->has_rule_version ? c->rule_version : PG_INT64_MIN);
+	ChainPutText(&f, c->actor);
+	ChainPutText(&f, c->reason);
+	ChainPutBytes(&f, c->debit_prev, c->debit_prev_len);
+	ChainPutBytes(&f, c->credit_prev, c->credit_prev_len);
+	ChainFlush(&f);
+	if (pg_cryptohash_final(f.ctx, out, CHAIN_HASH_LEN) < 0)
+		elog(ERROR, "could not compute SHA-256: %s", pg_cryptohash_error(f.ctx));
 }
 
 static const char *

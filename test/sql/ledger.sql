@@ -236,6 +236,35 @@ SELECT throws_ok($$DELETE FROM loyalty.transfer WHERE id = 1$$, 'LY005', 'DELETE
 RESET session_replication_role;
 
 -- ---- the hash chain ----
+-- The canonical content, hashed here with PostgreSQL's own sha256(): the
+-- serialisation documented in ledger.md, pinned so that a chain written by
+-- one build verifies under the next. Integers as 8 big-endian bytes
+-- (timestamps as microseconds since 2000-01-01), texts and hashes as a
+-- 4-byte length (-1 for NULL) and their bytes, a NULL rule version as the
+-- smallest int8. The second case has a reason longer than the 256 bytes
+-- the C code buffers.
+CREATE FUNCTION pg_temp.canon_text(t text) RETURNS bytea LANGUAGE sql AS $$
+    SELECT CASE WHEN t IS NULL THEN int4send(-1) ELSE int4send(octet_length(t)) || convert_to(t, 'UTF8') END
+$$;
+CREATE FUNCTION pg_temp.canon_ts(t timestamptz) RETURNS bytea LANGUAGE sql AS $$
+    SELECT int8send((extract(epoch FROM t - timestamptz '2000-01-01 00:00+00') * 1000000)::bigint)
+$$;
+SELECT is(loyalty.transfer_hash(7, 11, 12, 250, 'earn', 'ord-é1', '2026-03-01 10:00:00.123456+00',
+                                '2026-03-02 08:30+00', NULL, 'alice', NULL, NULL, '\x0102'::bytea),
+          sha256(int8send(7) || int8send(11) || int8send(12) || int8send(250)
+                 || pg_temp.canon_text('earn') || pg_temp.canon_text('ord-é1')
+                 || pg_temp.canon_ts('2026-03-01 10:00:00.123456+00') || pg_temp.canon_ts('2026-03-02 08:30+00')
+                 || int8send(-9223372036854775808) || pg_temp.canon_text('alice') || pg_temp.canon_text(NULL)
+                 || int4send(-1) || int4send(2) || '\x0102'::bytea),
+          'transfer_hash: the canonical content, hashed by sha256()');
+SELECT is(loyalty.transfer_hash(7, 11, 12, -40, 'adjust', 'fix-1', '2026-03-01 10:00+00',
+                                '2026-03-01 10:00+00', 3, 'bob', repeat('long reason ', 40), sha256('\x01'), sha256('\x02')),
+          sha256(int8send(7) || int8send(11) || int8send(12) || int8send(-40)
+                 || pg_temp.canon_text('adjust') || pg_temp.canon_text('fix-1')
+                 || pg_temp.canon_ts('2026-03-01 10:00+00') || pg_temp.canon_ts('2026-03-01 10:00+00')
+                 || int8send(3) || pg_temp.canon_text('bob') || pg_temp.canon_text(repeat('long reason ', 40))
+                 || int4send(32) || sha256('\x01') || int4send(32) || sha256('\x02')),
+          'transfer_hash: a rule version, a reason longer than the buffer, both previous hashes');
 SELECT is_empty($$SELECT * FROM loyalty.verify_chain('shop')$$, 'every chain verifies');
 SELECT throws_ok($$SELECT * FROM loyalty.verify_chain('nope')$$, 'LY002', 'program "nope" does not exist', 'verify_chain: unknown program');
 -- a superuser who drops the guard can still change rows: the chain shows where
