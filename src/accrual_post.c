@@ -276,13 +276,23 @@ AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code)
 	b->earliest = b->rules->nversions > 0 ? b->rules->versions[0].effective_from : DT_NOEND;
 }
 
-static char *
-AccrualText(HeapTuple tup, TupleDesc desc, int col)
+/*
+ * A row of the read query, deformed once (SPI_getbinval per column walks
+ * the tuple from its first variable-width column each time).
+ */
+typedef struct AccrualReadTuple
 {
-	bool		isnull;
-	Datum		d = SPI_getbinval(tup, desc, col, &isnull);
+	Datum		values[COL_ORD];
+	bool		nulls[COL_ORD];
+} AccrualReadTuple;
 
-	return isnull ? NULL : TextDatumGetCString(d);
+#define ACCRUAL_COL(t, col) ((t)->values[(col) - 1])
+#define ACCRUAL_NULL(t, col) ((t)->nulls[(col) - 1])
+
+static char *
+AccrualText(const AccrualReadTuple *t, int col)
+{
+	return ACCRUAL_NULL(t, col) ? NULL : TextDatumGetCString(ACCRUAL_COL(t, col));
 }
 
 /*
@@ -314,9 +324,8 @@ AccrualBlank(const char *s)
 
 /* Decide what is wrong with a row, if anything. */
 static void
-AccrualProblem(AccrualBatch *b, AccrualRow *r, HeapTuple tup, TupleDesc desc)
+AccrualProblem(AccrualBatch *b, AccrualRow *r, const AccrualReadTuple *t)
 {
-	bool		isnull;
 	char	   *status;
 
 	if (r->ref == NULL)
@@ -344,12 +353,12 @@ AccrualProblem(AccrualBatch *b, AccrualRow *r, HeapTuple tup, TupleDesc desc)
 	else if (r->account_id == 0)
 		r->problem = psprintf("member \"%s\" does not exist in program \"%s\"", r->member_ref, b->code),
 			r->sqlstate = "LY003";
-	else if (strcmp((status = AccrualText(tup, desc, COL_STATUS)), "active") != 0)
+	else if (strcmp((status = AccrualText(t, COL_STATUS)), "active") != 0)
 		r->problem = psprintf("member \"%s\" of program \"%s\" is %s", r->member_ref, b->code, status),
 			r->sqlstate = "LY004";
-	else if (DatumGetBool(SPI_getbinval(tup, desc, COL_EXISTS, &isnull)))
-		AccrualRepeat(r, DatumGetInt64(SPI_getbinval(tup, desc, COL_EXISTING_POINTS, &isnull)),
-					  DatumGetBool(SPI_getbinval(tup, desc, COL_SAME, &isnull)), true);
+	else if (DatumGetBool(ACCRUAL_COL(t, COL_EXISTS)))
+		AccrualRepeat(r, DatumGetInt64(ACCRUAL_COL(t, COL_EXISTING_POINTS)),
+					  DatumGetBool(ACCRUAL_COL(t, COL_SAME)), true);
 	else if ((r->rules = AccrualRulesAt(b->rules, r->occurred_at)) == NULL)
 		r->problem = psprintf("program \"%s\" has no earning rules in force at %s", b->code,
 							  timestamptz_to_str(r->occurred_at)),
@@ -378,42 +387,39 @@ AccrualReadRows(AccrualBatch *b)
 
 	b->nrows = SPI_processed;
 	b->rows = palloc0(sizeof(AccrualRow) * Max(b->nrows, 1));
+	if (desc->natts != COL_ORD)
+		elog(ERROR, "the read query returned %d columns, not %d", desc->natts, COL_ORD);
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
 		AccrualRow *r = &b->rows[i];
-		bool		isnull;
-		Datum		d;
+		AccrualReadTuple t;
 
-		r->ref = AccrualText(tup, desc, COL_REF);
-		r->member_ref = AccrualText(tup, desc, COL_MEMBER_REF);
-		d = SPI_getbinval(tup, desc, COL_AMOUNT, &r->amount_null);
+		heap_deform_tuple(SPI_tuptable->vals[i], desc, t.values, t.nulls);
+		r->ref = AccrualText(&t, COL_REF);
+		r->member_ref = AccrualText(&t, COL_MEMBER_REF);
+		r->amount_null = ACCRUAL_NULL(&t, COL_AMOUNT);
 		if (!r->amount_null)
 		{
-			r->amount = datumCopy(d, false, -1);
+			r->amount = datumCopy(ACCRUAL_COL(&t, COL_AMOUNT), false, -1);
 			r->amount_d = DatumGetFloat8(DirectFunctionCall1(numeric_float8_no_overflow, r->amount));
 		}
-		d = SPI_getbinval(tup, desc, COL_OCCURRED_AT, &isnull);
-		r->occurred_at = isnull ? 0 : DatumGetTimestampTz(d);
-		r->occurred_unset = DatumGetBool(SPI_getbinval(tup, desc, COL_OCCURRED_UNSET, &isnull));
-		r->ord = DatumGetInt64(SPI_getbinval(tup, desc, COL_ORD, &isnull));
-		r->category = AccrualText(tup, desc, COL_CATEGORY);
-		r->channel = AccrualText(tup, desc, COL_CHANNEL);
-		r->store = AccrualText(tup, desc, COL_STORE);
-		d = SPI_getbinval(tup, desc, COL_ATTRS, &r->attrs_null);
+		r->occurred_at = ACCRUAL_NULL(&t, COL_OCCURRED_AT) ? 0 : DatumGetTimestampTz(ACCRUAL_COL(&t, COL_OCCURRED_AT));
+		r->occurred_unset = ACCRUAL_NULL(&t, COL_OCCURRED_UNSET) ? false : DatumGetBool(ACCRUAL_COL(&t, COL_OCCURRED_UNSET));
+		r->ord = ACCRUAL_NULL(&t, COL_ORD) ? 0 : DatumGetInt64(ACCRUAL_COL(&t, COL_ORD));
+		r->category = AccrualText(&t, COL_CATEGORY);
+		r->channel = AccrualText(&t, COL_CHANNEL);
+		r->store = AccrualText(&t, COL_STORE);
+		r->attrs_null = ACCRUAL_NULL(&t, COL_ATTRS);
 		if (!r->attrs_null)
-			r->attrs = datumCopy(d, false, -1);
-		d = SPI_getbinval(tup, desc, COL_MEMBER_ID, &isnull);
-		r->member_id = isnull ? 0 : DatumGetInt64(d);
-		r->tier = AccrualText(tup, desc, COL_TIER);
-		d = SPI_getbinval(tup, desc, COL_ACCOUNT, &isnull);
-		r->account_id = isnull ? 0 : DatumGetInt64(d);
-		d = SPI_getbinval(tup, desc, COL_BIRTH_MONTH, &isnull);
-		r->birth_month = isnull ? 0 : DatumGetInt32(d);
-		d = SPI_getbinval(tup, desc, COL_ROW, &r->whole_null);
+			r->attrs = datumCopy(ACCRUAL_COL(&t, COL_ATTRS), false, -1);
+		r->member_id = ACCRUAL_NULL(&t, COL_MEMBER_ID) ? 0 : DatumGetInt64(ACCRUAL_COL(&t, COL_MEMBER_ID));
+		r->tier = AccrualText(&t, COL_TIER);
+		r->account_id = ACCRUAL_NULL(&t, COL_ACCOUNT) ? 0 : DatumGetInt64(ACCRUAL_COL(&t, COL_ACCOUNT));
+		r->birth_month = ACCRUAL_NULL(&t, COL_BIRTH_MONTH) ? 0 : DatumGetInt32(ACCRUAL_COL(&t, COL_BIRTH_MONTH));
+		r->whole_null = ACCRUAL_NULL(&t, COL_ROW);
 		if (!r->whole_null)
-			r->whole = datumCopy(d, false, -1);
-		AccrualProblem(b, r, tup, desc);
+			r->whole = datumCopy(ACCRUAL_COL(&t, COL_ROW), false, -1);
+		AccrualProblem(b, r, &t);
 	}
 
 	/*
