@@ -132,6 +132,22 @@ AccrualChunkMemory(AccrualBatch *b)
  * purchases and members, which it does for a statement of some thousand
  * rows whatever the size of those tables.
  */
+/*
+ * The join that finds each row n's member m (program $1), by probing the
+ * member key per row (ACCRUAL_PROBE_MEMBERS) or as the planner likes: the
+ * read query's and the lock query's. A LEFT JOIN: the read query keeps the
+ * rows of unknown members to quarantine them, and the lock query's join to
+ * the account drops them.
+ */
+static const char *
+AccrualMemberJoin(int probes)
+{
+	return (probes & ACCRUAL_PROBE_MEMBERS) ?
+		"LEFT JOIN LATERAL (SELECT mm.id, mm.status, mm.tier FROM loyalty.member mm"
+		"                    WHERE mm.program_id = $1 AND mm.member_ref = n.member_ref OFFSET 0) m ON true"
+		: "LEFT JOIN loyalty.member m ON m.program_id = $1 AND m.member_ref = n.member_ref";
+}
+
 char *
 AccrualReadSql(const char *source, bool birthday, int probes)
 {
@@ -156,10 +172,7 @@ AccrualReadSql(const char *source, bool birthday, int probes)
 					"  %s"
 					"  %s",
 					birthday ? "extract(month FROM c.birthday)::int" : "NULL::int", source,
-					(probes & ACCRUAL_PROBE_MEMBERS) ?
-					"LEFT JOIN LATERAL (SELECT mm.id, mm.status, mm.tier FROM loyalty.member mm"
-					"                    WHERE mm.program_id = $1 AND mm.member_ref = n.member_ref OFFSET 0) m ON true"
-					: "LEFT JOIN loyalty.member m ON m.program_id = $1 AND m.member_ref = n.member_ref",
+					AccrualMemberJoin(probes),
 					birthday ? "LEFT JOIN loyalty.member_contact c ON c.member_id = m.id" : "",
 					(probes & ACCRUAL_PROBE_HISTORY) ?
 					"LEFT JOIN LATERAL (SELECT e.id, e.member_id, e.amount, e.occurred_at, e.category,"
@@ -1714,11 +1727,7 @@ AccrualLockSql(const char *source, int probes)
 					"                %s"
 					"                JOIN loyalty.account a2 ON a2.member_id = m.id)"
 					" ORDER BY a.id FOR UPDATE OF a",
-					source,
-					(probes & ACCRUAL_PROBE_MEMBERS) ?
-					"CROSS JOIN LATERAL (SELECT mm.id FROM loyalty.member mm WHERE mm.program_id = $1"
-					"                    AND mm.member_ref = n.member_ref OFFSET 0) m"
-					: "JOIN loyalty.member m ON m.program_id = $1 AND m.member_ref = n.member_ref");
+					source, AccrualMemberJoin(probes));
 }
 
 static void
