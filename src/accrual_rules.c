@@ -819,9 +819,7 @@ AccrualNumber(StringInfo buf, double d)
 				n--;
 			p += n;
 		}
-		*p = '\0';
-		if (strcmp(s, "-0") == 0)
-			strcpy(s, "0");
+		*p = '\0';				/* a negative r is at least a millionth: never "-0" */
 		appendStringInfoString(buf, s);
 		return;
 	}
