@@ -182,6 +182,13 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
     UNION ALL
     SELECT t.* FROM loyalty.accrual x JOIN loyalty.transfer t ON t.id = x.transfer_id
     WHERE x.account_id = p_account
+    UNION ALL
+    -- deferred purchases: the line each will be, without its hash yet
+    SELECT x.id, x.program_id, s.id, x.account_id, x.points::loyalty.points, 'accrual', x.ref,
+           x.occurred_at, x.posted_at, x.rule_version, x.actor, NULL::text, NULL::bytea, NULL::bytea, NULL::bytea
+    FROM loyalty.accrual x
+    JOIN loyalty.account s ON s.program_id = x.program_id AND s.kind = 'issuance' AND s.name = ''
+    WHERE x.account_id = p_account AND x.transfer_id IS NULL AND x.points > 0
 $$;
 COMMENT ON FUNCTION loyalty._account_transfers(bigint) IS 'Internal: the journal lines of a member account (credited or debited), written so that both account indexes serve it';
 
@@ -281,13 +288,18 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
         WHERE lu.account_id = p_account AND lu.occurred_at > p_as_of
         GROUP BY lu.lot_id
     ), lots AS (
-        SELECT l.*, coalesce(u.used_after, 0) AS used_after
+        SELECT l.id, l.remaining, l.occurred_at, l.vests_at, l.expires_at, coalesce(u.used_after, 0) AS used_after
         FROM loyalty.lot l LEFT JOIN used u ON u.lot_id = l.id
         WHERE l.account_id = p_account AND l.remaining OPERATOR(loyalty.>) 0 AND l.occurred_at <= p_as_of
         UNION ALL
-        SELECT l.*, u.used_after
+        SELECT l.id, l.remaining, l.occurred_at, l.vests_at, l.expires_at, u.used_after
         FROM used u JOIN loyalty.lot l ON l.id = u.lot_id
         WHERE l.remaining OPERATOR(loyalty.=) 0 AND l.occurred_at <= p_as_of
+        UNION ALL
+        -- deferred purchases: the lot each will be, never used yet
+        SELECT x.id, x.points::loyalty.points, x.occurred_at, x.vests_at, x.expires_at, 0
+        FROM loyalty.accrual x
+        WHERE x.account_id = p_account AND x.transfer_id IS NULL AND x.points > 0 AND x.occurred_at <= p_as_of
     )
     SELECT l.id, (l.remaining::bigint + l.used_after)::loyalty.points, l.vests_at,
            CASE WHEN r.rolling THEN least(l.expires_at, loyalty._rolling_lapse(p_account, l.occurred_at, p_as_of))
@@ -489,6 +501,123 @@ CREATE AGGREGATE loyalty.chain(head bytea, credit_side boolean, program_id bigin
     STYPE = bytea
 );
 COMMENT ON AGGREGATE loyalty.chain(bytea, boolean, bigint, bigint, bigint, loyalty.points, text, text, timestamptz, timestamptz, integer, text, text) IS 'Window aggregate for set-based postings: OVER (PARTITION BY account ORDER BY transfer id) it gives each transfer''s hash, chained from head (the account''s last_hash) on the member side named by credit_side';
+
+-- ---- deferred journal lines ----
+--
+-- A purchase still in its return window is posted as its row in
+-- loyalty.accrual and its member's balance only: its journal line and lot
+-- are deferred (docs/accrual.md, "Deferred journal lines"). They are
+-- written, exactly as the sale would have written them (the same id, the
+-- same posted_at and actor, chained in id order), by whatever first needs
+-- the account's lots or chain: any posting to or from the account, a
+-- refund, a hold, the vest and expire jobs. Readers count deferred
+-- purchases where they read lots and lines (_lots_as_of,
+-- _account_transfers), so nothing a member or an analyst sees depends on
+-- whether they are written yet.
+
+-- Write the deferred journal lines and lots of the given member accounts.
+-- Locks those that have any in id order first (a caller already holding
+-- them waits for nothing); returns how many purchases it wrote. Set-based:
+-- one statement for any number of accounts, chained as _job_expire does.
+CREATE FUNCTION loyalty._materialize(p_accounts bigint[]) RETURNS bigint
+LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
+DECLARE
+    v_locked bigint[];
+    v_n bigint;
+BEGIN
+    SELECT array_agg(x.id) INTO v_locked
+    FROM (SELECT a.id FROM loyalty.account a
+          WHERE a.id = ANY (p_accounts) AND a.deferred_day IS NOT NULL
+          ORDER BY a.id FOR UPDATE) x;
+    IF v_locked IS NULL THEN
+        RETURN 0;
+    END IF;
+    WITH d AS (
+        SELECT x.id, x.program_id, x.account_id, x.ref, x.points::loyalty.points AS points, x.occurred_at,
+               x.vests_at, x.expires_at, x.rule_version, x.posted_at, x.actor, a.last_hash AS head,
+               s.id AS issuance
+        FROM loyalty.account a
+        JOIN loyalty.accrual x ON x.account_id = a.id AND x.day >= a.deferred_day
+        JOIN loyalty.account s ON s.program_id = a.program_id AND s.kind = 'issuance' AND s.name = ''
+        WHERE a.id = ANY (v_locked) AND x.transfer_id IS NULL AND x.points > 0
+    ), hashed AS (
+        SELECT d.*, loyalty.chain(d.head, true, d.program_id, d.issuance, d.account_id, d.points, 'accrual',
+                                  d.ref, d.occurred_at, d.posted_at, d.rule_version, d.actor, NULL::text)
+                        OVER (PARTITION BY d.account_id ORDER BY d.id) AS hash
+        FROM d
+    ), chained AS (
+        SELECT h.*, coalesce(lag(h.hash) OVER w, h.head) AS prev,
+               row_number() OVER (PARTITION BY h.account_id ORDER BY h.id DESC) AS from_last
+        FROM hashed h WINDOW w AS (PARTITION BY h.account_id ORDER BY h.id)
+    ), t AS (
+        INSERT INTO loyalty.transfer (id, program_id, debit_account_id, credit_account_id, amount, kind, ref,
+                                      occurred_at, posted_at, rule_version, actor, reason,
+                                      debit_prev_hash, credit_prev_hash, hash)
+        SELECT c.id, c.program_id, c.issuance, c.account_id, c.points, 'accrual', c.ref,
+               c.occurred_at, c.posted_at, c.rule_version, c.actor, NULL, NULL, c.prev, c.hash
+        FROM chained c
+    ), l AS (
+        INSERT INTO loyalty.lot (id, account_id, transfer_id, amount, remaining, occurred_at, vests_at,
+                                 expires_at, pending)
+        SELECT c.id, c.account_id, c.id, c.points, c.points, c.occurred_at, c.vests_at, c.expires_at,
+               c.vests_at > c.occurred_at
+        FROM chained c
+    ), x AS (
+        UPDATE loyalty.accrual x SET transfer_id = x.id, actor = NULL
+          FROM chained c WHERE x.program_id = c.program_id AND x.ref = c.ref
+    ), s AS (
+        SELECT c.account_id, (array_agg(c.hash) FILTER (WHERE c.from_last = 1))[1] AS last_hash,
+               max(c.id) AS last_tid
+        FROM chained c GROUP BY c.account_id
+    ), a AS (
+        UPDATE loyalty.account a
+           SET last_hash = coalesce(s.last_hash, a.last_hash),
+               last_transfer_id = coalesce(s.last_tid, a.last_transfer_id),
+               deferred_day = NULL
+          FROM unnest(v_locked) AS k(id) LEFT JOIN s ON s.account_id = k.id
+         WHERE a.id = k.id
+    )
+    SELECT count(*) INTO v_n FROM chained;
+    RETURN v_n;
+END $$;
+COMMENT ON FUNCTION loyalty._materialize(bigint[]) IS 'Internal: writes the deferred journal lines and lots of member accounts (locking them), as their sales would have; returns how many';
+
+-- Lock member accounts in id order, as every posting does, and write their
+-- deferred journal lines and lots: for writers that read or chain onto an
+-- account's lots and lines next.
+CREATE FUNCTION loyalty._lock_accounts(p_accounts bigint[]) RETURNS void
+LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
+DECLARE
+    v_deferred bigint[];
+BEGIN
+    SELECT array_agg(x.id) FILTER (WHERE x.deferred) INTO v_deferred
+    FROM (SELECT a.id, a.deferred_day IS NOT NULL AS deferred FROM loyalty.account a
+          WHERE a.id = ANY (p_accounts) ORDER BY a.id FOR UPDATE) x;
+    IF v_deferred IS NOT NULL THEN
+        PERFORM loyalty._materialize(v_deferred);
+    END IF;
+END $$;
+COMMENT ON FUNCTION loyalty._lock_accounts(bigint[]) IS 'Internal: locks accounts in id order and writes their deferred journal lines and lots';
+
+-- The deferred purchases due at p_as_of (their lots vest or expire by
+-- then), at most p_limit of them in the order they fall due, name the
+-- accounts whose deferred lines are written: the vest and expire jobs
+-- call this before they read lots. Returns how many purchases it wrote.
+CREATE FUNCTION loyalty._materialize_due(p_as_of timestamptz, p_limit integer) RETURNS bigint
+LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
+DECLARE
+    v_accounts bigint[];
+BEGIN
+    SELECT array_agg(DISTINCT x.account_id) INTO v_accounts
+    FROM (SELECT x.account_id FROM loyalty.accrual x
+          WHERE x.transfer_id IS NULL AND x.points > 0 AND least(x.vests_at, x.expires_at) <= p_as_of
+          ORDER BY least(x.vests_at, x.expires_at) LIMIT p_limit) x;
+    IF v_accounts IS NULL THEN
+        RETURN 0;
+    END IF;
+    RETURN loyalty._materialize(v_accounts);
+END $$;
+COMMENT ON FUNCTION loyalty._materialize_due(timestamptz, integer) IS 'Internal: writes the deferred journal lines of the accounts whose deferred purchases vest or expire by a moment (at most a batch of purchases); returns how many';
 
 -- What a member owes that the balance shows below zero at p_as_of (a
 -- refund's shortfall under the program option shortfall "negative"), and

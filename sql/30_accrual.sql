@@ -298,7 +298,7 @@ BEGIN
         RAISE EXCEPTION 'purchase "%" does not exist in program "%"', ref, program USING ERRCODE = 'LY011';
     END IF;
     -- the member account first, as every posting locks it, then the purchase
-    PERFORM FROM loyalty.account x WHERE x.id = a.account_id FOR UPDATE;
+    PERFORM loyalty._lock_accounts(ARRAY[a.account_id]);
     SELECT * INTO a FROM loyalty.accrual x WHERE x.program_id = v_program AND x.ref = ref FOR UPDATE;
     UPDATE loyalty.accrual_quarantine q SET withdrawn_at = clock_timestamp()
     WHERE q.program_id = v_program AND q.kind = 'refund' AND q.ref = ref
@@ -421,11 +421,14 @@ BEGIN
                'occurred_at', a.occurred_at, 'category', a.category, 'channel', a.channel,
                'store', a.store, 'expires_at', a.expires_at,
                'refunded_amount', a.refunded_amount, 'refunded_points', a.refunded_points,
-               'transfer_id', t.id, 'posted_points', t.amount::bigint)
+               -- a deferred purchase's line is not written yet: the id and
+               -- points it will be written with
+               'transfer_id', coalesce(t.id, d.id), 'posted_points', coalesce(t.amount::bigint, d.points))
       INTO v
     FROM loyalty.accrual a
     JOIN loyalty.member m ON m.id = a.member_id
     LEFT JOIN loyalty.transfer t ON t.id = a.transfer_id
+    LEFT JOIN LATERAL (SELECT a.id, a.points WHERE a.transfer_id IS NULL AND a.points > 0) d ON true
     WHERE a.program_id = v_program AND a.ref = explain_accrual.ref;
     IF v IS NULL THEN
         RAISE EXCEPTION 'purchase "%" does not exist in program "%"', ref, program

@@ -203,10 +203,17 @@ LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
 #variable_conflict use_column
 DECLARE
     v_lots bigint[];
+    v_written bigint;
 BEGIN
-    SELECT array_agg(l.id) INTO v_lots
-    FROM (SELECT l.id FROM loyalty.lot l WHERE l.pending AND l.vests_at <= as_of
-          ORDER BY l.vests_at, l.id LIMIT batch_size) l;
+    LOOP
+        -- deferred purchases due by as_of get their lots first (docs/accrual.md)
+        v_written := loyalty._materialize_due(as_of, batch_size);
+        SELECT array_agg(l.id) INTO v_lots
+        FROM (SELECT l.id FROM loyalty.lot l WHERE l.pending AND l.vests_at <= as_of
+              ORDER BY l.vests_at, l.id LIMIT batch_size) l;
+        -- lots written that only expire by as_of (not vest) leave none: go on
+        EXIT WHEN v_lots IS NOT NULL OR v_written = 0;
+    END LOOP;
     IF v_lots IS NULL THEN
         RETURN QUERY SELECT 0::bigint, 0::bigint;
         RETURN;
@@ -399,11 +406,10 @@ COMMENT ON FUNCTION loyalty._expired_before(bigint[]) IS 'Internal: the lots amo
 
 CREATE FUNCTION loyalty._lock_accounts_of_lots(p_lots bigint[]) RETURNS void
 LANGUAGE sql SET search_path = loyalty, pg_catalog, pg_temp AS $$
-    SELECT FROM loyalty.account a
-     WHERE a.id IN (SELECT l.account_id FROM unnest(p_lots) AS x(id) JOIN loyalty.lot l ON l.id = x.id)
-     ORDER BY a.id FOR UPDATE OF a
+    SELECT loyalty._lock_accounts(ARRAY(SELECT DISTINCT l.account_id
+                                        FROM unnest(p_lots) AS x(id) JOIN loyalty.lot l ON l.id = x.id))
 $$;
-COMMENT ON FUNCTION loyalty._lock_accounts_of_lots(bigint[]) IS 'Internal: locks the member accounts owning the given lots, in account-id order';
+COMMENT ON FUNCTION loyalty._lock_accounts_of_lots(bigint[]) IS 'Internal: locks the member accounts owning the given lots, in account-id order, and writes their deferred journal lines';
 
 -- One expiry transfer through the posting routine (C, LedgerPost).
 CREATE FUNCTION loyalty._post_expire(program_id bigint, account_id bigint, breakage_id bigint,
@@ -452,6 +458,27 @@ COMMENT ON FUNCTION loyalty._expire_refilled(bigint) IS 'Internal: expires at on
 
 -- The expire job, one transfer per lot through the posting routine: the
 -- reference the set-based handler is checked against (test/sql/expiry_bulk).
+-- The expire candidates, once the deferred purchases due by as_of have
+-- their lots (docs/accrual.md, "Deferred journal lines"). New lots may
+-- expire before where the run's scan has got to: it starts again.
+CREATE FUNCTION loyalty._expire_candidates_after_deferred(p_as_of timestamptz, p_limit integer)
+RETURNS bigint[] LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
+DECLARE
+    v_lots bigint[];
+BEGIN
+    LOOP
+        IF loyalty._materialize_due(p_as_of, p_limit) > 0 THEN
+            PERFORM set_config('loyalty_job.expire_cursor', '', true);
+            v_lots := loyalty._expire_candidates(p_as_of, p_limit);
+            EXIT WHEN v_lots IS NOT NULL;
+        ELSE
+            RETURN loyalty._expire_candidates(p_as_of, p_limit);
+        END IF;
+    END LOOP;
+    RETURN v_lots;
+END $$;
+COMMENT ON FUNCTION loyalty._expire_candidates_after_deferred(timestamptz, integer) IS 'Internal: the expire job''s next candidates, after writing the deferred purchases due by then';
+
 CREATE FUNCTION loyalty._job_expire_rows(as_of timestamptz, batch_size integer)
 RETURNS TABLE (rows bigint, points bigint)
 LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
@@ -462,7 +489,7 @@ DECLARE
     v_points bigint := 0;
     d record;
 BEGIN
-    v_lots := loyalty._expire_candidates(as_of, batch_size);
+    v_lots := loyalty._expire_candidates_after_deferred(as_of, batch_size);
     IF v_lots IS NOT NULL THEN
         PERFORM loyalty._lock_accounts_of_lots(v_lots);
         FOR d IN SELECT * FROM loyalty._expire_due(v_lots, as_of, loyalty._expired_before(v_lots)) LOOP
@@ -488,7 +515,7 @@ DECLARE
     v_again bigint[];
     v_actor text := coalesce(nullif(current_setting('loyalty.actor', true), ''), session_user::text);
 BEGIN
-    v_lots := loyalty._expire_candidates(as_of, batch_size);
+    v_lots := loyalty._expire_candidates_after_deferred(as_of, batch_size);
     IF v_lots IS NULL THEN
         RETURN QUERY SELECT 0::bigint, 0::bigint;
         RETURN;

@@ -193,17 +193,22 @@ CREATE FUNCTION loyalty._redemption_member(p_program text, p_member_ref text, p_
 LANGUAGE plpgsql AS $$
 DECLARE
     v_status text;
+    v_deferred boolean;
 BEGIN
     IF p_program IS NULL OR p_member_ref IS NULL THEN
         RAISE EXCEPTION 'program and member_ref must not be null' USING ERRCODE = 'null_value_not_allowed';
     END IF;
     IF p_lock THEN  -- the common case in one statement
-        SELECT p.id, m.id, m.status, m.tier, a.id INTO program_id, member_id, v_status, tier, account_id
+        SELECT p.id, m.id, m.status, m.tier, a.id, a.deferred_day IS NOT NULL
+          INTO program_id, member_id, v_status, tier, account_id, v_deferred
         FROM loyalty.program p
         JOIN loyalty.member m ON m.program_id = p.id AND m.member_ref = p_member_ref
         JOIN loyalty.account a ON a.member_id = m.id
         WHERE p.code = p_program
         FOR UPDATE OF a;
+        IF v_deferred THEN  -- its lots are read next: the deferred ones written first
+            PERFORM loyalty._materialize(ARRAY[account_id]);
+        END IF;
     END IF;
     IF account_id IS NULL THEN
         SELECT p.id, m.id, m.status, m.tier, a.id INTO program_id, member_id, v_status, tier, account_id
@@ -619,7 +624,7 @@ BEGIN
         RAISE EXCEPTION 'hold "%" does not exist in program "%"', p_ref, p_program
             USING ERRCODE = 'LY035', HINT = 'Reserve points with loyalty.hold() first.';
     END IF;
-    PERFORM FROM loyalty.account a WHERE a.id = h.account_id FOR UPDATE;
+    PERFORM loyalty._lock_accounts(ARRAY[h.account_id]);
     SELECT * INTO h FROM loyalty.hold hh WHERE hh.id = h.id FOR UPDATE;
     RETURN h;
 END $$;
@@ -734,7 +739,7 @@ BEGIN
         RETURN;
     END IF;
     -- The member accounts first, in id order, as every posting locks them.
-    PERFORM FROM loyalty.account a WHERE a.id = ANY (v_accounts) ORDER BY a.id FOR UPDATE;
+    PERFORM loyalty._lock_accounts(v_accounts);
     RETURN QUERY
     WITH r AS (
         UPDATE loyalty.hold h SET state = 'expired', resolved_at = now()
@@ -846,7 +851,7 @@ BEGIN
     f := loyalty._redemption_member(program, from_member, false);
     t := loyalty._redemption_member(program, to_member, false);
     -- Both accounts in id order, as the posting will lock them.
-    PERFORM FROM loyalty.account a WHERE a.id IN (f.account_id, t.account_id) ORDER BY a.id FOR UPDATE;
+    PERFORM loyalty._lock_accounts(ARRAY[f.account_id, t.account_id]);
     -- The receiver's lot expires when the earliest of the lots it comes from
     -- would have: a transfer never extends the life of points.
     SELECT min(x.expires_at) INTO v_expires FROM (
@@ -934,7 +939,7 @@ BEGIN
         RAISE EXCEPTION 'redemption "%" does not exist in program "%"', ref, program
             USING ERRCODE = 'LY043', HINT = 'Give the ref of a redemption or of a captured hold.';
     END IF;
-    PERFORM FROM loyalty.account a WHERE a.id = r.account_id FOR UPDATE;
+    PERFORM loyalty._lock_accounts(ARRAY[r.account_id]);
     SELECT * INTO r FROM loyalty.redemption x WHERE x.id = r.id;
     IF r.state = 'cancelled' THEN
         RETURN r.cancel_transfer_id;

@@ -85,6 +85,7 @@ typedef struct AccrualProgramRules
 	bool		enroll_unknown;
 	int64		issuance;
 	bool		program_expires;	/* its expiry policy dates lots */
+	bool		defers;			/* its purchases' journal lines may be deferred (not rolling) */
 } AccrualProgramRules;
 
 /* One purchase, as the rules see it. */

@@ -266,8 +266,13 @@ AccrualFastPost(AccrualBatch *b, AccrualRow *r)
 		b->accounts = palloc(sizeof(int64));
 		b->accounts[0] = r->account_id;
 		b->heads = AccrualHeadTable(1);
-		head = FastAttr(account, as, "last_hash", &isnull);
-		AccrualAddHead(b, r->account_id, head, isnull, &as->tts_tid);
+		{
+			bool		dnull;
+			Datum		day = FastAttr(account, as, "deferred_day", &dnull);
+
+			head = FastAttr(account, as, "last_hash", &isnull);
+			AccrualAddHead(b, r->account_id, head, isnull, &as->tts_tid, day, dnull);
+		}
 		keys[0] = Int64GetDatum(r->account_id);
 
 		/*

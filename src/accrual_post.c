@@ -248,7 +248,8 @@ AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code)
 		AccrualCacheLoading();
 		LedgerPrepare(&plan_program,
 					  "SELECT p.id, p.code, p.time_zone, coalesce(p.options ->> 'unknown_member', 'quarantine'),"
-					  "       s.id, coalesce(p.options #>> '{expiry,policy}' IN ('fixed', 'calendar'), false)"
+					  "       s.id, coalesce(p.options #>> '{expiry,policy}' IN ('fixed', 'calendar'), false),"
+					  "       p.options #>> '{expiry,policy}' IS DISTINCT FROM 'rolling'"
 					  "  FROM loyalty.program p"
 					  "  JOIN loyalty.account s ON s.program_id = p.id AND s.kind = 'issuance' AND s.name = ''"
 					  " WHERE p.id = $1 OR p.code = $2",
@@ -271,6 +272,7 @@ AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code)
 		pr->enroll_unknown = strcmp(SPI_getvalue(t, d, 4), "enroll") == 0;
 		pr->issuance = DatumGetInt64(SPI_getbinval(t, d, 5, &(bool){0}));
 		pr->program_expires = DatumGetBool(SPI_getbinval(t, d, 6, &(bool){0}));
+		pr->defers = DatumGetBool(SPI_getbinval(t, d, 7, &(bool){0}));
 		MemoryContextSwitchTo(old);
 		pr->tz = pg_tzset(tz);
 		if (pr->tz == NULL)
@@ -284,6 +286,7 @@ AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code)
 	b->enroll_unknown = pr->enroll_unknown;
 	b->issuance = pr->issuance;
 	b->program_expires = pr->program_expires;
+	b->defers = pr->defers;
 	b->has_debts = false;		/* learnt per account when they are locked */
 	b->rules = pr;
 	b->earliest = b->rules->nversions > 0 ? b->rules->versions[0].effective_from : DT_NOEND;
@@ -484,15 +487,22 @@ AccrualHeadTable(long n)
 	return hash_create("loyalty accrual heads", Max(n, 16), &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 }
 
-/* Add a locked account to the batch's heads: its last_hash and row version. */
+/*
+ * Add a locked account to the batch's heads: its last_hash, row version and
+ * deferred_day (whether it has purchases whose journal lines are deferred).
+ */
 AccrualHead *
-AccrualAddHead(AccrualBatch *b, int64 account, Datum last_hash, bool isnull, ItemPointer tid)
+AccrualAddHead(AccrualBatch *b, int64 account, Datum last_hash, bool isnull, ItemPointer tid,
+			   Datum deferred_day, bool deferred_null)
 {
 	AccrualHead *h = hash_search(b->heads, &account, HASH_ENTER, NULL);
 
 	memset(h, 0, sizeof(AccrualHead));
 	h->account_id = account;
 	ItemPointerCopy(tid, &h->tid);
+	h->deferring = !deferred_null;
+	if (!deferred_null)
+		h->deferred_day = DatumGetDateADT(deferred_day);
 	if (!isnull)
 	{
 		bytea	   *v = DatumGetByteaPP(last_hash);
@@ -528,8 +538,12 @@ AccrualReadHeads(AccrualBatch *b)
 		bool		isnull;
 		Datum		d = SPI_getbinval(t, SPI_tuptable->tupdesc, 2, &isnull);
 
+		bool		dnull;
+		Datum		day = SPI_getbinval(t, SPI_tuptable->tupdesc, 4, &dnull);
+
 		AccrualAddHead(b, id, d, isnull,
-					   (ItemPointer) DatumGetPointer(SPI_getbinval(t, SPI_tuptable->tupdesc, 3, &(bool){0})));
+					   (ItemPointer) DatumGetPointer(SPI_getbinval(t, SPI_tuptable->tupdesc, 3, &(bool){0})),
+					   day, dnull);
 	}
 	b->has_debts = AccrualDebtsRecorded();
 }
@@ -568,7 +582,7 @@ AccrualLock(AccrualBatch *b)
 	if (u == 0)
 		return;
 	LedgerPrepare(&plan_lock,
-				  "SELECT a.id, a.last_hash, a.ctid"
+				  "SELECT a.id, a.last_hash, a.ctid, a.deferred_day"
 				  "  FROM loyalty.account a WHERE a.id = ANY ($1) ORDER BY a.id FOR UPDATE",
 				  1, argtypes);
 	arg = AccrualInt64Array(ids, u);
@@ -1050,7 +1064,8 @@ AccrualExpiries(AccrualBatch *b)
 
 static const char *const accrual_cols[] = {"id", "program_id", "ref", "member_id", "account_id",
 	"amount", "occurred_at", "day", "category", "channel", "store", "attrs", "rule_version", "points",
-"vests_at", "expires_at", "breakdown", "refunded_amount", "refunded_points", "posted_at", "transfer_id"};
+"vests_at", "expires_at", "breakdown", "refunded_amount", "refunded_points", "posted_at", "transfer_id",
+"actor"};
 
 static Datum
 AccrualTextOrNull(const char *s, bool *isnull)
@@ -1100,7 +1115,7 @@ AccrualLotWriter(AccrualBatch *b, const int *which, int n, bool bulk)
 		AccrualRow *r = &b->rows[which[k]];
 		int			p = r->vests_at > r->occurred_at;
 
-		if (r->accrual_id == 0 || r->points <= 0)
+		if (r->accrual_id == 0 || r->points <= 0 || r->deferred)
 			continue;
 		expires |= !r->expires_null;
 		pending = pending == -1 || pending == p ? p : 2;
@@ -1160,6 +1175,47 @@ AccrualUncountFrom(AccrualBatch *b, int *which, int k, int n, bool redo)
 	return true;
 }
 
+static int64 AccrualAddPoints(int64 a, int64 b);
+
+/*
+ * Whether purchase r's journal line and lot are deferred (written later by
+ * loyalty._materialize, docs/accrual.md "Deferred journal lines"): when it
+ * earns, its program's expiry is not rolling (a rolling lapse reads the
+ * account's lines as they are written), and it is still pending, or its
+ * account already has deferred purchases: lines are chained in id order,
+ * so none may be written while an earlier one of the account waits.
+ */
+static void
+AccrualDecideDeferral(AccrualBatch *b, AccrualRow *r)
+{
+	AccrualHead *h;
+
+	r->deferred = false;
+	if (!b->defers || r->points <= 0)
+		return;
+	h = hash_search(b->heads, &r->account_id, HASH_FIND, NULL);
+	if (h == NULL)
+		elog(ERROR, "account %lld was not locked", (long long) r->account_id);
+	r->deferred = r->vests_at > r->occurred_at || h->deferring;
+}
+
+/* Count deferred purchase r, inserted, in its account's head. */
+static void
+AccrualDeferred(AccrualBatch *b, AccrualRow *r)
+{
+	AccrualHead *h = hash_search(b->heads, &r->account_id, HASH_FIND, NULL);
+
+	if (!h->deferring || r->day < h->deferred_day)
+		h->deferred_day = r->day;
+	h->deferring = true;
+	h->new_deferred = true;
+	h->touched = true;
+	if (r->vests_at > r->occurred_at)
+		h->pending = AccrualAddPoints(h->pending, r->points);
+	else
+		h->available = AccrualAddPoints(h->available, r->points);
+}
+
 /*
  * The purchases of the chunk (rows listed in which[]); returns how many
  * were inserted and leaves ->accrual_id 0 on the rows a concurrent
@@ -1184,6 +1240,7 @@ AccrualInsertPurchases(AccrualBatch *b, int *which, int n, LedgerWriter **tw, bo
 	ItemPointerData conflict;
 	bool		redo = false;
 	StringInfoData buf;
+	Datum		actor = (Datum) 0;	/* of the deferred rows, when there is one */
 	MemoryContext old = AccrualChunkMemory(b);
 
 	initStringInfo(&buf);
@@ -1223,13 +1280,22 @@ AccrualInsertPurchases(AccrualBatch *b, int *which, int n, LedgerWriter **tw, bo
 		w->values[17] = zero;
 		w->values[18] = Int64GetDatum(0);
 		w->values[19] = posted;
-		if (r->points > 0 && *tw == NULL)
+		AccrualDecideDeferral(b, r);
+		if (r->points > 0 && !r->deferred && *tw == NULL)
 			*tw = AccrualTransferWriter(bulk);
 		r->transfer_id = r->points > 0 ? r->accrual_id : 0;
-		w->nulls[20] = r->transfer_id == 0;
+		w->nulls[20] = r->transfer_id == 0 || r->deferred;
 		w->values[20] = Int64GetDatum(r->transfer_id);
+		if (r->deferred && actor == (Datum) 0)
+			actor = CStringGetTextDatum(LedgerActor());
+		w->nulls[21] = !r->deferred;
+		w->values[21] = actor;
 		if (LedgerWriterInsertIfNew(w, &conflict))
+		{
 			inserted++;
+			if (r->deferred)
+				AccrualDeferred(b, r);
+		}
 		else
 		{
 			redo = AccrualUncountFrom(b, which, k, n, redo) || redo;
@@ -1312,6 +1378,7 @@ AccrualWriteTransfer(AccrualBatch *b, AccrualRow *r, LedgerWriter *tw, LedgerWri
 	memcpy(h->hash, hash, CHAIN_HASH_LEN);
 	h->has_hash = true;
 	h->touched = true;
+	h->chained = true;
 	h->last_transfer = tid;
 	if (pending)
 		h->pending += r->points;
@@ -1320,7 +1387,7 @@ AccrualWriteTransfer(AccrualBatch *b, AccrualRow *r, LedgerWriter *tw, LedgerWri
 }
 
 static const char *const account_cols[] = {"id", "program_id", "kind", "member_id", "name",
-"available", "pending", "held", "last_transfer_id", "last_hash", "owes"};
+"available", "pending", "held", "last_transfer_id", "last_hash", "owes", "deferred_day"};
 
 static int64
 AccrualAddPoints(int64 a, int64 b)
@@ -1345,7 +1412,13 @@ AccrualWriteAccounts(AccrualBatch *b)
 	HASH_SEQ_STATUS seq;
 	AccrualHead *h;
 	LedgerWriter *w;
+	bool		any = false;
 
+	hash_seq_init(&seq, b->heads);
+	while ((h = hash_seq_search(&seq)) != NULL)
+		any |= h->touched;
+	if (!any)
+		return;
 	/* the rows may have been written by this command: see them */
 	CommandCounterIncrement();
 	w = LedgerWriterOpen("account", account_cols, lengthof(account_cols), NULL, false, NULL);
@@ -1360,12 +1433,24 @@ AccrualWriteAccounts(AccrualBatch *b)
 				 ItemPointerGetOffsetNumber(&h->tid), (long long) h->account_id);
 		w->values[5] = PointsGetDatum(AccrualAddPoints(DatumGetPoints(w->values[5]), h->available));
 		w->values[6] = PointsGetDatum(AccrualAddPoints(DatumGetPoints(w->values[6]), h->pending));
-		w->values[8] = Int64GetDatum(h->last_transfer);
-		w->nulls[8] = false;
-		w->values[9] = ChainHashBytea(h->hash);
-		w->nulls[9] = false;
+		if (h->chained)
+		{
+			w->values[8] = Int64GetDatum(h->last_transfer);
+			w->nulls[8] = false;
+			w->values[9] = ChainHashBytea(h->hash);
+			w->nulls[9] = false;
+		}
+		if (h->new_deferred)
+		{
+			/* the row's own may be earlier: a purchase of an older day, deferred before */
+			if (w->nulls[11] || h->deferred_day < DatumGetDateADT(w->values[11]))
+				w->values[11] = DateADTGetDatum(h->deferred_day);
+			w->nulls[11] = false;
+		}
 		LedgerWriterUpdate(w, &h->tid);
 		h->touched = false;
+		h->chained = false;
+		h->new_deferred = false;
 		h->available = h->pending = 0;
 	}
 	LedgerWriterClose(w);
@@ -1403,12 +1488,17 @@ AccrualWrite(AccrualBatch *b)
 
 	AccrualExpiries(b);
 	for (int k = 0; k < n; k++)
-		if (b->rows[which[k]].points > 0)
+	{
+		AccrualRow *r = &b->rows[which[k]];
+
+		/* rows that may be chained now: deferral decides at the insert */
+		if (r->points > 0 && !(b->defers && r->vests_at > r->occurred_at))
 			earning++;
+	}
 	bulk = earning > ACCRUAL_SMALL;
 	tw = earning == 0 ? NULL : AccrualTransferWriter(bulk);
 	b->ninserted = AccrualInsertPurchases(b, which, n, &tw, bulk);
-	/* tw is open when some row earns (one may start to after a lost race) */
+	/* tw is open when some row is chained (one may start to after a lost race) */
 	if (tw != NULL && b->ninserted > 0)
 	{
 		LedgerWriter *lw = AccrualLotWriter(b, which, n, bulk);
@@ -1421,14 +1511,14 @@ AccrualWrite(AccrualBatch *b)
 		{
 			AccrualRow *r = &b->rows[which[k]];
 
-			if (r->accrual_id != 0 && r->points > 0)
+			if (r->accrual_id != 0 && r->points > 0 && !r->deferred)
 				AccrualWriteTransfer(b, r, tw, lw, posted_at, actor, actor_d);
 		}
 		MemoryContextSwitchTo(old);
 		LedgerWriterClose(lw);
-		if (!b->defer_accounts)
-			AccrualWriteAccounts(b);
 	}
+	if (b->ninserted > 0 && !b->defer_accounts)
+		AccrualWriteAccounts(b);
 	if (tw != NULL)
 		LedgerWriterClose(tw);
 }
@@ -1722,7 +1812,7 @@ AccrualPostLocked(AccrualBatch *b)
 char *
 AccrualLockSql(const char *source, int probes)
 {
-	return psprintf("SELECT a.id, a.last_hash, a.ctid FROM loyalty.account a"
+	return psprintf("SELECT a.id, a.last_hash, a.ctid, a.deferred_day FROM loyalty.account a"
 					" WHERE a.id IN (SELECT a2.id FROM (%s) n"
 					"                %s"
 					"                JOIN loyalty.account a2 ON a2.member_id = m.id)"

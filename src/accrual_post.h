@@ -7,6 +7,7 @@
 
 #include "commands/trigger.h"
 #include "executor/spi.h"
+#include "utils/date.h"
 #include "utils/hsearch.h"
 
 #include "accrual.h"
@@ -46,6 +47,7 @@ typedef struct AccrualRow
 	char	   *breakdown;
 	int64		accrual_id;		/* assigned before the write */
 	int64		transfer_id;	/* likewise, when it earns points */
+	bool		deferred;		/* its journal line and lot are deferred */
 	bool		first_marked;	/* computing it marked its account's first purchase */
 	int64	   *budget_before;	/* the campaign budgets' use before it (uses_campaign) */
 } AccrualRow;
@@ -61,6 +63,10 @@ typedef struct AccrualHead
 	int64		available;
 	int64		pending;
 	int64		last_transfer;
+	bool		chained;		/* a line was chained onto it since it was last written */
+	bool		deferring;		/* it has deferred purchases (stored, or of this statement) */
+	DateADT		deferred_day;	/* then the earliest day of them */
+	bool		new_deferred;	/* deferred_day to be written */
 } AccrualHead;
 
 /* A posted purchase's order inserted again: its ref, and the amount it now has if that differs. */
@@ -92,6 +98,7 @@ typedef struct AccrualBatch
 	HTAB	   *heads;			/* AccrualHead of each locked account */
 	bool		defer_accounts; /* write balances once, after the last chunk */
 	bool		program_expires;	/* the program's expiry policy dates lots */
+	bool		defers;			/* pending purchases' journal lines are deferred */
 	HTAB	   *days;
 	AccrualState state;
 	int			nposted;		/* in the last chunk */
@@ -121,7 +128,7 @@ extern void AccrualPostLocked(AccrualBatch *b);
 extern HTAB *AccrualHeadTable(long n);
 extern Datum AccrualInt64Array(int64 *v, int n);
 extern AccrualHead *AccrualAddHead(AccrualBatch *b, int64 account, Datum last_hash, bool isnull,
-								   ItemPointer tid);
+								   ItemPointer tid, Datum deferred_day, bool deferred_null);
 extern bool AccrualFastInsert(AccrualBatch *b, struct TriggerData *trig, const char *const *cols);
 extern bool AccrualFastPost(AccrualBatch *b, AccrualRow *r);
 extern char *AccrualLockSql(const char *source, int probes);

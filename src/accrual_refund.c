@@ -110,8 +110,12 @@ AccrualLockAccount(int64 account)
 	static const Oid argtypes[] = {INT8OID};
 	Datum		arg = Int64GetDatum(account);
 
-	LedgerPrepare(&plan_account_lock, "SELECT 1 FROM loyalty.account WHERE id = $1 FOR UPDATE", 1, argtypes);
+	LedgerPrepare(&plan_account_lock, "SELECT deferred_day IS NOT NULL FROM loyalty.account WHERE id = $1 FOR UPDATE",
+				  1, argtypes);
 	LedgerExpect(SPI_execute_plan(plan_account_lock, &arg, NULL, false, 1), SPI_OK_SELECT, "locking an account");
+	/* its lots are read next: its deferred ones written first */
+	if (SPI_processed == 1 && DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &(bool){0})))
+		LedgerMaterialize(account, true);
 }
 
 /*
@@ -123,7 +127,11 @@ AccrualLockAccount(int64 account)
 	"coalesce((SELECT p.options #>> '{expiry,policy}' = 'rolling' FROM loyalty.account a" \
 	"          JOIN loyalty.program p ON p.id = a.program_id WHERE a.id = " account "), false)"
 
-/* Lock the member account of purchase ref, if there is such a purchase. */
+/*
+ * Lock the member account of purchase ref, if there is such a purchase, and
+ * write its deferred journal lines and lots (the purchase's own among them):
+ * a refund reads the purchase's lot and journal line.
+ */
 static void
 AccrualLockPurchaseAccount(AccrualBatch *b, const char *ref)
 {
@@ -131,7 +139,7 @@ AccrualLockPurchaseAccount(AccrualBatch *b, const char *ref)
 	Datum		args[2];
 
 	LedgerPrepare(&plan_purchase_account,
-				  "SELECT 1 FROM loyalty.account a"
+				  "SELECT a.id, a.deferred_day IS NOT NULL FROM loyalty.account a"
 				  " WHERE a.id = (SELECT x.account_id FROM loyalty.accrual x WHERE x.program_id = $1 AND x.ref = $2)"
 				  " FOR UPDATE",
 				  2, argtypes);
@@ -139,6 +147,9 @@ AccrualLockPurchaseAccount(AccrualBatch *b, const char *ref)
 	args[1] = CStringGetTextDatum(ref);
 	LedgerExpect(SPI_execute_plan(plan_purchase_account, args, NULL, false, 0), SPI_OK_SELECT,
 				 "locking a purchase's account");
+	if (SPI_processed == 1 && DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &(bool){0})))
+		LedgerMaterialize(DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &(bool){0})),
+						  true);
 }
 
 /*
@@ -293,6 +304,8 @@ AccrualRecover(AccrualBatch *b, int64 account)
 	char	   *member_ref;
 	char	   *ref;
 
+	/* the debt is taken from its lots: its deferred ones written first */
+	LedgerMaterialize(account, false);
 	LedgerPrepare(&plan_debt_list,
 				  "SELECT sum(d.outstanding)::bigint, min(m.member_ref),"
 				  "       'recovery ' || min(d.id) || ' after transfer ' || min(a.last_transfer_id),"

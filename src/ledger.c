@@ -236,8 +236,39 @@ LedgerResolve(const char *program, const char *member_ref, const char *system_ki
 }
 
 /*
+ * Write the deferred journal lines and lots of a member account, which the
+ * caller has locked (loyalty._materialize, docs/accrual.md "Deferred
+ * journal lines"). deferred: the caller's lock query saw the account's
+ * deferred_day set; false asks the account.
+ */
+void
+LedgerMaterialize(int64 account, bool deferred)
+{
+	static SPIPlanPtr plan_materialize;
+	static SPIPlanPtr plan_materialize_if;
+	static const Oid argtypes[] = {INT8OID};
+	Datum		arg = Int64GetDatum(account);
+
+	if (deferred)
+	{
+		LedgerPrepare(&plan_materialize, "SELECT loyalty._materialize(ARRAY[$1])", 1, argtypes);
+		LedgerExpect(SPI_execute_plan(plan_materialize, &arg, NULL, false, 1), SPI_OK_SELECT,
+					 "writing deferred journal lines");
+		return;
+	}
+	LedgerPrepare(&plan_materialize_if,
+				  "SELECT loyalty._materialize(ARRAY[a.id]) FROM loyalty.account a"
+				  " WHERE a.id = $1 AND a.deferred_day IS NOT NULL",
+				  1, argtypes);
+	LedgerExpect(SPI_execute_plan(plan_materialize_if, &arg, NULL, false, 1), SPI_OK_SELECT,
+				 "writing deferred journal lines");
+}
+
+/*
  * Lock a member account and read the head of its chain, its held points and
  * whether its program's expiry is rolling (which the debit path needs).
+ * Its deferred journal lines are written first: what follows chains onto
+ * them, and a debit reads its lots.
  */
 static void
 LedgerLock(int64 account, LedgerSide *side)
@@ -249,7 +280,8 @@ LedgerLock(int64 account, LedgerSide *side)
 
 	LedgerPrepare(&plan_lock,
 				  "SELECT a.last_hash, a.held::bigint,"
-				  "       p.options #>> '{expiry,policy}' IS NOT DISTINCT FROM 'rolling'"
+				  "       p.options #>> '{expiry,policy}' IS NOT DISTINCT FROM 'rolling',"
+				  "       a.deferred_day IS NOT NULL"
 				  "  FROM loyalty.account a JOIN loyalty.program p ON p.id = a.program_id"
 				  " WHERE a.id = $1 FOR UPDATE OF a",
 				  1, argtypes);
@@ -257,6 +289,14 @@ LedgerLock(int64 account, LedgerSide *side)
 				 "locking an account");
 	if (SPI_processed != 1)
 		elog(ERROR, "account " INT64_FORMAT " does not exist", account);
+	if (DatumGetBool(LedgerGet(0, 4, &isnull)))
+	{
+		LedgerMaterialize(account, true);
+		LedgerExpect(SPI_execute_plan(plan_lock, &arg, NULL, false, 1), SPI_OK_SELECT,
+					 "locking an account");
+		if (SPI_processed != 1 || DatumGetBool(LedgerGet(0, 4, &isnull)))
+			elog(ERROR, "account " INT64_FORMAT " still has deferred journal lines", account);
+	}
 	d = LedgerGet(0, 1, &isnull);
 	side->has_prev = !isnull;
 	if (!isnull)

@@ -90,5 +90,6 @@ extern char *LedgerTextArg(FunctionCallInfo fcinfo, int n, const char *name);
 extern void LedgerExpect(int got, int expected, const char *what);
 extern void LedgerPushSearchPath(void);
 extern const char *LedgerActor(void);
+extern void LedgerMaterialize(int64 account, bool deferred);
 
 #endif

@@ -93,6 +93,10 @@ RedemptionCheckOwed(const LedgerPosting *p)
 	args[0] = Int64GetDatum(p->debit_account);
 	args[1] = Int64GetDatum(p->credit_is_member ? p->credit_account : p->debit_account);
 	LedgerExpect(SPI_execute_plan(plan_lock, args, NULL, false, 0), SPI_OK_SELECT, "locking accounts");
+	/* what is left is read from the lots: deferred ones written first */
+	LedgerMaterialize(p->debit_account, false);
+	if (p->credit_is_member)
+		LedgerMaterialize(p->credit_account, false);
 
 	/* a repeat of a posted transfer is LedgerPost's to answer */
 	LedgerPrepare(&plan_left,

@@ -79,8 +79,10 @@ SELECT is((SELECT count(*) FROM loyalty.accrual_quarantine
 SELECT is((SELECT count(*) FROM loyalty.verify_chain('f')), 0::bigint, 'the chains hold');
 SELECT is((SELECT count(*) FROM loyalty.account a WHERE a.member_id IS NOT NULL
              AND a.available::bigint + a.pending::bigint
-                 <> (SELECT coalesce(sum(l.remaining::bigint), 0) FROM loyalty.lot l WHERE l.account_id = a.id)),
-          0::bigint, 'balances are the lots');
+                 <> (SELECT coalesce(sum(l.remaining::bigint), 0) FROM loyalty.lot l WHERE l.account_id = a.id)
+                    + (SELECT coalesce(sum(x.points), 0) FROM loyalty.accrual x
+                        WHERE x.account_id = a.id AND x.transfer_id IS NULL AND x.points > 0)),
+          0::bigint, 'balances are the lots and the deferred purchases');
 SELECT is((SELECT count(*) FROM loyalty.accrual x
            WHERE (x.refunded_points, x.refunded_amount)
                  <> (SELECT coalesce(sum(r.points), 0), coalesce(sum(r.amount), 0) FROM loyalty.accrual_refund r

@@ -13,7 +13,10 @@ CREATE FUNCTION pg_temp.state(p text, m text)
 RETURNS TABLE (available bigint, pending bigint, lots bigint, debt bigint)
 LANGUAGE sql AS $$
     SELECT a.available::bigint, a.pending::bigint,
-           (SELECT coalesce(sum(l.remaining::bigint), 0)::bigint FROM loyalty.lot l WHERE l.account_id = a.id),
+           -- the lots, and the deferred purchases' lots not written yet (docs/accrual.md)
+           (SELECT coalesce(sum(l.remaining::bigint), 0)::bigint FROM loyalty.lot l WHERE l.account_id = a.id)
+           + (SELECT coalesce(sum(x.points), 0)::bigint FROM loyalty.accrual x
+               WHERE x.account_id = a.id AND x.transfer_id IS NULL AND x.points > 0),
            (SELECT coalesce(sum(d.outstanding), 0)::bigint FROM loyalty.accrual_debt d WHERE d.account_id = a.id)
     FROM loyalty.account a JOIN loyalty.member mm ON mm.id = a.member_id
     JOIN loyalty.program pr ON pr.id = mm.program_id

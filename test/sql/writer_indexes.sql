@@ -38,7 +38,7 @@ BEGIN
     RESET enable_bitmapscan;
 END $$;
 
-SELECT plan(21);
+SELECT plan(25);
 -- writes before: the sets are built
 SELECT sum(loyalty.accrue('shop', 'c1', 10, 'a' || i, '2025-02-01')) AS earned FROM generate_series(1, 5) i;
 
@@ -120,19 +120,29 @@ SELECT loyalty.enroll('exp', 'c1', occurred_at => '2025-01-01') > 0 AS enrolled;
 -- no return window until March, ten days from then
 SELECT loyalty.set_earning_rules('exp', '{"base": {"per": 1, "points": 1}}', '2025-01-01') AS version;
 SELECT loyalty.set_earning_rules('exp', '{"base": {"per": 1, "points": 1}, "pending_days": 10}', '2025-03-01') AS version;
+-- A sale still in its return window defers its journal line and lot
+-- (docs/accrual.md): it touches no index of either table, and the
+-- purchase takes an entry in accrual_deferred_idx instead.
 BEGIN;
 SELECT loyalty.accrue('exp', 'c1', 20, 'x1', '2025-03-02') AS earned;
-SELECT is(array_agg(l.relation::regclass::text ORDER BY l.relation::regclass::text),
-          ARRAY['loyalty.lot_expiry_idx', 'loyalty.lot_open_idx', 'loyalty.lot_pending_idx', 'loyalty.lot_pkey'],
-          'a sale whose points expire and wait locks all four')
+SELECT is(array_agg(l.relation::regclass::text ORDER BY l.relation::regclass::text), NULL,
+          'a sale whose points wait locks no index of the lots or the journal')
 FROM pg_locks l JOIN pg_index i ON i.indexrelid = l.relation
-WHERE l.pid = pg_backend_pid() AND i.indrelid = 'loyalty.lot'::regclass;
+WHERE l.pid = pg_backend_pid() AND i.indrelid IN ('loyalty.lot'::regclass, 'loyalty.transfer'::regclass);
 COMMIT;
--- one statement of purchases on both sides of the change: some lots
--- pending, some not, so the pending index is opened and takes just those
+SELECT is(pg_temp.through_index($$SELECT count(*) FROM loyalty.accrual WHERE transfer_id IS NULL AND points > 0 AND least(vests_at, expires_at) < 'infinity'$$),
+          1::bigint, 'the deferred purchase is in the deferred index');
+-- one statement of purchases on both sides of the change: the account has
+-- a deferred purchase, so all of them are deferred (lines are chained in
+-- id order); written together, some lots are pending, some not, and the
+-- pending index takes just those
 CREATE TABLE writer_test_exp (id text PRIMARY KEY, customer text, total numeric, at timestamptz);
 SELECT loyalty.attach_accrual('writer_test_exp', 'exp', 'customer', 'total', 'id', 'at');
 INSERT INTO writer_test_exp SELECT 'y' || i, 'c1', 10, timestamptz '2025-02-20' + i * interval '1 day' FROM generate_series(1, 20) i;
+SELECT is((SELECT count(*) FROM loyalty.accrual x JOIN loyalty.program p ON p.id = x.program_id
+           WHERE p.code = 'exp' AND x.transfer_id IS NULL), 21::bigint, 'all 21 purchases are deferred');
+SELECT loyalty._materialize(ARRAY(SELECT a.id FROM loyalty.account a JOIN loyalty.program p ON p.id = a.program_id
+                                  WHERE p.code = 'exp' AND a.kind = 'member')) AS written;
 SELECT is(pg_temp.through_index($$SELECT count(*) FROM loyalty.lot WHERE pending AND vests_at > '2000-01-01'$$),
           (SELECT count(*) FROM loyalty.lot WHERE pending), 'the pending index has every pending lot of a mixed statement');
 SELECT is((SELECT count(*) FILTER (WHERE l.pending) || '/' || count(*) FROM loyalty.lot l
@@ -140,10 +150,25 @@ SELECT is((SELECT count(*) FILTER (WHERE l.pending) || '/' || count(*) FROM loya
            WHERE p.code = 'exp'), '13/21', 'of the program''s 21 lots, 13 are pending (x1 and twelve March purchases)');
 SELECT is(pg_temp.through_index($$SELECT count(*) FROM loyalty.lot WHERE remaining OPERATOR(loyalty.>) 0 AND expires_at IS NOT NULL AND expires_at > '2000-01-01'$$),
           21::bigint, 'the expiry index has every lot that expires, and only those');
+-- Under a rolling expiry nothing is deferred (a lapse reads the lines as
+-- written): the sale's writer opens the pending index for a statement
+-- whose lots are mixed, and it takes just the pending ones.
+SELECT loyalty.create_program('roll', 'Rolling', 'UTC', '{"expiry": {"policy": "rolling", "inactivity": "12 months"}}') > 0 AS created;
+SELECT loyalty.enroll('roll', 'c1', occurred_at => '2025-01-01') > 0 AS enrolled;
+SELECT loyalty.set_earning_rules('roll', '{"base": {"per": 1, "points": 1}}', '2025-01-01') AS version;
+SELECT loyalty.set_earning_rules('roll', '{"base": {"per": 1, "points": 1}, "pending_days": 10}', '2025-03-01') AS version;
+CREATE TABLE writer_test_roll (id text PRIMARY KEY, customer text, total numeric, at timestamptz);
+SELECT loyalty.attach_accrual('writer_test_roll', 'roll', 'customer', 'total', 'id', 'at');
+INSERT INTO writer_test_roll SELECT 'r' || i, 'c1', 10, timestamptz '2025-02-20' + i * interval '1 day' FROM generate_series(1, 20) i;
+SELECT is((SELECT count(*) FILTER (WHERE l.pending) || '/' || count(*) FROM loyalty.lot l
+           JOIN loyalty.account a ON a.id = l.account_id JOIN loyalty.program p ON p.id = a.program_id
+           WHERE p.code = 'roll'), '12/20', 'under a rolling policy the sales write their lots, 12 of 20 pending');
+SELECT is(pg_temp.through_index($$SELECT count(*) FROM loyalty.lot WHERE pending AND vests_at > '2000-01-01'$$),
+          (SELECT count(*) FROM loyalty.lot WHERE pending), 'the pending index has every pending lot of that statement too');
 
 -- amcheck: every row each btree index should hold is in it, and no other
 CREATE EXTENSION IF NOT EXISTS amcheck;
-SELECT is(count(bt_index_check(i.indexrelid, true)), 12::bigint, 'the btree indexes of the journal, lots and purchases check')
+SELECT is(count(bt_index_check(i.indexrelid, true)), 13::bigint, 'the btree indexes of the journal, lots and purchases check')
 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam
 WHERE a.amname = 'btree' AND i.indrelid IN ('loyalty.transfer'::regclass, 'loyalty.lot'::regclass, 'loyalty.accrual'::regclass);
 -- one id per sale: the purchase, its journal line and its lot share it

@@ -1,0 +1,189 @@
+-- Deferred journal lines (docs/accrual.md): a purchase still in its return
+-- window is posted as its row in loyalty.accrual and its member's balance;
+-- its journal line and lot are written later, exactly as the sale would
+-- have written them, by whatever first needs the account's lots or chain.
+-- Every reader sees the purchase the same before and after.
+SET client_min_messages = warning;
+DROP EXTENSION IF EXISTS loyalty CASCADE;
+CREATE EXTENSION loyalty;
+CREATE EXTENSION IF NOT EXISTS pgtap;
+RESET client_min_messages;
+SET TIME ZONE 'UTC';
+
+-- (points that never expire: the debits below are dated now, in 2026)
+SELECT loyalty.create_program('shop', 'Shop', 'UTC') > 0 AS created;
+SELECT loyalty.enroll('shop', m, occurred_at => '2025-01-01') > 0 AS enrolled
+FROM unnest(ARRAY['c1', 'c2', 'c3', 'c4']) m;
+SELECT loyalty.set_earning_rules('shop', '{"base": {"per": 1, "points": 1}, "pending_days": 30}', '2025-01-01') AS version;
+
+-- What a member's account holds: balances, purchases deferred, journal
+-- lines and lots written, the deferred day, and whether the balances are
+-- the lots plus the deferred points.
+CREATE FUNCTION pg_temp.ledger(m text)
+RETURNS TABLE (available bigint, pending bigint, deferred bigint, lines bigint, lots bigint,
+               deferred_day date, balanced boolean)
+LANGUAGE sql AS $$
+    SELECT a.available::bigint, a.pending::bigint,
+           (SELECT count(*) FROM loyalty.accrual x WHERE x.account_id = a.id AND x.transfer_id IS NULL AND x.points > 0),
+           (SELECT count(*) FROM loyalty.transfer t WHERE a.id IN (t.debit_account_id, t.credit_account_id)),
+           (SELECT count(*) FROM loyalty.lot l WHERE l.account_id = a.id),
+           a.deferred_day,
+           a.available::bigint + a.pending::bigint
+           = (SELECT coalesce(sum(l.remaining::bigint), 0) FROM loyalty.lot l WHERE l.account_id = a.id)
+             + (SELECT coalesce(sum(x.points), 0) FROM loyalty.accrual x
+                 WHERE x.account_id = a.id AND x.transfer_id IS NULL AND x.points > 0)
+    FROM loyalty.account a JOIN loyalty.member mm ON mm.id = a.member_id
+    JOIN loyalty.program p ON p.id = mm.program_id
+    WHERE p.code = 'shop' AND mm.member_ref = m
+$$;
+
+-- 1. Sales in their return window, by the function and by an attached
+-- table: the purchase rows and the balances, no line, no lot.
+CREATE TABLE orders (id text PRIMARY KEY, customer text, total numeric, at timestamptz);
+SELECT loyalty.attach_accrual('orders', 'shop', 'customer', 'total', 'id', 'at');
+SELECT loyalty.accrue('shop', 'c1', 100, 'o1', '2025-02-01') AS earned;
+INSERT INTO orders VALUES ('o2', 'c1', 50, '2025-02-10');
+SELECT ref, points, transfer_id IS NULL AS line_deferred, actor = session_user AS actor_kept, vests_at
+FROM loyalty.accrual ORDER BY id;
+SELECT * FROM pg_temp.ledger('c1');
+-- the same sale again is a replay, deferred or not
+SELECT loyalty.accrue('shop', 'c1', 100, 'o1', '2025-02-01') AS replayed;
+INSERT INTO orders VALUES ('o2', 'c1', 50, '2025-02-10') ON CONFLICT DO NOTHING;
+
+-- 2. Readers count them as written: balance at any moment, the summary,
+-- the statement, the explanation, the chain.
+SELECT loyalty.balance('shop', 'c1', '2025-02-05') AS before_vesting,
+       loyalty.balance('shop', 'c1', '2025-03-05') AS o1_vested,
+       loyalty.balance('shop', 'c1', '2025-03-20') AS both_vested;
+SELECT available, pending, lifetime_earned FROM loyalty.account_summary('shop', 'c1', '2025-03-05');
+SELECT occurred_at, kind, ref, points, balance, explanation
+FROM loyalty.statement('shop', 'c1');
+SELECT (e ->> 'transfer_id')::bigint = (SELECT id FROM loyalty.accrual WHERE ref = 'o1') AS line_id_is_the_purchase_id,
+       e ->> 'posted_points' AS posted_points, e ->> 'pending_until' AS pending_until
+FROM loyalty.explain_accrual('shop', 'o1') e;
+SELECT count(*) AS chain_problems FROM loyalty.verify_chain('shop');
+
+-- 3. A debit writes the account's deferred lines first, then its own after
+-- them: ids and chain in the same order. Its lot choice is the one it
+-- would have made with the lots written at the sale.
+SELECT loyalty.adjust('shop', 'c1', -30, 'a1', 'correction') > (SELECT max(id) FROM loyalty.accrual) AS after_them;
+SELECT * FROM pg_temp.ledger('c1');
+SELECT t.kind, t.ref, t.amount, t.credit_prev_hash IS NOT NULL OR t.debit_prev_hash IS NOT NULL AS chained,
+       t.actor = session_user AS actor, t.posted_at = x.posted_at AS sale_posted_at
+FROM loyalty.transfer t LEFT JOIN loyalty.accrual x ON x.transfer_id = t.id
+ORDER BY t.id;
+SELECT l.remaining, l.pending, l.vests_at, l.expires_at FROM loyalty.lot l ORDER BY l.id;
+SELECT ref, transfer_id = id AS line_written, actor IS NULL AS actor_cleared FROM loyalty.accrual ORDER BY id;
+SELECT count(*) AS chain_problems FROM loyalty.verify_chain('shop');
+-- the statement reads the same, with the debit (dated now) after
+SELECT kind, ref, points, balance FROM loyalty.statement('shop', 'c1');
+-- nothing left to write: nothing written again
+SELECT loyalty._materialize(ARRAY(SELECT id FROM loyalty.account)) AS written_again;
+
+-- 4. The vest job writes the lines of the purchases due, with the rest of
+-- their accounts' deferred ones, then vests what is due.
+SELECT loyalty.accrue('shop', 'c2', 40, 'o3', '2025-02-01') AS earned,
+       loyalty.accrue('shop', 'c2', 60, 'o4', '2025-03-10') AS earned;
+SELECT * FROM pg_temp.ledger('c2');
+SELECT rows, points FROM loyalty.run_job('vest', '2025-03-15');
+SELECT * FROM pg_temp.ledger('c2');
+SELECT rows, points FROM loyalty.run_job('vest', '2025-03-15') AS again;
+-- a sale after it is deferred again; a hold writes it, as it reads lots
+SELECT loyalty.accrue('shop', 'c2', 20, 'o5', '2025-03-20') AS earned;
+SELECT * FROM pg_temp.ledger('c2');
+SELECT loyalty.hold('shop', 'c2', 10, 'h1') > 0 AS held;
+SELECT * FROM pg_temp.ledger('c2');
+
+-- 5. A refund of a deferred purchase writes its line and lot, then takes
+-- them back from the pending lot.
+SELECT loyalty.accrue('shop', 'c3', 80, 'o6', '2025-03-01') AS earned;
+SELECT loyalty.refund('shop', 'o6', 40, 'o6-r') AS clawed;
+SELECT * FROM pg_temp.ledger('c3');
+SELECT refunded_amount, refunded_points FROM loyalty.accrual WHERE ref = 'o6';
+
+-- 6. Rules without a return window from June: a sale of a member with a
+-- deferred purchase is deferred too (lines are chained in id order), and
+-- counts as available at once; the vest job writes both.
+SELECT loyalty.set_earning_rules('shop', '{"base": {"per": 1, "points": 1}, "pending_days": 0}', '2025-06-01') AS version;
+SELECT loyalty.accrue('shop', 'c1', 10, 'o7', '2025-05-20') AS pending_earned,
+       loyalty.accrue('shop', 'c1', 5, 'o8', '2025-06-02') AS available_earned;
+SELECT ref, vests_at > occurred_at AS pending, transfer_id IS NULL AS deferred FROM loyalty.accrual
+WHERE ref IN ('o7', 'o8') ORDER BY ref;
+SELECT * FROM pg_temp.ledger('c1');
+SELECT loyalty.balance('shop', 'c1', '2025-06-03') AS balance_before_job;
+SELECT rows, points FROM loyalty.run_job('vest', '2025-06-20');
+SELECT * FROM pg_temp.ledger('c1');
+SELECT loyalty.balance('shop', 'c1', '2025-06-03') AS balance_after_job;
+-- with no deferred purchase, a sale without a return window is written at once
+SELECT loyalty.accrue('shop', 'c1', 7, 'o9', '2025-06-21') AS earned;
+SELECT transfer_id = id AS written FROM loyalty.accrual WHERE ref = 'o9';
+SELECT count(*) AS chain_problems FROM loyalty.verify_chain('shop');
+
+-- 7. A debt repaid by a deferred sale: the recovery writes the line first.
+-- c4 earns 100, spends it all, and the purchase is refunded: 100 owed.
+SELECT loyalty.accrue('shop', 'c4', 100, 'p1', '2025-01-10') AS earned;
+SELECT rows FROM loyalty.run_job('vest', '2025-05-01');
+SELECT loyalty.adjust('shop', 'c4', -100, 'p-spent', 'spent') > 0 AS spent;
+SELECT loyalty.refund('shop', 'p1', NULL, 'p1-r') AS clawed;
+SELECT sum(outstanding) AS owed FROM loyalty.accrual_debt;
+SELECT loyalty.accrue('shop', 'c4', 30, 'p2', '2025-05-15') AS earned;
+SELECT sum(outstanding) AS owed FROM loyalty.accrual_debt;
+SELECT * FROM pg_temp.ledger('c4');
+
+-- 8. The expire job writes a deferred purchase whose points expire before
+-- they vest (a return window longer than their life), and expires them.
+SELECT loyalty.create_program('short', 'Short', 'UTC', '{"expiry": {"policy": "fixed", "after": "10 days"}}') > 0 AS created;
+SELECT loyalty.enroll('short', 's1', occurred_at => '2025-01-01') > 0 AS enrolled;
+SELECT loyalty.set_earning_rules('short', '{"base": {"per": 1, "points": 1}, "pending_days": 30}', '2025-01-01') AS version;
+SELECT loyalty.accrue('short', 's1', 25, 'q1', '2025-01-02') AS earned;
+SELECT rows, points FROM loyalty.run_job('expire', '2025-01-20');
+SELECT rows, points FROM loyalty.run_job('vest', '2025-02-20');
+SELECT a.available, a.pending, a.deferred_day,
+       (SELECT count(*) FROM loyalty.accrual x WHERE x.account_id = a.id AND x.transfer_id IS NULL) AS deferred
+FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id WHERE m.member_ref = 's1';
+SELECT count(*) AS chain_problems FROM loyalty.verify_chain('short');
+
+-- 9. A rolling expiry lapses by the lines as written: nothing is deferred.
+SELECT loyalty.create_program('roll', 'Rolling', 'UTC',
+                              '{"expiry": {"policy": "rolling", "inactivity": "6 months"}}') > 0 AS created;
+SELECT loyalty.enroll('roll', 'r1', occurred_at => '2025-01-01') > 0 AS enrolled;
+SELECT loyalty.set_earning_rules('roll', '{"base": {"per": 1, "points": 1}, "pending_days": 30}', '2025-01-01') AS version;
+SELECT loyalty.accrue('roll', 'r1', 25, 'u1', '2025-01-02') AS earned;
+SELECT transfer_id = id AS written, (SELECT count(*) FROM loyalty.lot l WHERE l.id = x.id) AS lots
+FROM loyalty.accrual x WHERE ref = 'u1';
+
+-- 10. A statement of many sales for a few members: all deferred, one
+-- deferred day per account (the earliest), then written by the vest job in
+-- batches, chained in id order.
+SELECT count(loyalty.enroll('shop', 'b' || i, occurred_at => '2025-01-01')) AS enrolled FROM generate_series(1, 10) i;
+CREATE TABLE bulk_orders (id text PRIMARY KEY, customer text, total numeric, at timestamptz);
+SELECT loyalty.set_earning_rules('shop', '{"base": {"per": 1, "points": 1}, "pending_days": 30}', '2025-07-01') AS version;
+SELECT loyalty.attach_accrual('bulk_orders', 'shop', 'customer', 'total', 'id', 'at');
+INSERT INTO bulk_orders
+SELECT 'b-' || i, 'b' || (i % 10 + 1), 1 + i % 7, timestamptz '2025-07-01' + (i % 50) * interval '1 day'
+FROM generate_series(1, 1000) i;
+SELECT count(*) AS deferred, sum(points) AS points FROM loyalty.accrual WHERE ref LIKE 'b-%' AND transfer_id IS NULL;
+SELECT count(DISTINCT a.deferred_day) AS days, min(a.deferred_day) AS earliest
+FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id WHERE m.member_ref LIKE 'b%';
+SELECT sum(a.pending::bigint) AS pending FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id
+WHERE m.member_ref LIKE 'b%';
+UPDATE loyalty.job SET batch_size = 7 WHERE name = 'vest';
+SELECT rows, points, batches > 1 AS in_batches FROM loyalty.run_job('vest', '2025-12-31');
+SELECT count(*) AS still_deferred FROM loyalty.accrual WHERE transfer_id IS NULL AND points > 0;
+SELECT count(*) AS lines FROM loyalty.transfer t JOIN loyalty.accrual x ON x.transfer_id = t.id WHERE x.ref LIKE 'b-%';
+SELECT sum(a.available::bigint) AS available, sum(a.pending::bigint) AS pending, bool_and(a.deferred_day IS NULL) AS none_left
+FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id WHERE m.member_ref LIKE 'b%';
+SELECT count(*) AS chain_problems FROM loyalty.verify_chain('shop');
+-- every written line is what the sale would have written: its id, amount,
+-- version, times and hash chained in id order (verify_chain, above)
+SELECT count(*) AS mismatches FROM loyalty.accrual x JOIN loyalty.transfer t ON t.id = x.transfer_id
+JOIN loyalty.lot l ON l.id = x.id
+WHERE t.id <> x.id OR t.amount::bigint <> x.points OR t.rule_version <> x.rule_version
+   OR t.occurred_at <> x.occurred_at OR t.posted_at <> x.posted_at OR t.kind <> 'accrual' OR t.ref <> x.ref
+   OR l.amount::bigint <> x.points OR l.vests_at <> x.vests_at OR l.expires_at IS DISTINCT FROM x.expires_at
+   OR l.occurred_at <> x.occurred_at;
+
+-- 11. Internal, and not for applications.
+SELECT has_function_privilege('public', 'loyalty._materialize(bigint[])', 'EXECUTE') AS public_may_write_lines;
+
+DROP TABLE public.orders, public.bulk_orders;
