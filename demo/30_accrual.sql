@@ -52,8 +52,11 @@ INSERT INTO public.demo_orders VALUES
     ('demo-3', 'dave',    3.50, '2025-03-03 08:10+01', 'coffee'),   -- not a member yet
     ('demo-4', 'bob',    -1.00, '2025-03-03 08:15+01', 'coffee'),   -- a till error
     ('demo-5', 'alice',  25.00, '2025-03-03 08:20+01', 'gift_card');
-\echo == the sale never fails; good rows earned, bad ones wait in the quarantine
-SELECT ref, points, rule_version FROM loyalty.accrual WHERE ref LIKE 'demo-%' ORDER BY ref;
+\echo == the sale never fails; good rows earned, bad ones wait in the quarantine.
+\echo == Points in their return window cost the sale its purchase row and balance only: the
+\echo == journal line and lot are written when the account next needs them, or by the vest job
+SELECT ref, points, rule_version, transfer_id IS NULL AS line_deferred FROM loyalty.accrual
+WHERE ref LIKE 'demo-%' ORDER BY ref;
 SELECT program, source, sqlstate, reason, rows FROM loyalty.quarantine_summary WHERE program = 'coffee';
 
 \echo
