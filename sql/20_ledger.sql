@@ -198,7 +198,7 @@ CREATE INDEX accrual_time_brin ON loyalty.accrual USING brin (occurred_at);
 -- lots vest or expire then); everything else that needs an account's lots
 -- writes that account's deferred ones first, under its lock. An entry
 -- lives from the sale to the vest job.
-CREATE INDEX accrual_deferred_idx ON loyalty.accrual (least(vests_at, expires_at))
+CREATE INDEX accrual_deferred_idx ON loyalty.accrual ((least(vests_at, expires_at)), id)
     WHERE transfer_id IS NULL AND points > 0;
 COMMENT ON TABLE loyalty.accrual IS 'Every purchase posted by accrual: what it was, the rule version, points and their breakdown, and how much of it was refunded';
 

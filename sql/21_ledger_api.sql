@@ -600,22 +600,62 @@ END $$;
 COMMENT ON FUNCTION loyalty._lock_accounts(bigint[]) IS 'Internal: locks accounts in id order and writes their deferred journal lines and lots';
 
 -- The deferred purchases due at p_as_of (their lots vest or expire by
--- then), at most p_limit of them in the order they fall due, name the
--- accounts whose deferred lines are written: the vest and expire jobs
--- call this before they read lots. Returns how many purchases it wrote.
+-- then) name the accounts whose deferred lines are written: the vest and
+-- expire jobs call this before they read lots. The next p_limit due
+-- purchases, in the order they fall due, name the accounts; a batch takes
+-- whole accounts in order of first appearance while their deferred
+-- purchases add up to p_limit (at least one account). Within one
+-- transaction (run_job) the scan resumes after the last batch, as the
+-- expire job's does, so that it does not wade again through the index
+-- entries of the purchases it has just written. Returns how many
+-- purchases it wrote.
 CREATE FUNCTION loyalty._materialize_due(p_as_of timestamptz, p_limit integer) RETURNS bigint
 LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
+    v_cursor text[] := string_to_array(current_setting('loyalty_job.deferred_cursor', true), '|');
+    v_at timestamptz := '-infinity';
+    v_id bigint := 0;
     v_accounts bigint[];
+    v_due timestamptz[];
+    v_ids bigint[];
+    v_taken bigint[] := '{}';
+    v_total bigint := 0;
+    v_n bigint;
+    v_end integer;
+    r record;
 BEGIN
-    SELECT array_agg(DISTINCT x.account_id) INTO v_accounts
-    FROM (SELECT x.account_id FROM loyalty.accrual x
+    IF v_cursor[1] = p_as_of::text THEN     -- the same run, in the same transaction
+        v_at := v_cursor[2]::timestamptz;
+        v_id := v_cursor[3]::bigint;
+    END IF;
+    SELECT array_agg(x.account_id ORDER BY x.due, x.id), array_agg(x.due ORDER BY x.due, x.id),
+           array_agg(x.id ORDER BY x.due, x.id)
+      INTO v_accounts, v_due, v_ids
+    FROM (SELECT x.account_id, least(x.vests_at, x.expires_at) AS due, x.id
+          FROM loyalty.accrual x
           WHERE x.transfer_id IS NULL AND x.points > 0 AND least(x.vests_at, x.expires_at) <= p_as_of
-          ORDER BY least(x.vests_at, x.expires_at) LIMIT p_limit) x;
+            AND (least(x.vests_at, x.expires_at), x.id) > (v_at, v_id)
+          ORDER BY least(x.vests_at, x.expires_at), x.id LIMIT p_limit) x;
     IF v_accounts IS NULL THEN
         RETURN 0;
     END IF;
-    RETURN loyalty._materialize(v_accounts);
+    v_end := cardinality(v_accounts);
+    FOR r IN SELECT u.account_id, min(u.pos) AS pos
+             FROM unnest(v_accounts) WITH ORDINALITY AS u(account_id, pos)
+             GROUP BY u.account_id ORDER BY 2 LOOP
+        IF v_total >= p_limit THEN
+            v_end := r.pos - 1;     -- the scan's entries before this account's first are all taken
+            EXIT;
+        END IF;
+        SELECT count(*) INTO v_n
+        FROM loyalty.account a JOIN loyalty.accrual y ON y.account_id = a.id AND y.day >= a.deferred_day
+        WHERE a.id = r.account_id AND y.transfer_id IS NULL AND y.points > 0;
+        v_taken := v_taken || r.account_id;
+        v_total := v_total + v_n;
+    END LOOP;
+    PERFORM set_config('loyalty_job.deferred_cursor',
+                       p_as_of::text || '|' || v_due[v_end]::text || '|' || v_ids[v_end], true);
+    RETURN loyalty._materialize(v_taken);
 END $$;
 COMMENT ON FUNCTION loyalty._materialize_due(timestamptz, integer) IS 'Internal: writes the deferred journal lines of the accounts whose deferred purchases vest or expire by a moment (at most a batch of purchases); returns how many';
 

@@ -76,6 +76,11 @@ SQL
 
 bare=$(timed "INSERT INTO orders_bare SELECT * FROM src");  echo "bare insert: ${bare} s" >&2
 acc=$(timed "INSERT INTO orders_acc SELECT * FROM src");    echo "accrual attached: ${acc} s" >&2
+# The attached insert deferred its purchases' journal lines and lots
+# (docs/accrual.md): the vest job writes them and vests them, before the
+# PL/pgSQL trigger's lots exist (the job would vest those too).
+vest=$(timed "SELECT * FROM loyalty.run_job('vest', (SELECT max(vests_at) FROM loyalty.accrual) + interval '1 day')")
+echo "vest job over them: ${vest} s" >&2
 plp=$(timed "INSERT INTO orders_plp SELECT * FROM src");    echo "PL/pgSQL row trigger: ${plp} s" >&2
 
 # Both posted the same points, and the chains verify (after the ANALYZE a
@@ -85,6 +90,7 @@ q <<'SQL' >&2
 ANALYZE loyalty.transfer, loyalty.account, loyalty.member, loyalty.lot, loyalty.accrual;
 SELECT p.code, count(*) AS purchases, sum(a.points) AS points
 FROM loyalty.accrual a JOIN loyalty.program p ON p.id = a.program_id GROUP BY 1 ORDER BY 1;
+SELECT 'still deferred: ' || count(*) FROM loyalty.accrual WHERE transfer_id IS NULL AND points > 0;
 SELECT 'chain problems (acc): ' || count(*) FROM loyalty.verify_chain('acc');
 SQL
 
@@ -95,3 +101,5 @@ v1=$(awk -v a="$acc" -v b="$bare" 'BEGIN { print (a / b <= 3) ? "PASS" : "FAIL" 
 v2=$(awk -v a="$plp" -v b="$acc" 'BEGIN { print (a / b >= 3) ? "PASS" : "FAIL" }')
 echo "| accrual_bulk | INSERT ... SELECT of $n purchases, accrual attached vs bare | ${acc} s | ${bare} s | ${r1} | <= 3 | $v1 |"
 echo "| accrual_bulk | same, PL/pgSQL row trigger vs accrual attached (speed-up) | ${acc} s | ${plp} s | ${r2} | >= 3 | $v2 |"
+r3=$(awk -v a="$vest" -v b="$bare" 'BEGIN { printf "%.2f", a / b }')
+echo "| accrual_bulk | vest job writing the attached insert's deferred lines and lots and vesting them, vs the bare insert | ${vest} s | ${bare} s | ${r3} | (informational) | INFO |"
