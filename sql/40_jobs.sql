@@ -197,9 +197,13 @@ COMMENT ON FUNCTION loyalty.set_job(text, interval, boolean, integer) IS 'Change
 -- lot loses its pending flag and its remaining points move from the
 -- account's pending to its available balance (no transfer: no points change
 -- accounts). Member accounts are locked in id order first, as postings do.
+-- enable_bitmapscan off: the pending lots are read in vests_at order up to
+-- the batch size, and with statistics older than the lots (the deferred
+-- ones are all written by this job) the planner would read every pending
+-- lot into a bitmap and sort it at each batch (_materialize_due).
 CREATE FUNCTION loyalty._job_vest(as_of timestamptz, batch_size integer)
 RETURNS TABLE (rows bigint, points bigint)
-LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp SET enable_bitmapscan = off AS $$
 #variable_conflict use_column
 DECLARE
     v_lots bigint[];
