@@ -607,24 +607,26 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION loyalty._lock_accounts(bigint[]) IS 'Internal: locks accounts in id order and writes their deferred journal lines and lots';
 
--- The deferred purchases due at p_as_of (their lots vest or expire by
--- then) name the accounts whose deferred lines are written: the vest and
--- expire jobs call this before they read lots. The next p_limit due
--- purchases, in the order they fall due, name the accounts; a batch takes
--- whole accounts in order of first appearance while their deferred
--- purchases add up to p_limit (at least one account). Within one
--- transaction (run_job) the scan resumes after the last batch, as the
--- expire job's does, so that it does not wade again through the index
--- entries of the purchases it has just written. Returns how many
--- purchases it wrote.
+-- The accounts whose deferred journal lines a job batch writes: those of
+-- the next p_limit deferred purchases that vest by p_as_of (p_vest) or
+-- expire by then (not p_vest), in the order they fall due, taken whole in
+-- order of first appearance while their deferred purchases add up to
+-- p_limit (at least one account). Nothing is locked or written here: the
+-- job locks these accounts together with the others of its batch, in id
+-- order, which writes their lines (_lock_accounts). Within one transaction
+-- (run_job) the scan resumes after the last batch, as the expire job's
+-- does, so that it does not wade again through the index entries of the
+-- purchases whose lines it has just written.
+--
 -- The scan must walk the index in order and stop at p_limit: with
 -- statistics taken before a bulk load the planner thinks the index nearly
 -- empty and would rather read all of it into a bitmap and sort (400 ms a
 -- batch for 800,000 deferred purchases), hence enable_bitmapscan off.
-CREATE FUNCTION loyalty._materialize_due(p_as_of timestamptz, p_limit integer) RETURNS bigint
+CREATE FUNCTION loyalty._deferred_due(p_as_of timestamptz, p_limit integer, p_vest boolean) RETURNS bigint[]
 LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp SET enable_bitmapscan = off AS $$
 DECLARE
-    v_cursor text[] := string_to_array(current_setting('loyalty_job.deferred_cursor', true), '|');
+    v_name text := 'loyalty_job.deferred_' || CASE WHEN p_vest THEN 'vest' ELSE 'expire' END;
+    v_cursor text[] := string_to_array(current_setting(v_name, true), '|');
     v_at timestamptz := '-infinity';
     v_id bigint := 0;
     v_accounts bigint[];
@@ -647,9 +649,10 @@ BEGIN
           FROM loyalty.accrual x
           WHERE x.transfer_id IS NULL AND x.points > 0 AND least(x.vests_at, x.expires_at) <= p_as_of
             AND (least(x.vests_at, x.expires_at), x.id) > (v_at, v_id)
+            AND CASE WHEN p_vest THEN x.vests_at <= p_as_of ELSE x.expires_at <= p_as_of END
           ORDER BY least(x.vests_at, x.expires_at), x.id LIMIT p_limit) x;
     IF v_accounts IS NULL THEN
-        RETURN 0;
+        RETURN NULL;
     END IF;
     v_end := cardinality(v_accounts);
     FOR r IN SELECT u.account_id, min(u.pos) AS pos
@@ -659,17 +662,17 @@ BEGIN
             v_end := r.pos - 1;     -- the scan's entries before this account's first are all taken
             EXIT;
         END IF;
+        -- coalesce: through the account's index, never all accounts' (_lots_as_of)
         SELECT count(*) INTO v_n
         FROM loyalty.account a JOIN loyalty.accrual y ON y.account_id = a.id AND y.day >= a.deferred_day
         WHERE a.id = r.account_id AND coalesce(y.transfer_id, 0) = 0 AND y.points > 0;
         v_taken := v_taken || r.account_id;
         v_total := v_total + v_n;
     END LOOP;
-    PERFORM set_config('loyalty_job.deferred_cursor',
-                       p_as_of::text || '|' || v_due[v_end]::text || '|' || v_ids[v_end], true);
-    RETURN loyalty._materialize(v_taken);
+    PERFORM set_config(v_name, p_as_of::text || '|' || v_due[v_end]::text || '|' || v_ids[v_end], true);
+    RETURN v_taken;
 END $$;
-COMMENT ON FUNCTION loyalty._materialize_due(timestamptz, integer) IS 'Internal: writes the deferred journal lines of the accounts whose deferred purchases vest or expire by a moment (at most a batch of purchases); returns how many';
+COMMENT ON FUNCTION loyalty._deferred_due(timestamptz, integer, boolean) IS 'Internal: the accounts of a job batch whose deferred purchases vest (or expire) by a moment, at most a batch of purchases; locks and writes nothing';
 
 -- What a member owes that the balance shows below zero at p_as_of (a
 -- refund's shortfall under the program option shortfall "negative"), and

@@ -117,6 +117,12 @@ DECLARE
     v_rows bigint;
     v_points bigint;
 BEGIN
+    -- One batch of one job at a time in the database: run_job() holds the
+    -- accounts of every batch it has run until its caller commits, so two
+    -- runs side by side (or a run and the worker's batch) could each hold
+    -- an account the other's next batch locks. A batch waits for the run
+    -- or batch before it to commit.
+    PERFORM pg_advisory_xact_lock(hashtext('loyalty'), hashtext('jobs'));
     SELECT j.* INTO v_job FROM loyalty.job_run r JOIN loyalty.job j ON j.name = r.job WHERE r.id = p_run;
     SELECT r.as_of INTO v_as_of FROM loyalty.job_run r WHERE r.id = p_run;
     EXECUTE format('SELECT h.rows, h.points FROM %s($1, $2) h', loyalty._job_handler(v_job.name)::regproc)
@@ -200,31 +206,37 @@ COMMENT ON FUNCTION loyalty.set_job(text, interval, boolean, integer) IS 'Change
 -- enable_bitmapscan off: the pending lots are read in vests_at order up to
 -- the batch size, and with statistics older than the lots (the deferred
 -- ones are all written by this job) the planner would read every pending
--- lot into a bitmap and sort it at each batch (_materialize_due).
+-- lot into a bitmap and sort it at each batch (_deferred_due).
 CREATE FUNCTION loyalty._job_vest(as_of timestamptz, batch_size integer)
 RETURNS TABLE (rows bigint, points bigint)
 LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp SET enable_bitmapscan = off AS $$
 #variable_conflict use_column
 DECLARE
     v_lots bigint[];
-    v_written bigint;
+    v_deferred bigint[];
 BEGIN
-    LOOP
-        -- deferred purchases due by as_of get their lots first (docs/accrual.md)
-        v_written := loyalty._materialize_due(as_of, batch_size);
-        SELECT array_agg(l.id) INTO v_lots
-        FROM (SELECT l.id FROM loyalty.lot l WHERE l.pending AND l.vests_at <= as_of
-              ORDER BY l.vests_at, l.id LIMIT batch_size) l;
-        -- lots written that only expire by as_of (not vest) leave none: go on
-        EXIT WHEN v_lots IS NOT NULL OR v_written = 0;
-    END LOOP;
-    IF v_lots IS NULL THEN
+    -- accounts with deferred purchases that vest by as_of (docs/accrual.md)
+    v_deferred := loyalty._deferred_due(as_of, batch_size, true);
+    SELECT array_agg(l.id) INTO v_lots
+    FROM (SELECT l.id FROM loyalty.lot l WHERE l.pending AND l.vests_at <= as_of
+          ORDER BY l.vests_at, l.id LIMIT batch_size) l;
+    IF v_lots IS NULL AND v_deferred IS NULL THEN
         RETURN QUERY SELECT 0::bigint, 0::bigint;
         RETURN;
     END IF;
-    PERFORM FROM loyalty.account a
-     WHERE a.id IN (SELECT l.account_id FROM unnest(v_lots) AS x(id) JOIN loyalty.lot l ON l.id = x.id)
-     ORDER BY a.id FOR UPDATE;
+    -- Every account of the batch locked at once, in id order, as postings
+    -- lock them (locking the deferred ones first, then the others, could
+    -- deadlock with a statement holding one of the others), which writes
+    -- their deferred lines and lots; those due vest in this batch too.
+    PERFORM loyalty._lock_accounts(coalesce(v_deferred, '{}')
+                                   || ARRAY(SELECT l.account_id FROM unnest(v_lots) AS x(id)
+                                            JOIN loyalty.lot l ON l.id = x.id));
+    IF v_deferred IS NOT NULL THEN
+        v_lots := coalesce(v_lots, '{}')
+                  || ARRAY(SELECT l.id FROM loyalty.lot l
+                           WHERE l.account_id = ANY (v_deferred) AND l.remaining OPERATOR(loyalty.>) 0
+                             AND l.pending AND l.vests_at <= as_of AND l.id <> ALL (coalesce(v_lots, '{}')));
+    END IF;
     RETURN QUERY
     WITH l AS (
         UPDATE loyalty.lot l SET pending = false
@@ -462,26 +474,29 @@ COMMENT ON FUNCTION loyalty._expire_refilled(bigint) IS 'Internal: expires at on
 
 -- The expire job, one transfer per lot through the posting routine: the
 -- reference the set-based handler is checked against (test/sql/expiry_bulk).
--- The expire candidates, once the deferred purchases due by as_of have
--- their lots (docs/accrual.md, "Deferred journal lines"). New lots may
--- expire before where the run's scan has got to: it starts again.
+-- The expire job's next lots, with the accounts whose deferred purchases
+-- expire by as_of (docs/accrual.md, "Deferred journal lines"): every
+-- account of the batch is locked at once, in id order (which writes the
+-- deferred lines and lots), and the newly written lots that have expired
+-- join the batch.
 CREATE FUNCTION loyalty._expire_candidates_after_deferred(p_as_of timestamptz, p_limit integer)
 RETURNS bigint[] LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
-    v_lots bigint[];
+    v_deferred bigint[] := loyalty._deferred_due(p_as_of, p_limit, false);
+    v_lots bigint[] := loyalty._expire_candidates(p_as_of, p_limit);
 BEGIN
-    LOOP
-        IF loyalty._materialize_due(p_as_of, p_limit) > 0 THEN
-            PERFORM set_config('loyalty_job.expire_cursor', '', true);
-            v_lots := loyalty._expire_candidates(p_as_of, p_limit);
-            EXIT WHEN v_lots IS NOT NULL;
-        ELSE
-            RETURN loyalty._expire_candidates(p_as_of, p_limit);
-        END IF;
-    END LOOP;
-    RETURN v_lots;
+    IF v_deferred IS NULL THEN
+        RETURN v_lots;      -- the caller locks their accounts
+    END IF;
+    PERFORM loyalty._lock_accounts(v_deferred || ARRAY(SELECT l.account_id FROM unnest(v_lots) AS x(id)
+                                                        JOIN loyalty.lot l ON l.id = x.id));
+    RETURN nullif(coalesce(v_lots, '{}')
+                  || ARRAY(SELECT l.id FROM loyalty.lot l
+                           WHERE l.account_id = ANY (v_deferred) AND l.remaining OPERATOR(loyalty.>) 0
+                             AND l.expires_at <= p_as_of AND l.id <> ALL (coalesce(v_lots, '{}'))),
+                  '{}');
 END $$;
-COMMENT ON FUNCTION loyalty._expire_candidates_after_deferred(timestamptz, integer) IS 'Internal: the expire job''s next candidates, after writing the deferred purchases due by then';
+COMMENT ON FUNCTION loyalty._expire_candidates_after_deferred(timestamptz, integer) IS 'Internal: the expire job''s next candidates, with the lots of the deferred purchases that have expired by then (their accounts locked and their lines written)';
 
 CREATE FUNCTION loyalty._job_expire_rows(as_of timestamptz, batch_size integer)
 RETURNS TABLE (rows bigint, points bigint)

@@ -2,7 +2,10 @@
 # insert orders (some for unknown customers), delete orders and lower their
 # totals for some seconds. No sale may fail; every order of a member earns
 # exactly once; refunds match what was returned; the books and the chains
-# hold.
+# hold. A second program with a return window runs beside it: its sales
+# defer their journal lines and lots (docs/accrual.md), which debits, refunds
+# and vest jobs racing them write; its books hold with the lines deferred and
+# once the last vest job has written them all.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -24,6 +27,22 @@ $node->safe_psql('postgres', q{
                          total numeric(10,2), sold_at timestamptz DEFAULT now());
     SELECT loyalty.attach_accrual('orders', 'shop', 'customer', 'total', 'order_no',
                                   occurred_at_column => 'sold_at');
+    SELECT loyalty.create_program('ret', 'Returns');
+    SELECT loyalty.enroll('ret', 'm' || i, occurred_at => '2020-01-01') FROM generate_series(1, 200) i;
+    SELECT loyalty.set_earning_rules('ret', '{"base": {"per": 1.00, "points": 1}, "pending_days": 30}',
+                                     '2020-01-01', 'load test, with a return window');
+    -- sold 40 days ago: past their return window, so that debits dated now
+    -- can spend them (a debit reads lots by business time)
+    CREATE TABLE orders_ret (LIKE orders INCLUDING ALL);
+    ALTER TABLE orders_ret ALTER sold_at SET DEFAULT now() - interval '40 days';
+    SELECT loyalty.attach_accrual('orders_ret', 'ret', 'customer', 'total', 'order_no',
+                                  occurred_at_column => 'sold_at');
+    -- a debit of one point, when the member has one (LY001 otherwise)
+    CREATE FUNCTION debit(m text) RETURNS void LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM loyalty.adjust('ret', m, -1, 'd-' || random(), 'load');
+    EXCEPTION WHEN SQLSTATE 'LY001' THEN NULL;
+    END $$;
 });
 
 my $dir = PostgreSQL::Test::Utils::tempdir;
@@ -38,6 +57,18 @@ DELETE FROM orders WHERE seq_no = :r;
 },
     'lower.sql' => q{\set r random(1, 30000)
 UPDATE orders SET total = round(total / 2, 2) WHERE seq_no = :r;
+},
+    'insert_ret.sql' => q{\set m random(1, 200)
+\set cents random(100, 50000)
+INSERT INTO orders_ret (order_no, customer, total) VALUES ('r-' || :client_id || '-' || :m || '-' || :cents || '-' || random(), 'm' || :m, :cents / 100.0);
+},
+    'delete_ret.sql' => q{\set r random(1, 30000)
+DELETE FROM orders_ret WHERE seq_no = :r;
+},
+    'debit_ret.sql' => q{\set m random(1, 200)
+SELECT debit('m' || :m);
+},
+    'vest.sql' => q{SELECT loyalty.run_job('vest', now() + interval '31 days');
 });
 for my $name (keys %scripts)
 {
@@ -48,7 +79,9 @@ for my $name (keys %scripts)
 
 my ($out, $err) = run_command([
     'pgbench', '-n', '-h', $node->host, '-p', $node->port, '-c', '8', '-j', '2', '-T', '15',
-    '-f', "$dir/insert.sql\@6", '-f', "$dir/delete.sql\@2", '-f', "$dir/lower.sql\@2", 'postgres' ]);
+    '-f', "$dir/insert.sql\@6", '-f', "$dir/delete.sql\@2", '-f', "$dir/lower.sql\@2",
+    '-f', "$dir/insert_ret.sql\@6", '-f', "$dir/delete_ret.sql\@1", '-f', "$dir/debit_ret.sql\@2",
+    '-f', "$dir/vest.sql\@1", 'postgres' ]);
 my ($tx) = $out =~ /number of transactions actually processed: (\d+)/;
 $tx //= 0;
 ok($out =~ /number of failed transactions: 0 / && $err !~ /aborted|error/i,
@@ -64,7 +97,7 @@ cmp_ok($refunds, '>', 50, "refunds were posted ($refunds)");
 cmp_ok($quarantined, '>', 50, "sales were quarantined ($quarantined)");
 
 is($q->(q{
-    SELECT count(*) FROM orders o
+    SELECT count(*) FROM (SELECT order_no, customer FROM orders UNION ALL SELECT order_no, customer FROM orders_ret) o
     WHERE substr(o.customer, 2)::int <= 200
       AND (SELECT count(*) FROM loyalty.accrual a WHERE a.ref = o.order_no) <> 1}),
    '0', 'every order of a member earned exactly once');
@@ -76,7 +109,9 @@ is($q->(q{
    '0', 'every order of an unknown customer is in the quarantine');
 
 is($q->(q{
-    SELECT count(*) FROM loyalty.accrual a LEFT JOIN orders o ON o.order_no = a.ref
+    SELECT count(*) FROM loyalty.accrual a
+    LEFT JOIN (SELECT order_no, total FROM orders UNION ALL SELECT order_no, total FROM orders_ret) o
+           ON o.order_no = a.ref
     WHERE a.amount - a.refunded_amount IS DISTINCT FROM coalesce(o.total, 0)}),
    '0', 'what is refunded is what was returned (deleted orders wholly, lowered ones by the difference)');
 
@@ -89,18 +124,50 @@ is($q->(q{SELECT count(*) FROM loyalty.account WHERE available::bigint < 0 OR pe
    '0', 'no negative balance');
 
 is($q->(q{
-    SELECT (SELECT sum(points - refunded_points) FROM loyalty.accrual)
-         = (SELECT sum(available::bigint + pending::bigint) FROM loyalty.account WHERE kind = 'member')}),
+    SELECT (SELECT sum(x.points - x.refunded_points) FROM loyalty.accrual x
+             JOIN loyalty.program p ON p.id = x.program_id WHERE p.code = 'shop')
+         = (SELECT sum(a.available::bigint + a.pending::bigint) FROM loyalty.account a
+             JOIN loyalty.program p ON p.id = a.program_id WHERE p.code = 'shop' AND a.kind = 'member')}),
    't', 'the members hold exactly what their purchases earned less what refunds took');
 
-is($q->(q{
+# with the return window: the lines deferred, and written by debits,
+# refunds and the vest jobs that ran among the sales; one statement more
+# leaves every member some deferred
+$q->(q{INSERT INTO orders_ret (order_no, customer, total)
+       SELECT 'last-' || i, 'm' || i, 12.50 FROM generate_series(1, 200) i});
+my ($deferred, $written, $debits) = split /\|/, $q->(q{
+    SELECT count(*) FILTER (WHERE x.transfer_id IS NULL AND x.points > 0),
+           count(*) FILTER (WHERE x.transfer_id IS NOT NULL),
+           (SELECT count(*) FROM loyalty.transfer t WHERE t.kind = 'adjust')
+    FROM loyalty.accrual x JOIN loyalty.program p ON p.id = x.program_id WHERE p.code = 'ret'});
+cmp_ok($written, '>', 50, "deferred lines were written among the sales ($written)");
+cmp_ok($debits, '>', 50, "debits were posted ($debits)");
+cmp_ok($deferred, '>=', 200, "purchases are deferred at the check ($deferred)");
+
+my $books = q{
     SELECT count(*) FROM loyalty.account a
     WHERE a.kind = 'member'
       AND (a.available::bigint + a.pending::bigint) IS DISTINCT FROM
-          (SELECT coalesce(sum(l.remaining::bigint), 0) FROM loyalty.lot l WHERE l.account_id = a.id)}),
-   '0', 'each member account holds the sum of its lots');
+          (SELECT coalesce(sum(l.remaining::bigint), 0) FROM loyalty.lot l WHERE l.account_id = a.id)
+          + (SELECT coalesce(sum(x.points), 0) FROM loyalty.accrual x
+              WHERE x.account_id = a.id AND x.transfer_id IS NULL AND x.points > 0)};
+my $statements = q{
+    SELECT count(*) FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id
+    WHERE m.program_id = (SELECT id FROM loyalty.program WHERE code = 'ret')
+      AND (a.available::bigint + a.pending::bigint)
+          IS DISTINCT FROM (SELECT coalesce(sum(s.points), 0) FROM loyalty.statement('ret', m.member_ref) s)};
+is($q->($books), '0', "each member account holds its lots and its deferred purchases ($deferred deferred)");
+is($q->($statements), '0', 'each statement of the return-window program adds up to the balance');
+is($q->(q{SELECT count(*) FROM loyalty.verify_chain('shop')}) + $q->(q{SELECT count(*) FROM loyalty.verify_chain('ret')}),
+   0, 'every chain verifies');
 
-is($q->(q{SELECT count(*) FROM loyalty.verify_chain('shop')}), '0', 'every chain verifies');
+# the last vest job writes every deferred line; the books and chains hold
+$q->(q{SELECT loyalty.run_job('vest', now() + interval '31 days')});
+is($q->(q{SELECT count(*) FROM loyalty.accrual WHERE transfer_id IS NULL AND points > 0}), '0',
+   'the vest job wrote every deferred line');
+is($q->($books), '0', 'each member account holds the sum of its lots');
+is($q->($statements), '0', 'each statement still adds up to the balance');
+is($q->(q{SELECT count(*) FROM loyalty.verify_chain('ret')}), '0', 'every chain verifies with them written');
 
 $node->stop;
 done_testing();
