@@ -232,10 +232,11 @@ BEGIN
                                    || ARRAY(SELECT l.account_id FROM unnest(v_lots) AS x(id)
                                             JOIN loyalty.lot l ON l.id = x.id));
     IF v_deferred IS NOT NULL THEN
-        v_lots := coalesce(v_lots, '{}')
-                  || ARRAY(SELECT l.id FROM loyalty.lot l
-                           WHERE l.account_id = ANY (v_deferred) AND l.remaining OPERATOR(loyalty.>) 0
-                             AND l.pending AND l.vests_at <= as_of AND l.id <> ALL (coalesce(v_lots, '{}')));
+        v_lots := ARRAY(SELECT x.id FROM unnest(v_lots) AS x(id)
+                        UNION
+                        SELECT l.id FROM loyalty.lot l
+                        WHERE l.account_id = ANY (v_deferred) AND l.remaining OPERATOR(loyalty.>) 0
+                          AND l.pending AND l.vests_at <= as_of);
     END IF;
     RETURN QUERY
     WITH l AS (
@@ -490,10 +491,11 @@ BEGIN
     END IF;
     PERFORM loyalty._lock_accounts(v_deferred || ARRAY(SELECT l.account_id FROM unnest(v_lots) AS x(id)
                                                         JOIN loyalty.lot l ON l.id = x.id));
-    RETURN nullif(coalesce(v_lots, '{}')
-                  || ARRAY(SELECT l.id FROM loyalty.lot l
-                           WHERE l.account_id = ANY (v_deferred) AND l.remaining OPERATOR(loyalty.>) 0
-                             AND l.expires_at <= p_as_of AND l.id <> ALL (coalesce(v_lots, '{}'))),
+    RETURN nullif(ARRAY(SELECT x.id FROM unnest(v_lots) AS x(id)
+                        UNION
+                        SELECT l.id FROM loyalty.lot l
+                        WHERE l.account_id = ANY (v_deferred) AND l.remaining OPERATOR(loyalty.>) 0
+                          AND l.expires_at <= p_as_of),
                   '{}');
 END $$;
 COMMENT ON FUNCTION loyalty._expire_candidates_after_deferred(timestamptz, integer) IS 'Internal: the expire job''s next candidates, with the lots of the deferred purchases that have expired by then (their accounts locked and their lines written)';
