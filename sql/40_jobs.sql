@@ -228,9 +228,7 @@ BEGIN
     -- lock them (locking the deferred ones first, then the others, could
     -- deadlock with a statement holding one of the others), which writes
     -- their deferred lines and lots; those due vest in this batch too.
-    PERFORM loyalty._lock_accounts(coalesce(v_deferred, '{}')
-                                   || ARRAY(SELECT l.account_id FROM unnest(v_lots) AS x(id)
-                                            JOIN loyalty.lot l ON l.id = x.id));
+    PERFORM loyalty._lock_accounts_of_lots(v_lots, v_deferred);
     IF v_deferred IS NOT NULL THEN
         v_lots := ARRAY(SELECT x.id FROM unnest(v_lots) AS x(id)
                         UNION
@@ -421,12 +419,17 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION loyalty._expired_before(bigint[]) IS 'Internal: the lots among these that have expired before';
 
-CREATE FUNCTION loyalty._lock_accounts_of_lots(p_lots bigint[]) RETURNS void
+-- A job batch's accounts: those owning its lots and p_accounts, locked in
+-- one statement, in id order (locking one set, then another, could
+-- deadlock with a statement holding one of the second), which writes
+-- their deferred journal lines and lots.
+CREATE FUNCTION loyalty._lock_accounts_of_lots(p_lots bigint[], p_accounts bigint[] DEFAULT '{}') RETURNS void
 LANGUAGE sql SET search_path = loyalty, pg_catalog, pg_temp AS $$
-    SELECT loyalty._lock_accounts(ARRAY(SELECT DISTINCT l.account_id
-                                        FROM unnest(p_lots) AS x(id) JOIN loyalty.lot l ON l.id = x.id))
+    SELECT loyalty._lock_accounts(coalesce(p_accounts, '{}')
+                                  || ARRAY(SELECT l.account_id
+                                           FROM unnest(p_lots) AS x(id) JOIN loyalty.lot l ON l.id = x.id))
 $$;
-COMMENT ON FUNCTION loyalty._lock_accounts_of_lots(bigint[]) IS 'Internal: locks the member accounts owning the given lots, in account-id order, and writes their deferred journal lines';
+COMMENT ON FUNCTION loyalty._lock_accounts_of_lots(bigint[], bigint[]) IS 'Internal: locks the member accounts owning the given lots and the accounts given, in account-id order, and writes their deferred journal lines';
 
 -- One expiry transfer through the posting routine (C, LedgerPost).
 CREATE FUNCTION loyalty._post_expire(program_id bigint, account_id bigint, breakage_id bigint,
@@ -475,22 +478,24 @@ COMMENT ON FUNCTION loyalty._expire_refilled(bigint) IS 'Internal: expires at on
 
 -- The expire job, one transfer per lot through the posting routine: the
 -- reference the set-based handler is checked against (test/sql/expiry_bulk).
--- The expire job's next lots, with the accounts whose deferred purchases
--- expire by as_of (docs/accrual.md, "Deferred journal lines"): every
--- account of the batch is locked at once, in id order (which writes the
--- deferred lines and lots), and the newly written lots that have expired
--- join the batch.
-CREATE FUNCTION loyalty._expire_candidates_after_deferred(p_as_of timestamptz, p_limit integer)
+-- The expire job's next batch: its candidate lots and the accounts whose
+-- deferred purchases expire by as_of (docs/accrual.md, "Deferred journal
+-- lines"), all locked at once (_lock_accounts_of_lots, which writes the
+-- deferred lines and lots); the newly written lots that have expired join
+-- the batch. NULL: nothing to expire.
+CREATE FUNCTION loyalty._expire_batch(p_as_of timestamptz, p_limit integer)
 RETURNS bigint[] LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
     v_deferred bigint[] := loyalty._deferred_due(p_as_of, p_limit, false);
     v_lots bigint[] := loyalty._expire_candidates(p_as_of, p_limit);
 BEGIN
-    IF v_deferred IS NULL THEN
-        RETURN v_lots;      -- the caller locks their accounts
+    IF v_lots IS NULL AND v_deferred IS NULL THEN
+        RETURN NULL;
     END IF;
-    PERFORM loyalty._lock_accounts(v_deferred || ARRAY(SELECT l.account_id FROM unnest(v_lots) AS x(id)
-                                                        JOIN loyalty.lot l ON l.id = x.id));
+    PERFORM loyalty._lock_accounts_of_lots(v_lots, v_deferred);
+    IF v_deferred IS NULL THEN
+        RETURN v_lots;
+    END IF;
     RETURN nullif(ARRAY(SELECT x.id FROM unnest(v_lots) AS x(id)
                         UNION
                         SELECT l.id FROM loyalty.lot l
@@ -498,7 +503,7 @@ BEGIN
                           AND l.expires_at <= p_as_of),
                   '{}');
 END $$;
-COMMENT ON FUNCTION loyalty._expire_candidates_after_deferred(timestamptz, integer) IS 'Internal: the expire job''s next candidates, with the lots of the deferred purchases that have expired by then (their accounts locked and their lines written)';
+COMMENT ON FUNCTION loyalty._expire_batch(timestamptz, integer) IS 'Internal: the expire job''s next lots, with those of the deferred purchases that have expired by then, their accounts locked and their deferred lines written';
 
 CREATE FUNCTION loyalty._job_expire_rows(as_of timestamptz, batch_size integer)
 RETURNS TABLE (rows bigint, points bigint)
@@ -510,9 +515,8 @@ DECLARE
     v_points bigint := 0;
     d record;
 BEGIN
-    v_lots := loyalty._expire_candidates_after_deferred(as_of, batch_size);
+    v_lots := loyalty._expire_batch(as_of, batch_size);
     IF v_lots IS NOT NULL THEN
-        PERFORM loyalty._lock_accounts_of_lots(v_lots);
         FOR d IN SELECT * FROM loyalty._expire_due(v_lots, as_of, loyalty._expired_before(v_lots)) LOOP
             PERFORM loyalty._post_expire(d.program_id, d.account_id, d.breakage_id, d.lot_id,
                                          d.remaining::bigint, d.ref, d.moment);
@@ -536,12 +540,11 @@ DECLARE
     v_again bigint[];
     v_actor text := coalesce(nullif(current_setting('loyalty.actor', true), ''), session_user::text);
 BEGIN
-    v_lots := loyalty._expire_candidates_after_deferred(as_of, batch_size);
+    v_lots := loyalty._expire_batch(as_of, batch_size);
     IF v_lots IS NULL THEN
         RETURN QUERY SELECT 0::bigint, 0::bigint;
         RETURN;
     END IF;
-    PERFORM loyalty._lock_accounts_of_lots(v_lots);
     v_again := loyalty._expired_before(v_lots);
     RETURN QUERY
     WITH due AS (

@@ -1185,26 +1185,25 @@ static int64 AccrualAddPoints(int64 a, int64 b);
  * account already has deferred purchases: lines are chained in id order,
  * so none may be written while an earlier one of the account waits.
  */
-static void
+static AccrualHead *
 AccrualDecideDeferral(AccrualBatch *b, AccrualRow *r)
 {
 	AccrualHead *h;
 
 	r->deferred = false;
 	if (!b->defers || r->points <= 0)
-		return;
+		return NULL;
 	h = hash_search(b->heads, &r->account_id, HASH_FIND, NULL);
 	if (h == NULL)
 		elog(ERROR, "account %lld was not locked", (long long) r->account_id);
 	r->deferred = r->vests_at > r->occurred_at || h->deferring;
+	return h;
 }
 
-/* Count deferred purchase r, inserted, in its account's head. */
+/* Count deferred purchase r, inserted, in its account's head h. */
 static void
-AccrualDeferred(AccrualBatch *b, AccrualRow *r)
+AccrualDeferred(AccrualHead *h, AccrualRow *r)
 {
-	AccrualHead *h = hash_search(b->heads, &r->account_id, HASH_FIND, NULL);
-
 	if (!h->deferring || r->day < h->deferred_day)
 		h->deferred_day = r->day;
 	h->deferring = true;
@@ -1241,6 +1240,7 @@ AccrualInsertPurchases(AccrualBatch *b, int *which, int n, LedgerWriter **tw, bo
 	bool		redo = false;
 	StringInfoData buf;
 	Datum		actor = (Datum) 0;	/* of the deferred rows, when there is one */
+	AccrualHead *h;				/* the row's account (heads are not added to meanwhile) */
 	MemoryContext old = AccrualChunkMemory(b);
 
 	initStringInfo(&buf);
@@ -1280,7 +1280,7 @@ AccrualInsertPurchases(AccrualBatch *b, int *which, int n, LedgerWriter **tw, bo
 		w->values[17] = zero;
 		w->values[18] = Int64GetDatum(0);
 		w->values[19] = posted;
-		AccrualDecideDeferral(b, r);
+		h = AccrualDecideDeferral(b, r);
 		if (r->points > 0 && !r->deferred && *tw == NULL)
 			*tw = AccrualTransferWriter(bulk);
 		r->transfer_id = r->points > 0 ? r->accrual_id : 0;
@@ -1294,7 +1294,7 @@ AccrualInsertPurchases(AccrualBatch *b, int *which, int n, LedgerWriter **tw, bo
 		{
 			inserted++;
 			if (r->deferred)
-				AccrualDeferred(b, r);
+				AccrualDeferred(h, r);
 		}
 		else
 		{
