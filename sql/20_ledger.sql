@@ -81,6 +81,7 @@ CREATE TABLE loyalty.account (
     last_hash        bytea,
     owes             boolean NOT NULL DEFAULT false,
     deferred_day     date,
+    deferred_due     timestamptz,
     CHECK ((kind = 'member') = (member_id IS NOT NULL))
 ) WITH (fillfactor = 70);
 -- Every sale rewrites its member's row (balances, chain head): with room
@@ -91,10 +92,18 @@ CREATE TABLE loyalty.account (
 -- (docs/performance.md).
 ALTER SEQUENCE loyalty.account_id_seq OWNED BY loyalty.account.id;
 CREATE UNIQUE INDEX account_system_key ON loyalty.account (program_id, kind, name) WHERE kind <> 'member';
+-- The accounts with deferred purchases, by when the first of them vests or
+-- expires: the vest and expire jobs' list (loyalty._deferred_due). One
+-- entry per account, not per purchase: a sale that sets deferred_due where
+-- it was NULL (the member's first deferred purchase since their lines were
+-- last written) is not a heap-only update; the sales after it, whose
+-- purchases fall due later, leave the column as it is and stay heap-only.
+CREATE INDEX account_deferred_idx ON loyalty.account (deferred_due, id) WHERE deferred_due IS NOT NULL;
 COMMENT ON TABLE loyalty.account IS 'One account per member and one per program system account; member rows hold the posted balances and the head of the member''s hash chain';
 COMMENT ON COLUMN loyalty.account.available IS 'Posted, vested points not yet spent or swept by the expire job (balance() is the truth at a given moment)';
 COMMENT ON COLUMN loyalty.account.pending IS 'Posted points still in their return window, not yet swept by the vest job';
 COMMENT ON COLUMN loyalty.account.deferred_day IS 'The earliest day of the member''s purchases whose journal line and lot are not written yet (deferred, docs/accrual.md); NULL when there is none';
+COMMENT ON COLUMN loyalty.account.deferred_due IS 'When the first of the member''s deferred purchases vests or expires (the earliest of their vests_at and expires_at): when the vest or expire job writes the account''s deferred lines; NULL when there is none';
 COMMENT ON COLUMN loyalty.account.owes IS 'Set when a refund records a debt for the member (loyalty.accrual_debt), never cleared: a sale of a member that never owed does not look for debts to recover';
 
 CREATE SEQUENCE loyalty.transfer_id_seq;
@@ -192,14 +201,6 @@ CREATE INDEX accrual_account_day_idx ON loyalty.accrual (account_id, day);
 -- index's creation on the empty table made, and every sale there widens it.
 -- A btree would cost a random insert per sale.
 CREATE INDEX accrual_time_brin ON loyalty.accrual USING brin (occurred_at);
--- Purchases whose journal line and lot are deferred (docs/accrual.md,
--- "Deferred journal lines"): points > 0 and no transfer yet. The vest and
--- expire jobs write those due at as_of, in the order they fall due (their
--- lots vest or expire then); everything else that needs an account's lots
--- writes that account's deferred ones first, under its lock. An entry
--- lives from the sale to the vest job.
-CREATE INDEX accrual_deferred_idx ON loyalty.accrual ((least(vests_at, expires_at)), id)
-    WHERE transfer_id IS NULL AND points > 0;
 COMMENT ON TABLE loyalty.accrual IS 'Every purchase posted by accrual: what it was, the rule version, points and their breakdown, and how much of it was refunded';
 
 -- A lot has the id of the transfer that credited it (a posting credits at

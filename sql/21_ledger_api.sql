@@ -184,12 +184,11 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
     WHERE x.account_id = p_account
     UNION ALL
     -- deferred purchases: the line each will be, without its hash yet
-    -- (coalesce: see _lots_as_of)
     SELECT x.id, x.program_id, s.id, x.account_id, x.points::loyalty.points, 'accrual', x.ref,
            x.occurred_at, x.posted_at, x.rule_version, x.actor, NULL::text, NULL::bytea, NULL::bytea, NULL::bytea
     FROM loyalty.accrual x
     JOIN loyalty.account s ON s.program_id = x.program_id AND s.kind = 'issuance' AND s.name = ''
-    WHERE x.account_id = p_account AND coalesce(x.transfer_id, 0) = 0 AND x.points > 0
+    WHERE x.account_id = p_account AND x.transfer_id IS NULL AND x.points > 0
 $$;
 COMMENT ON FUNCTION loyalty._account_transfers(bigint) IS 'Internal: the journal lines of a member account (credited or debited), written so that both account indexes serve it';
 
@@ -297,15 +296,10 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
         FROM used u JOIN loyalty.lot l ON l.id = u.lot_id
         WHERE l.remaining OPERATOR(loyalty.=) 0 AND l.occurred_at <= p_as_of
         UNION ALL
-        -- deferred purchases: the lot each will be, never used yet. Spelt
-        -- coalesce(transfer_id, 0) = 0, not IS NULL, so that the planner
-        -- cannot read them through accrual_deferred_idx (every account's),
-        -- which it would when the table's statistics predate a bulk load
-        -- (it then thinks the index nearly empty): through the account's
-        -- own index, always.
+        -- deferred purchases: the lot each will be, never used yet
         SELECT x.id, x.points::loyalty.points, x.occurred_at, x.vests_at, x.expires_at, 0
         FROM loyalty.accrual x
-        WHERE x.account_id = p_account AND coalesce(x.transfer_id, 0) = 0 AND x.points > 0
+        WHERE x.account_id = p_account AND x.transfer_id IS NULL AND x.points > 0
           AND x.occurred_at <= p_as_of
     )
     SELECT l.id, (l.remaining::bigint + l.used_after)::loyalty.points, l.vests_at,
@@ -546,8 +540,7 @@ BEGIN
         FROM loyalty.account a
         JOIN loyalty.accrual x ON x.account_id = a.id AND x.day >= a.deferred_day
         JOIN loyalty.account s ON s.program_id = a.program_id AND s.kind = 'issuance' AND s.name = ''
-        -- coalesce: through the account's index, never all accounts' (_lots_as_of)
-        WHERE a.id = ANY (v_locked) AND coalesce(x.transfer_id, 0) = 0 AND x.points > 0
+        WHERE a.id = ANY (v_locked) AND x.transfer_id IS NULL AND x.points > 0
     ), hashed AS (
         SELECT d.*, loyalty.chain(d.head, true, d.program_id, d.issuance, d.account_id, d.points, 'accrual',
                                   d.ref, d.occurred_at, d.posted_at, d.rule_version, d.actor, NULL::text)
@@ -581,7 +574,7 @@ BEGIN
         UPDATE loyalty.account a
            SET last_hash = coalesce(s.last_hash, a.last_hash),
                last_transfer_id = coalesce(s.last_tid, a.last_transfer_id),
-               deferred_day = NULL
+               deferred_day = NULL, deferred_due = NULL
           FROM unnest(v_locked) AS k(id) LEFT JOIN s ON s.account_id = k.id
          WHERE a.id = k.id
     )
@@ -607,21 +600,23 @@ BEGIN
 END $$;
 COMMENT ON FUNCTION loyalty._lock_accounts(bigint[]) IS 'Internal: locks accounts in id order and writes their deferred journal lines and lots';
 
--- The accounts whose deferred journal lines a job batch writes: those of
--- the next p_limit deferred purchases that vest by p_as_of (p_vest) or
--- expire by then (not p_vest), in the order they fall due, taken whole in
--- order of first appearance while their deferred purchases add up to
--- p_limit (at least one account). Nothing is locked or written here: the
--- job locks these accounts together with the others of its batch, in id
--- order, which writes their lines (_lock_accounts). Within one transaction
--- (run_job) the scan resumes after the last batch, as the expire job's
--- does, so that it does not wade again through the index entries of the
--- purchases whose lines it has just written.
+-- The accounts whose deferred journal lines a job batch writes: those whose
+-- first deferred purchase vests or expires by p_as_of (account.deferred_due,
+-- through account_deferred_idx), in the order they fall due, taken whole
+-- while their deferred purchases add up to p_limit (at least one account).
+-- The vest job (p_vest) and the expire job take the same accounts: writing
+-- an account's lines early is harmless, and an account is due for one
+-- job or the other. Nothing is locked or written here: the job locks these
+-- accounts together with the others of its batch, in id order, which
+-- writes their lines (_lock_accounts). Within one transaction (run_job)
+-- the scan resumes after the last batch, as the expire job's does, so that
+-- it does not wade again through the entries of the accounts whose lines
+-- it has just written.
 --
 -- The scan must walk the index in order and stop at p_limit: with
--- statistics taken before a bulk load the planner thinks the index nearly
--- empty and would rather read all of it into a bitmap and sort (400 ms a
--- batch for 800,000 deferred purchases), hence enable_bitmapscan off.
+-- statistics taken before a bulk load the planner may think the index
+-- nearly empty and read all of it into a bitmap and sort, hence
+-- enable_bitmapscan off.
 CREATE FUNCTION loyalty._deferred_due(p_as_of timestamptz, p_limit integer, p_vest boolean) RETURNS bigint[]
 LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp SET enable_bitmapscan = off AS $$
 DECLARE
@@ -629,47 +624,31 @@ DECLARE
     v_cursor text[] := string_to_array(current_setting(v_name, true), '|');
     v_at timestamptz := '-infinity';
     v_id bigint := 0;
-    v_accounts bigint[];
-    v_due timestamptz[];
-    v_ids bigint[];
     v_taken bigint[] := '{}';
     v_total bigint := 0;
     v_n bigint;
-    v_end integer;
     r record;
 BEGIN
     IF v_cursor[1] = p_as_of::text THEN     -- the same run, in the same transaction
         v_at := v_cursor[2]::timestamptz;
         v_id := v_cursor[3]::bigint;
     END IF;
-    SELECT array_agg(x.account_id ORDER BY x.due, x.id), array_agg(x.due ORDER BY x.due, x.id),
-           array_agg(x.id ORDER BY x.due, x.id)
-      INTO v_accounts, v_due, v_ids
-    FROM (SELECT x.account_id, least(x.vests_at, x.expires_at) AS due, x.id
-          FROM loyalty.accrual x
-          WHERE x.transfer_id IS NULL AND x.points > 0 AND least(x.vests_at, x.expires_at) <= p_as_of
-            AND (least(x.vests_at, x.expires_at), x.id) > (v_at, v_id)
-            AND CASE WHEN p_vest THEN x.vests_at <= p_as_of ELSE x.expires_at <= p_as_of END
-          ORDER BY least(x.vests_at, x.expires_at), x.id LIMIT p_limit) x;
-    IF v_accounts IS NULL THEN
-        RETURN NULL;
-    END IF;
-    v_end := cardinality(v_accounts);
-    FOR r IN SELECT u.account_id, min(u.pos) AS pos
-             FROM unnest(v_accounts) WITH ORDINALITY AS u(account_id, pos)
-             GROUP BY u.account_id ORDER BY 2 LOOP
-        IF v_total >= p_limit THEN
-            v_end := r.pos - 1;     -- the scan's entries before this account's first are all taken
-            EXIT;
-        END IF;
-        -- coalesce: through the account's index, never all accounts' (_lots_as_of)
+    FOR r IN SELECT a.id, a.deferred_due FROM loyalty.account a
+             WHERE a.deferred_due <= p_as_of AND (a.deferred_due, a.id) > (v_at, v_id)
+             ORDER BY a.deferred_due, a.id LIMIT p_limit LOOP
+        EXIT WHEN v_total >= p_limit;
         SELECT count(*) INTO v_n
         FROM loyalty.account a JOIN loyalty.accrual y ON y.account_id = a.id AND y.day >= a.deferred_day
-        WHERE a.id = r.account_id AND coalesce(y.transfer_id, 0) = 0 AND y.points > 0;
-        v_taken := v_taken || r.account_id;
+        WHERE a.id = r.id AND y.transfer_id IS NULL AND y.points > 0;
+        v_taken := v_taken || r.id;
         v_total := v_total + v_n;
+        v_at := r.deferred_due;
+        v_id := r.id;
     END LOOP;
-    PERFORM set_config(v_name, p_as_of::text || '|' || v_due[v_end]::text || '|' || v_ids[v_end], true);
+    IF cardinality(v_taken) = 0 THEN
+        RETURN NULL;
+    END IF;
+    PERFORM set_config(v_name, p_as_of::text || '|' || v_at::text || '|' || v_id, true);
     RETURN v_taken;
 END $$;
 COMMENT ON FUNCTION loyalty._deferred_due(timestamptz, integer, boolean) IS 'Internal: the accounts of a job batch whose deferred purchases vest (or expire) by a moment, at most a batch of purchases; locks and writes nothing';

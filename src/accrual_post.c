@@ -1204,8 +1204,12 @@ AccrualDecideDeferral(AccrualBatch *b, AccrualRow *r)
 static void
 AccrualDeferred(AccrualHead *h, AccrualRow *r)
 {
+	TimestampTz due = (r->expires_null || r->vests_at < r->expires_at) ? r->vests_at : r->expires_at;
+
 	if (!h->deferring || r->day < h->deferred_day)
 		h->deferred_day = r->day;
+	if (!h->new_deferred || due < h->deferred_due)
+		h->deferred_due = due;
 	h->deferring = true;
 	h->new_deferred = true;
 	h->touched = true;
@@ -1387,7 +1391,7 @@ AccrualWriteTransfer(AccrualBatch *b, AccrualRow *r, LedgerWriter *tw, LedgerWri
 }
 
 static const char *const account_cols[] = {"id", "program_id", "kind", "member_id", "name",
-"available", "pending", "held", "last_transfer_id", "last_hash", "owes", "deferred_day"};
+"available", "pending", "held", "last_transfer_id", "last_hash", "owes", "deferred_day", "deferred_due"};
 
 static int64
 AccrualAddPoints(int64 a, int64 b)
@@ -1446,6 +1450,10 @@ AccrualWriteAccounts(AccrualBatch *b)
 			if (w->nulls[11] || h->deferred_day < DatumGetDateADT(w->values[11]))
 				w->values[11] = DateADTGetDatum(h->deferred_day);
 			w->nulls[11] = false;
+			/* and its list for the jobs (account_deferred_idx) */
+			if (w->nulls[12] || h->deferred_due < DatumGetTimestampTz(w->values[12]))
+				w->values[12] = TimestampTzGetDatum(h->deferred_due);
+			w->nulls[12] = false;
 		}
 		LedgerWriterUpdate(w, &h->tid);
 		h->touched = false;

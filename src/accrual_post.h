@@ -66,7 +66,8 @@ typedef struct AccrualHead
 	bool		chained;		/* a line was chained onto it since it was last written */
 	bool		deferring;		/* it has deferred purchases (stored, or of this statement) */
 	DateADT		deferred_day;	/* then the earliest day of them */
-	bool		new_deferred;	/* deferred_day to be written */
+	bool		new_deferred;	/* deferred_day and deferred_due to be written */
+	TimestampTz deferred_due;	/* then when the first of those written since falls due */
 } AccrualHead;
 
 /* A posted purchase's order inserted again: its ref, and the amount it now has if that differs. */

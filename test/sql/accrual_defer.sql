@@ -17,17 +17,18 @@ FROM unnest(ARRAY['c1', 'c2', 'c3', 'c4']) m;
 SELECT loyalty.set_earning_rules('shop', '{"base": {"per": 1, "points": 1}, "pending_days": 30}', '2025-01-01') AS version;
 
 -- What a member's account holds: balances, purchases deferred, journal
--- lines and lots written, the deferred day, and whether the balances are
--- the lots plus the deferred points.
+-- lines and lots written, the deferred day, when the first deferred
+-- purchase falls due, and whether the balances are the lots plus the
+-- deferred points.
 CREATE FUNCTION pg_temp.ledger(m text)
 RETURNS TABLE (available bigint, pending bigint, deferred bigint, lines bigint, lots bigint,
-               deferred_day date, balanced boolean)
+               deferred_day date, deferred_due timestamptz, balanced boolean)
 LANGUAGE sql AS $$
     SELECT a.available::bigint, a.pending::bigint,
            (SELECT count(*) FROM loyalty.accrual x WHERE x.account_id = a.id AND x.transfer_id IS NULL AND x.points > 0),
            (SELECT count(*) FROM loyalty.transfer t WHERE a.id IN (t.debit_account_id, t.credit_account_id)),
            (SELECT count(*) FROM loyalty.lot l WHERE l.account_id = a.id),
-           a.deferred_day,
+           a.deferred_day, a.deferred_due,
            a.available::bigint + a.pending::bigint
            = (SELECT coalesce(sum(l.remaining::bigint), 0) FROM loyalty.lot l WHERE l.account_id = a.id)
              + (SELECT coalesce(sum(x.points), 0) FROM loyalty.accrual x
@@ -91,6 +92,9 @@ SELECT rows, points FROM loyalty.run_job('vest', '2025-03-15') AS again;
 -- a sale after it is deferred again; a hold writes it, as it reads lots
 SELECT loyalty.accrue('shop', 'c2', 20, 'o5', '2025-03-20') AS earned;
 SELECT * FROM pg_temp.ledger('c2');
+-- an older purchase arriving late moves the day and the due date back
+SELECT loyalty.accrue('shop', 'c2', 10, 'o5b', '2025-03-16') AS earned;
+SELECT * FROM pg_temp.ledger('c2');
 SELECT loyalty.hold('shop', 'c2', 10, 'h1') > 0 AS held;
 SELECT * FROM pg_temp.ledger('c2');
 
@@ -136,9 +140,12 @@ SELECT loyalty.create_program('short', 'Short', 'UTC', '{"expiry": {"policy": "f
 SELECT loyalty.enroll('short', 's1', occurred_at => '2025-01-01') > 0 AS enrolled;
 SELECT loyalty.set_earning_rules('short', '{"base": {"per": 1, "points": 1}, "pending_days": 30}', '2025-01-01') AS version;
 SELECT loyalty.accrue('short', 's1', 25, 'q1', '2025-01-02') AS earned;
+-- due when it expires, before it would vest: the expire job's to write
+SELECT a.deferred_due FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id WHERE m.member_ref = 's1';
+SELECT rows, points FROM loyalty.run_job('vest', '2025-01-11') AS nothing_due;
 SELECT rows, points FROM loyalty.run_job('expire', '2025-01-20');
 SELECT rows, points FROM loyalty.run_job('vest', '2025-02-20');
-SELECT a.available, a.pending, a.deferred_day,
+SELECT a.available, a.pending, a.deferred_day, a.deferred_due,
        (SELECT count(*) FROM loyalty.accrual x WHERE x.account_id = a.id AND x.transfer_id IS NULL) AS deferred
 FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id WHERE m.member_ref = 's1';
 SELECT count(*) AS chain_problems FROM loyalty.verify_chain('short');

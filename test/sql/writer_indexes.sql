@@ -38,7 +38,7 @@ BEGIN
     RESET enable_bitmapscan;
 END $$;
 
-SELECT plan(25);
+SELECT plan(26);
 -- writes before: the sets are built
 SELECT sum(loyalty.accrue('shop', 'c1', 10, 'a' || i, '2025-02-01')) AS earned FROM generate_series(1, 5) i;
 
@@ -121,8 +121,8 @@ SELECT loyalty.enroll('exp', 'c1', occurred_at => '2025-01-01') > 0 AS enrolled;
 SELECT loyalty.set_earning_rules('exp', '{"base": {"per": 1, "points": 1}}', '2025-01-01') AS version;
 SELECT loyalty.set_earning_rules('exp', '{"base": {"per": 1, "points": 1}, "pending_days": 10}', '2025-03-01') AS version;
 -- A sale still in its return window defers its journal line and lot
--- (docs/accrual.md): it touches no index of either table, and the
--- purchase takes an entry in accrual_deferred_idx instead.
+-- (docs/accrual.md): it touches no index of either table, and its
+-- account takes an entry in account_deferred_idx instead.
 BEGIN;
 SELECT loyalty.accrue('exp', 'c1', 20, 'x1', '2025-03-02') AS earned;
 SELECT is(array_agg(l.relation::regclass::text ORDER BY l.relation::regclass::text), NULL,
@@ -130,8 +130,11 @@ SELECT is(array_agg(l.relation::regclass::text ORDER BY l.relation::regclass::te
 FROM pg_locks l JOIN pg_index i ON i.indexrelid = l.relation
 WHERE l.pid = pg_backend_pid() AND i.indrelid IN ('loyalty.lot'::regclass, 'loyalty.transfer'::regclass);
 COMMIT;
-SELECT is(pg_temp.through_index($$SELECT count(*) FROM loyalty.accrual WHERE transfer_id IS NULL AND points > 0 AND least(vests_at, expires_at) < 'infinity'$$),
-          1::bigint, 'the deferred purchase is in the deferred index');
+SELECT is(pg_temp.through_index($$SELECT count(*) FROM loyalty.account WHERE deferred_due < 'infinity'$$),
+          1::bigint, 'the account of the deferred purchase is in the deferred index');
+SELECT is(a.deferred_due, timestamptz '2025-03-12', 'it falls due when the purchase vests')
+FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id JOIN loyalty.program p ON p.id = m.program_id
+WHERE p.code = 'exp' AND m.member_ref = 'c1';
 -- one statement of purchases on both sides of the change: the account has
 -- a deferred purchase, so all of them are deferred (lines are chained in
 -- id order); written together, some lots are pending, some not, and the
@@ -168,9 +171,10 @@ SELECT is(pg_temp.through_index($$SELECT count(*) FROM loyalty.lot WHERE pending
 
 -- amcheck: every row each btree index should hold is in it, and no other
 CREATE EXTENSION IF NOT EXISTS amcheck;
-SELECT is(count(bt_index_check(i.indexrelid, true)), 13::bigint, 'the btree indexes of the journal, lots and purchases check')
+SELECT is(count(bt_index_check(i.indexrelid, true)), 16::bigint, 'the btree indexes of the journal, lots, purchases and accounts check')
 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam
-WHERE a.amname = 'btree' AND i.indrelid IN ('loyalty.transfer'::regclass, 'loyalty.lot'::regclass, 'loyalty.accrual'::regclass);
+WHERE a.amname = 'btree'
+  AND i.indrelid IN ('loyalty.transfer'::regclass, 'loyalty.lot'::regclass, 'loyalty.accrual'::regclass, 'loyalty.account'::regclass);
 -- one id per sale: the purchase, its journal line and its lot share it
 SELECT is((SELECT count(*) FROM loyalty.accrual a LEFT JOIN loyalty.lot l ON l.transfer_id = a.transfer_id
            WHERE a.transfer_id IS NOT NULL AND (a.transfer_id <> a.id OR l.id IS DISTINCT FROM a.id)), 0::bigint,
