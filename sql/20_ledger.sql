@@ -82,6 +82,7 @@ CREATE TABLE loyalty.account (
     owes             boolean NOT NULL DEFAULT false,
     deferred_day     date,
     deferred_due     timestamptz,
+    last_purchase_ref text COLLATE "C",
     CHECK ((kind = 'member') = (member_id IS NOT NULL))
 ) WITH (fillfactor = 70);
 -- Every sale rewrites its member's row (balances, chain head): with room
@@ -104,6 +105,7 @@ COMMENT ON COLUMN loyalty.account.available IS 'Posted, vested points not yet sp
 COMMENT ON COLUMN loyalty.account.pending IS 'Posted points still in their return window, not yet swept by the vest job';
 COMMENT ON COLUMN loyalty.account.deferred_day IS 'The earliest day of the member''s purchases whose journal line and lot are not written yet (deferred, docs/accrual.md); NULL when there is none';
 COMMENT ON COLUMN loyalty.account.deferred_due IS 'When the first of the member''s deferred purchases vests or expires (the earliest of their vests_at and expires_at): when the vest or expire job writes the account''s deferred lines; NULL when there is none';
+COMMENT ON COLUMN loyalty.account.last_purchase_ref IS 'The ref of the member''s latest purchase (loyalty.accrual): the head of the list of their purchases, each of which names the one before it (accrual.prev_ref); NULL before the first';
 COMMENT ON COLUMN loyalty.account.owes IS 'Set when a refund records a debt for the member (loyalty.accrual_debt), never cleared: a sale of a member that never owed does not look for debts to recover';
 
 CREATE SEQUENCE loyalty.transfer_id_seq;
@@ -140,13 +142,12 @@ CREATE INDEX transfer_debit_idx ON loyalty.transfer (debit_account_id, id) WHERE
 -- would guard nothing and cost the hot path an index insertion. Writers of
 -- other kinds name it in ON CONFLICT with the same WHERE.
 CREATE UNIQUE INDEX transfer_ref_key ON loyalty.transfer (program_id, kind, ref) WHERE kind <> 'accrual';
--- A member's credits. Accruals are left out here too: a purchase's journal
--- line is found from loyalty.accrual, whose accrual_account_day_idx already
--- holds every purchase of the account, through accrual.transfer_id (the
--- primary key). So a purchase costs one per-account index entry, not two:
--- these are the entries that land on a random leaf page of a large index.
--- loyalty._account_transfers() reads a member's lines both ways.
-CREATE INDEX transfer_credit_idx ON loyalty.transfer (credit_account_id, id) WHERE kind <> 'accrual';
+-- A member's credits, purchases' lines with them: this is how a member's
+-- purchase lines are found (loyalty._account_transfers), and the only
+-- per-account index entry a purchase ever takes. A purchase in its return
+-- window defers its line (docs/accrual.md), so the entry is taken by the
+-- vest job, or by whatever first needs the account's lines, not by the sale.
+CREATE INDEX transfer_credit_idx ON loyalty.transfer (credit_account_id, id);
 COMMENT ON TABLE loyalty.transfer IS 'The journal: each row moves amount points from the debit account to the credit account; append-only, idempotent on (program, kind, ref), hash-chained per member account';
 
 -- Every purchase posted by accrual (docs/accrual.md). Created with the
@@ -184,15 +185,24 @@ CREATE TABLE loyalty.accrual (
     -- Who posted it, kept only while its journal line is deferred (the
     -- line, written later, is hashed with it); NULL once the line exists.
     actor           text,
+    -- The member's purchase posted before this one (NULL: their first). A
+    -- member's purchases form a list from account.last_purchase_ref, newest
+    -- first, in id order: no index by member is written per purchase. The
+    -- deferred ones are the list's head, down to the account's last written
+    -- line (loyalty._deferred_purchases).
+    prev_ref        text COLLATE "C",
+    -- Whether the program had a daily cap when the purchase was posted (or
+    -- got one since): such purchases are indexed by account and day
+    -- (accrual_day_cap_idx) for the cap; others are not.
+    day_capped      boolean NOT NULL DEFAULT false,
     -- A purchase is known by its ref: this key decides replays. id only
     -- orders purchases (nothing looks one up by it), so it has no index of
     -- its own, which saves an index entry on every purchase.
     PRIMARY KEY (program_id, ref)
 );
--- A member's purchases: the day cap and first purchase when posting, and
--- a member's purchase lines in the journal (statement, account_summary,
--- verify_chain's heads), which transfer_credit_idx leaves out.
-CREATE INDEX accrual_account_day_idx ON loyalty.accrual (account_id, day);
+-- A member's purchases of a day, for the daily cap (per_member_per_day),
+-- in programs that have one: a program without writes no entry here.
+CREATE INDEX accrual_day_cap_idx ON loyalty.accrual (account_id, day) WHERE day_capped;
 -- simulate_accrual's time window. Purchases arrive roughly in time order,
 -- so a BRIN index finds a window's block ranges. A sale's row goes to the
 -- table's last block range, which no VACUUM summarizes until it is full, so

@@ -169,28 +169,50 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
     WHERE a.id = p_account
 $$;
 
--- The journal lines of a member account: those it is credited by, and those
--- it is debited by. Both account indexes of the journal leave accruals out
--- (sql/20_ledger.sql), and saying kind <> 'accrual' is what lets the planner
--- use them; a member's purchases come from loyalty.accrual (by account)
--- through the transfer each one earned. A member is never an accrual's
--- debit side. Inlined into the caller's query.
+-- The deferred purchases of member accounts (docs/accrual.md, "Deferred
+-- journal lines"): those that earned and whose journal line is not written
+-- yet. A member's purchases form a list, newest first, from
+-- account.last_purchase_ref through accrual.prev_ref, in id order; the
+-- deferred ones all come after the account's last written line (no line
+-- is written while an earlier one waits), so the walk stops at
+-- account.last_transfer_id and reads only them (and any purchase without
+-- points among them), one primary-key probe each. An account whose
+-- deferred_day is NULL has none and is not walked. Nested loops only: the
+-- planner would hash all purchases ever to join them to a few list heads.
+CREATE FUNCTION loyalty._deferred_purchases(p_accounts bigint[]) RETURNS SETOF loyalty.accrual
+LANGUAGE sql STABLE PARALLEL SAFE SET enable_hashjoin = off SET enable_mergejoin = off AS $$
+    WITH RECURSIVE walk AS (
+        SELECT x, coalesce(a.last_transfer_id, 0) AS bound
+        FROM loyalty.account a
+        JOIN loyalty.accrual x ON x.program_id = a.program_id AND x.ref = a.last_purchase_ref
+        WHERE a.id = ANY (p_accounts) AND a.deferred_day IS NOT NULL AND x.id > coalesce(a.last_transfer_id, 0)
+        UNION ALL
+        SELECT y, w.bound
+        FROM walk w JOIN loyalty.accrual y ON y.program_id = (w.x).program_id AND y.ref = (w.x).prev_ref
+        WHERE y.id > w.bound
+    )
+    SELECT (w.x).* FROM walk w WHERE (w.x).transfer_id IS NULL AND (w.x).points > 0
+$$;
+COMMENT ON FUNCTION loyalty._deferred_purchases(bigint[]) IS 'Internal: the purchases of member accounts whose journal lines and lots are deferred, read from each account''s list of purchases';
+
+-- The journal lines of a member account: those it is credited by (its
+-- purchases' lines among them), those it is debited by, and the lines its
+-- deferred purchases will be. The debit index leaves accruals out (their
+-- debit side is the issuance account), and saying kind <> 'accrual' is what
+-- lets the planner use it; a member is never an accrual's debit side.
 CREATE FUNCTION loyalty._account_transfers(p_account bigint) RETURNS SETOF loyalty.transfer
 LANGUAGE sql STABLE PARALLEL SAFE AS $$
-    SELECT t.* FROM loyalty.transfer t
-    WHERE t.kind <> 'accrual' AND (t.credit_account_id = p_account OR t.debit_account_id = p_account)
+    SELECT t.* FROM loyalty.transfer t WHERE t.credit_account_id = p_account
     UNION ALL
-    SELECT t.* FROM loyalty.accrual x JOIN loyalty.transfer t ON t.id = x.transfer_id
-    WHERE x.account_id = p_account
+    SELECT t.* FROM loyalty.transfer t WHERE t.kind <> 'accrual' AND t.debit_account_id = p_account
     UNION ALL
     -- deferred purchases: the line each will be, without its hash yet
     SELECT x.id, x.program_id, s.id, x.account_id, x.points::loyalty.points, 'accrual', x.ref,
            x.occurred_at, x.posted_at, x.rule_version, x.actor, NULL::text, NULL::bytea, NULL::bytea, NULL::bytea
-    FROM loyalty.accrual x
+    FROM loyalty._deferred_purchases(ARRAY[p_account]) x
     JOIN loyalty.account s ON s.program_id = x.program_id AND s.kind = 'issuance' AND s.name = ''
-    WHERE x.account_id = p_account AND x.transfer_id IS NULL AND x.points > 0
 $$;
-COMMENT ON FUNCTION loyalty._account_transfers(bigint) IS 'Internal: the journal lines of a member account (credited or debited), written so that both account indexes serve it';
+COMMENT ON FUNCTION loyalty._account_transfers(bigint) IS 'Internal: the journal lines of a member account (credited or debited, and those its deferred purchases will be), written so that both account indexes serve it';
 
 -- Under a rolling policy, when points credited at p_credited lapse, as far
 -- as is known at p_as_of: at the end of the first stretch of `inactivity`
@@ -298,9 +320,8 @@ LANGUAGE sql STABLE PARALLEL SAFE AS $$
         UNION ALL
         -- deferred purchases: the lot each will be, never used yet
         SELECT x.id, x.points::loyalty.points, x.occurred_at, x.vests_at, x.expires_at, 0
-        FROM loyalty.accrual x
-        WHERE x.account_id = p_account AND x.transfer_id IS NULL AND x.points > 0
-          AND x.occurred_at <= p_as_of
+        FROM loyalty._deferred_purchases(ARRAY[p_account]) x
+        WHERE x.occurred_at <= p_as_of
     )
     SELECT l.id, (l.remaining::bigint + l.used_after)::loyalty.points, l.vests_at,
            CASE WHEN r.rolling THEN least(l.expires_at, loyalty._rolling_lapse(p_account, l.occurred_at, p_as_of))
@@ -537,10 +558,9 @@ BEGIN
         SELECT x.id, x.program_id, x.account_id, x.ref, x.points::loyalty.points AS points, x.occurred_at,
                x.vests_at, x.expires_at, x.rule_version, x.posted_at, x.actor, a.last_hash AS head,
                s.id AS issuance
-        FROM loyalty.account a
-        JOIN loyalty.accrual x ON x.account_id = a.id AND x.day >= a.deferred_day
+        FROM loyalty._deferred_purchases(v_locked) x
+        JOIN loyalty.account a ON a.id = x.account_id
         JOIN loyalty.account s ON s.program_id = a.program_id AND s.kind = 'issuance' AND s.name = ''
-        WHERE a.id = ANY (v_locked) AND x.transfer_id IS NULL AND x.points > 0
     ), hashed AS (
         SELECT d.*, loyalty.chain(d.head, true, d.program_id, d.issuance, d.account_id, d.points, 'accrual',
                                   d.ref, d.occurred_at, d.posted_at, d.rule_version, d.actor, NULL::text)
@@ -637,9 +657,7 @@ BEGIN
              WHERE a.deferred_due <= p_as_of AND (a.deferred_due, a.id) > (v_at, v_id)
              ORDER BY a.deferred_due, a.id LIMIT p_limit LOOP
         EXIT WHEN v_total >= p_limit;
-        SELECT count(*) INTO v_n
-        FROM loyalty.account a JOIN loyalty.accrual y ON y.account_id = a.id AND y.day >= a.deferred_day
-        WHERE a.id = r.id AND y.transfer_id IS NULL AND y.points > 0;
+        SELECT count(*) INTO v_n FROM loyalty._deferred_purchases(ARRAY[r.id]);
         v_taken := v_taken || r.id;
         v_total := v_total + v_n;
         v_at := r.deferred_due;
@@ -797,9 +815,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_t
             -- account (a whole-journal scan for an account with no debits)
             WHERE t.id = greatest((SELECT d.id FROM loyalty.transfer d WHERE d.debit_account_id = a.id AND d.kind <> 'accrual'
                                    ORDER BY d.debit_account_id DESC, d.id DESC LIMIT 1),
-                                  (SELECT c.id FROM loyalty.transfer c WHERE c.credit_account_id = a.id AND c.kind <> 'accrual'
-                                   ORDER BY c.credit_account_id DESC, c.id DESC LIMIT 1),
-                                  (SELECT max(x.transfer_id) FROM loyalty.accrual x WHERE x.account_id = a.id))
+                                  (SELECT c.id FROM loyalty.transfer c WHERE c.credit_account_id = a.id
+                                   ORDER BY c.credit_account_id DESC, c.id DESC LIMIT 1))
         ) last ON true
         WHERE a.last_hash IS DISTINCT FROM last.hash OR a.last_transfer_id IS DISTINCT FROM last.id
     )

@@ -209,6 +209,13 @@ BEGIN
     END IF;
     -- one version at a time per program: versions are numbered in order
     PERFORM 1 FROM loyalty.program p WHERE p.id = v_program FOR UPDATE;
+    -- The program's first daily cap: its purchases so far join the cap's
+    -- index (accrual_day_cap_idx), which holds those of programs with one.
+    IF rules #> '{caps,per_member_per_day}' IS NOT NULL
+       AND NOT EXISTS (SELECT FROM loyalty.earning_rule r
+                       WHERE r.program_id = v_program AND r.rules #> '{caps,per_member_per_day}' IS NOT NULL) THEN
+        UPDATE loyalty.accrual x SET day_capped = true WHERE x.program_id = v_program AND NOT x.day_capped;
+    END IF;
     SELECT coalesce(max(r.version), 0) + 1 INTO v_version
     FROM loyalty.earning_rule r WHERE r.program_id = v_program;
     INSERT INTO loyalty.earning_rule (program_id, version, effective_from, rules, note)

@@ -269,9 +269,11 @@ AccrualFastPost(AccrualBatch *b, AccrualRow *r)
 		{
 			bool		dnull;
 			Datum		day = FastAttr(account, as, "deferred_day", &dnull);
+			bool		rnull;
+			Datum		last_ref = FastAttr(account, as, "last_purchase_ref", &rnull);
 
 			head = FastAttr(account, as, "last_hash", &isnull);
-			AccrualAddHead(b, r->account_id, head, isnull, &as->tts_tid, day, dnull);
+			AccrualAddHead(b, r->account_id, head, isnull, &as->tts_tid, day, dnull, last_ref, rnull);
 		}
 		keys[0] = Int64GetDatum(r->account_id);
 

@@ -51,7 +51,6 @@ PG_FUNCTION_INFO_V1(loyalty_accrue);
 
 static SPIPlanPtr plan_program;
 static SPIPlanPtr plan_lock;
-static SPIPlanPtr plan_seen;
 static SPIPlanPtr plan_days;
 static SPIPlanPtr plan_campaign_add;
 static SPIPlanPtr plan_campaign_lock;
@@ -487,22 +486,42 @@ AccrualHeadTable(long n)
 	return hash_create("loyalty accrual heads", Max(n, 16), &ctl, HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 }
 
+/* Make ref the latest purchase of head h (kept in the heads' own memory). */
+static void
+AccrualSetLastRef(AccrualHead *h, const char *ref)
+{
+	int			size = strlen(ref) + 1;
+
+	if (size > h->last_ref_size)
+	{
+		if (h->last_ref != NULL)
+			pfree(h->last_ref);
+		h->last_ref_size = Max(size, 32);
+		h->last_ref = MemoryContextAlloc(h->cxt, h->last_ref_size);
+	}
+	memcpy(h->last_ref, ref, size);
+}
+
 /*
- * Add a locked account to the batch's heads: its last_hash, row version and
- * deferred_day (whether it has purchases whose journal lines are deferred).
+ * Add a locked account to the batch's heads (in the memory the table was
+ * made in): its last_hash, row version, deferred_day (whether it has
+ * purchases whose journal lines are deferred) and last_purchase_ref.
  */
 AccrualHead *
 AccrualAddHead(AccrualBatch *b, int64 account, Datum last_hash, bool isnull, ItemPointer tid,
-			   Datum deferred_day, bool deferred_null)
+			   Datum deferred_day, bool deferred_null, Datum last_ref, bool last_ref_null)
 {
 	AccrualHead *h = hash_search(b->heads, &account, HASH_ENTER, NULL);
 
 	memset(h, 0, sizeof(AccrualHead));
 	h->account_id = account;
+	h->cxt = CurrentMemoryContext;
 	ItemPointerCopy(tid, &h->tid);
 	h->deferring = !deferred_null;
 	if (!deferred_null)
 		h->deferred_day = DatumGetDateADT(deferred_day);
+	if (!last_ref_null)
+		AccrualSetLastRef(h, TextDatumGetCString(last_ref));
 	if (!isnull)
 	{
 		bytea	   *v = DatumGetByteaPP(last_hash);
@@ -540,10 +559,12 @@ AccrualReadHeads(AccrualBatch *b)
 
 		bool		dnull;
 		Datum		day = SPI_getbinval(t, SPI_tuptable->tupdesc, 4, &dnull);
+		bool		rnull;
+		Datum		last_ref = SPI_getbinval(t, SPI_tuptable->tupdesc, 5, &rnull);
 
 		AccrualAddHead(b, id, d, isnull,
 					   (ItemPointer) DatumGetPointer(SPI_getbinval(t, SPI_tuptable->tupdesc, 3, &(bool){0})),
-					   day, dnull);
+					   day, dnull, last_ref, rnull);
 	}
 	b->has_debts = AccrualDebtsRecorded();
 }
@@ -582,7 +603,7 @@ AccrualLock(AccrualBatch *b)
 	if (u == 0)
 		return;
 	LedgerPrepare(&plan_lock,
-				  "SELECT a.id, a.last_hash, a.ctid, a.deferred_day"
+				  "SELECT a.id, a.last_hash, a.ctid, a.deferred_day, a.last_purchase_ref"
 				  "  FROM loyalty.account a WHERE a.id = ANY ($1) ORDER BY a.id FOR UPDATE",
 				  1, argtypes);
 	arg = AccrualInt64Array(ids, u);
@@ -650,19 +671,20 @@ AccrualReadHistory(AccrualBatch *b)
 		return;
 	if (b->rules->uses_first)
 	{
-		LedgerPrepare(&plan_seen,
-					  "SELECT DISTINCT account_id FROM loyalty.accrual WHERE account_id = ANY ($1)",
-					  1, argtypes);
-		LedgerExpect(SPI_execute_plan(plan_seen, &arg, NULL, false, 0), SPI_OK_SELECT, "reading purchases");
-		for (uint64 i = 0; i < SPI_processed; i++)
-			AccrualPut(b->days, DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1,
-															&(bool){0})), PG_INT32_MIN, 1);
+		/* a member with a purchase has the head of a list of them */
+		HASH_SEQ_STATUS seq;
+		AccrualHead *h;
+
+		hash_seq_init(&seq, b->heads);
+		while ((h = hash_seq_search(&seq)) != NULL)
+			if (h->last_ref != NULL)
+				AccrualPut(b->days, h->account_id, PG_INT32_MIN, 1);
 	}
 	if (b->rules->uses_day_cap)
 	{
 		LedgerPrepare(&plan_days,
 					  "SELECT account_id, day - date '2000-01-01', sum(points)::bigint FROM loyalty.accrual"
-					  " WHERE account_id = ANY ($1) GROUP BY 1, 2",
+					  " WHERE account_id = ANY ($1) AND day_capped GROUP BY 1, 2",
 					  1, argtypes);
 		LedgerExpect(SPI_execute_plan(plan_days, &arg, NULL, false, 0), SPI_OK_SELECT, "reading daily points");
 		for (uint64 i = 0; i < SPI_processed; i++)
@@ -1065,7 +1087,7 @@ AccrualExpiries(AccrualBatch *b)
 static const char *const accrual_cols[] = {"id", "program_id", "ref", "member_id", "account_id",
 	"amount", "occurred_at", "day", "category", "channel", "store", "attrs", "rule_version", "points",
 "vests_at", "expires_at", "breakdown", "refunded_amount", "refunded_points", "posted_at", "transfer_id",
-"actor"};
+"actor", "prev_ref", "day_capped"};
 
 static Datum
 AccrualTextOrNull(const char *s, bool *isnull)
@@ -1188,15 +1210,11 @@ static int64 AccrualAddPoints(int64 a, int64 b);
 static AccrualHead *
 AccrualDecideDeferral(AccrualBatch *b, AccrualRow *r)
 {
-	AccrualHead *h;
+	AccrualHead *h = hash_search(b->heads, &r->account_id, HASH_FIND, NULL);
 
-	r->deferred = false;
-	if (!b->defers || r->points <= 0)
-		return NULL;
-	h = hash_search(b->heads, &r->account_id, HASH_FIND, NULL);
 	if (h == NULL)
 		elog(ERROR, "account %lld was not locked", (long long) r->account_id);
-	r->deferred = r->vests_at > r->occurred_at || h->deferring;
+	r->deferred = b->defers && r->points > 0 && (r->vests_at > r->occurred_at || h->deferring);
 	return h;
 }
 
@@ -1294,9 +1312,16 @@ AccrualInsertPurchases(AccrualBatch *b, int *which, int n, LedgerWriter **tw, bo
 			actor = CStringGetTextDatum(LedgerActor());
 		w->nulls[21] = !r->deferred;
 		w->values[21] = actor;
+		/* the member's list of purchases: this one names the one before */
+		w->nulls[22] = h->last_ref == NULL;
+		w->values[22] = h->last_ref == NULL ? (Datum) 0 : CStringGetTextDatum(h->last_ref);
+		w->values[23] = BoolGetDatum(b->rules->uses_day_cap);
 		if (LedgerWriterInsertIfNew(w, &conflict))
 		{
 			inserted++;
+			AccrualSetLastRef(h, r->ref);
+			h->new_last = true;
+			h->touched = true;
 			if (r->deferred)
 				AccrualDeferred(h, r);
 		}
@@ -1391,7 +1416,8 @@ AccrualWriteTransfer(AccrualBatch *b, AccrualRow *r, LedgerWriter *tw, LedgerWri
 }
 
 static const char *const account_cols[] = {"id", "program_id", "kind", "member_id", "name",
-"available", "pending", "held", "last_transfer_id", "last_hash", "owes", "deferred_day", "deferred_due"};
+"available", "pending", "held", "last_transfer_id", "last_hash", "owes", "deferred_day", "deferred_due",
+"last_purchase_ref"};
 
 static int64
 AccrualAddPoints(int64 a, int64 b)
@@ -1444,6 +1470,11 @@ AccrualWriteAccounts(AccrualBatch *b)
 			w->values[9] = ChainHashBytea(h->hash);
 			w->nulls[9] = false;
 		}
+		if (h->new_last)
+		{
+			w->values[13] = CStringGetTextDatum(h->last_ref);
+			w->nulls[13] = false;
+		}
 		if (h->new_deferred)
 		{
 			/* the row's own may be earlier: a purchase of an older day, deferred before */
@@ -1459,6 +1490,7 @@ AccrualWriteAccounts(AccrualBatch *b)
 		h->touched = false;
 		h->chained = false;
 		h->new_deferred = false;
+		h->new_last = false;
 		h->available = h->pending = 0;
 	}
 	LedgerWriterClose(w);
@@ -1820,7 +1852,7 @@ AccrualPostLocked(AccrualBatch *b)
 char *
 AccrualLockSql(const char *source, int probes)
 {
-	return psprintf("SELECT a.id, a.last_hash, a.ctid, a.deferred_day FROM loyalty.account a"
+	return psprintf("SELECT a.id, a.last_hash, a.ctid, a.deferred_day, a.last_purchase_ref FROM loyalty.account a"
 					" WHERE a.id IN (SELECT a2.id FROM (%s) n"
 					"                %s"
 					"                JOIN loyalty.account a2 ON a2.member_id = m.id)"

@@ -68,6 +68,10 @@ typedef struct AccrualHead
 	DateADT		deferred_day;	/* then the earliest day of them */
 	bool		new_deferred;	/* deferred_day and deferred_due to be written */
 	TimestampTz deferred_due;	/* then when the first of those written since falls due */
+	char	   *last_ref;		/* the ref of its latest purchase (NULL: none yet) */
+	int			last_ref_size;	/* bytes allocated for it, in cxt */
+	bool		new_last;		/* last_ref to be written (account.last_purchase_ref) */
+	MemoryContext cxt;			/* the table's */
 } AccrualHead;
 
 /* A posted purchase's order inserted again: its ref, and the amount it now has if that differs. */
@@ -129,7 +133,8 @@ extern void AccrualPostLocked(AccrualBatch *b);
 extern HTAB *AccrualHeadTable(long n);
 extern Datum AccrualInt64Array(int64 *v, int n);
 extern AccrualHead *AccrualAddHead(AccrualBatch *b, int64 account, Datum last_hash, bool isnull,
-								   ItemPointer tid, Datum deferred_day, bool deferred_null);
+								   ItemPointer tid, Datum deferred_day, bool deferred_null,
+								   Datum last_ref, bool last_ref_null);
 extern bool AccrualFastInsert(AccrualBatch *b, struct TriggerData *trig, const char *const *cols);
 extern bool AccrualFastPost(AccrualBatch *b, AccrualRow *r);
 extern char *AccrualLockSql(const char *source, int probes);

@@ -7,7 +7,7 @@
 #include "access/heapam.h"
 #include "executor/executor.h"
 
-#define LEDGER_WRITER_MAX_COLS 24
+#define LEDGER_WRITER_MAX_COLS 32
 
 /*
  * An open journal table: the relation, its indexes and constraints, and the

@@ -170,6 +170,10 @@ INSERT INTO bulk_orders
 SELECT 'b-' || i, 'b' || (i % 10 + 1), 1 + i % 7, timestamptz '2025-07-01' + (i % 50) * interval '1 day'
 FROM generate_series(1, 1000) i;
 SELECT count(*) AS deferred, sum(points) AS points FROM loyalty.accrual WHERE ref LIKE 'b-%' AND transfer_id IS NULL;
+-- each account's list of purchases leads to exactly those
+SELECT count(*) AS listed, sum(points) AS points
+FROM loyalty._deferred_purchases(ARRAY(SELECT a.id FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id
+                                       WHERE m.member_ref LIKE 'b%'));
 SELECT count(DISTINCT a.deferred_day) AS days, min(a.deferred_day) AS earliest
 FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id WHERE m.member_ref LIKE 'b%';
 SELECT sum(a.pending::bigint) AS pending FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id
@@ -190,7 +194,42 @@ WHERE t.id <> x.id OR t.amount::bigint <> x.points OR t.rule_version <> x.rule_v
    OR l.amount::bigint <> x.points OR l.vests_at <> x.vests_at OR l.expires_at IS DISTINCT FROM x.expires_at
    OR l.occurred_at <> x.occurred_at;
 
--- 11. Internal, and not for applications.
-SELECT has_function_privilege('public', 'loyalty._materialize(bigint[])', 'EXECUTE') AS public_may_write_lines;
+-- 11. Each member's purchases form a list, newest first: the account
+-- names its latest purchase, each purchase the one before (NULL for the
+-- first), in id order. It holds every purchase posted, earning or not, and
+-- nothing else: not a repeated line, not a quarantined row, across chunks.
+CREATE FUNCTION pg_temp.list_problems() RETURNS bigint LANGUAGE sql AS $$
+    WITH RECURSIVE walk AS (
+        SELECT a.id AS account_id, a.program_id, x.ref, x.prev_ref, x.id
+        FROM loyalty.account a JOIN loyalty.accrual x ON x.program_id = a.program_id AND x.ref = a.last_purchase_ref
+        UNION ALL
+        SELECT w.account_id, w.program_id, x.ref, x.prev_ref, x.id
+        FROM walk w JOIN loyalty.accrual x ON x.program_id = w.program_id AND x.ref = w.prev_ref AND x.id < w.id
+    )
+    SELECT count(*) FROM (
+        (SELECT account_id, ref FROM walk EXCEPT ALL SELECT account_id, ref FROM loyalty.accrual)
+        UNION ALL
+        (SELECT account_id, ref FROM loyalty.accrual EXCEPT ALL SELECT account_id, ref FROM walk)
+    ) d
+$$;
+CREATE TABLE list_orders (id text, customer text, total numeric, at timestamptz);
+SELECT loyalty.attach_accrual('list_orders', 'shop', 'customer', 'total', 'id', 'at');
+SET loyalty.accrual_chunk = 7;
+INSERT INTO list_orders
+SELECT 'l-' || i, 'b' || (i % 3 + 1), CASE WHEN i % 4 = 0 THEN 0 ELSE i END, timestamptz '2025-08-01' + i * interval '1 hour'
+FROM generate_series(1, 40) i
+UNION ALL SELECT 'l-5', 'b3', 5, timestamptz '2025-08-01' + 5 * interval '1 hour'    -- a repeated line
+UNION ALL SELECT 'l-bad', 'nobody', 5, timestamptz '2025-08-01';                    -- quarantined
+RESET loyalty.accrual_chunk;
+SELECT count(*) AS purchases, count(*) FILTER (WHERE points = 0) AS without_points FROM loyalty.accrual WHERE ref LIKE 'l-%';
+SELECT pg_temp.list_problems() AS list_problems;
+SELECT count(*) FILTER (WHERE x.prev_ref IS NULL) AS firsts, count(DISTINCT x.account_id) AS members
+FROM loyalty.accrual x;
+SELECT x.ref, x.prev_ref FROM loyalty.accrual x JOIN loyalty.account a ON a.last_purchase_ref = x.ref
+JOIN loyalty.member m ON m.id = a.member_id WHERE m.member_ref IN ('b1', 'b2', 'b3') ORDER BY m.member_ref;
 
-DROP TABLE public.orders, public.bulk_orders;
+-- 12. Internal, and not for applications.
+SELECT has_function_privilege('public', 'loyalty._materialize(bigint[])', 'EXECUTE') AS public_may_write_lines;
+SELECT has_function_privilege('public', 'loyalty._deferred_purchases(bigint[])', 'EXECUTE') AS public_may_walk;
+
+DROP TABLE public.orders, public.bulk_orders, public.list_orders;

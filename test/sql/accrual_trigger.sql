@@ -272,6 +272,20 @@ SELECT ref, sqlstate, row_data ->> 'note' AS note FROM loyalty.accrual_quarantin
 SELECT loyalty.balance('capped', 'k2') AS balance;
 SELECT loyalty.detach_accrual('public.import');
 
+-- A program's first daily cap counts the day's purchases posted before it
+-- was set: they join the cap's index (accrual_day_cap_idx) then. z-2 earns
+-- what is left of 100 after z-1's 80, and z-3 on another day its whole.
+SELECT loyalty.create_program('latecap', 'Late cap', 'UTC') > 0 AS created;
+SELECT loyalty.enroll('latecap', 'z1', occurred_at => '2025-01-01') > 0 AS enrolled;
+SELECT loyalty.set_earning_rules('latecap', '{"base": {"per": 1, "points": 1}}', '2025-01-01') AS version;
+SELECT loyalty.accrue('latecap', 'z1', 80, 'z-1', '2025-03-01 09:00+00') AS earned;
+SELECT day_capped FROM loyalty.accrual WHERE ref = 'z-1';
+SELECT loyalty.set_earning_rules('latecap', '{"base": {"per": 1, "points": 1}, "caps": {"per_member_per_day": 100}}',
+                                 '2025-03-01 10:00+00') AS version;
+SELECT loyalty.accrue('latecap', 'z1', 50, 'z-2', '2025-03-01 11:00+00') AS earned_under_cap,
+       loyalty.accrue('latecap', 'z1', 50, 'z-3', '2025-03-02 11:00+00') AS earned_next_day;
+SELECT ref, day_capped FROM loyalty.accrual WHERE ref LIKE 'z-%' ORDER BY ref;
+
 -- Numbers and times that are not finite are quarantined, never posted: a
 -- NaN or infinite amount (22023), an infinite purchase time (22008), an
 -- amount whose points could not be counted (22003). A

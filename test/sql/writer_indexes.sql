@@ -81,15 +81,17 @@ SELECT lives_ok($$SELECT loyalty.accrue('shop', 'c1', 10, 'f1', '2025-02-06')$$,
 
 -- A purchase's journal line leaves the journal's indexes WHERE kind <>
 -- 'accrual' alone, unopened: the writer declares kind the same in every
--- row. An index whose predicate is true for accruals, or reads another
--- column, is still written (each DBA index below), in one-row and bulk.
+-- row. Its credit index (transfer_credit_idx, how a member's lines are
+-- found), an index whose predicate is true for accruals, or one that reads
+-- another column, is written (each DBA index below), in one-row and bulk.
 CREATE INDEX writer_test_accrual_lines ON loyalty.transfer (credit_account_id) WHERE kind = 'accrual';
 CREATE INDEX writer_test_big_lines ON loyalty.transfer (id) WHERE kind <> 'accrual' OR amount OPERATOR(loyalty.>) 15;
 SELECT loyalty.accrue('shop', 'c1', 10, 'g1', '2025-02-07') AS earned;
 BEGIN;
 SELECT loyalty.accrue('shop', 'c2', 20, 'g2', '2025-02-07') AS earned;
 SELECT is(array_agg(l.relation::regclass::text ORDER BY l.relation::regclass::text),
-          ARRAY['loyalty.transfer_pkey', 'loyalty.writer_test_accrual_lines', 'loyalty.writer_test_big_lines'],
+          ARRAY['loyalty.transfer_credit_idx', 'loyalty.transfer_pkey', 'loyalty.writer_test_accrual_lines',
+                'loyalty.writer_test_big_lines'],
           'a sale locks only the journal indexes that can take its line')
 FROM pg_locks l JOIN pg_index i ON i.indexrelid = l.relation
 WHERE l.pid = pg_backend_pid() AND i.indrelid = 'loyalty.transfer'::regclass;

@@ -156,7 +156,23 @@ my $statements = q{
     WHERE m.program_id = (SELECT id FROM loyalty.program WHERE code = 'ret')
       AND (a.available::bigint + a.pending::bigint)
           IS DISTINCT FROM (SELECT coalesce(sum(s.points), 0) FROM loyalty.statement('ret', m.member_ref) s)};
+# each member's list of purchases (account.last_purchase_ref, then each
+# purchase's prev_ref, in falling id order) holds exactly their purchases
+my $lists = q{
+    WITH RECURSIVE walk AS (
+        SELECT a.id AS account_id, a.program_id, x.ref, x.prev_ref, x.id
+        FROM loyalty.account a JOIN loyalty.accrual x ON x.program_id = a.program_id AND x.ref = a.last_purchase_ref
+        UNION ALL
+        SELECT w.account_id, w.program_id, x.ref, x.prev_ref, x.id
+        FROM walk w JOIN loyalty.accrual x ON x.program_id = w.program_id AND x.ref = w.prev_ref AND x.id < w.id
+    )
+    SELECT count(*) FROM (
+        (SELECT account_id, ref FROM walk EXCEPT ALL SELECT account_id, ref FROM loyalty.accrual)
+        UNION ALL
+        (SELECT account_id, ref FROM loyalty.accrual EXCEPT ALL SELECT account_id, ref FROM walk)
+    ) d};
 is($q->($books), '0', "each member account holds its lots and its deferred purchases ($deferred deferred)");
+is($q->($lists), '0', "each member's list of purchases holds exactly their purchases");
 is($q->($statements), '0', 'each statement of the return-window program adds up to the balance');
 is($q->(q{SELECT count(*) FROM loyalty.verify_chain('shop')}) + $q->(q{SELECT count(*) FROM loyalty.verify_chain('ret')}),
    0, 'every chain verifies');
