@@ -26,12 +26,14 @@
 #include "fmgr.h"
 #include "lib/bloomfilter.h"
 #include "mb/pg_wchar.h"
+#include "nodes/makefuncs.h"
 #include "miscadmin.h"
 #include "storage/bufmgr.h"
 #include "storage/itemptr.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
+#include "utils/fmgroids.h"
 #include "utils/hsearch.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
@@ -116,7 +118,10 @@ AccrualChunkMemory(AccrualBatch *b)
  * The SQL of the read query around a source that yields (ref, member_ref,
  * amount, occurred_at, category, channel, store, attrs, occurred_unset,
  * whole, ord) where whole is the application's row (NULL for the function
- * API) and ord its place in the statement. $1 is the program. A join may
+ * API) and ord its place in the statement. The read query leaves whole
+ * out (NULL), so that the subquery does not build every row whole (the
+ * planner drops an output nobody reads): the few rows refused get theirs
+ * afterwards, by their place (AccrualWholeRows). $1 is the program. A join may
  * yield the rows in another order than the statement's: AccrualReadRows
  * puts them back in it (the first of two rows with one ref earns, and
  * first purchases, day caps and campaign budgets count in that order).
@@ -159,11 +164,7 @@ AccrualReadSql(const char *source, bool birthday, int probes)
 					"                               CASE WHEN n.occurred_unset THEN x.occurred_at ELSE n.occurred_at END,"
 					"                               n.category, n.channel, n.store, coalesce(n.attrs, '{}')),"
 					"       x.points,"
-					"       CASE WHEN n.ref IS NULL OR n.member_ref IS NULL OR n.amount IS NULL OR n.amount < 0"
-					"              OR n.amount IN ('NaN', 'Infinity') OR NOT isfinite(n.occurred_at)"
-					"              OR n.occurred_at IS NULL OR m.id IS NULL OR m.status <> 'active'"
-					"              OR x.id IS NOT NULL OR n.occurred_at < $2"
-					"            THEN to_jsonb(n.whole) END,"
+					"       NULL::jsonb,"
 					"       n.occurred_unset, n.ord"
 					"  FROM (%s) n"
 					"  %s"
@@ -421,6 +422,8 @@ AccrualReadRows(AccrualBatch *b)
 		r->occurred_at = ACCRUAL_NULL(&t, COL_OCCURRED_AT) ? 0 : DatumGetTimestampTz(ACCRUAL_COL(&t, COL_OCCURRED_AT));
 		r->occurred_unset = ACCRUAL_NULL(&t, COL_OCCURRED_UNSET) ? false : DatumGetBool(ACCRUAL_COL(&t, COL_OCCURRED_UNSET));
 		r->ord = ACCRUAL_NULL(&t, COL_ORD) ? 0 : DatumGetInt64(ACCRUAL_COL(&t, COL_ORD));
+		if (b->trans != NULL && (r->ord - b->ord_base < 1 || r->ord - b->ord_base > b->statement_rows))
+			b->ord_ok = false;
 		r->category = AccrualText(&t, COL_CATEGORY);
 		r->channel = AccrualText(&t, COL_CHANNEL);
 		r->store = AccrualText(&t, COL_STORE);
@@ -1564,11 +1567,101 @@ AccrualWrite(AccrualBatch *b)
 }
 
 /*
- * The application's rows of purchases refused after the read query (a ref
- * posted meanwhile by another transaction, or twice in one statement; an
- * amount whose points could not be counted): the read query keeps whole
- * rows only for the problems it sees, so they are read again from the
- * transition table, all in one join, for the quarantine to keep them.
+ * The read query of a transition table starts: the rows it numbers with
+ * loyalty._ordinal() from here are the table's in order, the first 1 past
+ * the number _ordinal() gave last (AccrualReadRows checks each).
+ */
+void
+AccrualReadStarts(AccrualBatch *b)
+{
+	b->ord_base = AccrualOrdinalNow();
+	b->ord_ok = b->trans != NULL;
+}
+
+static int
+AccrualCmpRowOrd(const void *a, const void *b)
+{
+	int64		x = (*(AccrualRow *const *) a)->ord,
+				y = (*(AccrualRow *const *) b)->ord;
+
+	return x < y ? -1 : x > y ? 1 : 0;
+}
+
+/* to_jsonb() of the row in slot, of the transition table's row type. */
+static Datum
+AccrualRowJsonb(AccrualBatch *b, TupleTableSlot *slot)
+{
+	FmgrInfo	flinfo;
+
+	fmgr_info(F_TO_JSONB, &flinfo);
+	/* to_jsonb() takes anyelement: it reads the argument's type from here */
+	flinfo.fn_expr = (Node *) makeFuncExpr(F_TO_JSONB, JSONBOID,
+										   list_make1(makeNullConst(b->trans_desc->tdtypeid, -1, InvalidOid)),
+										   InvalidOid, InvalidOid, COERCE_EXPLICIT_CALL);
+	return FunctionCall1(&flinfo, ExecFetchSlotHeapTupleDatum(slot));
+}
+
+/*
+ * The whole rows of the refused purchases, read from the transition table
+ * at their places (their ord past ord_base), with a read pointer of our
+ * own: rows come in the table's order, chunk after chunk, so the pointer
+ * only goes back to the start for a row before the last one it read.
+ * False when a row's place is not known (the caller reads by content).
+ */
+static bool
+AccrualWholeRowsAt(AccrualBatch *b)
+{
+	AccrualRow **want;
+	int			n = 0;
+
+	if (b->trans == NULL || !b->ord_ok)
+		return false;
+	want = palloc(sizeof(AccrualRow *) * Max(b->nrows, 1));
+	for (int i = 0; i < b->nrows; i++)
+		if (b->rows[i].problem != NULL && b->rows[i].whole_null)
+			want[n++] = &b->rows[i];
+	if (n == 0)
+		return true;
+	qsort(want, n, sizeof(AccrualRow *), AccrualCmpRowOrd);
+	if (b->trans_slot == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(b->stmt_cxt != NULL ? b->stmt_cxt : CurrentMemoryContext);
+
+		/* on a copy of the relation's descriptor, which the slot would pin */
+		b->trans_slot = MakeSingleTupleTableSlot(CreateTupleDescCopy(b->trans_desc), &TTSOpsMinimalTuple);
+		b->trans_ptr = tuplestore_alloc_read_pointer(b->trans, EXEC_FLAG_REWIND);
+		b->trans_pos = -1;
+		MemoryContextSwitchTo(old);
+	}
+	tuplestore_select_read_pointer(b->trans, b->trans_ptr);
+	for (int k = 0; k < n; k++)
+	{
+		int64		pos = want[k]->ord - b->ord_base;
+
+		if (b->trans_pos < 0 || pos <= b->trans_pos)
+		{
+			tuplestore_rescan(b->trans);
+			b->trans_pos = 0;
+		}
+		for (; b->trans_pos < pos - 1; b->trans_pos++)
+			if (!tuplestore_advance(b->trans, true))
+				elog(ERROR, "the transition table has no row %lld", (long long) pos);
+		if (!tuplestore_gettupleslot(b->trans, true, false, b->trans_slot))
+			elog(ERROR, "the transition table has no row %lld", (long long) pos);
+		b->trans_pos = pos;
+		want[k]->whole = AccrualRowJsonb(b, b->trans_slot);
+		want[k]->whole_null = false;
+	}
+	return true;
+}
+
+/*
+ * The application's rows of the purchases refused (a bad row, an unknown
+ * or inactive member, a ref posted before or meanwhile by another
+ * transaction, or twice in one statement; an amount whose points could not
+ * be counted), for the quarantine to keep them: by their places in the
+ * transition table, or, should those not be known, read again from it,
+ * all in one join by content.
  */
 static void
 AccrualWholeRows(AccrualBatch *b)
@@ -1585,7 +1678,7 @@ AccrualWholeRows(AccrualBatch *b)
 	int			n = 0;
 	char	   *sql;
 
-	if (b->source_sql == NULL)
+	if (b->source_sql == NULL || AccrualWholeRowsAt(b))
 		return;
 	for (int c = 0; c < 8; c++)
 	{
@@ -1896,6 +1989,7 @@ AccrualPostSource(AccrualBatch *b, SPIPlanPtr lock, SPIPlanPtr read, Datum *args
 	 */
 	b->defer_accounts = true;
 	b->posted_refs = bloom_create(Max(b->statement_rows, loyalty_accrual_chunk), 4096, 0);
+	AccrualReadStarts(b);
 	cursor = SPI_cursor_open(NULL, read, args, nulls, false);
 	for (;;)
 	{

@@ -92,6 +92,20 @@ typedef struct AccrualBatch
 	int64		issuance;
 	Oid			source;			/* the application's table; InvalidOid for the function API */
 	const char *source_sql;		/* the trigger's query over its transition table, or NULL */
+	/*
+	 * That transition table, and its rows' places in it: a row the read
+	 * query numbered ord (loyalty._ordinal()) is the (ord - ord_base)th,
+	 * which is how a refused row's whole application row is found again
+	 * for the quarantine (AccrualWholeRows) without the read query carrying
+	 * every row whole. ord_ok: every row read so far fits.
+	 */
+	Tuplestorestate *trans;
+	TupleDesc	trans_desc;
+	int64		ord_base;
+	bool		ord_ok;
+	int			trans_ptr;		/* our read pointer on it (-1: none yet) */
+	int64		trans_pos;		/* the place of the last row it read */
+	TupleTableSlot *trans_slot;
 	int64		statement_rows; /* rows in that transition table, when known */
 	struct bloom_filter *posted_refs;	/* refs posted by earlier chunks of the statement */
 	AccrualProgramRules *rules;
@@ -138,6 +152,8 @@ extern AccrualHead *AccrualAddHead(AccrualBatch *b, int64 account, Datum last_ha
 extern bool AccrualFastInsert(AccrualBatch *b, struct TriggerData *trig, const char *const *cols);
 extern bool AccrualFastPost(AccrualBatch *b, AccrualRow *r);
 extern char *AccrualLockSql(const char *source, int probes);
+extern int64 AccrualOrdinalNow(void);
+extern void AccrualReadStarts(AccrualBatch *b);
 extern void AccrualPostSource(AccrualBatch *b, SPIPlanPtr lock, SPIPlanPtr read, Datum *args,
 							  char *nulls);
 extern void AccrualEnrollUnknown(AccrualBatch *b, const char *source, Datum *args, char *nulls,

@@ -212,7 +212,8 @@ AccrualSourcePlan(const char *sql, Relation rel, bool custom, int nargs, const O
 
 /* INSERT: post the new rows (of table, the transition table's name). */
 static void
-AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, const char *table, int64 nrows)
+AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, const char *table,
+				Tuplestorestate *rows, int64 nrows)
 {
 	static const Oid argtypes[] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID};
 	char	   *source;
@@ -235,11 +236,14 @@ AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, cons
 	args[1] = TimestampTzGetDatum(b->earliest);
 	args[2] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
 	b->source_sql = source;
+	b->trans = rows;
+	b->trans_desc = RelationGetDescr(trig->tg_relation);
 	AccrualEnrollUnknown(b, source, args, nulls, 3, (Oid *) argtypes);
 	probes = AccrualProbes(nrows);
 	if (nrows <= loyalty_accrual_chunk)
 	{
 		/* one chunk: read it all, lock the accounts it names, post */
+		AccrualReadStarts(b);
 		LedgerExpect(SPI_execute_plan(AccrualSourcePlan(AccrualReadSql(source, b->rules->uses_birthday, probes),
 														trig->tg_relation, false, 3, argtypes),
 									   args, nulls, false, 0), SPI_OK_SELECT, "reading new purchases");
@@ -594,11 +598,12 @@ AccrualStartBatch(AccrualBatch *b, Relation rel, const AccrualSource *s)
  * the statement earned, after the undoing.
  */
 static void
-AccrualPostNew(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, const char *table, int64 nrows)
+AccrualPostNew(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, const char *table,
+			   Tuplestorestate *rows)
 {
 	b->stmt_cxt = CurrentMemoryContext;
 	b->defer_recovery = true;
-	AccrualOnInsert(b, s, trig, table, nrows);
+	AccrualOnInsert(b, s, trig, table, rows, tuplestore_tuple_count(rows));
 	if (b->reinserted != NIL)
 		AccrualRestoreReinserted(b);
 	AccrualRecoverDebts(b);
@@ -721,7 +726,7 @@ AccrualOnMoved(const AccrualSource *s, TriggerData *trig)
 	AccrualStartBatch(&b, rel, s);
 	AccrualRefundChanged(&b, s, false, "loyalty_moved_old");
 	AccrualStartBatch(&b, rel, s);
-	AccrualPostNew(&b, s, trig, "loyalty_moved_new", nmoved);
+	AccrualPostNew(&b, s, trig, "loyalty_moved_new", moved_new);
 }
 
 /* UPDATE and DELETE: refunds, the quarantine, and refs changed. */
@@ -745,12 +750,19 @@ AccrualOnChange(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, bool
  */
 PG_FUNCTION_INFO_V1(accrual_ordinal);
 
+static int64 ordinal = 0;
+
 Datum
 accrual_ordinal(PG_FUNCTION_ARGS)
 {
-	static int64 ordinal = 0;
-
 	PG_RETURN_INT64(++ordinal);
+}
+
+/* The last number _ordinal() gave. */
+int64
+AccrualOrdinalNow(void)
+{
+	return ordinal;
 }
 
 Datum
@@ -779,7 +791,7 @@ accrual_trigger(PG_FUNCTION_ARGS)
 	}
 	AccrualStartBatch(&b, trig->tg_relation, &s);
 	if (TRIGGER_FIRED_BY_INSERT(trig->tg_event))
-		AccrualPostNew(&b, &s, trig, "loyalty_new", tuplestore_tuple_count(trig->tg_newtable));
+		AccrualPostNew(&b, &s, trig, "loyalty_new", trig->tg_newtable);
 	else
 		AccrualOnChange(&b, &s, trig, TRIGGER_FIRED_BY_UPDATE(trig->tg_event));
 	SPI_finish();

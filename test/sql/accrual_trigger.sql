@@ -270,6 +270,18 @@ RESET loyalty.accrual_chunk;
 SELECT ref, points FROM loyalty.accrual WHERE ref LIKE 'j-%' ORDER BY ref;
 SELECT ref, sqlstate, row_data ->> 'note' AS note FROM loyalty.accrual_quarantine WHERE ref LIKE 'j-%';
 SELECT loyalty.balance('capped', 'k2') AS balance;
+-- A quarantined row keeps its own application row, found again by its
+-- place in the statement: rows alike in every mapped column but not in
+-- the others (note) each keep theirs, in chunks of two, whatever the
+-- problem (an unknown member, a repeated ref with another amount).
+SET loyalty.accrual_chunk = 2;
+INSERT INTO public.import VALUES ('u-1', 'nobody', 5, '2025-03-03 10:00+00', 'first unknown'),
+                                 ('u-2', 'k2', 1, '2025-03-03 10:00+00', 'earns'),
+                                 ('u-1', 'nobody', 5, '2025-03-03 10:00+00', 'second unknown'),
+                                 ('u-2', 'k2', 2, '2025-03-03 10:00+00', 'other amount'),
+                                 ('u-1', 'nobody', 5, '2025-03-03 10:00+00', 'third unknown');
+RESET loyalty.accrual_chunk;
+SELECT ref, sqlstate, row_data ->> 'note' AS note FROM loyalty.accrual_quarantine WHERE ref LIKE 'u-%' ORDER BY id;
 SELECT loyalty.detach_accrual('public.import');
 
 -- A program's first daily cap counts the day's purchases posted before it
