@@ -82,6 +82,7 @@ CREATE TABLE loyalty.account (
     owes             boolean NOT NULL DEFAULT false,
     deferred_day     date,
     deferred_due     timestamptz,
+    deferred_count   bigint,
     last_purchase_ref text COLLATE "C",
     CHECK ((kind = 'member') = (member_id IS NOT NULL))
 ) WITH (fillfactor = 70);
@@ -105,6 +106,7 @@ COMMENT ON COLUMN loyalty.account.available IS 'Posted, vested points not yet sp
 COMMENT ON COLUMN loyalty.account.pending IS 'Posted points still in their return window, not yet swept by the vest job';
 COMMENT ON COLUMN loyalty.account.deferred_day IS 'The earliest day of the member''s purchases whose journal line and lot are not written yet (deferred, docs/accrual.md); NULL when there is none';
 COMMENT ON COLUMN loyalty.account.deferred_due IS 'When the first of the member''s deferred purchases vests or expires (the earliest of their vests_at and expires_at): when the vest or expire job writes the account''s deferred lines; NULL when there is none';
+COMMENT ON COLUMN loyalty.account.deferred_count IS 'How many of the member''s purchases have their journal line and lot deferred: what the vest and expire jobs size their batches by; NULL when there is none';
 COMMENT ON COLUMN loyalty.account.last_purchase_ref IS 'The ref of the member''s latest purchase (loyalty.accrual): the head of the list of their purchases, each of which names the one before it (accrual.prev_ref); NULL before the first';
 COMMENT ON COLUMN loyalty.account.owes IS 'Set when a refund records a debt for the member (loyalty.accrual_debt), never cleared: a sale of a member that never owed does not look for debts to recover';
 

@@ -594,7 +594,7 @@ BEGIN
         UPDATE loyalty.account a
            SET last_hash = coalesce(s.last_hash, a.last_hash),
                last_transfer_id = coalesce(s.last_tid, a.last_transfer_id),
-               deferred_day = NULL, deferred_due = NULL
+               deferred_day = NULL, deferred_due = NULL, deferred_count = NULL
           FROM unnest(v_locked) AS k(id) LEFT JOIN s ON s.account_id = k.id
          WHERE a.id = k.id
     )
@@ -623,7 +623,8 @@ COMMENT ON FUNCTION loyalty._lock_accounts(bigint[]) IS 'Internal: locks account
 -- The accounts whose deferred journal lines a job batch writes: those whose
 -- first deferred purchase vests or expires by p_as_of (account.deferred_due,
 -- through account_deferred_idx), in the order they fall due, taken whole
--- while their deferred purchases add up to p_limit (at least one account).
+-- while their deferred purchases (account.deferred_count) add up to
+-- p_limit (at least one account).
 -- The vest job (p_vest) and the expire job take the same accounts: writing
 -- an account's lines early is harmless, and an account is due for one
 -- job or the other. Nothing is locked or written here: the job locks these
@@ -646,20 +647,18 @@ DECLARE
     v_id bigint := 0;
     v_taken bigint[] := '{}';
     v_total bigint := 0;
-    v_n bigint;
     r record;
 BEGIN
     IF v_cursor[1] = p_as_of::text THEN     -- the same run, in the same transaction
         v_at := v_cursor[2]::timestamptz;
         v_id := v_cursor[3]::bigint;
     END IF;
-    FOR r IN SELECT a.id, a.deferred_due FROM loyalty.account a
+    FOR r IN SELECT a.id, a.deferred_due, a.deferred_count FROM loyalty.account a
              WHERE a.deferred_due <= p_as_of AND (a.deferred_due, a.id) > (v_at, v_id)
              ORDER BY a.deferred_due, a.id LIMIT p_limit LOOP
         EXIT WHEN v_total >= p_limit;
-        SELECT count(*) INTO v_n FROM loyalty._deferred_purchases(ARRAY[r.id]);
         v_taken := v_taken || r.id;
-        v_total := v_total + v_n;
+        v_total := v_total + coalesce(r.deferred_count, 1);
         v_at := r.deferred_due;
         v_id := r.id;
     END LOOP;

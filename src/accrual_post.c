@@ -1231,6 +1231,7 @@ AccrualDeferred(AccrualHead *h, AccrualRow *r)
 		h->deferred_day = r->day;
 	if (!h->new_deferred || due < h->deferred_due)
 		h->deferred_due = due;
+	h->deferred_n = h->new_deferred ? h->deferred_n + 1 : 1;
 	h->deferring = true;
 	h->new_deferred = true;
 	h->touched = true;
@@ -1420,7 +1421,7 @@ AccrualWriteTransfer(AccrualBatch *b, AccrualRow *r, LedgerWriter *tw, LedgerWri
 
 static const char *const account_cols[] = {"id", "program_id", "kind", "member_id", "name",
 "available", "pending", "held", "last_transfer_id", "last_hash", "owes", "deferred_day", "deferred_due",
-"last_purchase_ref"};
+"last_purchase_ref", "deferred_count"};
 
 static int64
 AccrualAddPoints(int64 a, int64 b)
@@ -1488,6 +1489,8 @@ AccrualWriteAccounts(AccrualBatch *b)
 			if (w->nulls[12] || h->deferred_due < DatumGetTimestampTz(w->values[12]))
 				w->values[12] = TimestampTzGetDatum(h->deferred_due);
 			w->nulls[12] = false;
+			w->values[14] = Int64GetDatum((w->nulls[14] ? 0 : DatumGetInt64(w->values[14])) + h->deferred_n);
+			w->nulls[14] = false;
 		}
 		LedgerWriterUpdate(w, &h->tid);
 		h->touched = false;

@@ -68,6 +68,7 @@ typedef struct AccrualHead
 	DateADT		deferred_day;	/* then the earliest day of them */
 	bool		new_deferred;	/* deferred_day and deferred_due to be written */
 	TimestampTz deferred_due;	/* then when the first of those written since falls due */
+	int64		deferred_n;		/* and how many they are */
 	char	   *last_ref;		/* the ref of its latest purchase (NULL: none yet) */
 	int			last_ref_size;	/* bytes allocated for it, in cxt */
 	bool		new_last;		/* last_ref to be written (account.last_purchase_ref) */

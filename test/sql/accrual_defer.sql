@@ -170,10 +170,15 @@ INSERT INTO bulk_orders
 SELECT 'b-' || i, 'b' || (i % 10 + 1), 1 + i % 7, timestamptz '2025-07-01' + (i % 50) * interval '1 day'
 FROM generate_series(1, 1000) i;
 SELECT count(*) AS deferred, sum(points) AS points FROM loyalty.accrual WHERE ref LIKE 'b-%' AND transfer_id IS NULL;
--- each account's list of purchases leads to exactly those
+-- each account's list of purchases leads to exactly those, and the
+-- account counts them (what the jobs size their batches by)
 SELECT count(*) AS listed, sum(points) AS points
 FROM loyalty._deferred_purchases(ARRAY(SELECT a.id FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id
                                        WHERE m.member_ref LIKE 'b%'));
+SELECT bool_and(coalesce(a.deferred_count, 0) = (SELECT count(*) FROM loyalty.accrual x
+                                                 WHERE x.account_id = a.id AND x.transfer_id IS NULL AND x.points > 0))
+       AS counted
+FROM loyalty.account a WHERE a.kind = 'member';
 SELECT count(DISTINCT a.deferred_day) AS days, min(a.deferred_day) AS earliest
 FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id WHERE m.member_ref LIKE 'b%';
 SELECT sum(a.pending::bigint) AS pending FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id

@@ -173,6 +173,10 @@ my $lists = q{
     ) d};
 is($q->($books), '0', "each member account holds its lots and its deferred purchases ($deferred deferred)");
 is($q->($lists), '0', "each member's list of purchases holds exactly their purchases");
+is($q->(q{SELECT count(*) FROM loyalty.account a WHERE a.kind = 'member'
+            AND coalesce(a.deferred_count, 0) <> (SELECT count(*) FROM loyalty.accrual x
+                                                  WHERE x.account_id = a.id AND x.transfer_id IS NULL AND x.points > 0)}),
+   '0', 'each account counts its deferred purchases');
 is($q->($statements), '0', 'each statement of the return-window program adds up to the balance');
 is($q->(q{SELECT count(*) FROM loyalty.verify_chain('shop')}) + $q->(q{SELECT count(*) FROM loyalty.verify_chain('ret')}),
    0, 'every chain verifies');
