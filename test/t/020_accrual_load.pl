@@ -177,6 +177,17 @@ is($q->(q{SELECT count(*) FROM loyalty.account a WHERE a.kind = 'member'
             AND coalesce(a.deferred_count, 0) <> (SELECT count(*) FROM loyalty.accrual x
                                                   WHERE x.account_id = a.id AND x.transfer_id IS NULL AND x.points > 0)}),
    '0', 'each account counts its deferred purchases');
+# the walk every reader and writer finds deferred purchases by (from the
+# list's head down to the account's last written line) finds them all
+is($q->(q{SELECT count(*) FROM (
+            (SELECT d.ref FROM loyalty._deferred_purchases(ARRAY(SELECT id FROM loyalty.account WHERE kind = 'member')) d
+             EXCEPT ALL
+             SELECT x.ref FROM loyalty.accrual x WHERE x.transfer_id IS NULL AND x.points > 0)
+            UNION ALL
+            (SELECT x.ref FROM loyalty.accrual x WHERE x.transfer_id IS NULL AND x.points > 0
+             EXCEPT ALL
+             SELECT d.ref FROM loyalty._deferred_purchases(ARRAY(SELECT id FROM loyalty.account WHERE kind = 'member')) d)) z}),
+   '0', 'walking the lists finds every deferred purchase and nothing else');
 is($q->($statements), '0', 'each statement of the return-window program adds up to the balance');
 is($q->(q{SELECT count(*) FROM loyalty.verify_chain('shop')}) + $q->(q{SELECT count(*) FROM loyalty.verify_chain('ret')}),
    0, 'every chain verifies');
