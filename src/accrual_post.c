@@ -1590,19 +1590,6 @@ AccrualCmpRowOrd(const void *a, const void *b)
 	return x < y ? -1 : x > y ? 1 : 0;
 }
 
-/* to_jsonb() of the row in slot, of the transition table's row type. */
-static Datum
-AccrualRowJsonb(AccrualBatch *b, TupleTableSlot *slot)
-{
-	FmgrInfo	flinfo;
-
-	fmgr_info(F_TO_JSONB, &flinfo);
-	/* to_jsonb() takes anyelement: it reads the argument's type from here */
-	flinfo.fn_expr = (Node *) makeFuncExpr(F_TO_JSONB, JSONBOID,
-										   list_make1(makeNullConst(b->trans_desc->tdtypeid, -1, InvalidOid)),
-										   InvalidOid, InvalidOid, COERCE_EXPLICIT_CALL);
-	return FunctionCall1(&flinfo, ExecFetchSlotHeapTupleDatum(slot));
-}
 
 /*
  * The whole rows of the refused purchases, read from the transition table
@@ -1633,6 +1620,11 @@ AccrualWholeRowsAt(AccrualBatch *b)
 		/* on a copy of the relation's descriptor, which the slot would pin */
 		b->trans_slot = MakeSingleTupleTableSlot(CreateTupleDescCopy(b->trans_desc), &TTSOpsMinimalTuple);
 		b->trans_ptr = tuplestore_alloc_read_pointer(b->trans, EXEC_FLAG_REWIND);
+		fmgr_info(F_TO_JSONB, &b->trans_to_jsonb);
+		/* to_jsonb() takes anyelement: it reads the argument's type from here */
+		b->trans_to_jsonb.fn_expr = (Node *)
+			makeFuncExpr(F_TO_JSONB, JSONBOID, list_make1(makeNullConst(b->trans_desc->tdtypeid, -1, InvalidOid)),
+						 InvalidOid, InvalidOid, COERCE_EXPLICIT_CALL);
 		b->trans_pos = -1;
 		MemoryContextSwitchTo(old);
 	}
@@ -1652,7 +1644,7 @@ AccrualWholeRowsAt(AccrualBatch *b)
 		if (!tuplestore_gettupleslot(b->trans, true, false, b->trans_slot))
 			elog(ERROR, "the transition table has no row %lld", (long long) pos);
 		b->trans_pos = pos;
-		want[k]->whole = AccrualRowJsonb(b, b->trans_slot);
+		want[k]->whole = FunctionCall1(&b->trans_to_jsonb, ExecFetchSlotHeapTupleDatum(b->trans_slot));
 		want[k]->whole_null = false;
 	}
 	return true;

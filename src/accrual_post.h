@@ -107,6 +107,7 @@ typedef struct AccrualBatch
 	int			trans_ptr;		/* our read pointer on it (-1: none yet) */
 	int64		trans_pos;		/* the place of the last row it read */
 	TupleTableSlot *trans_slot;
+	FmgrInfo	trans_to_jsonb; /* to_jsonb() of its row type */
 	int64		statement_rows; /* rows in that transition table, when known */
 	struct bloom_filter *posted_refs;	/* refs posted by earlier chunks of the statement */
 	AccrualProgramRules *rules;
