@@ -667,7 +667,6 @@ static void
 AccrualReadHistory(AccrualBatch *b)
 {
 	static const Oid argtypes[] = {INT8ARRAYOID};
-	Datum		arg = AccrualInt64Array(b->accounts, b->naccounts);
 
 	b->days = AccrualDayTable();
 	if (b->naccounts == 0)
@@ -685,6 +684,8 @@ AccrualReadHistory(AccrualBatch *b)
 	}
 	if (b->rules->uses_day_cap)
 	{
+		Datum		arg = AccrualInt64Array(b->accounts, b->naccounts);
+
 		LedgerPrepare(&plan_days,
 					  "SELECT account_id, day - date '2000-01-01', sum(points)::bigint FROM loyalty.accrual"
 					  " WHERE account_id = ANY ($1) AND day_capped GROUP BY 1, 2",
@@ -1306,7 +1307,7 @@ AccrualInsertPurchases(AccrualBatch *b, int *which, int n, LedgerWriter **tw, bo
 		w->values[17] = zero;
 		w->values[18] = Int64GetDatum(0);
 		w->values[19] = posted;
-		h = AccrualDecideDeferral(b, r);
+		h = r->head = AccrualDecideDeferral(b, r);
 		if (r->points > 0 && !r->deferred && *tw == NULL)
 			*tw = AccrualTransferWriter(bulk);
 		r->transfer_id = r->points > 0 ? r->accrual_id : 0;
@@ -1348,15 +1349,13 @@ static void
 AccrualWriteTransfer(AccrualBatch *b, AccrualRow *r, LedgerWriter *tw, LedgerWriter *lw,
 					 TimestampTz posted_at, const char *actor, Datum actor_d)
 {
-	AccrualHead *h = hash_search(b->heads, &r->account_id, HASH_FIND, NULL);
+	AccrualHead *h = r->head;
 	ChainContent c;
 	uint8		hash[CHAIN_HASH_LEN];
 	int64		tid = r->transfer_id;
 	bool		pending = r->vests_at > r->occurred_at;
 	Datum		ref = CStringGetTextDatum(r->ref);
 
-	if (h == NULL)
-		elog(ERROR, "account %lld was not locked", (long long) r->account_id);
 	memset(&c, 0, sizeof(c));
 	c.program_id = b->program_id;
 	c.debit_account = b->issuance;

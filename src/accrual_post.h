@@ -48,6 +48,7 @@ typedef struct AccrualRow
 	int64		accrual_id;		/* assigned before the write */
 	int64		transfer_id;	/* likewise, when it earns points */
 	bool		deferred;		/* its journal line and lot are deferred */
+	struct AccrualHead *head;	/* its account's, found when it is inserted */
 	bool		first_marked;	/* computing it marked its account's first purchase */
 	int64	   *budget_before;	/* the campaign budgets' use before it (uses_campaign) */
 } AccrualRow;
