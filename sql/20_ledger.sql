@@ -176,7 +176,13 @@ CREATE TABLE loyalty.accrual (
     points          bigint NOT NULL,
     vests_at        timestamptz NOT NULL,
     expires_at      timestamptz,
-    breakdown       json NOT NULL,
+    -- How the rules gave its points, in the short form AccrualEvaluate
+    -- writes; NULL when the row alone gives it back: a version without a
+    -- daily cap or campaign budget, and a member with no tier, not on a
+    -- first purchase nor in their birthday month. Most purchases of most
+    -- programs are such, and leave out some 100 bytes of their row.
+    -- loyalty._accrual_breakdown() reads either.
+    breakdown       json,
     refunded_amount numeric NOT NULL DEFAULT 0,
     refunded_points bigint NOT NULL DEFAULT 0,
     posted_at       timestamptz NOT NULL DEFAULT now(),

@@ -390,13 +390,19 @@ COMMENT ON FUNCTION loyalty._reinserted_changed(bigint, text, bigint, timestampt
 
 COMMENT ON FUNCTION loyalty.refund(text, text, numeric, text) IS 'Claws back the points of a purchase in proportion to the amount returned (NULL: all that is left), except those that expired unused; idempotent on refund_ref (default: the purchase ref); returns the points clawed back (taken from lots plus owed)';
 
+CREATE FUNCTION loyalty._rebuilt_breakdown(program_id bigint, rule_version integer, amount numeric, day date,
+                                           category text, channel text, store text, points bigint)
+RETURNS json AS 'MODULE_PATHNAME', 'accrual_rebuilt_breakdown' LANGUAGE C STABLE;
+COMMENT ON FUNCTION loyalty._rebuilt_breakdown(bigint, integer, numeric, date, text, text, text, bigint) IS 'Internal: the short breakdown of a purchase posted without one, computed again from its row; XX001 when the row no longer gives its points';
+
 -- The whole breakdown of a purchase. accrual.breakdown keeps only what the
 -- row's own columns, its rule version and the defaults cannot say (see
 -- AccrualEvaluate): the rule version, the points and pending_until come from
 -- the row, the rounding from the version's document, the rounded product is
 -- the points less the bonuses plus what the caps cut; empty lists, a factor
 -- of 1, a NULL tier and false flags are put back where the stored breakdown
--- does not have the key.
+-- does not have the key. A purchase posted without one has it computed again
+-- from its row.
 CREATE FUNCTION loyalty._accrual_breakdown(a loyalty.accrual) RETURNS jsonb
 LANGUAGE sql STABLE SET search_path = loyalty, pg_catalog, pg_temp AS $$
     SELECT jsonb_build_object('rule_version', a.rule_version, 'points', a.points)
@@ -413,7 +419,8 @@ LANGUAGE sql STABLE SET search_path = loyalty, pg_catalog, pg_temp AS $$
                                          || coalesce(b -> 'context', '{}'::jsonb))
         || CASE WHEN a.points > 0 AND a.vests_at > a.occurred_at
                 THEN jsonb_build_object('pending_until', a.vests_at) ELSE '{}'::jsonb END
-    FROM (SELECT a.breakdown::jsonb AS b) s
+    FROM (SELECT coalesce(a.breakdown, loyalty._rebuilt_breakdown(a.program_id, a.rule_version, a.amount, a.day,
+                                                                 a.category, a.channel, a.store, a.points))::jsonb AS b) s
 $$;
 COMMENT ON FUNCTION loyalty._accrual_breakdown(loyalty.accrual) IS 'The whole breakdown of a posted purchase: the stored keys with the row''s rule version, points and pending_until, the version''s rounding, the rounded product and the defaults put back';
 

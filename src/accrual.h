@@ -66,6 +66,7 @@ typedef struct AccrualRules
 	int			pending_days;
 	double		min_amount;
 	bool		has_expiry;
+	bool		replayable;		/* no daily cap, no campaign budget (AccrualRebuilt) */
 } AccrualRules;
 
 /* The rule versions of one program, oldest first. */
@@ -148,6 +149,7 @@ extern AccrualRules *AccrualRulesAt(AccrualProgramRules *pr, TimestampTz at);
 extern AccrualRules *AccrualCompile(Jsonb *doc, MemoryContext cxt);
 extern int64 AccrualEvaluate(const AccrualRules *r, const AccrualInput *in, AccrualState *st,
 							 StringInfo breakdown);
+extern bool AccrualRebuilt(const AccrualRules *r, const AccrualInput *in);
 extern bool AccrualInRange(const AccrualRules *r, double amount);
 extern bool AccrualVersionUses(const AccrualRules *r, bool birthday);
 extern void AccrualLocalTime(TimestampTz t, pg_tz *tz, int *weekday, DateADT *day, int *month);

@@ -976,11 +976,19 @@ AccrualComputeRow(AccrualBatch *b, AccrualRow *r, StringInfo buf)
 	}
 	e = b->rules->uses_day_cap ? AccrualGet(b->days, r->account_id, in.day) : NULL;
 	b->state.day_used = e ? e->used : 0;
-	resetStringInfo(buf);
-	r->points = AccrualEvaluate(r->rules, &in, &b->state, buf);
+	if (AccrualRebuilt(r->rules, &in))
+	{
+		r->points = AccrualEvaluate(r->rules, &in, &b->state, NULL);
+		r->breakdown = NULL;
+	}
+	else
+	{
+		resetStringInfo(buf);
+		r->points = AccrualEvaluate(r->rules, &in, &b->state, buf);
+		r->breakdown = pstrdup(buf->data);
+	}
 	if (b->rules->uses_day_cap)
 		AccrualPut(b->days, r->account_id, in.day, r->points);
-	r->breakdown = pstrdup(buf->data);
 	r->vests_at = r->occurred_at + (int64) r->rules->pending_days * USECS_PER_DAY;
 }
 
@@ -1303,7 +1311,7 @@ AccrualInsertPurchases(AccrualBatch *b, int *which, int n, LedgerWriter **tw, bo
 		w->values[14] = TimestampTzGetDatum(r->vests_at);
 		w->nulls[15] = r->expires_null;
 		w->values[15] = TimestampTzGetDatum(r->expires_at);
-		w->values[16] = CStringGetTextDatum(r->breakdown);
+		w->values[16] = AccrualTextOrNull(r->breakdown, &w->nulls[16]);
 		w->values[17] = zero;
 		w->values[18] = Int64GetDatum(0);
 		w->values[19] = posted;

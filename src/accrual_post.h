@@ -44,7 +44,7 @@ typedef struct AccrualRow
 	TimestampTz vests_at;
 	TimestampTz expires_at;
 	bool		expires_null;
-	char	   *breakdown;
+	char	   *breakdown;		/* NULL: computed again from the row (AccrualRebuilt) */
 	int64		accrual_id;		/* assigned before the write */
 	int64		transfer_id;	/* likewise, when it earns points */
 	bool		deferred;		/* its journal line and lot are deferred */

@@ -38,6 +38,7 @@
 PG_FUNCTION_INFO_V1(accrual_check_rules);
 PG_FUNCTION_INFO_V1(accrual_rules_changed);
 PG_FUNCTION_INFO_V1(accrual_cache_trigger);
+PG_FUNCTION_INFO_V1(accrual_rebuilt_breakdown);
 
 static MemoryContext AccrualCacheCxt = NULL;
 static HTAB *AccrualCache = NULL;
@@ -485,6 +486,16 @@ AccrualCompile(Jsonb *doc, MemoryContext cxt)
 		else
 			RulesUnknown("$", k, "base, exclude, multipliers, bonuses, caps, pending_days, min_amount, expiry");
 	}
+
+	/*
+	 * Only a daily cap and a campaign's budget carry state from one purchase
+	 * to the next: without them a purchase's breakdown can be computed again
+	 * from its row (AccrualRebuilt).
+	 */
+	r->replayable = r->cap_day < 0;
+	for (int i = 0; i < r->nbonus; i++)
+		if (r->bonus[i].campaign != NULL && r->bonus[i].budget >= 0)
+			r->replayable = false;
 	MemoryContextSwitchTo(old);
 	return r;
 }
@@ -780,6 +791,8 @@ AccrualNumber(StringInfo buf, double d)
 	int			len;
 	double		micro;
 
+	if (buf == NULL)
+		return;
 	if (!isfinite(d))
 	{
 		appendStringInfoString(buf, "null");
@@ -872,6 +885,8 @@ AccrualFindBudget(AccrualState *st, const char *campaign)
 static void
 AccrualContext(StringInfo b, const AccrualInput *in)
 {
+	if (b == NULL)
+		return;
 	appendStringInfo(b, "{\"context\": {\"weekday\": %d", in->weekday);
 	if (in->tier != NULL)
 	{
@@ -892,6 +907,8 @@ AccrualContext(StringInfo b, const AccrualInput *in)
 static void
 AccrualItemStart(StringInfo b, const char *key, bool *first)
 {
+	if (b == NULL)
+		return;
 	if (*first)
 		appendStringInfo(b, ", \"%s\": [", key);
 	else
@@ -902,11 +919,10 @@ AccrualItemStart(StringInfo b, const char *key, bool *first)
 static void
 AccrualListEnd(StringInfo b, bool first)
 {
-	if (!first)
+	if (b != NULL && !first)
 		appendStringInfoChar(b, ']');
 }
 
-/* Factors: multipliers, then factor bonuses; all multiply. */
 static void
 AccrualTraced(AccrualState *st, int i, int64 points)
 {
@@ -916,6 +932,19 @@ AccrualTraced(AccrualState *st, int i, int64 points)
 	st->trace->points[i] += points;
 }
 
+/* One applied factor in the breakdown's "multipliers" list. */
+static void
+AccrualFactorItem(StringInfo b, bool *first, const AccrualItem *it)
+{
+	if (b == NULL)
+		return;
+	AccrualItemStart(b, "multipliers", first);
+	appendStringInfo(b, "{\"rule\": \"%s\", \"factor\": ", it->path);
+	AccrualNumber(b, it->factor);
+	appendStringInfoChar(b, '}');
+}
+
+/* Factors: multipliers, then factor bonuses; all multiply. */
 static double
 AccrualFactors(const AccrualRules *r, const AccrualInput *in, AccrualState *st, StringInfo b)
 {
@@ -927,10 +956,7 @@ AccrualFactors(const AccrualRules *r, const AccrualInput *in, AccrualState *st, 
 		{
 			factor *= r->mult[i].factor;
 			AccrualTraced(st, i, 0);
-			AccrualItemStart(b, "multipliers", &first);
-			appendStringInfo(b, "{\"rule\": \"%s\", \"factor\": ", r->mult[i].path);
-			AccrualNumber(b, r->mult[i].factor);
-			appendStringInfoChar(b, '}');
+			AccrualFactorItem(b, &first, &r->mult[i]);
 		}
 	for (int i = 0; i < r->nbonus; i++)
 		if (r->bonus[i].is_factor)
@@ -938,18 +964,34 @@ AccrualFactors(const AccrualRules *r, const AccrualInput *in, AccrualState *st, 
 			{
 				factor *= r->bonus[i].factor;
 				AccrualTraced(st, r->nmult + i, 0);
-				AccrualItemStart(b, "multipliers", &first);
-				appendStringInfo(b, "{\"rule\": \"%s\", \"factor\": ", r->bonus[i].path);
-				AccrualNumber(b, r->bonus[i].factor);
-				appendStringInfoChar(b, '}');
+				AccrualFactorItem(b, &first, &r->bonus[i]);
 			}
 	AccrualListEnd(b, first);
-	if (factor != 1)
+	if (factor != 1 && b != NULL)
 	{
 		appendStringInfoString(b, ", \"factor\": ");
 		AccrualNumber(b, factor);
 	}
 	return factor;
+}
+
+/* One points bonus or campaign in the breakdown's "bonuses" list. */
+static void
+AccrualBonusItem(StringInfo b, bool *first, const AccrualItem *it, int64 grant)
+{
+	if (b == NULL)
+		return;
+	AccrualItemStart(b, "bonuses", first);
+	appendStringInfo(b, "{\"rule\": \"%s\", ", it->path);
+	if (it->campaign != NULL)
+	{
+		appendStringInfoString(b, "\"campaign\": ");
+		AccrualString(b, it->campaign);
+		appendStringInfoString(b, ", ");
+		if (grant < it->points)
+			appendStringInfo(b, "\"budget_cut\": " INT64_FORMAT ", ", it->points - grant);
+	}
+	appendStringInfo(b, "\"points\": " INT64_FORMAT "}", grant);
 }
 
 /* Points bonuses and campaigns, added after rounding. */
@@ -977,17 +1019,7 @@ AccrualBonuses(const AccrualRules *r, const AccrualInput *in, AccrualState *st, 
 			if (bud != NULL)
 				bud->added += grant;
 		}
-		AccrualItemStart(b, "bonuses", &first);
-		appendStringInfo(b, "{\"rule\": \"%s\", ", it->path);
-		if (it->campaign != NULL)
-		{
-			appendStringInfoString(b, "\"campaign\": ");
-			AccrualString(b, it->campaign);
-			appendStringInfoString(b, ", ");
-			if (grant < it->points)
-				appendStringInfo(b, "\"budget_cut\": " INT64_FORMAT ", ", it->points - grant);
-		}
-		appendStringInfo(b, "\"points\": " INT64_FORMAT "}", grant);
+		AccrualBonusItem(b, &first, it, grant);
 		total = PointsAdd(total, grant);
 		/* a campaign whose budget is spent is listed (budget_cut), not applied */
 		if (it->campaign == NULL || grant > 0)
@@ -1005,8 +1037,9 @@ AccrualCaps(const AccrualRules *r, int64 total, AccrualState *st, StringInfo b)
 	if (r->cap_purchase >= 0 && total > r->cap_purchase)
 	{
 		AccrualItemStart(b, "caps", &first);
-		appendStringInfo(b, "{\"cap\": \"per_purchase\", \"limit\": " INT64_FORMAT ", \"cut\": " INT64_FORMAT "}",
-						 r->cap_purchase, total - r->cap_purchase);
+		if (b != NULL)
+			appendStringInfo(b, "{\"cap\": \"per_purchase\", \"limit\": " INT64_FORMAT ", \"cut\": " INT64_FORMAT "}",
+							 r->cap_purchase, total - r->cap_purchase);
 		AccrualTraced(st, TRACE_CAP_PURCHASE(r), total - r->cap_purchase);
 		total = r->cap_purchase;
 	}
@@ -1015,9 +1048,10 @@ AccrualCaps(const AccrualRules *r, int64 total, AccrualState *st, StringInfo b)
 		int64		allowed = Max(0, r->cap_day - st->day_used);
 
 		AccrualItemStart(b, "caps", &first);
-		appendStringInfo(b, "{\"cap\": \"per_member_per_day\", \"limit\": " INT64_FORMAT
-						 ", \"earlier_that_day\": " INT64_FORMAT ", \"cut\": " INT64_FORMAT "}",
-						 r->cap_day, st->day_used, total - allowed);
+		if (b != NULL)
+			appendStringInfo(b, "{\"cap\": \"per_member_per_day\", \"limit\": " INT64_FORMAT
+							 ", \"earlier_that_day\": " INT64_FORMAT ", \"cut\": " INT64_FORMAT "}",
+							 r->cap_day, st->day_used, total - allowed);
 		AccrualTraced(st, TRACE_CAP_DAY(r), total - allowed);
 		total = allowed;
 	}
@@ -1033,13 +1067,14 @@ AccrualCaps(const AccrualRules *r, int64 total, AccrualState *st, StringInfo b)
  * (within their budget) are added; then the per-purchase cap, then the
  * per-member-per-day cap.
  *
- * The breakdown is stored with every purchase, so it holds only what the
- * purchase's own columns, its rule version and defaults cannot say: no rule
- * version, points or pending_until (the row has them), no rounding (the
- * version has it), no rounded product (the points less the bonuses plus
- * what the caps cut), no empty list, no factor of 1, no tier that is NULL
- * and no flag that is false. loyalty._accrual_breakdown() gives the whole
- * document back (docs/accrual.md, "Posting").
+ * The breakdown (b NULL: none) is stored with a purchase only when it
+ * cannot be computed again from the purchase's row (AccrualRebuilt), and
+ * then holds only what the purchase's own columns, its rule version and
+ * defaults cannot say: no rule version, points or pending_until (the row has
+ * them), no rounding (the version has it), no rounded product (the points
+ * less the bonuses plus what the caps cut), no empty list, no factor of 1,
+ * no tier that is NULL and no flag that is false. loyalty._accrual_breakdown()
+ * gives the whole document back (docs/accrual.md, "Posting").
  */
 int64
 AccrualEvaluate(const AccrualRules *r, const AccrualInput *in, AccrualState *st, StringInfo b)
@@ -1052,27 +1087,47 @@ AccrualEvaluate(const AccrualRules *r, const AccrualInput *in, AccrualState *st,
 	AccrualContext(b, in);
 	if (in->amount < r->min_amount)
 	{
-		appendStringInfoString(b, ", \"below_min_amount\": ");
-		AccrualNumber(b, r->min_amount);
-		appendStringInfoChar(b, '}');
+		if (b != NULL)
+		{
+			appendStringInfoString(b, ", \"below_min_amount\": ");
+			AccrualNumber(b, r->min_amount);
+			appendStringInfoChar(b, '}');
+		}
 		AccrualTraced(st, TRACE_NOTHING(r), 0);
 		return 0;
 	}
 	if (r->has_exclude && AccrualExcluded(&r->exclude, in))
 	{
-		appendStringInfoString(b, ", \"excluded\": true}");
+		if (b != NULL)
+			appendStringInfoString(b, ", \"excluded\": true}");
 		AccrualTraced(st, TRACE_NOTHING(r), 0);
 		return 0;
 	}
 	base = in->amount / r->per * r->points;
-	appendStringInfoString(b, ", \"base\": ");
-	AccrualNumber(b, base);
+	if (b != NULL)
+	{
+		appendStringInfoString(b, ", \"base\": ");
+		AccrualNumber(b, base);
+	}
 	factor = AccrualFactors(r, in, st, b);
 	rounded = AccrualRound(base * factor, r->rounding);
 	total = PointsAdd(rounded, AccrualBonuses(r, in, st, b));
 	total = AccrualCaps(r, total, st, b);
-	appendStringInfoChar(b, '}');
+	if (b != NULL)
+		appendStringInfoChar(b, '}');
 	return total;
+}
+
+/*
+ * Whether a purchase's breakdown can be left out of its row: its version
+ * carries no state across purchases (replayable), and the member's state
+ * at the purchase is the default one, which a computation from the row
+ * alone assumes: no tier, not a first purchase, not in the birthday month.
+ */
+bool
+AccrualRebuilt(const AccrualRules *r, const AccrualInput *in)
+{
+	return r->replayable && in->tier == NULL && !in->first_purchase && !in->birthday_month;
 }
 
 /*
@@ -1105,6 +1160,64 @@ accrual_check_rules(PG_FUNCTION_ARGS)
 {
 	AccrualCompile(PG_GETARG_JSONB_P(0), CurrentMemoryContext);
 	PG_RETURN_VOID();
+}
+
+/*
+ * _rebuilt_breakdown(program_id, rule_version, amount, day, category,
+ * channel, store, points): the breakdown of a purchase posted without one
+ * (AccrualRebuilt), computed again from its row as it was at the posting.
+ * The version's document never changes, the amount is the numeric the
+ * rules saw, and the local day gives the weekday and the campaigns' dates,
+ * whatever the time zone's rules say since. A result that does not give
+ * the row's points means the row was changed by hand: an error, not a
+ * wrong explanation.
+ */
+Datum
+accrual_rebuilt_breakdown(PG_FUNCTION_ARGS)
+{
+	int64		program_id = PG_GETARG_INT64(0);
+	int32		version = PG_GETARG_INT32(1);
+	int64		points = PG_GETARG_INT64(7);
+	AccrualProgramRules *pr;
+	AccrualRules *r = NULL;
+	AccrualInput in;
+	AccrualState st;
+	StringInfoData b;
+	int64		total;
+
+	memset(&in, 0, sizeof(in));
+	in.amount = DatumGetFloat8(DirectFunctionCall1(numeric_float8_no_overflow, PG_GETARG_DATUM(2)));
+	in.day = PG_GETARG_DATEADT(3);
+	in.weekday = j2day(in.day + POSTGRES_EPOCH_JDATE);
+	if (in.weekday == 0)
+		in.weekday = 7;
+	in.category = PG_ARGISNULL(4) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(4));
+	in.channel = PG_ARGISNULL(5) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(5));
+	in.store = PG_ARGISNULL(6) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(6));
+
+	SPI_connect();
+	pr = AccrualProgram(program_id);
+	for (int i = 0; i < pr->nversions; i++)
+		if (pr->versions[i].version == version)
+			r = &pr->versions[i];
+	if (r == NULL || !r->replayable)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("the breakdown of a purchase under rule version %d of program %lld cannot be computed again",
+						version, (long long) program_id),
+				 errdetail(r == NULL ? "The program has no such version."
+						   : "The version has a daily cap or a campaign budget, so its purchases keep their breakdown.")));
+	memset(&st, 0, sizeof(st));
+	initStringInfo(&b);
+	total = AccrualEvaluate(r, &in, &st, &b);
+	SPI_finish();
+	if (total != points)
+		ereport(ERROR,
+				(errcode(ERRCODE_DATA_CORRUPTED),
+				 errmsg("the purchase's rule version gives " INT64_FORMAT " points, not the " INT64_FORMAT " it has",
+						total, points),
+				 errdetail("Its breakdown was left out at the posting because its row alone gives it; the row has been changed since.")));
+	PG_RETURN_TEXT_P(cstring_to_text_with_len(b.data, b.len));
 }
 
 /*

@@ -88,7 +88,6 @@ SimulateRun(AccrualBatch *b, AccrualRules *r, AccrualState *st, TimestampTz from
 	static const Oid argtypes[] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID};
 	Datum		args[3];
 	HTAB	   *days = SimulateDays();
-	StringInfoData buf;
 	uint64		n;
 
 	args[0] = Int64GetDatum(b->program_id);
@@ -107,7 +106,6 @@ SimulateRun(AccrualBatch *b, AccrualRules *r, AccrualState *st, TimestampTz from
 										" ORDER BY a.id",
 										3, (Oid *) argtypes, args, NULL, true, 0),
 				  SPI_OK_SELECT, "reading purchases");
-	initStringInfo(&buf);
 	n = SPI_processed;
 	for (uint64 i = 0; i < n; i++)
 	{
@@ -144,8 +142,7 @@ SimulateRun(AccrualBatch *b, AccrualRules *r, AccrualState *st, TimestampTz from
 		if (!found)
 			e->used = 0;
 		st->day_used = e->used;
-		resetStringInfo(&buf);
-		*draft += AccrualEvaluate(r, &in, st, &buf);
+		*draft += AccrualEvaluate(r, &in, st, NULL);
 		e->used = st->day_used;
 		*posted += DatumGetInt64(SPI_getbinval(t, d, 10, &isnull));
 	}

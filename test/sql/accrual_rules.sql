@@ -263,3 +263,96 @@ WHERE member_id = (SELECT id FROM loyalty.member WHERE member_ref = 'z');
 SELECT * FROM loyalty.simulate_accrual('zero', (SELECT rules FROM loyalty.earning_rule r JOIN loyalty.program p ON p.id = r.program_id
                                                WHERE p.code = 'zero' AND r.version = 2),
                                        '2026-01-01', '2027-01-01') WHERE rule LIKE 'total%' OR rule = 'bonuses[0]';
+
+-- A purchase whose row alone gives its breakdown back does not store one
+-- (docs/accrual.md, "Posting"). Two programs with the same rules, except
+-- that the second has a daily cap no member reaches (a cap carries state,
+-- so its purchases keep their breakdown): the same 600 purchases, posted to
+-- the first through an attached table and to the second by accrue(), give
+-- the same points and the same whole breakdown, rebuilt in the first,
+-- stored in the second (no row differs). The rebuilt day and weekday are
+-- New York's, not UTC's.
+SELECT loyalty.create_program(code, code, 'America/New_York') > 0 AS created FROM (VALUES ('rb_a'), ('rb_b')) v(code);
+SELECT count(loyalty.enroll(code, 'm' || i, occurred_at => '2027-01-01')) AS enrolled
+FROM (VALUES ('rb_a'), ('rb_b')) v(code), generate_series(1, 5) i;
+SELECT loyalty.set_earning_rules(code, '{
+  "base": {"per": 2.5, "points": 3, "rounding": "ceil"},
+  "exclude": {"store": ["outlet"]},
+  "multipliers": [{"when": {"category": ["electronics", "toys"]}, "factor": 1.75},
+                  {"when": {"weekday": [6, 7]}, "factor": 2},
+                  {"when": {"channel": ["app"], "store": ["paris"]}, "factor": 1.1}],
+  "bonuses": [{"when": {"category": ["books"]}, "points": 7},
+              {"when": {"channel": ["web"]}, "factor": 1.3},
+              {"campaign": "spring", "from": "2027-03-01", "to": "2027-03-31", "points": 25}],
+  "min_amount": 3}'::jsonb || caps::jsonb, '2027-01-01') AS version
+FROM (VALUES ('rb_a', '{"caps": {"per_purchase": 400}}'),
+             ('rb_b', '{"caps": {"per_purchase": 400, "per_member_per_day": 1000000000}}')) v(code, caps);
+CREATE TABLE public.rb_orders (id text PRIMARY KEY, customer text, total numeric(12,2), placed_at timestamptz,
+                               category text, channel text, store text);
+SELECT loyalty.attach_accrual('public.rb_orders', 'rb_a', 'customer', 'total', 'id', 'placed_at',
+                              'category', 'channel', 'store');
+CREATE TEMP TABLE rb_src AS
+SELECT 'rb' || i AS id, 'm' || (1 + i % 5) AS customer, ((i * 7919) % 40000) / 100.0 AS total,
+       '2027-02-20 02:00+00'::timestamptz + i * interval '97 minutes' AS placed_at,
+       (ARRAY['books', 'electronics', 'toys', 'food', NULL])[1 + i % 5] AS category,
+       (ARRAY['app', 'web', 'store', NULL])[1 + i % 4] AS channel,
+       (ARRAY['paris', 'outlet', 'lyon', NULL, 'paris', 'lyon', 'nice'])[1 + i % 7] AS store
+FROM generate_series(1, 600) i;
+INSERT INTO public.rb_orders SELECT * FROM rb_src;
+SELECT sum(loyalty.accrue('rb_b', customer, total, id, placed_at, category, channel, store)) AS points_b FROM rb_src;
+SELECT p.code, count(*) AS purchases, count(a.breakdown) AS stored, sum(a.points) AS points
+FROM loyalty.accrual a JOIN loyalty.program p ON p.id = a.program_id WHERE p.code IN ('rb_a', 'rb_b')
+GROUP BY 1 ORDER BY 1;
+SELECT a.ref, a.points, b.points, loyalty._accrual_breakdown(a) AS rebuilt, loyalty._accrual_breakdown(b) AS stored
+FROM loyalty.accrual a JOIN loyalty.accrual b ON b.ref = a.ref
+WHERE a.program_id = (SELECT id FROM loyalty.program WHERE code = 'rb_a')
+  AND b.program_id = (SELECT id FROM loyalty.program WHERE code = 'rb_b')
+  AND (a.points <> b.points OR loyalty._accrual_breakdown(a) <> loyalty._accrual_breakdown(b));
+-- what the purchases went through: every kind of step, many times
+SELECT count(*) FILTER (WHERE e ? 'excluded') AS excluded, count(*) FILTER (WHERE e ? 'below_min_amount') AS below_min,
+       count(*) FILTER (WHERE jsonb_array_length(e -> 'multipliers') > 1) AS several_factors,
+       count(*) FILTER (WHERE e -> 'bonuses' @> '[{"rule": "bonuses[0]"}]') AS books_bonus,
+       count(*) FILTER (WHERE e -> 'bonuses' @> '[{"campaign": "spring"}]') AS campaign,
+       count(*) FILTER (WHERE jsonb_array_length(e -> 'caps') > 0) AS capped,
+       count(DISTINCT e #> '{context,weekday}') AS weekdays
+FROM loyalty.accrual a CROSS JOIN LATERAL (SELECT loyalty._accrual_breakdown(a) AS e) x
+WHERE a.program_id = (SELECT id FROM loyalty.program WHERE code = 'rb_a');
+-- The first purchase that earned on a day of the week other than UTC's:
+-- its weekday is New York's.
+SELECT a.ref, a.occurred_at, loyalty.explain_accrual('rb_a', a.ref) #> '{context,weekday}' AS weekday,
+       loyalty.explain_accrual('rb_a', a.ref) -> 'multipliers' AS multipliers
+FROM loyalty.accrual a
+WHERE a.program_id = (SELECT id FROM loyalty.program WHERE code = 'rb_a') AND a.points > 0
+  AND extract(isodow FROM a.occurred_at AT TIME ZONE 'UTC') <> extract(isodow FROM a.occurred_at AT TIME ZONE 'America/New_York')
+ORDER BY a.id LIMIT 1;
+-- The row does not have the member's tier: a purchase by a member with one
+-- stores its breakdown (so does a first purchase or a birthday month that
+-- the rules reward: p1 and p6 above).
+UPDATE loyalty.member SET tier = 'silver' WHERE member_ref = 'm1'
+   AND program_id = (SELECT id FROM loyalty.program WHERE code = 'rb_a');
+INSERT INTO public.rb_orders VALUES ('rb-tier', 'm1', 10, '2027-06-01 12:00+00', NULL, NULL, NULL);
+SELECT breakdown FROM loyalty.accrual WHERE ref = 'rb-tier';
+-- A row changed by hand no longer gives its points: explaining it fails
+-- rather than explain something else (XX001), and so does a version that
+-- keeps breakdowns when the row has none.
+CREATE FUNCTION pg_temp.try(q text) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    s text; m text; d text;
+BEGIN
+    EXECUTE q;
+    RETURN 'no error';
+EXCEPTION WHEN others THEN
+    GET STACKED DIAGNOSTICS s = RETURNED_SQLSTATE, m = MESSAGE_TEXT, d = PG_EXCEPTION_DETAIL;
+    RETURN s || ' ' || m || ' | ' || d;
+END $$;
+BEGIN;
+UPDATE loyalty.accrual SET points = points + 1
+WHERE ref = 'rb2' AND program_id = (SELECT id FROM loyalty.program WHERE code = 'rb_a');
+SELECT pg_temp.try($$SELECT loyalty.explain_accrual('rb_a', 'rb2')$$);
+ROLLBACK;
+BEGIN;
+UPDATE loyalty.accrual SET breakdown = NULL
+WHERE ref = 'rb2' AND program_id = (SELECT id FROM loyalty.program WHERE code = 'rb_b');
+SELECT pg_temp.try($$SELECT loyalty.explain_accrual('rb_b', 'rb2')$$);
+ROLLBACK;
+SELECT loyalty.explain_accrual('rb_a', 'rb2') ->> 'points' AS rb2_points;
