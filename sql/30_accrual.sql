@@ -182,6 +182,10 @@ CREATE TRIGGER accrual_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON loy
 ALTER TABLE loyalty.program ENABLE ALWAYS TRIGGER accrual_cache;
 ALTER TABLE loyalty.accrual_source ENABLE ALWAYS TRIGGER accrual_cache;
 
+CREATE FUNCTION loyalty._lock_rules(program_id bigint) RETURNS void
+AS 'MODULE_PATHNAME', 'accrual_lock_rules' LANGUAGE C STRICT;
+COMMENT ON FUNCTION loyalty._lock_rules(bigint) IS 'Internal: takes the lock on a program''s rules in SHARE mode until the transaction ends; every posting holds it in ROW EXCLUSIVE mode (set_earning_rules, before it marks purchases for a first daily cap)';
+
 CREATE FUNCTION loyalty.set_earning_rules(program text, rules jsonb, effective_from timestamptz, note text DEFAULT NULL)
 RETURNS integer LANGUAGE plpgsql SECURITY DEFINER SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
@@ -211,9 +215,21 @@ BEGIN
     PERFORM 1 FROM loyalty.program p WHERE p.id = v_program FOR UPDATE;
     -- The program's first daily cap: its purchases so far join the cap's
     -- index (accrual_day_cap_idx), which holds those of programs with one.
+    -- The rules' lock in SHARE mode waits for the program's postings in
+    -- progress (they hold it in ROW EXCLUSIVE mode), so that the UPDATE, whose snapshot
+    -- is taken after it, marks their purchases too; the postings that come
+    -- after wait for this commit and read the new version (docs/accrual.md,
+    -- "Daily cap").
     IF rules #> '{caps,per_member_per_day}' IS NOT NULL
        AND NOT EXISTS (SELECT FROM loyalty.earning_rule r
                        WHERE r.program_id = v_program AND r.rules #> '{caps,per_member_per_day}' IS NOT NULL) THEN
+        IF current_setting('transaction_isolation') <> 'read committed' THEN
+            RAISE EXCEPTION 'a program''s first daily cap must be set under READ COMMITTED'
+                USING ERRCODE = 'invalid_transaction_state',
+                      DETAIL = 'It marks the purchases posted before it, which a transaction snapshot taken before its wait for the postings in progress would not all see.',
+                      HINT = 'Call set_earning_rules in a READ COMMITTED transaction.';
+        END IF;
+        PERFORM loyalty._lock_rules(v_program);
         UPDATE loyalty.accrual x SET day_capped = true WHERE x.program_id = v_program AND NOT x.day_capped;
     END IF;
     SELECT coalesce(max(r.version), 0) + 1 INTO v_version

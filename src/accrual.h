@@ -8,6 +8,7 @@
 #include "datatype/timestamp.h"
 #include "lib/stringinfo.h"
 #include "pgtime.h"
+#include "storage/lockdefs.h"
 #include "utils/date.h"
 #include "utils/hsearch.h"
 #include "utils/jsonb.h"
@@ -145,6 +146,7 @@ extern AccrualProgramRules *AccrualFindProgram(int64 program_id, const char *cod
 extern MemoryContext AccrualCacheMemory(void);
 extern void AccrualCacheLoading(void);
 extern HTAB *AccrualSourceCache(Size entrysize);
+extern void AccrualLockRules(int64 program_id, LOCKMODE mode);
 extern AccrualRules *AccrualRulesAt(AccrualProgramRules *pr, TimestampTz at);
 extern AccrualRules *AccrualCompile(Jsonb *doc, MemoryContext cxt);
 extern int64 AccrualEvaluate(const AccrualRules *r, const AccrualInput *in, AccrualState *st,

@@ -238,6 +238,15 @@ AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code)
 	char		nulls[2] = {' ', ' '};
 	AccrualProgramRules *pr = AccrualFindProgram(program_id, code);
 
+	/*
+	 * The rules' lock before the rules are used (AccrualLockRules). Waiting
+	 * for it may have taken in a new version: the cache is checked again.
+	 */
+	if (pr != NULL)
+	{
+		AccrualLockRules(pr->program_id, RowExclusiveLock);
+		pr = AccrualFindProgram(program_id, code);
+	}
 	if (pr == NULL)
 	{
 		HeapTuple	t;
@@ -265,6 +274,7 @@ AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code)
 					 errhint("Create it with loyalty.create_program().")));
 		t = SPI_tuptable->vals[0];
 		d = SPI_tuptable->tupdesc;
+		AccrualLockRules(DatumGetInt64(SPI_getbinval(t, d, 1, &(bool){0})), RowExclusiveLock);
 		pr = AccrualProgram(DatumGetInt64(SPI_getbinval(t, d, 1, &(bool){0})));
 		old = MemoryContextSwitchTo(AccrualCacheMemory());
 		pr->code = SPI_getvalue(t, d, 2);
@@ -290,6 +300,39 @@ AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code)
 	b->has_debts = false;		/* learnt per account when they are locked */
 	b->rules = pr;
 	b->earliest = b->rules->nversions > 0 ? b->rules->versions[0].effective_from : DT_NOEND;
+}
+
+/*
+ * Before a posting under REPEATABLE READ, which reads the rules of its
+ * snapshot: a program whose first daily cap was committed since would get
+ * purchases not marked for the cap (set_earning_rules marked those before
+ * it, and waited for the postings in progress). Such a posting fails with
+ * a serialization failure, to be retried, as for an attachment changed
+ * after the snapshot. READ COMMITTED reads the latest rules instead
+ * (AccrualProgram).
+ */
+void
+AccrualCheckFirstCap(AccrualBatch *b)
+{
+	static SPIPlanPtr plan_cap;
+	static const Oid argtypes[] = {INT8OID};
+	Datum		arg = Int64GetDatum(b->program_id);
+
+	if (!IsolationUsesXactSnapshot() || b->rules->uses_day_cap)
+		return;
+	LedgerPrepare(&plan_cap,
+				  "SELECT FROM loyalty.earning_rule WHERE program_id = $1"
+				  "   AND rules #> '{caps,per_member_per_day}' IS NOT NULL LIMIT 1",
+				  1, argtypes);
+	PushActiveSnapshot(GetLatestSnapshot());
+	LedgerExpect(SPI_execute_plan(plan_cap, &arg, NULL, true, 1), SPI_OK_SELECT, "reading the daily cap");
+	PopActiveSnapshot();
+	if (SPI_processed > 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_T_R_SERIALIZATION_FAILURE),
+				 errmsg("could not serialize access due to a daily cap set concurrently in program \"%s\"", b->code),
+				 errdetail("The program's first per_member_per_day cap was set after this transaction's snapshot was taken."),
+				 errhint("The transaction might succeed if retried.")));
 }
 
 /*
@@ -2106,6 +2149,7 @@ AccrualAccrue(FunctionCallInfo fcinfo)
 		elog(ERROR, "SPI_connect failed");
 	memset(&b, 0, sizeof(b));
 	AccrualLoadProgram(&b, 0, program);
+	AccrualCheckFirstCap(&b);
 
 	memset(nulls, ' ', sizeof(nulls));
 	args[0] = Int64GetDatum(b.program_id);

@@ -144,6 +144,7 @@ extern SPIPlanPtr AccrualPrepare(SPIPlanPtr *slot, int options, const char *sql,
 extern char *AccrualReadSql(const char *source, bool birthday, int probes);
 extern int	AccrualProbes(int64 nrows);
 extern void AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code);
+extern void AccrualCheckFirstCap(AccrualBatch *b);
 extern void AccrualReadRows(AccrualBatch *b);
 extern void AccrualPostBatch(AccrualBatch *b, bool quarantine);
 extern void AccrualPostLocked(AccrualBatch *b);

@@ -18,6 +18,7 @@
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "storage/lmgr.h"
 #include "storage/proc.h"
 #include "utils/builtins.h"
 #include "utils/datetime.h"
@@ -29,6 +30,7 @@
 #include "utils/jsonfuncs.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "accrual.h"
@@ -39,6 +41,7 @@ PG_FUNCTION_INFO_V1(accrual_check_rules);
 PG_FUNCTION_INFO_V1(accrual_rules_changed);
 PG_FUNCTION_INFO_V1(accrual_cache_trigger);
 PG_FUNCTION_INFO_V1(accrual_rebuilt_breakdown);
+PG_FUNCTION_INFO_V1(accrual_lock_rules);
 
 static MemoryContext AccrualCacheCxt = NULL;
 static HTAB *AccrualCache = NULL;
@@ -684,12 +687,24 @@ AccrualProgram(int64 program_id)
 	pr->has_program = false;
 	PG_TRY();
 	{
+		bool		latest = !IsolationUsesXactSnapshot();
+
 		LedgerPrepare(&plan_versions,
 					  "SELECT version, effective_from, rules FROM loyalty.earning_rule"
 					  " WHERE program_id = $1 ORDER BY effective_from, version",
 					  1, argtypes);
+
+		/*
+		 * Under READ COMMITTED, the versions committed by now, not those of
+		 * the statement's snapshot: a posting that waited for
+		 * set_earning_rules (AccrualLockRules) uses what it set.
+		 */
+		if (latest)
+			PushActiveSnapshot(GetLatestSnapshot());
 		if (SPI_execute_plan(plan_versions, &arg, NULL, true, 0) != SPI_OK_SELECT)
 			elog(ERROR, "reading earning rules failed");
+		if (latest)
+			PopActiveSnapshot();
 		pr->versions = MemoryContextAlloc(AccrualCacheCxt, sizeof(AccrualRules) * Max(SPI_processed, 1));
 		for (uint64 i = 0; i < SPI_processed; i++)
 		{
@@ -712,6 +727,36 @@ AccrualProgram(int64 program_id)
 	}
 	PG_END_TRY();
 	return pr;
+}
+
+/*
+ * The lock on a program's rules: every posting holds it in ROW EXCLUSIVE
+ * mode until its transaction ends, taken before it reads the rules (the
+ * modes are the table locks', so postings do not wait for one another);
+ * set_earning_rules takes it in SHARE mode when it must change purchases
+ * already posted (the program's first daily cap marks them). So that change waits for the
+ * postings in progress, which it then sees, and the postings that come
+ * after it wait for its commit and read what it set. A lock tag of the
+ * object kind, loyalty.earning_rule's and the program's: two programs
+ * whose ids agree in their low 48 bits share it, which costs a wait, not
+ * a mistake.
+ */
+void
+AccrualLockRules(int64 program_id, LOCKMODE mode)
+{
+	AccrualCheckCache();		/* the table's Oid, found again if it was dropped */
+	if (!OidIsValid(AccrualRulesRelid))
+		AccrualRulesRelid = get_relname_relid("earning_rule", get_namespace_oid("loyalty", false));
+	LockDatabaseObject(AccrualRulesRelid, (Oid) (uint32) program_id,
+					   (int32) (uint16) ((uint64) program_id >> 32), mode);
+}
+
+/* _lock_rules(program_id): set_earning_rules' SHARE lock on the rules (AccrualLockRules) */
+Datum
+accrual_lock_rules(PG_FUNCTION_ARGS)
+{
+	AccrualLockRules(PG_GETARG_INT64(0), ShareLock);
+	PG_RETURN_VOID();
 }
 
 /* The version in force at a moment, or NULL. */
