@@ -84,6 +84,17 @@ typedef struct AccrualReinsert
 	bool		same;			/* the same row: no to_amount */
 } AccrualReinsert;
 
+/* A member of a chunked statement, as the lock query read it (AccrualReadMembers). */
+typedef struct AccrualMember
+{
+	char	   *member_ref;		/* hash key (the pointer; hashed and compared as a string) */
+	int64		member_id;
+	int64		account_id;
+	char	   *status;
+	char	   *tier;
+	int			birth_month;
+} AccrualMember;
+
 typedef struct AccrualBatch
 {
 	int64		program_id;
@@ -118,6 +129,7 @@ typedef struct AccrualBatch
 	int64	   *accounts;		/* locked, in id order */
 	int			naccounts;
 	HTAB	   *heads;			/* AccrualHead of each locked account */
+	HTAB	   *members;		/* AccrualMember by member_ref, when the lock query read them */
 	bool		defer_accounts; /* write balances once, after the last chunk */
 	bool		program_expires;	/* the program's expiry policy dates lots */
 	bool		defers;			/* pending purchases' journal lines are deferred */
@@ -141,7 +153,7 @@ extern SPIPlanPtr AccrualPrepare(SPIPlanPtr *slot, int options, const char *sql,
 /* AccrualProbes: which keys the read and lock queries probe rather than hash */
 #define ACCRUAL_PROBE_HISTORY	0x01
 #define ACCRUAL_PROBE_MEMBERS	0x02
-extern char *AccrualReadSql(const char *source, bool birthday, int probes);
+extern char *AccrualReadSql(const char *source, bool birthday, int probes, bool members_known);
 extern int	AccrualProbes(int64 nrows);
 extern void AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code);
 extern void AccrualCheckFirstCap(AccrualBatch *b);
@@ -155,7 +167,7 @@ extern AccrualHead *AccrualAddHead(AccrualBatch *b, int64 account, Datum last_ha
 								   Datum last_ref, bool last_ref_null);
 extern bool AccrualFastInsert(AccrualBatch *b, struct TriggerData *trig, const char *const *cols);
 extern bool AccrualFastPost(AccrualBatch *b, AccrualRow *r);
-extern char *AccrualLockSql(const char *source, int probes);
+extern char *AccrualLockSql(const char *members, int probes, bool birthday);
 extern int64 AccrualOrdinalNow(void);
 extern void AccrualReadStarts(AccrualBatch *b);
 extern void AccrualPostSource(AccrualBatch *b, SPIPlanPtr lock, SPIPlanPtr read, Datum *args,

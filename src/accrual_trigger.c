@@ -264,15 +264,18 @@ AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, cons
 	{
 		/* one chunk: read it all, lock the accounts it names, post */
 		AccrualReadStarts(b);
-		LedgerExpect(SPI_execute_plan(AccrualSourcePlan(AccrualReadSql(source, b->rules->uses_birthday, probes),
+		LedgerExpect(SPI_execute_plan(AccrualSourcePlan(AccrualReadSql(source, b->rules->uses_birthday, probes, false),
 														trig->tg_relation, false, 3, argtypes),
 									   args, nulls, false, 0), SPI_OK_SELECT, "reading new purchases");
 		AccrualReadRows(b);
 		AccrualPostBatch(b, true);
 		return;
 	}
-	AccrualPostSource(b, AccrualSourcePlan(AccrualLockSql(source, probes), trig->tg_relation, true, 3, argtypes),
-					  AccrualSourcePlan(AccrualReadSql(source, b->rules->uses_birthday, probes),
+	AccrualPostSource(b, AccrualSourcePlan(AccrualLockSql(psprintf("SELECT DISTINCT %s AS member_ref FROM %s t",
+																   AccrualCol(s->member, "text"), table),
+														  probes, b->rules->uses_birthday),
+										   trig->tg_relation, true, 3, argtypes),
+					  AccrualSourcePlan(AccrualReadSql(source, b->rules->uses_birthday, probes, true),
 										trig->tg_relation, true, 3, argtypes), args, nulls);
 }
 

@@ -237,6 +237,26 @@ INSERT INTO public.bday_sales VALUES ('b-4', 'b1', 10, '2025-03-21'),     -- two
                                      ('b-5', 'b2', 10, '2025-03-21');     -- and 10
 SELECT ref, points, loyalty._accrual_breakdown(a) #> '{context,birthday_month}' AS birthday_month
 FROM loyalty.accrual a WHERE ref LIKE 'b-%' ORDER BY ref;
+-- The same in a statement read in chunks, whose members come from the
+-- query that locks their accounts (AccrualReadMembers), not from joins of
+-- every row: the birthday month (c-1, not c-5 in April), a tier (c-2), a
+-- suspended member (LY004), an unknown one (LY003), and a ref posted
+-- before for another member (23505, though amount and time are the same).
+UPDATE loyalty.member SET tier = 'gold'
+WHERE member_ref = 'b2' AND program_id = (SELECT id FROM loyalty.program WHERE code = 'bday');
+SELECT loyalty.enroll('bday', 'b3', occurred_at => '2025-01-01') > 0 AS b3;
+UPDATE loyalty.member SET status = 'suspended'
+WHERE member_ref = 'b3' AND program_id = (SELECT id FROM loyalty.program WHERE code = 'bday');
+SET loyalty.accrual_chunk = 2;
+INSERT INTO public.bday_sales VALUES ('c-1', 'b1', 10, '2025-03-22'), ('c-2', 'b2', 10, '2025-03-22'),
+                                     ('c-3', 'b3', 10, '2025-03-22'), ('c-4', 'zz', 10, '2025-03-22'),
+                                     ('b-1', 'b2', 10, '2025-03-20'), ('c-5', 'b1', 10, '2025-04-22');
+RESET loyalty.accrual_chunk;
+SELECT a.ref, m.member_ref, a.points, loyalty._accrual_breakdown(a) -> 'context' AS context
+FROM loyalty.accrual a JOIN loyalty.member m ON m.id = a.member_id
+WHERE a.ref LIKE 'c-%' AND a.program_id = (SELECT id FROM loyalty.program WHERE code = 'bday') ORDER BY a.ref;
+SELECT ref, sqlstate, reason FROM loyalty.accrual_quarantine
+WHERE program_id = (SELECT id FROM loyalty.program WHERE code = 'bday') ORDER BY ref;
 SELECT loyalty.detach_accrual('public.bday_sales');
 
 -- A line repeated within one statement (an import sending an order twice)
