@@ -93,6 +93,7 @@ typedef struct AccrualMember
 	char	   *status;
 	char	   *tier;
 	int			birth_month;
+	struct AccrualHead *head;	/* its account's, in the batch's heads */
 } AccrualMember;
 
 typedef struct AccrualBatch
