@@ -47,6 +47,7 @@
 
 #include "accrual.h"
 #include "accrual_post.h"
+#include "ledger.h"
 #include "ledger_write.h"
 
 /* The value of a column of the application's row, if its type is one read here. */
@@ -217,7 +218,7 @@ AccrualFastPost(AccrualBatch *b, AccrualRow *r)
 	r->whole_null = true;
 	/* never raise for the application's row: an odd one is the general path's */
 	if (r->amount_d < 0 || isnan(r->amount_d) || isinf(r->amount_d) || TIMESTAMP_NOT_FINITE(r->occurred_at) ||
-		r->ref[0] == '\0' || pg_mbstrlen(r->ref) > 200 ||
+		r->ref[0] == '\0' || LedgerLongerThan(r->ref, 200) ||
 		(r->rules = AccrualRulesAt(b->rules, r->occurred_at)) == NULL ||
 		!AccrualInRange(r->rules, r->amount_d))
 		return false;

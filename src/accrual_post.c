@@ -396,12 +396,12 @@ AccrualProblem(AccrualBatch *b, AccrualRow *r, const AccrualReadTuple *t, const 
 {
 	if (r->ref == NULL)
 		r->problem = "the purchase has no ref", r->sqlstate = "22004";
-	else if (r->ref[0] == '\0' || pg_mbstrlen(r->ref) > 200)
+	else if (r->ref[0] == '\0' || LedgerLongerThan(r->ref, 200))
 		r->problem = psprintf("invalid ref \"%s\": a ref has 1 to 200 characters", r->ref),
 			r->sqlstate = "22023";
 	else if (r->member_ref == NULL)
 		r->problem = "the purchase has no member", r->sqlstate = "22004";
-	else if (AccrualBlank(r->member_ref) || pg_mbstrlen(r->member_ref) > 200)
+	else if (AccrualBlank(r->member_ref) || LedgerLongerThan(r->member_ref, 200))
 		r->problem = psprintf("invalid member_ref \"%s\": a member_ref has 1 to 200 characters, not all blank",
 							  r->member_ref),
 			r->sqlstate = "22023";

@@ -58,7 +58,7 @@ static SPIPlanPtr plan_account_member;
 void
 AccrualCheckRef(const char *ref)
 {
-	if (ref[0] == '\0' || pg_mbstrlen(ref) > 200)
+	if (ref[0] == '\0' || LedgerLongerThan(ref, 200))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("invalid ref \"%s\"", ref),

@@ -772,24 +772,69 @@ AccrualRulesAt(AccrualProgramRules *pr, TimestampTz at)
 
 /* ---- evaluation ---- */
 
-void
-AccrualLocalTime(TimestampTz t, pg_tz *tz, int *weekday, DateADT *day, int *month)
+static void
+AccrualLocalDate(TimestampTz t, pg_tz *tz, struct pg_tm *tm, fsec_t *fsec)
 {
-	struct pg_tm tm;
-	fsec_t		fsec;
 	int			tzoff;
-	int			jd;
 
-	if (timestamp2tm(t, &tzoff, &tm, &fsec, NULL, tz) != 0)
+	if (timestamp2tm(t, &tzoff, tm, fsec, NULL, tz) != 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_DATETIME_VALUE_OUT_OF_RANGE),
 				 errmsg("timestamp out of range")));
-	jd = date2j(tm.tm_year, tm.tm_mon, tm.tm_mday);
-	*weekday = j2day(jd);
-	if (*weekday == 0)
-		*weekday = 7;
-	*day = jd - POSTGRES_EPOCH_JDATE;
-	*month = tm.tm_mon;
+}
+
+/*
+ * The local date of t in tz: its ISO weekday, the day, the month. Purchases
+ * of a statement mostly fall on a few days: the last date is kept with a
+ * span of time around t that lies within it (its local day less three hours
+ * at either end, for the time zone's offset changes of the day, and checked
+ * at both ends), and a time within that span takes it without converting.
+ */
+void
+AccrualLocalTime(TimestampTz t, pg_tz *tz, int *weekday, DateADT *day, int *month)
+{
+	static pg_tz *last_tz = NULL;
+	static TimestampTz last_lo = 0,
+				last_hi = 0;
+	static int	last_weekday,
+				last_month;
+	static DateADT last_day;
+	struct pg_tm tm;
+	fsec_t		fsec;
+	int			jd;
+
+	if (tz != last_tz || t < last_lo || t >= last_hi)
+	{
+		TimestampTz start;
+		TimestampTz lo;
+		TimestampTz hi;
+		struct pg_tm edge;
+		fsec_t		efsec;
+
+		AccrualLocalDate(t, tz, &tm, &fsec);
+		jd = date2j(tm.tm_year, tm.tm_mon, tm.tm_mday);
+		last_weekday = j2day(jd);
+		if (last_weekday == 0)
+			last_weekday = 7;
+		last_day = jd - POSTGRES_EPOCH_JDATE;
+		last_month = tm.tm_mon;
+		last_tz = tz;
+		start = t - (((int64) tm.tm_hour * 60 + tm.tm_min) * 60 + tm.tm_sec) * USECS_PER_SEC - fsec;
+		lo = Min(t, start + 3 * USECS_PER_HOUR);
+		hi = Max(t + 1, start + 21 * USECS_PER_HOUR);
+		last_lo = last_hi = t;	/* nothing kept should a check below fail */
+		AccrualLocalDate(lo, tz, &edge, &efsec);
+		if (edge.tm_mday != tm.tm_mday || edge.tm_mon != tm.tm_mon || edge.tm_year != tm.tm_year)
+			lo = t;
+		AccrualLocalDate(hi - 1, tz, &edge, &efsec);
+		if (edge.tm_mday != tm.tm_mday || edge.tm_mon != tm.tm_mon || edge.tm_year != tm.tm_year)
+			hi = t + 1;
+		last_lo = lo;
+		last_hi = hi;
+	}
+	*weekday = last_weekday;
+	*day = last_day;
+	*month = last_month;
 }
 
 static bool

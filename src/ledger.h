@@ -7,6 +7,7 @@
 #include "datatype/timestamp.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "mb/pg_wchar.h"
 
 /* SQLSTATEs of our own (class LY), listed in docs/errors.md */
 #define ERRCODE_LOYALTY_INSUFFICIENT_POINTS	MAKE_SQLSTATE('L','Y','0','0','1')
@@ -80,6 +81,17 @@ typedef struct LedgerTarget
 	"                GROUP BY u.lot_id HAVING min(u.left_after) < 0)"
 
 extern char *loyalty_actor;
+
+/*
+ * Whether s has more than chars characters: a character takes a byte at
+ * least, so they are counted only past that many bytes (refs are checked
+ * for every purchase).
+ */
+static inline bool
+LedgerLongerThan(const char *s, int chars)
+{
+	return strlen(s) > (size_t) chars && pg_mbstrlen(s) > chars;
+}
 
 extern void LedgerInit(void);
 extern SPIPlanPtr LedgerPrepare(SPIPlanPtr *slot, const char *sql, int nargs, const Oid *argtypes);

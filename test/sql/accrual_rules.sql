@@ -356,3 +356,16 @@ WHERE ref = 'rb2' AND program_id = (SELECT id FROM loyalty.program WHERE code = 
 SELECT pg_temp.try($$SELECT loyalty.explain_accrual('rb_b', 'rb2')$$);
 ROLLBACK;
 SELECT loyalty.explain_accrual('rb_a', 'rb2') ->> 'points' AS rb2_points;
+
+-- Every purchase's day is its local date in its program's time zone, the
+-- days of a change of the clocks included (New York: 2027-03-14 and
+-- 2027-11-07, rows every 17 minutes across them, one statement; the
+-- posting keeps the last date it converted for the rest of that day).
+INSERT INTO public.rb_orders
+SELECT 'dst' || k || '-' || i, 'm' || (2 + i % 4), 10, t0 + i * interval '17 minutes', 'food', NULL, NULL
+FROM (VALUES (1, '2027-03-13 00:00+00'::timestamptz), (2, '2027-11-06 00:00+00')) v(k, t0),
+     generate_series(0, 250) i;
+SELECT count(*) AS dst_purchases, count(DISTINCT a.day) AS days FROM loyalty.accrual a WHERE a.ref LIKE 'dst%';
+SELECT a.ref, a.occurred_at, a.day, (a.occurred_at AT TIME ZONE p.time_zone)::date AS local_date
+FROM loyalty.accrual a JOIN loyalty.program p ON p.id = a.program_id
+WHERE a.day <> (a.occurred_at AT TIME ZONE p.time_zone)::date;
