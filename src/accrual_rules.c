@@ -556,6 +556,17 @@ AccrualResetCache(void)
 {
 	HASHCTL		ctl;
 
+	/*
+	 * A statement in progress may hold rules, a program or an attachment of
+	 * the cache dropped now (one that waited for the rules' lock, or ran a
+	 * refund that read the program again, after another session's change):
+	 * what was cached is freed at the end of the transaction, not now.
+	 */
+	if (AccrualCacheCxt != NULL && IsTransactionState())
+	{
+		MemoryContextSetParent(AccrualCacheCxt, TopTransactionContext);
+		AccrualCacheCxt = NULL;
+	}
 	if (AccrualCacheCxt == NULL)
 		AccrualCacheCxt = AllocSetContextCreate(CacheMemoryContext, "loyalty accrual rules",
 												ALLOCSET_DEFAULT_SIZES);
