@@ -182,6 +182,10 @@ CREATE TRIGGER accrual_cache AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON loy
 ALTER TABLE loyalty.program ENABLE ALWAYS TRIGGER accrual_cache;
 ALTER TABLE loyalty.accrual_source ENABLE ALWAYS TRIGGER accrual_cache;
 
+CREATE FUNCTION loyalty._amount_double(amount numeric) RETURNS float8
+AS 'MODULE_PATHNAME', 'accrual_amount_double' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION loyalty._amount_double(numeric) IS 'Internal: a purchase amount as the earning rules see it, the double nearest its value (as numeric::float8), computed without printing it; for the tests';
+
 CREATE FUNCTION loyalty._lock_rules(program_id bigint) RETURNS void
 AS 'MODULE_PATHNAME', 'accrual_lock_rules' LANGUAGE C STRICT;
 COMMENT ON FUNCTION loyalty._lock_rules(bigint) IS 'Internal: takes the lock on a program''s rules in SHARE mode until the transaction ends; every posting holds it in ROW EXCLUSIVE mode (set_earning_rules, before it marks purchases for a first daily cap)';

@@ -151,6 +151,7 @@ extern AccrualRules *AccrualRulesAt(AccrualProgramRules *pr, TimestampTz at);
 extern AccrualRules *AccrualCompile(Jsonb *doc, MemoryContext cxt);
 extern int64 AccrualEvaluate(const AccrualRules *r, const AccrualInput *in, AccrualState *st,
 							 StringInfo breakdown);
+extern double AccrualAmount(Datum value);
 extern bool AccrualRebuilt(const AccrualRules *r, const AccrualInput *in);
 extern bool AccrualInRange(const AccrualRules *r, double amount);
 extern bool AccrualVersionUses(const AccrualRules *r, bool birthday);

@@ -214,7 +214,7 @@ AccrualFastPost(AccrualBatch *b, AccrualRow *r)
 
 	if (r->occurred_at < b->earliest)
 		return false;
-	r->amount_d = DatumGetFloat8(DirectFunctionCall1(numeric_float8_no_overflow, r->amount));
+	r->amount_d = AccrualAmount(r->amount);
 	r->whole_null = true;
 	/* never raise for the application's row: an odd one is the general path's */
 	if (r->amount_d < 0 || isnan(r->amount_d) || isinf(r->amount_d) || TIMESTAMP_NOT_FINITE(r->occurred_at) ||

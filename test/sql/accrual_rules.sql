@@ -369,3 +369,22 @@ SELECT count(*) AS dst_purchases, count(DISTINCT a.day) AS days FROM loyalty.acc
 SELECT a.ref, a.occurred_at, a.day, (a.occurred_at AT TIME ZONE p.time_zone)::date AS local_date
 FROM loyalty.accrual a JOIN loyalty.program p ON p.id = a.program_id
 WHERE a.day <> (a.occurred_at AT TIME ZONE p.time_zone)::date;
+
+-- An amount as the rules see it (loyalty._amount_double, which reads the
+-- numeric's digits where it can) is the double nearest its value, the one
+-- numeric's own cast to float8 gives: amounts of every scale up to 12
+-- decimals, large and tiny, negative, and around 2^53 (no value differs).
+SELECT count(*) AS amounts, count(*) FILTER (WHERE loyalty._amount_double(x) IS DISTINCT FROM x::float8) AS differ,
+       count(DISTINCT scale(x)) AS scales
+FROM (SELECT round((i::bigint * 7919 % 1000003)::numeric / 10 ^ (i % 13)::numeric, i % 13) * (1 - 2 * (i % 2)) AS x
+      FROM generate_series(1, 100000) i
+      UNION ALL
+      SELECT (i::bigint * 104729)::numeric * 10 ^ (i % 22)::numeric FROM generate_series(1, 20000) i
+      UNION ALL
+      SELECT 9007199254740992::numeric + d FROM generate_series(-3, 3) d
+      UNION ALL
+      SELECT 900719925474099.2::numeric + d / 10.0 FROM generate_series(-3, 3) d
+      UNION ALL
+      SELECT v FROM unnest('{0, 0.1, 0.3, 0.0001, 1e-20, 123456789012.3456, 99999999999999999999.99,
+                            1e16, 10000000000000001, 0.00000000000000000001, 4503599627370496.5}'::numeric[]) v) s;
+SELECT loyalty._amount_double(10.5) AS a, loyalty._amount_double(-0.0001) AS b, loyalty._amount_double(NULL) AS c;
