@@ -64,26 +64,6 @@ static bool plan_custom[PLAN_SLOTS];
 static SPIPlanPtr plan_read[PLAN_SLOTS];
 
 /*
- * The caller's copy of a cached attachment, in its memory: the cache may be
- * dropped under a statement in progress (a new rule version taken in while
- * it waits for the rules' lock, AccrualLoadProgram).
- */
-static void
-AccrualCopySource(AccrualSource *s, const AccrualSource *c)
-{
-	*s = *c;
-	if (!c->attached)
-		return;
-	s->member = pstrdup(c->member);
-	s->amount = pstrdup(c->amount);
-	s->ref = pstrdup(c->ref);
-	s->occurred_at = c->occurred_at ? pstrdup(c->occurred_at) : NULL;
-	s->category = c->category ? pstrdup(c->category) : NULL;
-	s->channel = c->channel ? pstrdup(c->channel) : NULL;
-	s->store = c->store ? pstrdup(c->store) : NULL;
-}
-
-/*
  * The attachment of an application table (kept with the compiled rules,
  * dropped when loyalty.accrual_source changes); false when there is none.
  */
@@ -100,7 +80,7 @@ AccrualLoadSource(Oid relid, AccrualSource *s)
 
 	if (c != NULL)
 	{
-		AccrualCopySource(s, c);
+		*s = *c;
 		return s->attached;
 	}
 	AccrualCacheLoading();
@@ -157,7 +137,7 @@ AccrualLoadSource(Oid relid, AccrualSource *s)
 	c->store = SPI_getvalue(t, d, 8);
 	MemoryContextSwitchTo(old);
 	c->attached = true;
-	AccrualCopySource(s, c);
+	*s = *c;
 	return true;
 }
 
