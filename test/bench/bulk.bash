@@ -29,8 +29,9 @@ SQL
 # writes a lot of WAL creates and fills new segment files as it goes, which
 # a running server never does (checkpoints recycle segments). Whichever of
 # the timed statements writes the most WAL would pay that alone. So 2 GB of
-# WAL is written once, untimed, and its segments recycled by a checkpoint
-# before the first timed statement.
+# WAL (at BENCH_SCALE 1) is written once, untimed, before the first timed
+# statement; scripts/bench's min_wal_size keeps its segments through the
+# checkpoints that follow, to be recycled.
 wal_warm() {
     # once per server: timed runs in a subshell ($(timed ...)), so the mark
     # is a file, in the server's socket directory (scripts/bench makes a new
@@ -38,7 +39,7 @@ wal_warm() {
     local mark="${TMPDIR:-/tmp}/loyalty_bench_wal_warm.${PGPORT:-5432}"
     [ -d "${PGHOST:-}" ] && [ -w "${PGHOST:-}" ] && mark="$PGHOST/loyalty_bench_wal_warm"
     [ -e "$mark" ] && return
-    q -c "CREATE TABLE wal_warm AS SELECT repeat('x', 1000) AS pad FROM generate_series(1, 2000000)" \
+    q -c "CREATE TABLE wal_warm AS SELECT repeat('x', 1000) AS pad FROM generate_series(1, greatest($n * 2, 100000))" \
       -c "DROP TABLE wal_warm" -c "CHECKPOINT" >/dev/null
     : > "$mark"
 }
