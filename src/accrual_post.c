@@ -283,8 +283,9 @@ AccrualLoadProgram(AccrualBatch *b, int64 program_id, const char *code)
 					 errhint("Create it with loyalty.create_program().")));
 		t = SPI_tuptable->vals[0];
 		d = SPI_tuptable->tupdesc;
-		AccrualLockRules(DatumGetInt64(SPI_getbinval(t, d, 1, &(bool){0})), RowExclusiveLock);
-		pr = AccrualProgram(DatumGetInt64(SPI_getbinval(t, d, 1, &(bool){0})));
+		program_id = DatumGetInt64(SPI_getbinval(t, d, 1, &(bool){0}));
+		AccrualLockRules(program_id, RowExclusiveLock);
+		pr = AccrualProgram(program_id);
 		old = MemoryContextSwitchTo(AccrualCacheMemory());
 		pr->code = SPI_getvalue(t, d, 2);
 		tz = SPI_getvalue(t, d, 3);

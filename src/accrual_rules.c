@@ -756,9 +756,7 @@ AccrualProgram(int64 program_id)
 void
 AccrualLockRules(int64 program_id, LOCKMODE mode)
 {
-	AccrualCheckCache();		/* the table's Oid, found again if it was dropped */
-	if (!OidIsValid(AccrualRulesRelid))
-		AccrualRulesRelid = get_relname_relid("earning_rule", get_namespace_oid("loyalty", false));
+	AccrualCheckCache();		/* sets the table's Oid, found again if it was dropped */
 	LockDatabaseObject(AccrualRulesRelid, (Oid) (uint32) program_id,
 					   (int32) (uint16) ((uint64) program_id >> 32), mode);
 }
@@ -846,6 +844,22 @@ accrual_amount_double(PG_FUNCTION_ARGS)
 	PG_RETURN_FLOAT8(AccrualAmount(PG_GETARG_DATUM(0)));
 }
 
+/* The ISO weekday (1 = Monday) of a date. */
+static int
+AccrualIsoWeekday(DateADT day)
+{
+	int			weekday = j2day(day + POSTGRES_EPOCH_JDATE);
+
+	return weekday == 0 ? 7 : weekday;
+}
+
+/* Whether two broken-down times fall on the same date. */
+static bool
+AccrualSameDate(const struct pg_tm *a, const struct pg_tm *b)
+{
+	return a->tm_mday == b->tm_mday && a->tm_mon == b->tm_mon && a->tm_year == b->tm_year;
+}
+
 static void
 AccrualLocalDate(TimestampTz t, pg_tz *tz, struct pg_tm *tm, fsec_t *fsec)
 {
@@ -875,7 +889,6 @@ AccrualLocalTime(TimestampTz t, pg_tz *tz, int *weekday, DateADT *day, int *mont
 	static DateADT last_day;
 	struct pg_tm tm;
 	fsec_t		fsec;
-	int			jd;
 
 	if (tz != last_tz || t < last_lo || t >= last_hi)
 	{
@@ -886,11 +899,8 @@ AccrualLocalTime(TimestampTz t, pg_tz *tz, int *weekday, DateADT *day, int *mont
 		fsec_t		efsec;
 
 		AccrualLocalDate(t, tz, &tm, &fsec);
-		jd = date2j(tm.tm_year, tm.tm_mon, tm.tm_mday);
-		last_weekday = j2day(jd);
-		if (last_weekday == 0)
-			last_weekday = 7;
-		last_day = jd - POSTGRES_EPOCH_JDATE;
+		last_day = date2j(tm.tm_year, tm.tm_mon, tm.tm_mday) - POSTGRES_EPOCH_JDATE;
+		last_weekday = AccrualIsoWeekday(last_day);
 		last_month = tm.tm_mon;
 		last_tz = tz;
 		start = t - (((int64) tm.tm_hour * 60 + tm.tm_min) * 60 + tm.tm_sec) * USECS_PER_SEC - fsec;
@@ -898,10 +908,10 @@ AccrualLocalTime(TimestampTz t, pg_tz *tz, int *weekday, DateADT *day, int *mont
 		hi = Max(t + 1, start + 21 * USECS_PER_HOUR);
 		last_lo = last_hi = t;	/* nothing kept should a check below fail */
 		AccrualLocalDate(lo, tz, &edge, &efsec);
-		if (edge.tm_mday != tm.tm_mday || edge.tm_mon != tm.tm_mon || edge.tm_year != tm.tm_year)
+		if (!AccrualSameDate(&edge, &tm))
 			lo = t;
 		AccrualLocalDate(hi - 1, tz, &edge, &efsec);
-		if (edge.tm_mday != tm.tm_mday || edge.tm_mon != tm.tm_mon || edge.tm_year != tm.tm_year)
+		if (!AccrualSameDate(&edge, &tm))
 			hi = t + 1;
 		last_lo = lo;
 		last_hi = hi;
@@ -1352,9 +1362,7 @@ accrual_rebuilt_breakdown(PG_FUNCTION_ARGS)
 	memset(&in, 0, sizeof(in));
 	in.amount = AccrualAmount(PG_GETARG_DATUM(2));
 	in.day = PG_GETARG_DATEADT(3);
-	in.weekday = j2day(in.day + POSTGRES_EPOCH_JDATE);
-	if (in.weekday == 0)
-		in.weekday = 7;
+	in.weekday = AccrualIsoWeekday(in.day);
 	in.category = PG_ARGISNULL(4) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(4));
 	in.channel = PG_ARGISNULL(5) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(5));
 	in.store = PG_ARGISNULL(6) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(6));
