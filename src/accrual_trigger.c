@@ -62,6 +62,8 @@ typedef struct AccrualSource
 static char *plan_sql[PLAN_SLOTS];
 static bool plan_custom[PLAN_SLOTS];
 static SPIPlanPtr plan_read[PLAN_SLOTS];
+static uint64 plan_used[PLAN_SLOTS];	/* when each was last handed out */
+static uint64 plan_clock;
 
 /*
  * The attachment of an application table (kept with the compiled rules,
@@ -192,17 +194,29 @@ AccrualSourcePlan(const char *sql, Relation rel, bool custom, int nargs, const O
 	for (int i = 0; i < PLAN_SLOTS; i++)
 	{
 		if (plan_sql[i] != NULL && plan_custom[i] == custom && strcmp(plan_sql[i], key.data) == 0)
+		{
+			plan_used[i] = ++plan_clock;
 			return plan_read[i];
+		}
 		if (plan_sql[i] == NULL && free_slot < 0)
 			free_slot = i;
 	}
 	if (free_slot < 0)
 	{
+		/*
+		 * The least recently used goes: never the plan handed out just
+		 * before, which a chunked statement asks for with this one (its lock
+		 * and read queries) and uses after it.
+		 */
 		free_slot = 0;
-		SPI_freeplan(plan_read[0]);
-		pfree(plan_sql[0]);
-		plan_sql[0] = NULL;
+		for (int i = 1; i < PLAN_SLOTS; i++)
+			if (plan_used[i] < plan_used[free_slot])
+				free_slot = i;
+		SPI_freeplan(plan_read[free_slot]);
+		pfree(plan_sql[free_slot]);
+		plan_sql[free_slot] = NULL;
 	}
+	plan_used[free_slot] = ++plan_clock;
 	plan_read[free_slot] = NULL;
 	AccrualPrepare(&plan_read[free_slot], custom ? CURSOR_OPT_CUSTOM_PLAN : 0, sql, nargs, argtypes);
 	plan_sql[free_slot] = MemoryContextStrdup(TopMemoryContext, key.data);
