@@ -1402,6 +1402,160 @@ AccrualDeferred(AccrualHead *h, AccrualRow *r)
 		h->available = AccrualAddPoints(h->available, r->points);
 }
 
+/* What every purchase row of a chunk shares. */
+typedef struct AccrualRowCommon
+{
+	Datum		program;
+	Datum		posted;
+	Datum		empty;			/* attrs '{}' */
+	Datum		zero;			/* refunded_amount 0 */
+	Datum		actor;			/* of the deferred rows, when there is one */
+	LedgerWriter **tw;
+	bool		bulk;
+} AccrualRowCommon;
+
+/*
+ * Purchase r's row, in w's values (its id drawn from the journal's
+ * sequence); returns its account's head.
+ */
+static AccrualHead *
+AccrualPurchaseRow(AccrualBatch *b, AccrualRow *r, LedgerWriter *w, AccrualRowCommon *c)
+{
+	AccrualHead *h;
+
+	r->accrual_id = LedgerWriterNextId(w);
+	memset(w->nulls, 0, sizeof(w->nulls));
+	w->values[0] = Int64GetDatum(r->accrual_id);
+	w->values[1] = c->program;
+	w->values[2] = CStringGetTextDatum(r->ref);
+	w->values[3] = Int64GetDatum(r->member_id);
+	w->values[4] = Int64GetDatum(r->account_id);
+	w->values[5] = r->amount;
+	w->values[6] = TimestampTzGetDatum(r->occurred_at);
+	w->values[7] = DateADTGetDatum(r->day);
+	w->values[8] = AccrualTextOrNull(r->category, &w->nulls[8]);
+	w->values[9] = AccrualTextOrNull(r->channel, &w->nulls[9]);
+	w->values[10] = AccrualTextOrNull(r->store, &w->nulls[10]);
+	w->values[11] = r->attrs_null ? c->empty : r->attrs;
+	w->values[12] = Int32GetDatum(r->rules->version);
+	w->values[13] = Int64GetDatum(r->points);
+	w->values[14] = TimestampTzGetDatum(r->vests_at);
+	w->nulls[15] = r->expires_null;
+	w->values[15] = TimestampTzGetDatum(r->expires_at);
+	w->values[16] = AccrualTextOrNull(r->breakdown, &w->nulls[16]);
+	w->values[17] = c->zero;
+	w->values[18] = Int64GetDatum(0);
+	w->values[19] = c->posted;
+	h = r->head = AccrualDecideDeferral(b, r);
+	if (r->points > 0 && !r->deferred && *c->tw == NULL)
+		*c->tw = AccrualTransferWriter(c->bulk);
+	r->transfer_id = r->points > 0 ? r->accrual_id : 0;
+	w->nulls[20] = r->transfer_id == 0 || r->deferred;
+	w->values[20] = Int64GetDatum(r->transfer_id);
+	if (r->deferred && c->actor == (Datum) 0)
+		c->actor = CStringGetTextDatum(LedgerActor());
+	w->nulls[21] = !r->deferred;
+	w->values[21] = c->actor;
+	/* the member's list of purchases: this one names the one before */
+	w->nulls[22] = h->last_ref == NULL;
+	w->values[22] = h->last_ref == NULL ? (Datum) 0 : CStringGetTextDatum(h->last_ref);
+	w->values[23] = BoolGetDatum(b->rules->uses_day_cap);
+	return h;
+}
+
+/* Purchase r, inserted: the latest of its account's head h. */
+static void
+AccrualPurchaseInserted(AccrualHead *h, AccrualRow *r)
+{
+	AccrualSetLastRef(h, r->ref);
+	h->new_last = true;
+	h->touched = true;
+	if (r->deferred)
+		AccrualDeferred(h, r);
+}
+
+/* An account's head as it was before an optimistic write of its chunk. */
+typedef struct AccrualSavedHead
+{
+	AccrualHead *head;
+	AccrualHead was;
+	char	   *last_ref;		/* a copy of was.last_ref's string */
+} AccrualSavedHead;
+
+/*
+ * Write the purchases optimistically (LedgerWriterBeginNew): all in one
+ * subtransaction, as a plain bulk appender writes rows. True when all were
+ * inserted; false when the ref index met one of them, and then nothing was
+ * written and every head is as it was.
+ */
+static bool
+AccrualInsertAllNew(AccrualBatch *b, int *which, int n, LedgerWriter *w, AccrualRowCommon *c)
+{
+	static uint64 attempts = 0;
+	uint64		attempt = ++attempts;
+	AccrualSavedHead *volatile saved = palloc(sizeof(AccrualSavedHead) * 256);
+	volatile int nsaved = 0;
+	volatile int capacity = 256;
+	volatile bool kept = false;
+
+	LedgerWriterBeginNew(w);
+	PG_TRY();
+	{
+		for (int k = 0; k < n; k++)
+		{
+			AccrualRow *r = &b->rows[which[k]];
+			AccrualHead *h = AccrualPurchaseRow(b, r, w, c);
+
+			if (h->saved_in != attempt)
+			{
+				AccrualSavedHead *sh;
+
+				if (nsaved == capacity)
+				{
+					capacity *= 2;
+					saved = repalloc(saved, sizeof(AccrualSavedHead) * capacity);
+				}
+				sh = &saved[nsaved++];
+				sh->head = h;
+				sh->was = *h;
+				sh->last_ref = h->last_ref == NULL ? NULL : pstrdup(h->last_ref);
+				h->saved_in = attempt;
+			}
+			LedgerWriterInsert(w);
+			AccrualPurchaseInserted(h, r);
+		}
+		kept = LedgerWriterEndNew(w);
+	}
+	PG_CATCH();
+	{
+		LedgerWriterAbortNew(w);
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+	if (kept)
+		return true;
+	for (int i = 0; i < nsaved; i++)
+	{
+		AccrualHead *h = saved[i].head;
+		char	   *buf = h->last_ref;
+		int			size = h->last_ref_size;
+
+		*h = saved[i].was;
+		h->last_ref = buf;
+		h->last_ref_size = size;
+		if (saved[i].last_ref == NULL)
+		{
+			if (buf != NULL)
+				pfree(buf);
+			h->last_ref = NULL;
+			h->last_ref_size = 0;
+		}
+		else
+			AccrualSetLastRef(h, saved[i].last_ref);
+	}
+	return false;
+}
+
 /*
  * The purchases of the chunk (rows listed in which[]); returns how many
  * were inserted and leaves ->accrual_id 0 on the rows a concurrent
@@ -1411,29 +1565,49 @@ AccrualDeferred(AccrualHead *h, AccrualRow *r)
  * lot share when it earns (one nextval per sale, not three):
  * accrual.transfer_id is how its journal line is found, since accrual
  * transfers have no entry in the journal's ref index.
+ *
+ * Many purchases are first written all at once (AccrualInsertAllNew): the
+ * statement's refs were looked up before computing, so a ref another
+ * transaction holds is rare. When one does, that write is rolled back and
+ * every purchase is written again, one by one, each as ON CONFLICT DO
+ * NOTHING writes it (those written before the lost one counting as before).
  */
 static int64
 AccrualInsertPurchases(AccrualBatch *b, int *which, int n, LedgerWriter **tw, bool bulk)
 {
 	LedgerWriter *w = LedgerWriterOpen("accrual", accrual_cols, lengthof(accrual_cols), "transfer_id_seq",
 									   n > ACCRUAL_SMALL, "accrual_pkey");
-	Datum		program = Int64GetDatum(b->program_id);
-	Datum		posted = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
-	Datum		empty = DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"));
-	Datum		zero = DirectFunctionCall3(numeric_in, CStringGetDatum("0"), ObjectIdGetDatum(InvalidOid),
-										   Int32GetDatum(-1));
+	AccrualRowCommon c;
 	int64		inserted = 0;
 	ItemPointerData conflict;
 	bool		redo = false;
 	StringInfoData buf;
-	Datum		actor = (Datum) 0;	/* of the deferred rows, when there is one */
-	AccrualHead *h;				/* the row's account (heads are not added to meanwhile) */
 	MemoryContext old = AccrualChunkMemory(b);
 
+	c.program = Int64GetDatum(b->program_id);
+	c.posted = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+	c.empty = DirectFunctionCall1(jsonb_in, CStringGetDatum("{}"));
+	c.zero = DirectFunctionCall3(numeric_in, CStringGetDatum("0"), ObjectIdGetDatum(InvalidOid),
+								 Int32GetDatum(-1));
+	c.actor = (Datum) 0;
+	c.tw = tw;
+	c.bulk = bulk;
+	if (n >= ACCRUAL_OPTIMISTIC && LedgerWriterMayBeginNew(w))
+	{
+		if (AccrualInsertAllNew(b, which, n, w, &c))
+		{
+			MemoryContextSwitchTo(old);
+			LedgerWriterClose(w);
+			return n;
+		}
+		/* every row is computed again as it is written, as after a lost race */
+		redo = AccrualUncountFrom(b, which, 0, n, false);
+	}
 	initStringInfo(&buf);
 	for (int k = 0; k < n; k++)
 	{
 		AccrualRow *r = &b->rows[which[k]];
+		AccrualHead *h;
 
 		if (redo)
 		{
@@ -1444,51 +1618,11 @@ AccrualInsertPurchases(AccrualBatch *b, int *which, int n, LedgerWriter **tw, bo
 			if (r->points > 0 && !earned)
 				AccrualDate(b, &which[k], 1);
 		}
-		r->accrual_id = LedgerWriterNextId(w);
-		memset(w->nulls, 0, sizeof(w->nulls));
-		w->values[0] = Int64GetDatum(r->accrual_id);
-		w->values[1] = program;
-		w->values[2] = CStringGetTextDatum(r->ref);
-		w->values[3] = Int64GetDatum(r->member_id);
-		w->values[4] = Int64GetDatum(r->account_id);
-		w->values[5] = r->amount;
-		w->values[6] = TimestampTzGetDatum(r->occurred_at);
-		w->values[7] = DateADTGetDatum(r->day);
-		w->values[8] = AccrualTextOrNull(r->category, &w->nulls[8]);
-		w->values[9] = AccrualTextOrNull(r->channel, &w->nulls[9]);
-		w->values[10] = AccrualTextOrNull(r->store, &w->nulls[10]);
-		w->values[11] = r->attrs_null ? empty : r->attrs;
-		w->values[12] = Int32GetDatum(r->rules->version);
-		w->values[13] = Int64GetDatum(r->points);
-		w->values[14] = TimestampTzGetDatum(r->vests_at);
-		w->nulls[15] = r->expires_null;
-		w->values[15] = TimestampTzGetDatum(r->expires_at);
-		w->values[16] = AccrualTextOrNull(r->breakdown, &w->nulls[16]);
-		w->values[17] = zero;
-		w->values[18] = Int64GetDatum(0);
-		w->values[19] = posted;
-		h = r->head = AccrualDecideDeferral(b, r);
-		if (r->points > 0 && !r->deferred && *tw == NULL)
-			*tw = AccrualTransferWriter(bulk);
-		r->transfer_id = r->points > 0 ? r->accrual_id : 0;
-		w->nulls[20] = r->transfer_id == 0 || r->deferred;
-		w->values[20] = Int64GetDatum(r->transfer_id);
-		if (r->deferred && actor == (Datum) 0)
-			actor = CStringGetTextDatum(LedgerActor());
-		w->nulls[21] = !r->deferred;
-		w->values[21] = actor;
-		/* the member's list of purchases: this one names the one before */
-		w->nulls[22] = h->last_ref == NULL;
-		w->values[22] = h->last_ref == NULL ? (Datum) 0 : CStringGetTextDatum(h->last_ref);
-		w->values[23] = BoolGetDatum(b->rules->uses_day_cap);
+		h = AccrualPurchaseRow(b, r, w, &c);
 		if (LedgerWriterInsertIfNew(w, &conflict))
 		{
 			inserted++;
-			AccrualSetLastRef(h, r->ref);
-			h->new_last = true;
-			h->touched = true;
-			if (r->deferred)
-				AccrualDeferred(h, r);
+			AccrualPurchaseInserted(h, r);
 		}
 		else
 		{

@@ -74,6 +74,7 @@ typedef struct AccrualHead
 	int			last_ref_size;	/* bytes allocated for it, in cxt */
 	bool		new_last;		/* last_ref to be written (account.last_purchase_ref) */
 	MemoryContext cxt;			/* the table's */
+	uint64		saved_in;		/* the optimistic write that saved it (AccrualInsertAllNew) */
 } AccrualHead;
 
 /* A posted purchase's order inserted again: its ref, and the amount it now has if that differs. */
@@ -148,6 +149,8 @@ typedef struct AccrualBatch
 
 /* Batches of at most this many rows use generic plans. */
 #define ACCRUAL_SMALL 16
+/* Purchases of a chunk first written all at once, optimistically (AccrualInsertPurchases). */
+#define ACCRUAL_OPTIMISTIC 1000
 
 extern SPIPlanPtr AccrualPrepare(SPIPlanPtr *slot, int options, const char *sql, int nargs,
 								 const Oid *argtypes);

@@ -702,16 +702,38 @@ LedgerWriterIndexRow(LedgerWriter *w, TupleTableSlot *slot, bool update)
 		list_free(ExecInsertIndexTuples(w->rri, slot, w->estate, update, false, NULL, NIL));
 }
 
-/* Write a bulk appender's buffered rows: the table's in one call, then each row's index entries. */
+/*
+ * Write a bulk appender's buffered rows: the table's in one call, then each
+ * row's index entries. An optimistic writer's arbiter entries only note a
+ * key that exists or is being inserted (w->lost), as a speculative
+ * insertion's do: its caller rolls the rows back (LedgerWriterEndNew).
+ */
 static void
 LedgerWriterFlush(LedgerWriter *w)
 {
 	if (w->nbuffered == 0)
 		return;
+	if (w->optimistic && w->lost)
+	{
+		/* rolled back anyway */
+		for (int i = 0; i < w->nbuffered; i++)
+			ExecClearTuple(w->buffered[i]);
+		w->nbuffered = 0;
+		return;
+	}
 	table_multi_insert(w->rel, w->buffered, w->nbuffered, w->cid, 0, w->bistate);
 	for (int i = 0; i < w->nbuffered; i++)
 	{
-		LedgerWriterIndexRow(w, w->buffered[i], false);
+		if (w->optimistic)
+		{
+			bool		lost = false;
+
+			list_free(ExecInsertIndexTuples(w->rri, w->buffered[i], w->estate, false, true, &lost,
+											w->arbiters));
+			w->lost |= lost;
+		}
+		else
+			LedgerWriterIndexRow(w, w->buffered[i], false);
 		ResetPerTupleExprContext(w->estate);
 		ExecClearTuple(w->buffered[i]);
 	}
@@ -736,10 +758,13 @@ static bool ledger_token_held = false;
 static uint32 ledger_token;
 static SubTransactionId ledger_token_subxid;
 
+static int	ledger_optimistic_used;
+
 static void
 LedgerTokenXact(XactEvent event, void *arg)
 {
 	ledger_token_held = false;
+	ledger_optimistic_used = 0;
 }
 
 static void
@@ -762,8 +787,8 @@ LedgerWriterReleaseToken(void)
 	ledger_token_held = false;
 }
 
-static uint32
-LedgerWriterToken(void)
+static void
+LedgerWriterCallbacks(void)
 {
 	static bool registered = false;
 
@@ -773,6 +798,12 @@ LedgerWriterToken(void)
 		RegisterSubXactCallback(LedgerTokenSubXact, NULL);
 		registered = true;
 	}
+}
+
+static uint32
+LedgerWriterToken(void)
+{
+	LedgerWriterCallbacks();
 	if (!ledger_token_held)
 	{
 		ledger_token = SpeculativeInsertionLockAcquire(GetCurrentTransactionId());
@@ -838,6 +869,101 @@ LedgerWriterInsertIfNew(LedgerWriter *w, ItemPointer conflict)
 }
 
 /*
+ * Optimistic appending, for many rows whose keys in the arbiter index are
+ * almost surely new (the accrual paths look a statement's refs up first):
+ * LedgerWriterBeginNew opens a subtransaction, LedgerWriterInsert then
+ * buffers rows and writes them as a plain bulk appender does (one WAL
+ * record per page, no speculative insertion to confirm row by row, which
+ * was a tenth of a bulk accrual's WAL), and LedgerWriterEndNew writes the
+ * rest and keeps them all, or, when the arbiter index met any of their
+ * keys (a concurrent transaction's row, committed or not), rolls the
+ * subtransaction back: the rows are then dead to everyone at once, as a
+ * killed speculative row is, so no transaction ever waits on them, and the
+ * caller writes them again with LedgerWriterInsertIfNew, which waits as
+ * ON CONFLICT does. Between the two calls the caller does nothing that a
+ * rollback would undo but the writer's rows, and an error in between is
+ * caught to call LedgerWriterAbortNew before it is thrown on.
+ *
+ * Each subtransaction keeps an xid in the backend's proc entry until the
+ * transaction ends, and past 64 of them (PGPROC_MAX_CACHED_SUBXIDS) every
+ * other backend's snapshot overflows and looks xids up in pg_subtrans: a
+ * transaction gets at most LEDGER_OPTIMISTIC_MAX of them, and after that
+ * its writers insert row by row (LedgerWriterMayBeginNew).
+ */
+#define LEDGER_OPTIMISTIC_MAX 32
+
+bool
+LedgerWriterMayBeginNew(LedgerWriter *w)
+{
+	return w->arbiters != NIL && w->bistate != NULL && !w->optimistic &&
+		ledger_optimistic_used < LEDGER_OPTIMISTIC_MAX && !IsInParallelMode();
+}
+
+void
+LedgerWriterBeginNew(LedgerWriter *w)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	Assert(LedgerWriterMayBeginNew(w));
+	LedgerWriterCallbacks();	/* the end of the transaction resets the count */
+	if (w->buffered == NULL)
+		w->buffered = MemoryContextAllocZero(GetMemoryChunkContext(w),
+											 sizeof(TupleTableSlot *) * LEDGER_BUFFERED_ROWS);
+	w->owner = CurrentResourceOwner;
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+
+	/*
+	 * What the caller acquires meanwhile (the target page's pin, a table
+	 * opened, its locks) is its own, past the subtransaction: only the rows
+	 * (and the subtransaction's xid) are the subtransaction's.
+	 */
+	CurrentResourceOwner = w->owner;
+	ledger_optimistic_used++;
+	w->optimistic = true;
+	w->lost = false;
+}
+
+/* Leave the subtransaction: commit it (keep) or roll it back. */
+static void
+LedgerWriterLeave(LedgerWriter *w, bool keep)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	w->nbuffered = 0;
+	for (int i = 0; i < LEDGER_BUFFERED_ROWS && w->buffered[i] != NULL; i++)
+		ExecClearTuple(w->buffered[i]);
+	if (keep)
+		ReleaseCurrentSubTransaction();
+	else
+		RollbackAndReleaseCurrentSubTransaction();
+	MemoryContextSwitchTo(cxt);
+	CurrentResourceOwner = w->owner;
+	w->optimistic = false;
+}
+
+/* Write the buffered rows; keep them all and return true, or roll them all back and return false. */
+bool
+LedgerWriterEndNew(LedgerWriter *w)
+{
+	bool		kept;
+
+	Assert(w->optimistic);
+	LedgerWriterFlush(w);
+	kept = !w->lost;
+	LedgerWriterLeave(w, kept);
+	return kept;
+}
+
+/* On an error between LedgerWriterBeginNew and LedgerWriterEndNew: roll the rows back. */
+void
+LedgerWriterAbortNew(LedgerWriter *w)
+{
+	if (w->optimistic)
+		LedgerWriterLeave(w, false);
+}
+
+/*
  * Append the row in w->values/w->nulls, with its index entries (a bulk
  * appender keeps a copy, written with the next batch).
  */
@@ -846,7 +972,7 @@ LedgerWriterInsert(LedgerWriter *w)
 {
 	TupleTableSlot *slot;
 
-	if (w->buffered != NULL)
+	if (w->buffered != NULL && (w->arbiters == NIL || w->optimistic))
 	{
 		if (w->buffered[w->nbuffered] == NULL)
 		{

@@ -27,6 +27,9 @@ typedef struct LedgerWriter
 	BulkInsertState bistate;
 	TupleTableSlot **buffered;	/* a bulk appender's rows not yet written */
 	int			nbuffered;
+	bool		optimistic;		/* between LedgerWriterBeginNew and LedgerWriterEndNew */
+	bool		lost;			/* then, a key the arbiter index already had */
+	ResourceOwner owner;		/* the caller's, outside that subtransaction */
 	CommandId	cid;
 	int			ncols;
 	AttrNumber	attno[LEDGER_WRITER_MAX_COLS];
@@ -51,6 +54,10 @@ extern void LedgerWriterConstant(LedgerWriter *w, const char *column);
 extern int64 LedgerWriterNextId(LedgerWriter *w);
 extern void LedgerWriterInsert(LedgerWriter *w);
 extern bool LedgerWriterInsertIfNew(LedgerWriter *w, ItemPointer conflict);
+extern bool LedgerWriterMayBeginNew(LedgerWriter *w);
+extern void LedgerWriterBeginNew(LedgerWriter *w);
+extern bool LedgerWriterEndNew(LedgerWriter *w);
+extern void LedgerWriterAbortNew(LedgerWriter *w);
 extern TupleTableSlot *LedgerWriterRow(LedgerWriter *w, ItemPointer tid);
 extern void LedgerWriterFetch(LedgerWriter *w, ItemPointer tid);
 extern void LedgerWriterUpdate(LedgerWriter *w, ItemPointer tid);

@@ -546,6 +546,40 @@ SELECT (SELECT count(*) FROM public.timed_orders) AS orders_left,
        (SELECT count(*) FROM loyalty.accrual WHERE ref LIKE 'to%' AND refunded_points > 0) AS refunded;
 SELECT loyalty.detach_accrual('public.timed_orders');
 
+-- A statement's purchases are written all at once, in a subtransaction
+-- (docs/accrual.md, "Writing many purchases at once"); a transaction takes
+-- at most 32 such subtransactions, and its later chunks write their
+-- purchases one by one, with the transaction's own xid. 35 chunks of 1,000:
+-- 32 subtransactions' xids and the transaction's own on the last 3,000.
+CREATE TABLE public.many_orders (id text PRIMARY KEY, customer text, total numeric, placed_at timestamptz);
+SELECT loyalty.attach_accrual('public.many_orders', 'shop', 'customer', 'total', 'id', 'placed_at');
+BEGIN;
+SET LOCAL loyalty.accrual_chunk = 1000;
+INSERT INTO public.many_orders SELECT 'mo' || i, 'c1', 1.00, '2025-06-01' FROM generate_series(1, 35000) i;
+SELECT count(DISTINCT a.xmin::text) AS xids,
+       count(*) FILTER (WHERE a.xmin::text::bigint = txid_current() % 4294967296) AS own_xid,
+       count(*) AS purchases
+FROM loyalty.accrual a WHERE a.ref LIKE 'mo%';
+COMMIT;
+-- An error while they are written (here the journal's sequence runs out):
+-- the subtransaction is rolled back with the statement, nothing of it
+-- stays, and the transaction goes on from its savepoint.
+SELECT last_value + 1500 AS seq_max FROM loyalty.transfer_id_seq \gset
+ALTER SEQUENCE loyalty.transfer_id_seq MAXVALUE :seq_max NO CYCLE;
+BEGIN;
+SAVEPOINT before;
+\set VERBOSITY sqlstate
+INSERT INTO public.many_orders SELECT 'mx' || i, 'c1', 1.00, '2025-06-02' FROM generate_series(1, 2000) i;
+\set VERBOSITY default
+ROLLBACK TO SAVEPOINT before;
+ALTER SEQUENCE loyalty.transfer_id_seq NO MAXVALUE;
+INSERT INTO public.many_orders SELECT 'my' || i, 'c1', 1.00, '2025-06-02' FROM generate_series(1, 1200) i;
+COMMIT;
+SELECT count(*) FILTER (WHERE ref LIKE 'mx%') AS mx, count(*) FILTER (WHERE ref LIKE 'my%') AS my,
+       (SELECT count(*) FROM public.many_orders WHERE id LIKE 'mx%') AS mx_orders
+FROM loyalty.accrual;
+SELECT loyalty.detach_accrual('public.many_orders');
+
 -- Detach: the triggers go, what was posted stays.
 SELECT loyalty.detach_accrual('public.orders');
 SELECT count(*) AS triggers FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass;
