@@ -19,6 +19,8 @@ typedef struct LedgerWriter
 	Relation	rel;
 	EState	   *estate;
 	ResultRelInfo *rri;
+	ResultRelInfo rri_flush;	/* the same, but for the BRIN indexes that a flush handles itself */
+	int			nbrin;			/* those, last in rri's arrays */
 	TupleTableSlot *slot;
 	TupleTableSlot *update_slot;	/* a heap tuple slot: LedgerWriterUpdate */
 	TupleTableSlot *fetch_slot; /* the table's own slot: LedgerWriterFetch */

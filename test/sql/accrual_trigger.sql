@@ -578,6 +578,19 @@ COMMIT;
 SELECT count(*) FILTER (WHERE ref LIKE 'mx%') AS mx, count(*) FILTER (WHERE ref LIKE 'my%') AS my,
        (SELECT count(*) FROM public.many_orders WHERE id LIKE 'mx%') AS mx_orders
 FROM loyalty.accrual;
+-- Such a write looks each block range of the time index up once, and
+-- inserts its rows into the range's summary only when it has one: here
+-- the table's last range is summarized first (brin_summarize_new_values
+-- takes the partial one too), and purchases of 2031 that go into it must
+-- widen it, or the index would hide them.
+SELECT brin_summarize_new_values('loyalty.accrual_time_brin') >= 0 AS summarized;
+INSERT INTO public.many_orders SELECT 'mb' || i, 'c1', 1.00, '2031-01-01' FROM generate_series(1, 1500) i;
+SET enable_seqscan = off;
+SET enable_indexscan = off;
+EXPLAIN (COSTS OFF) SELECT count(*) FROM loyalty.accrual WHERE occurred_at >= '2031-01-01';
+SELECT count(*) AS purchases_of_2031 FROM loyalty.accrual WHERE occurred_at >= '2031-01-01';
+RESET enable_seqscan;
+RESET enable_indexscan;
 SELECT loyalty.detach_accrual('public.many_orders');
 
 -- Detach: the triggers go, what was posted stays.
