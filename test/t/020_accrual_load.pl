@@ -11,6 +11,9 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use FindBin;
+use lib $FindBin::Bin;
+use LoyaltyBooks;
 
 my $node = PostgreSQL::Test::Cluster->new('accrual');
 $node->init;
@@ -144,38 +147,14 @@ cmp_ok($written, '>', 50, "deferred lines were written among the sales ($written
 cmp_ok($debits, '>', 50, "debits were posted ($debits)");
 cmp_ok($deferred, '>=', 200, "purchases are deferred at the check ($deferred)");
 
-my $books = q{
-    SELECT count(*) FROM loyalty.account a
-    WHERE a.kind = 'member'
-      AND (a.available::bigint + a.pending::bigint) IS DISTINCT FROM
-          (SELECT coalesce(sum(l.remaining::bigint), 0) FROM loyalty.lot l WHERE l.account_id = a.id)
-          + (SELECT coalesce(sum(x.points), 0) FROM loyalty.accrual x
-              WHERE x.account_id = a.id AND x.transfer_id IS NULL AND x.points > 0)};
 my $statements = q{
     SELECT count(*) FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id
     WHERE m.program_id = (SELECT id FROM loyalty.program WHERE code = 'ret')
       AND (a.available::bigint + a.pending::bigint)
           IS DISTINCT FROM (SELECT coalesce(sum(s.points), 0) FROM loyalty.statement('ret', m.member_ref) s)};
-# each member's list of purchases (account.last_purchase_ref, then each
-# purchase's prev_ref, in falling id order) holds exactly their purchases
-my $lists = q{
-    WITH RECURSIVE walk AS (
-        SELECT a.id AS account_id, a.program_id, x.ref, x.prev_ref, x.id
-        FROM loyalty.account a JOIN loyalty.accrual x ON x.program_id = a.program_id AND x.ref = a.last_purchase_ref
-        UNION ALL
-        SELECT w.account_id, w.program_id, x.ref, x.prev_ref, x.id
-        FROM walk w JOIN loyalty.accrual x ON x.program_id = w.program_id AND x.ref = w.prev_ref AND x.id < w.id
-    )
-    SELECT count(*) FROM (
-        (SELECT account_id, ref FROM walk EXCEPT ALL SELECT account_id, ref FROM loyalty.accrual)
-        UNION ALL
-        (SELECT account_id, ref FROM loyalty.accrual EXCEPT ALL SELECT account_id, ref FROM walk)
-    ) d};
 is($q->($books), '0', "each member account holds its lots and its deferred purchases ($deferred deferred)");
 is($q->($lists), '0', "each member's list of purchases holds exactly their purchases");
-is($q->(q{SELECT count(*) FROM loyalty.account a WHERE a.kind = 'member'
-            AND coalesce(a.deferred_count, 0) <> (SELECT count(*) FROM loyalty.accrual x
-                                                  WHERE x.account_id = a.id AND x.transfer_id IS NULL AND x.points > 0)}),
+is($q->($deferred_counts),
    '0', 'each account counts its deferred purchases');
 # the walk every reader and writer finds deferred purchases by (from the
 # list's head down to the account's last written line) finds them all
