@@ -1497,6 +1497,7 @@ AccrualInsertAllNew(AccrualBatch *b, int *which, int n, LedgerWriter *w, Accrual
 	volatile int nsaved = 0;
 	volatile int capacity = 256;
 	volatile bool kept = false;
+	MemoryContext cxt = CurrentMemoryContext;
 
 	LedgerWriterBeginNew(w);
 	PG_TRY();
@@ -1528,8 +1529,14 @@ AccrualInsertAllNew(AccrualBatch *b, int *which, int n, LedgerWriter *w, Accrual
 	}
 	PG_CATCH();
 	{
+		/* as PL/pgSQL leaves a block's subtransaction: the error saved first */
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
 		LedgerWriterAbortNew(w);
-		PG_RE_THROW();
+		ReThrowError(edata);
 	}
 	PG_END_TRY();
 	if (kept)
