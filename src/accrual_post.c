@@ -1482,6 +1482,27 @@ typedef struct AccrualSavedHead
 	char	   *last_ref;		/* a copy of was.last_ref's string */
 } AccrualSavedHead;
 
+/* Put a head back as it was saved; its last_ref buffer is its own, kept. */
+static void
+AccrualRestoreHead(const AccrualSavedHead *sh)
+{
+	AccrualHead *h = sh->head;
+	char	   *buf = h->last_ref;
+	int			size = h->last_ref_size;
+
+	*h = sh->was;
+	h->last_ref = buf;
+	h->last_ref_size = size;
+	if (sh->last_ref != NULL)
+		AccrualSetLastRef(h, sh->last_ref);
+	else if (buf != NULL)
+	{
+		pfree(buf);
+		h->last_ref = NULL;
+		h->last_ref_size = 0;
+	}
+}
+
 /*
  * Write the purchases optimistically (LedgerWriterBeginNew): all in one
  * subtransaction, as a plain bulk appender writes rows. True when all were
@@ -1539,28 +1560,10 @@ AccrualInsertAllNew(AccrualBatch *b, int *which, int n, LedgerWriter *w, Accrual
 		ReThrowError(edata);
 	}
 	PG_END_TRY();
-	if (kept)
-		return true;
-	for (int i = 0; i < nsaved; i++)
-	{
-		AccrualHead *h = saved[i].head;
-		char	   *buf = h->last_ref;
-		int			size = h->last_ref_size;
-
-		*h = saved[i].was;
-		h->last_ref = buf;
-		h->last_ref_size = size;
-		if (saved[i].last_ref == NULL)
-		{
-			if (buf != NULL)
-				pfree(buf);
-			h->last_ref = NULL;
-			h->last_ref_size = 0;
-		}
-		else
-			AccrualSetLastRef(h, saved[i].last_ref);
-	}
-	return false;
+	if (!kept)
+		for (int i = 0; i < nsaved; i++)
+			AccrualRestoreHead(&saved[i]);
+	return kept;
 }
 
 /*

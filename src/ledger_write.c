@@ -790,6 +790,15 @@ LedgerWriterFlushBrin(LedgerWriter *w)
 	}
 }
 
+/* Forget the buffered rows (their slots are kept for the next ones). */
+static void
+LedgerWriterDropBuffered(LedgerWriter *w)
+{
+	for (int i = 0; i < w->nbuffered; i++)
+		ExecClearTuple(w->buffered[i]);
+	w->nbuffered = 0;
+}
+
 /*
  * Write a bulk appender's buffered rows: the table's in one call, then each
  * row's index entries. An optimistic writer's arbiter entries only note a
@@ -799,33 +808,25 @@ LedgerWriterFlushBrin(LedgerWriter *w)
 static void
 LedgerWriterFlush(LedgerWriter *w)
 {
-	if (w->nbuffered == 0)
-		return;
-	if (w->optimistic && w->lost)
+	/* an optimistic writer that met a key writes nothing more: it is all rolled back */
+	if (w->nbuffered > 0 && !(w->optimistic && w->lost))
 	{
-		/* rolled back anyway */
-		for (int i = 0; i < w->nbuffered; i++)
-			ExecClearTuple(w->buffered[i]);
-		w->nbuffered = 0;
-		return;
-	}
-	table_multi_insert(w->rel, w->buffered, w->nbuffered, w->cid, 0, w->bistate);
-	LedgerWriterIndices(w, w->buffered[0]);
-	for (int i = 0; i < w->nbuffered && w->rri_flush.ri_NumIndices > 0; i++)
-	{
-		bool		lost = false;
+		table_multi_insert(w->rel, w->buffered, w->nbuffered, w->cid, 0, w->bistate);
+		LedgerWriterIndices(w, w->buffered[0]);
+		for (int i = 0; i < w->nbuffered && w->rri_flush.ri_NumIndices > 0; i++)
+		{
+			bool		lost = false;
 
-		/* an optimistic writer's arbiter: see LedgerWriterBeginNew */
-		list_free(ExecInsertIndexTuples(&w->rri_flush, w->buffered[i], w->estate, false, w->optimistic,
-										w->optimistic ? &lost : NULL, w->optimistic ? w->arbiters : NIL));
-		w->lost |= lost;
-		ResetPerTupleExprContext(w->estate);
+			/* an optimistic writer's arbiter: see LedgerWriterBeginNew */
+			list_free(ExecInsertIndexTuples(&w->rri_flush, w->buffered[i], w->estate, false, w->optimistic,
+											w->optimistic ? &lost : NULL, w->optimistic ? w->arbiters : NIL));
+			w->lost |= lost;
+			ResetPerTupleExprContext(w->estate);
+		}
+		if (w->nbrin > 0)
+			LedgerWriterFlushBrin(w);
 	}
-	if (w->nbrin > 0)
-		LedgerWriterFlushBrin(w);
-	for (int i = 0; i < w->nbuffered; i++)
-		ExecClearTuple(w->buffered[i]);
-	w->nbuffered = 0;
+	LedgerWriterDropBuffered(w);
 }
 
 /*
@@ -1018,9 +1019,7 @@ LedgerWriterLeave(LedgerWriter *w, bool keep)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 
-	w->nbuffered = 0;
-	for (int i = 0; i < LEDGER_BUFFERED_ROWS && w->buffered[i] != NULL; i++)
-		ExecClearTuple(w->buffered[i]);
+	LedgerWriterDropBuffered(w);
 	if (keep)
 		ReleaseCurrentSubTransaction();
 	else
