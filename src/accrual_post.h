@@ -141,6 +141,7 @@ typedef struct AccrualBatch
 	int64		nposted_total;
 	int64		ninserted;
 	MemoryContext chunk_cxt;	/* per-chunk allocations; NULL: the caller's */
+	AccrualRow *chunk_rows;		/* a chunked statement's rows, reused by every chunk */
 	int			nquarantined;
 	bool		defer_recovery; /* the caller recovers debts (AccrualRecoverDebts) once done */
 	List	   *reinserted;		/* AccrualReinsert of posted purchases inserted again (trigger) */
