@@ -16,6 +16,7 @@
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
+#include "common/hashfn.h"
 #include "executor/executor.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -224,16 +225,95 @@ AccrualSourcePlan(const char *sql, Relation rel, bool custom, int nargs, const O
 	return plan_read[free_slot];
 }
 
+/*
+ * A set of byte strings (simplehash): the distinct member_refs of a
+ * statement's rows.
+ */
+typedef struct AccrualBytes
+{
+	const char *data;
+	int			len;
+} AccrualBytes;
+
+typedef struct AccrualBytesEntry
+{
+	AccrualBytes key;
+	uint32		hash;
+	char		status;
+} AccrualBytesEntry;
+
+#define SH_PREFIX accrual_bytes
+#define SH_ELEMENT_TYPE AccrualBytesEntry
+#define SH_KEY_TYPE AccrualBytes
+#define SH_KEY key
+#define SH_HASH_KEY(tb, k) hash_bytes((const unsigned char *) (k).data, (k).len)
+#define SH_EQUAL(tb, a, b) ((a).len == (b).len && memcmp((a).data, (b).data, (a).len) == 0)
+#define SH_STORE_HASH
+#define SH_GET_HASH(tb, a) ((a)->hash)
+#define SH_SCOPE static inline
+#define SH_DECLARE
+#define SH_DEFINE
+#include "lib/simplehash.h"
+
+/*
+ * The distinct values of the rows' member column (attnum, of type text or
+ * varchar, whose cast to text changes nothing), NULLs left out, as a text[]
+ * for the lock query (AccrualLockSql). Read here, once, from the
+ * transition table: SELECT DISTINCT over it hashed every row through the
+ * executor, some 190 ms of a million-row insert's 5.5 s.
+ */
+static Datum
+AccrualDistinctMembers(Tuplestorestate *rows, TupleDesc desc, AttrNumber attnum)
+{
+	TupleTableSlot *slot = MakeSingleTupleTableSlot(desc, &TTSOpsMinimalTuple);
+	accrual_bytes_hash *seen = accrual_bytes_create(CurrentMemoryContext, 1024, NULL);
+	ArrayBuildState *members = initArrayResult(TEXTOID, CurrentMemoryContext, false);
+
+	tuplestore_select_read_pointer(rows, tuplestore_alloc_read_pointer(rows, EXEC_FLAG_REWIND));
+	tuplestore_rescan(rows);
+	while (tuplestore_gettupleslot(rows, true, false, slot))
+	{
+		bool		isnull;
+		Datum		v = slot_getattr(slot, attnum, &isnull);
+		text	   *t;
+		AccrualBytes k;
+		AccrualBytesEntry *e;
+		bool		found;
+
+		if (isnull)
+			continue;
+		t = DatumGetTextPP(v);
+		k.data = VARDATA_ANY(t);
+		k.len = VARSIZE_ANY_EXHDR(t);
+		e = accrual_bytes_insert(seen, k, &found);
+		if (!found)
+		{
+			/* the set keeps the array's copy, the slot's value going with the row */
+			accumArrayResult(members, PointerGetDatum(t), false, TEXTOID, CurrentMemoryContext);
+			e->key.data = VARDATA_ANY(DatumGetPointer(members->dvalues[members->nelems - 1]));
+		}
+		if ((Pointer) t != DatumGetPointer(v))
+			pfree(t);
+	}
+	ExecDropSingleTupleTableSlot(slot);
+	accrual_bytes_destroy(seen);
+	return makeArrayResult(members, CurrentMemoryContext);
+}
+
 /* INSERT: post the new rows (of table, the transition table's name). */
 static void
 AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, const char *table,
 				Tuplestorestate *rows, int64 nrows)
 {
-	static const Oid argtypes[] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID};
+	static const Oid argtypes[] = {INT8OID, TIMESTAMPTZOID, TIMESTAMPTZOID, TEXTARRAYOID};
 	char	   *source;
-	Datum		args[3];
-	char		nulls[3] = {' ', ' ', ' '};
+	char	   *members;
+	Datum		args[4];
+	char		nulls[4] = {' ', ' ', ' ', 'n'};
 	int			probes;
+	TupleDesc	desc = RelationGetDescr(trig->tg_relation);
+	AttrNumber	member_att;
+	Oid			member_type;
 
 	b->statement_rows = nrows;
 	if (nrows == 1 && strcmp(table, "loyalty_new") == 0)
@@ -265,10 +345,19 @@ AccrualOnInsert(AccrualBatch *b, const AccrualSource *s, TriggerData *trig, cons
 		AccrualPostBatch(b, true);
 		return;
 	}
-	AccrualPostSource(b, AccrualSourcePlan(AccrualLockSql(psprintf("SELECT DISTINCT %s AS member_ref FROM %s t",
-																   AccrualCol(s->member, "text"), table),
-														  probes, b->rules->uses_birthday),
-										   trig->tg_relation, true, 3, argtypes),
+	/* the lock query's members: read in C when the column is text already */
+	member_att = s->member == NULL ? InvalidAttrNumber : SPI_fnumber(desc, s->member);
+	member_type = member_att > 0 ? TupleDescAttr(desc, member_att - 1)->atttypid : InvalidOid;
+	if (member_type == TEXTOID || member_type == VARCHAROID)
+	{
+		args[3] = AccrualDistinctMembers(rows, desc, member_att);
+		nulls[3] = ' ';
+		members = "SELECT u.member_ref FROM unnest($4) u (member_ref)";
+	}
+	else
+		members = psprintf("SELECT DISTINCT %s AS member_ref FROM %s t", AccrualCol(s->member, "text"), table);
+	AccrualPostSource(b, AccrualSourcePlan(AccrualLockSql(members, probes, b->rules->uses_birthday),
+										   trig->tg_relation, true, 4, argtypes),
 					  AccrualSourcePlan(AccrualReadSql(source, b->rules->uses_birthday, probes, true),
 										trig->tg_relation, true, 3, argtypes), args, nulls);
 }

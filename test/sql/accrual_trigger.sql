@@ -303,6 +303,35 @@ INSERT INTO public.import VALUES ('u-1', 'nobody', 5, '2025-03-03 10:00+00', 'fi
 RESET loyalty.accrual_chunk;
 SELECT ref, sqlstate, row_data ->> 'note' AS note FROM loyalty.accrual_quarantine WHERE ref LIKE 'u-%' ORDER BY id;
 SELECT loyalty.detach_accrual('public.import');
+-- A chunked statement first locks the accounts of its members, taken
+-- from the member column: as they are from a text or varchar column (read
+-- in C), through the column's cast to text from any other (SELECT
+-- DISTINCT): an integer, or char(n), whose cast drops the blanks it is
+-- padded with. Each earns once for its member; a NULL member is
+-- quarantined (22004), whichever way the members were read.
+SELECT count(loyalty.enroll('capped', m, occurred_at => '2025-01-01')) AS enrolled FROM unnest(ARRAY['7', 'k3']) m;
+CREATE TABLE public.typed_members (ref text, v varchar(10), n int, c char(4), total numeric, at timestamptz);
+SET loyalty.accrual_chunk = 2;
+SELECT loyalty.attach_accrual('public.typed_members', 'capped', 'v', 'total', 'ref', 'at');
+INSERT INTO public.typed_members VALUES ('tm-v1', 'k3', 7, 'k3', 5, '2025-03-05 10:00+00'),
+                                        ('tm-v2', NULL, 7, 'k3', 6, '2025-03-05 11:00+00'),
+                                        ('tm-v3', 'k3', 7, 'k3', 7, '2025-03-05 12:00+00');
+SELECT loyalty.detach_accrual('public.typed_members');
+SELECT loyalty.attach_accrual('public.typed_members', 'capped', 'n', 'total', 'ref', 'at');
+INSERT INTO public.typed_members VALUES ('tm-n1', 'k3', 7, 'k3', 5, '2025-03-06 10:00+00'),
+                                        ('tm-n2', 'k3', NULL, 'k3', 6, '2025-03-06 11:00+00'),
+                                        ('tm-n3', 'k3', 7, 'k3', 7, '2025-03-06 12:00+00');
+SELECT loyalty.detach_accrual('public.typed_members');
+SELECT loyalty.attach_accrual('public.typed_members', 'capped', 'c', 'total', 'ref', 'at');
+INSERT INTO public.typed_members VALUES ('tm-c1', 'k3', 7, 'k3', 5, '2025-03-07 10:00+00'),
+                                        ('tm-c2', 'k3', 7, NULL, 6, '2025-03-07 11:00+00'),
+                                        ('tm-c3', 'k3', 7, 'k3', 7, '2025-03-07 12:00+00');
+SELECT loyalty.detach_accrual('public.typed_members');
+RESET loyalty.accrual_chunk;
+SELECT a.ref, m.member_ref, a.points FROM loyalty.accrual a JOIN loyalty.member m ON m.id = a.member_id
+WHERE a.ref LIKE 'tm-%' ORDER BY a.ref;
+SELECT ref, sqlstate FROM loyalty.accrual_quarantine WHERE source = 'public.typed_members'::regclass ORDER BY id;
+DROP TABLE public.typed_members;
 
 -- A program's first daily cap counts the day's purchases posted before it
 -- was set: they join the cap's index (accrual_day_cap_idx) then. z-2 earns
