@@ -2351,8 +2351,9 @@ AccrualPostSource(AccrualBatch *b, SPIPlanPtr lock, SPIPlanPtr read, Datum *args
 	 * A chunk's memory is kept from one chunk to the next, not given back
 	 * to the system and taken again: its rows, zeroed after each chunk, and
 	 * a first block that holds what a chunk of short purchases allocates
-	 * besides (some 460 bytes a row). Memory given back and taken again
-	 * page-faulted in every chunk (2 % of a million-row insert's time).
+	 * besides (some 460 bytes a row). Given back and taken again, it was
+	 * page-faulted in again at every chunk: 38,000 of a million-row insert's
+	 * 176,000 page faults.
 	 */
 	keep = MAXALIGN(Max(Min((Size) chunk * 512, (Size) 64 * 1024 * 1024), ALLOCSET_DEFAULT_INITSIZE));
 	b->chunk_rows = AccrualAllocRows(chunk);
