@@ -607,6 +607,20 @@ COMMIT;
 SELECT count(*) FILTER (WHERE ref LIKE 'mx%') AS mx, count(*) FILTER (WHERE ref LIKE 'my%') AS my,
        (SELECT count(*) FROM public.many_orders WHERE id LIKE 'mx%') AS mx_orders
 FROM loyalty.accrual;
+-- A chunked statement of 3,000 members, each earning for its own: the
+-- members read for the lock query (more than its set of them starts with)
+-- and the accounts it locks are all of them, and no row is quarantined.
+SELECT count(loyalty.enroll('shop', 'dm' || i, occurred_at => '2025-01-01')) AS enrolled
+FROM generate_series(1, 3000) i;
+SET loyalty.accrual_chunk = 1000;
+INSERT INTO public.many_orders
+SELECT 'dm-o' || i, 'dm' || (i * 7 % 3000 + 1), 2.00, '2025-06-03' FROM generate_series(1, 3600) i;
+RESET loyalty.accrual_chunk;
+SELECT count(*) AS purchases, count(DISTINCT a.member_id) AS members,
+       count(*) FILTER (WHERE m.member_ref = o.customer) AS own_member
+FROM loyalty.accrual a JOIN loyalty.member m ON m.id = a.member_id JOIN public.many_orders o ON o.id = a.ref
+WHERE a.ref LIKE 'dm-o%';
+SELECT count(*) AS quarantined FROM loyalty.accrual_quarantine WHERE ref LIKE 'dm-o%';
 -- Such a write looks each block range of the time index up once, and
 -- inserts its rows into the range's summary only when it has one: here
 -- the table's last range is summarized first (brin_summarize_new_values
