@@ -8,22 +8,15 @@
 # once the last vest job has written them all.
 use strict;
 use warnings;
-use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use FindBin;
 use lib $FindBin::Bin;
 use LoyaltyBooks;
 
-my $node = PostgreSQL::Test::Cluster->new('accrual');
-$node->init;
-$node->append_conf('postgresql.conf', "shared_preload_libraries = 'loyalty'\nmax_connections = 40");
-$node->start;
+my $node = shop_node('accrual', 200);
 
 $node->safe_psql('postgres', q{
-    CREATE EXTENSION loyalty;
-    SELECT loyalty.create_program('shop', 'Shop');
-    SELECT loyalty.enroll('shop', 'm' || i, occurred_at => '2020-01-01') FROM generate_series(1, 200) i;
     SELECT loyalty.set_earning_rules('shop', '{"base": {"per": 1.00, "points": 1, "rounding": "floor"}}',
                                      '2020-01-01', 'load test');
     CREATE TABLE orders (seq_no bigserial, order_no text PRIMARY KEY, customer text,
@@ -48,7 +41,6 @@ $node->safe_psql('postgres', q{
     END $$;
 });
 
-my $dir = PostgreSQL::Test::Utils::tempdir;
 my %scripts = (
     # customers 201-210 are not members: their sales go to the quarantine
     'insert.sql' => q{\set m random(1, 210)
@@ -73,18 +65,9 @@ SELECT debit('m' || :m);
 },
     'vest.sql' => q{SELECT loyalty.run_job('vest', now() + interval '31 days');
 });
-for my $name (keys %scripts)
-{
-    open my $fh, '>', "$dir/$name" or die;
-    print $fh $scripts{$name};
-    close $fh;
-}
-
-my ($out, $err) = run_command([
-    'pgbench', '-n', '-h', $node->host, '-p', $node->port, '-c', '8', '-j', '2', '-T', '15',
-    '-f', "$dir/insert.sql\@6", '-f', "$dir/delete.sql\@2", '-f', "$dir/lower.sql\@2",
-    '-f', "$dir/insert_ret.sql\@6", '-f', "$dir/delete_ret.sql\@1", '-f', "$dir/debit_ret.sql\@2",
-    '-f', "$dir/vest.sql\@1", 'postgres' ]);
+my ($out, $err) = run_scripts($node, \%scripts, 8, 15,
+    'insert.sql@6', 'delete.sql@2', 'lower.sql@2', 'insert_ret.sql@6', 'delete_ret.sql@1',
+    'debit_ret.sql@2', 'vest.sql@1');
 my ($tx) = $out =~ /number of transactions actually processed: (\d+)/;
 $tx //= 0;
 ok($out =~ /number of failed transactions: 0 / && $err !~ /aborted|error/i,

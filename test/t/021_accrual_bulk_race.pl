@@ -12,22 +12,15 @@
 # deferred lines, each member's list of purchases and the chains hold.
 use strict;
 use warnings;
-use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use FindBin;
 use lib $FindBin::Bin;
 use LoyaltyBooks;
 
-my $node = PostgreSQL::Test::Cluster->new('bulk_race');
-$node->init;
-$node->append_conf('postgresql.conf', "shared_preload_libraries = 'loyalty'\nmax_connections = 40");
-$node->start;
+my $node = shop_node('bulk_race', 300);
 
 $node->safe_psql('postgres', q{
-    CREATE EXTENSION loyalty;
-    SELECT loyalty.create_program('shop', 'Shop');
-    SELECT loyalty.enroll('shop', 'm' || i, occurred_at => '2020-01-01') FROM generate_series(1, 300) i;
     SELECT loyalty.set_earning_rules('shop', '{"base": {"per": 1.00, "points": 1, "rounding": "floor"},
                                                "caps": {"per_member_per_day": 600}, "pending_days": 30}',
                                      '2020-01-01', 'bulk race');
@@ -37,7 +30,6 @@ $node->safe_psql('postgres', q{
     FROM unnest(ARRAY['orders_a', 'orders_b']::regclass[]) t;
 });
 
-my $dir = PostgreSQL::Test::Utils::tempdir;
 # a batch: 1,200 orders of 100 members (m1-m100 in orders_a, m101-m200 in
 # orders_b) over two days, refs b<batch>-<i>, the batch being the quarter
 # of a second the statement started in: the statements of both tables that
@@ -61,16 +53,7 @@ INSERT INTO orders_a
 VALUES ('b' || (extract(epoch FROM statement_timestamp()) * 4)::bigint || '-' || :i, 'm' || :m, 25.00, '2025-03-01')
 ON CONFLICT DO NOTHING;
 });
-for my $name (keys %scripts)
-{
-    open my $fh, '>', "$dir/$name" or die;
-    print $fh $scripts{$name};
-    close $fh;
-}
-
-my ($out, $err) = run_command([
-    'pgbench', '-n', '-h', $node->host, '-p', $node->port, '-c', '4', '-j', '2', '-T', '12',
-    '-f', "$dir/bulk_a.sql\@4", '-f', "$dir/bulk_b.sql\@4", '-f', "$dir/sale.sql\@2", 'postgres' ]);
+my ($out, $err) = run_scripts($node, \%scripts, 4, 12, 'bulk_a.sql@4', 'bulk_b.sql@4', 'sale.sql@2');
 my ($tx) = $out =~ /number of transactions actually processed: (\d+)/;
 $tx //= 0;
 ok($out =~ /number of failed transactions: 0 / && $err !~ /aborted|error|deadlock/i,

@@ -1,10 +1,49 @@
-# The books the accrual load tests (020, 021) check after their runs: each
-# query counts what breaks them, so each must give 0.
+# What the accrual load tests (020, 021) share: the cluster they start, and
+# the books they check after their runs (each query counts what breaks
+# them, so each must give 0).
 package LoyaltyBooks;
 use strict;
 use warnings;
 use Exporter 'import';
-our @EXPORT = qw($books $lists $deferred_counts);
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+our @EXPORT = qw(shop_node run_scripts $books $lists $deferred_counts);
+
+# A started cluster with the library preloaded, the extension, and program
+# shop with members m1 .. m$members, enrolled on 2020-01-01.
+sub shop_node
+{
+    my ($name, $members) = @_;
+    my $node = PostgreSQL::Test::Cluster->new($name);
+    $node->init;
+    $node->append_conf('postgresql.conf', "shared_preload_libraries = 'loyalty'\nmax_connections = 40");
+    $node->start;
+    $node->safe_psql('postgres', qq{
+        CREATE EXTENSION loyalty;
+        SELECT loyalty.create_program('shop', 'Shop');
+        SELECT loyalty.enroll('shop', 'm' || i, occurred_at => '2020-01-01') FROM generate_series(1, $members) i;
+    });
+    return $node;
+}
+
+# pgbench on $node for $seconds with $clients clients (2 threads) over the
+# scripts of %$scripts (name => text), each written to a folder of its own
+# and run by the weight @weights gives it ("name@weight"). Returns
+# pgbench's output and errors.
+sub run_scripts
+{
+    my ($node, $scripts, $clients, $seconds, @weights) = @_;
+    my $dir = PostgreSQL::Test::Utils::tempdir;
+    for my $name (keys %$scripts)
+    {
+        open my $fh, '>', "$dir/$name" or die;
+        print $fh $scripts->{$name};
+        close $fh;
+    }
+    return run_command([
+        'pgbench', '-n', '-h', $node->host, '-p', $node->port, '-c', $clients, '-j', '2', '-T', $seconds,
+        (map { ('-f', "$dir/$_") } @weights), 'postgres' ]);
+}
 
 # each member account holds its lots and its deferred purchases
 our $books = q{
