@@ -3,17 +3,14 @@
 # must verify.
 use strict;
 use warnings;
-use PostgreSQL::Test::Cluster;
-use PostgreSQL::Test::Utils;
 use Test::More;
+use FindBin;
+use lib $FindBin::Bin;
+use LoyaltyBooks;
 
-my $node = PostgreSQL::Test::Cluster->new('load');
-$node->init;
-$node->append_conf('postgresql.conf', "shared_preload_libraries = 'loyalty'\nmax_connections = 40");
-$node->start;
+my $node = loyalty_node('load');
 
 $node->safe_psql('postgres', q{
-    CREATE EXTENSION loyalty;
     SELECT loyalty.create_program('load', 'Load test');
     SELECT loyalty.enroll('load', 'm' || i) FROM generate_series(1, 10) i;
     -- a debit beyond the balance is an expected refusal here, not a failure
@@ -26,27 +23,19 @@ $node->safe_psql('postgres', q{
     END $$;
 });
 
-my $dir = PostgreSQL::Test::Utils::tempdir;
 # The ref encodes the content, and comes from a small range, so that many
 # calls are exact repeats that must post nothing.
-open my $fh, '>', "$dir/credit.sql" or die;
-print $fh q{\set m random(1, 10)
+my ($out, $err) = run_scripts($node, {
+    'credit.sql' => q{\set m random(1, 10)
 \set pts random(1, 20)
 \set r random(1, 300)
 SELECT loyalty.earn('load', 'm' || :m, :pts, 'e-' || :m || '-' || :pts || '-' || :r);
-};
-close $fh;
-open $fh, '>', "$dir/debit.sql" or die;
-print $fh q{\set m random(1, 10)
+},
+    'debit.sql' => q{\set m random(1, 10)
 \set pts random(1, 30)
 \set r random(1, 300)
 SELECT try_debit('m' || :m, :pts, 'd-' || :m || '-' || :pts || '-' || :r);
-};
-close $fh;
-
-my ($out, $err) = run_command([
-    'pgbench', '-n', '-h', $node->host, '-p', $node->port, '-c', '8', '-j', '2', '-T', '15',
-    '-f', "$dir/credit.sql\@3", '-f', "$dir/debit.sql\@2", 'postgres' ]);
+} }, 8, 15, 'credit.sql@3', 'debit.sql@2');
 my ($tx) = $out =~ /number of transactions actually processed: (\d+)/;
 $tx //= 0;
 ok($out =~ /number of failed transactions: 0 / && $err !~ /aborted|error/i,

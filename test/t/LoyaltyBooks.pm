@@ -1,25 +1,35 @@
-# What the accrual load tests (020, 021) share: the cluster they start, and
-# the books they check after their runs (each query counts what breaks
-# them, so each must give 0).
+# What the load tests (001, 020, 021) share: the cluster they start, the
+# way they run pgbench over their scripts, and the books the accrual ones
+# check after their runs (each query counts what breaks them, so each must
+# give 0).
 package LoyaltyBooks;
 use strict;
 use warnings;
 use Exporter 'import';
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
-our @EXPORT = qw(shop_node run_scripts $books $lists $deferred_counts);
+our @EXPORT = qw(loyalty_node shop_node run_scripts $books $lists $deferred_counts);
 
-# A started cluster with the library preloaded, the extension, and program
-# shop with members m1 .. m$members, enrolled on 2020-01-01.
-sub shop_node
+# A started cluster with the library preloaded, 40 connections, and the
+# extension created.
+sub loyalty_node
 {
-    my ($name, $members) = @_;
+    my ($name) = @_;
     my $node = PostgreSQL::Test::Cluster->new($name);
     $node->init;
     $node->append_conf('postgresql.conf', "shared_preload_libraries = 'loyalty'\nmax_connections = 40");
     $node->start;
+    $node->safe_psql('postgres', 'CREATE EXTENSION loyalty');
+    return $node;
+}
+
+# loyalty_node's cluster, with program shop and members m1 .. m$members,
+# enrolled on 2020-01-01.
+sub shop_node
+{
+    my ($name, $members) = @_;
+    my $node = loyalty_node($name);
     $node->safe_psql('postgres', qq{
-        CREATE EXTENSION loyalty;
         SELECT loyalty.create_program('shop', 'Shop');
         SELECT loyalty.enroll('shop', 'm' || i, occurred_at => '2020-01-01') FROM generate_series(1, $members) i;
     });
