@@ -542,20 +542,29 @@ COMMENT ON AGGREGATE loyalty.chain(bytea, boolean, bigint, bigint, bigint, loyal
 
 -- Write the deferred journal lines and lots of the given member accounts.
 -- Locks those that have any in id order first (a caller already holding
--- them waits for nothing); returns how many purchases it wrote. Set-based:
+-- them waits for nothing); written is how many purchases it wrote. Set-based:
 -- one statement for any number of accounts, chained as _job_expire does.
-CREATE FUNCTION loyalty._materialize(p_accounts bigint[]) RETURNS bigint
+-- p_vest_by (the vest job's as_of): the lots that vest by then are written
+-- vested, their points moved from the account's pending to its available
+-- balance in the same statement, rather than written pending and updated
+-- again by the job (a second version of every lot); vested and
+-- vested_points count them. NULL (every other writer): lots are written as
+-- the sale would have written them.
+CREATE FUNCTION loyalty._materialize(p_accounts bigint[], p_vest_by timestamptz DEFAULT NULL,
+                                     OUT written bigint, OUT vested bigint, OUT vested_points bigint)
 LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
     v_locked bigint[];
-    v_n bigint;
 BEGIN
+    written := 0;
+    vested := 0;
+    vested_points := 0;
     SELECT array_agg(x.id) INTO v_locked
     FROM (SELECT a.id FROM loyalty.account a
           WHERE a.id = ANY (p_accounts) AND a.deferred_day IS NOT NULL
           ORDER BY a.id FOR UPDATE) x;
     IF v_locked IS NULL THEN
-        RETURN 0;
+        RETURN;
     END IF;
     WITH d AS (
         SELECT x.id, x.program_id, x.account_id, x.ref, x.points::loyalty.points AS points, x.occurred_at,
@@ -571,7 +580,9 @@ BEGIN
         FROM d
     ), chained AS (
         SELECT h.*, coalesce(lag(h.hash) OVER w, h.head) AS prev,
-               row_number() OVER (PARTITION BY h.account_id ORDER BY h.id DESC) AS from_last
+               row_number() OVER (PARTITION BY h.account_id ORDER BY h.id DESC) AS from_last,
+               -- pending at the sale (in account.pending), due by p_vest_by
+               h.vests_at > h.occurred_at AND coalesce(h.vests_at <= p_vest_by, false) AS vest_now
         FROM hashed h WINDOW w AS (PARTITION BY h.account_id ORDER BY h.id)
     ), t AS (
         INSERT INTO loyalty.transfer (id, program_id, debit_account_id, credit_account_id, amount, kind, ref,
@@ -584,32 +595,37 @@ BEGIN
         INSERT INTO loyalty.lot (id, account_id, transfer_id, amount, remaining, occurred_at, vests_at,
                                  expires_at, pending)
         SELECT c.id, c.account_id, c.id, c.points, c.points, c.occurred_at, c.vests_at, c.expires_at,
-               c.vests_at > c.occurred_at
+               c.vests_at > c.occurred_at AND NOT c.vest_now
         FROM chained c
     ), x AS (
         UPDATE loyalty.accrual x SET transfer_id = x.id, actor = NULL
           FROM chained c WHERE x.program_id = c.program_id AND x.ref = c.ref
     ), s AS (
         SELECT c.account_id, (array_agg(c.hash) FILTER (WHERE c.from_last = 1))[1] AS last_hash,
-               max(c.id) AS last_tid
+               max(c.id) AS last_tid, coalesce(sum(c.points::bigint) FILTER (WHERE c.vest_now), 0) AS vest_pts
         FROM chained c GROUP BY c.account_id
     ), a AS (
         UPDATE loyalty.account a
            SET last_hash = coalesce(s.last_hash, a.last_hash),
                last_transfer_id = coalesce(s.last_tid, a.last_transfer_id),
+               available = (a.available::bigint + coalesce(s.vest_pts, 0))::loyalty.points,
+               pending = (a.pending::bigint - coalesce(s.vest_pts, 0))::loyalty.points,
                deferred_day = NULL, deferred_due = NULL, deferred_count = NULL
           FROM unnest(v_locked) AS k(id) LEFT JOIN s ON s.account_id = k.id
          WHERE a.id = k.id
     )
-    SELECT count(*) INTO v_n FROM chained;
-    RETURN v_n;
+    SELECT count(*), count(*) FILTER (WHERE c.vest_now), coalesce(sum(c.points::bigint) FILTER (WHERE c.vest_now), 0)
+      INTO written, vested, vested_points
+      FROM chained c;
 END $$;
-COMMENT ON FUNCTION loyalty._materialize(bigint[]) IS 'Internal: writes the deferred journal lines and lots of member accounts (locking them), as their sales would have; returns how many';
+COMMENT ON FUNCTION loyalty._materialize(bigint[], timestamptz) IS 'Internal: writes the deferred journal lines and lots of member accounts (locking them), as their sales would have, those vesting by p_vest_by vested; returns how many it wrote and vested';
 
 -- Lock member accounts in id order, as every posting does, and write their
 -- deferred journal lines and lots: for writers that read or chain onto an
 -- account's lots and lines next.
-CREATE FUNCTION loyalty._lock_accounts(p_accounts bigint[]) RETURNS void
+-- p_vest_by and the counts: as _materialize's.
+CREATE FUNCTION loyalty._lock_accounts(p_accounts bigint[], p_vest_by timestamptz DEFAULT NULL,
+                                       OUT written bigint, OUT vested bigint, OUT vested_points bigint)
 LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
     v_deferred bigint[];
@@ -618,10 +634,15 @@ BEGIN
     FROM (SELECT a.id, a.deferred_day IS NOT NULL AS deferred FROM loyalty.account a
           WHERE a.id = ANY (p_accounts) ORDER BY a.id FOR UPDATE) x;
     IF v_deferred IS NOT NULL THEN
-        PERFORM loyalty._materialize(v_deferred);
+        SELECT m.written, m.vested, m.vested_points INTO written, vested, vested_points
+        FROM loyalty._materialize(v_deferred, p_vest_by) m;
+    ELSE
+        written := 0;
+        vested := 0;
+        vested_points := 0;
     END IF;
 END $$;
-COMMENT ON FUNCTION loyalty._lock_accounts(bigint[]) IS 'Internal: locks accounts in id order and writes their deferred journal lines and lots';
+COMMENT ON FUNCTION loyalty._lock_accounts(bigint[], timestamptz) IS 'Internal: locks accounts in id order and writes their deferred journal lines and lots (those vesting by p_vest_by vested); returns how many it wrote and vested';
 
 -- The accounts whose deferred journal lines a job batch writes: those whose
 -- first deferred purchase vests or expires by p_as_of (account.deferred_due,

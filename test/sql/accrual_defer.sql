@@ -79,7 +79,7 @@ SELECT count(*) AS chain_problems FROM loyalty.verify_chain('shop');
 -- the statement reads the same, with the debit (dated now) after
 SELECT kind, ref, points, balance FROM loyalty.statement('shop', 'c1');
 -- nothing left to write: nothing written again
-SELECT loyalty._materialize(ARRAY(SELECT id FROM loyalty.account)) AS written_again;
+SELECT written AS written_again FROM loyalty._materialize(ARRAY(SELECT id FROM loyalty.account));
 
 -- 4. The vest job writes the lines of the purchases due, with the rest of
 -- their accounts' deferred ones, then vests what is due.
@@ -184,7 +184,18 @@ FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id WHERE m.membe
 SELECT sum(a.pending::bigint) AS pending FROM loyalty.account a JOIN loyalty.member m ON m.id = a.member_id
 WHERE m.member_ref LIKE 'b%';
 UPDATE loyalty.job SET batch_size = 7 WHERE name = 'vest';
+-- The lots it writes that are due go in vested, their points moved from
+-- pending to available with the line: only the lots pending before it (two,
+-- of other members) are updated, so each lot it writes has one version, not
+-- two. (The transaction's counts before and after: they may hold counts of
+-- earlier transactions not yet reported.)
+SELECT count(*) AS lots_pending_before FROM loyalty.lot WHERE pending;
+BEGIN;
+SELECT n_tup_ins AS ins0, n_tup_upd AS upd0 FROM pg_stat_xact_user_tables WHERE relid = 'loyalty.lot'::regclass \gset
 SELECT rows, points, batches > 1 AS in_batches FROM loyalty.run_job('vest', '2025-12-31');
+SELECT n_tup_ins - :ins0 AS lots_written, n_tup_upd - :upd0 AS lots_updated FROM pg_stat_xact_user_tables
+WHERE relid = 'loyalty.lot'::regclass;
+COMMIT;
 SELECT count(*) AS still_deferred FROM loyalty.accrual WHERE transfer_id IS NULL AND points > 0;
 SELECT count(*) AS lines FROM loyalty.transfer t JOIN loyalty.accrual x ON x.transfer_id = t.id WHERE x.ref LIKE 'b-%';
 SELECT sum(a.available::bigint) AS available, sum(a.pending::bigint) AS pending, bool_and(a.deferred_day IS NULL) AS none_left
@@ -234,7 +245,7 @@ SELECT x.ref, x.prev_ref FROM loyalty.accrual x JOIN loyalty.account a ON a.last
 JOIN loyalty.member m ON m.id = a.member_id WHERE m.member_ref IN ('b1', 'b2', 'b3') ORDER BY m.member_ref;
 
 -- 12. Internal, and not for applications.
-SELECT has_function_privilege('public', 'loyalty._materialize(bigint[])', 'EXECUTE') AS public_may_write_lines;
+SELECT has_function_privilege('public', 'loyalty._materialize(bigint[], timestamptz)', 'EXECUTE') AS public_may_write_lines;
 SELECT has_function_privilege('public', 'loyalty._deferred_purchases(bigint[])', 'EXECUTE') AS public_may_walk;
 
 DROP TABLE public.orders, public.bulk_orders, public.list_orders;

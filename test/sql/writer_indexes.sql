@@ -146,8 +146,8 @@ SELECT loyalty.attach_accrual('writer_test_exp', 'exp', 'customer', 'total', 'id
 INSERT INTO writer_test_exp SELECT 'y' || i, 'c1', 10, timestamptz '2025-02-20' + i * interval '1 day' FROM generate_series(1, 20) i;
 SELECT is((SELECT count(*) FROM loyalty.accrual x JOIN loyalty.program p ON p.id = x.program_id
            WHERE p.code = 'exp' AND x.transfer_id IS NULL), 21::bigint, 'all 21 purchases are deferred');
-SELECT loyalty._materialize(ARRAY(SELECT a.id FROM loyalty.account a JOIN loyalty.program p ON p.id = a.program_id
-                                  WHERE p.code = 'exp' AND a.kind = 'member')) AS written;
+SELECT written FROM loyalty._materialize(ARRAY(SELECT a.id FROM loyalty.account a JOIN loyalty.program p ON p.id = a.program_id
+                                               WHERE p.code = 'exp' AND a.kind = 'member'));
 SELECT is(pg_temp.through_index($$SELECT count(*) FROM loyalty.lot WHERE pending AND vests_at > '2000-01-01'$$),
           (SELECT count(*) FROM loyalty.lot WHERE pending), 'the pending index has every pending lot of a mixed statement');
 SELECT is((SELECT count(*) FILTER (WHERE l.pending) || '/' || count(*) FROM loyalty.lot l
