@@ -571,7 +571,9 @@ BEGIN
                x.vests_at, x.expires_at, x.rule_version, x.posted_at, x.actor, a.last_hash AS head,
                s.id AS issuance
         FROM loyalty._deferred_purchases(v_locked) x
-        JOIN loyalty.account a ON a.id = x.account_id
+        -- a.id = ANY: the locked accounts through their key; without it the
+        -- planner hashed every account of the database at each job batch
+        JOIN loyalty.account a ON a.id = x.account_id AND a.id = ANY (v_locked)
         JOIN loyalty.account s ON s.program_id = a.program_id AND s.kind = 'issuance' AND s.name = ''
     ), hashed AS (
         SELECT d.*, loyalty.chain(d.head, true, d.program_id, d.issuance, d.account_id, d.points, 'accrual',
@@ -623,9 +625,7 @@ COMMENT ON FUNCTION loyalty._materialize(bigint[], timestamptz) IS 'Internal: wr
 -- Lock member accounts in id order, as every posting does, and write their
 -- deferred journal lines and lots: for writers that read or chain onto an
 -- account's lots and lines next.
--- p_vest_by and the counts: as _materialize's.
-CREATE FUNCTION loyalty._lock_accounts(p_accounts bigint[], p_vest_by timestamptz DEFAULT NULL,
-                                       OUT written bigint, OUT vested bigint, OUT vested_points bigint)
+CREATE FUNCTION loyalty._lock_accounts(p_accounts bigint[]) RETURNS void
 LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
     v_deferred bigint[];
@@ -634,15 +634,10 @@ BEGIN
     FROM (SELECT a.id, a.deferred_day IS NOT NULL AS deferred FROM loyalty.account a
           WHERE a.id = ANY (p_accounts) ORDER BY a.id FOR UPDATE) x;
     IF v_deferred IS NOT NULL THEN
-        SELECT m.written, m.vested, m.vested_points INTO written, vested, vested_points
-        FROM loyalty._materialize(v_deferred, p_vest_by) m;
-    ELSE
-        written := 0;
-        vested := 0;
-        vested_points := 0;
+        PERFORM loyalty._materialize(v_deferred);
     END IF;
 END $$;
-COMMENT ON FUNCTION loyalty._lock_accounts(bigint[], timestamptz) IS 'Internal: locks accounts in id order and writes their deferred journal lines and lots (those vesting by p_vest_by vested); returns how many it wrote and vested';
+COMMENT ON FUNCTION loyalty._lock_accounts(bigint[]) IS 'Internal: locks accounts in id order and writes their deferred journal lines and lots';
 
 -- The accounts whose deferred journal lines a job batch writes: those whose
 -- first deferred purchase vests or expires by p_as_of (account.deferred_due,

@@ -214,7 +214,10 @@ LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp SET enable_bitma
 DECLARE
     v_lots bigint[];
     v_deferred bigint[];
-    v_written record;
+    v_write bigint[];
+    v_written_by_other bigint[];
+    v_vested bigint := 0;
+    v_vested_points bigint := 0;
 BEGIN
     -- accounts with deferred purchases that vest by as_of (docs/accrual.md)
     v_deferred := loyalty._deferred_due(as_of, batch_size, true);
@@ -227,15 +230,30 @@ BEGIN
     END IF;
     -- Every account of the batch locked at once, in id order, as postings
     -- lock them (locking the deferred ones first, then the others, could
-    -- deadlock with a statement holding one of the others), which writes
-    -- their deferred lines and lots, those due by as_of already vested
-    -- (_materialize): one version of each lot, not two.
-    SELECT * INTO v_written FROM loyalty._lock_accounts_of_lots(v_lots, v_deferred, as_of);
-    IF v_deferred IS NOT NULL THEN
+    -- deadlock with a statement holding one of the others), as
+    -- _lock_accounts_of_lots does; then their deferred lines and lots are
+    -- written, those due by as_of already vested (_materialize): one
+    -- version of each lot, not two.
+    SELECT array_agg(x.id) FILTER (WHERE x.deferred),
+           array_agg(x.id) FILTER (WHERE NOT x.deferred AND x.id = ANY (v_deferred))
+      INTO v_write, v_written_by_other
+      FROM (SELECT a.id, a.deferred_day IS NOT NULL AS deferred FROM loyalty.account a
+            WHERE a.id = ANY (coalesce(v_deferred, '{}')
+                              || ARRAY(SELECT l.account_id FROM unnest(v_lots) AS x(id) JOIN loyalty.lot l ON l.id = x.id))
+            ORDER BY a.id FOR UPDATE) x;
+    IF v_write IS NOT NULL THEN
+        SELECT m.vested, m.vested_points INTO v_vested, v_vested_points FROM loyalty._materialize(v_write, as_of) m;
+    END IF;
+    -- An account chosen for its deferred purchases whose lines another
+    -- transaction wrote while this one waited for its lock: their lots are
+    -- pending, written after the batch chose its lots, and vest with them.
+    -- (The other accounts' lots written pending before come with the
+    -- pending lots above, in this batch or a later one.)
+    IF v_written_by_other IS NOT NULL THEN
         v_lots := ARRAY(SELECT x.id FROM unnest(v_lots) AS x(id)
                         UNION
                         SELECT l.id FROM loyalty.lot l
-                        WHERE l.account_id = ANY (v_deferred) AND l.remaining OPERATOR(loyalty.>) 0
+                        WHERE l.account_id = ANY (v_written_by_other) AND l.remaining OPERATOR(loyalty.>) 0
                           AND l.pending AND l.vests_at <= as_of);
     END IF;
     RETURN QUERY
@@ -252,8 +270,7 @@ BEGIN
                pending = (a.pending::bigint - s.pts)::loyalty.points
           FROM s WHERE a.id = s.account_id
     )
-    SELECT coalesce(sum(s.n), 0)::bigint + v_written.vested, coalesce(sum(s.pts), 0)::bigint + v_written.vested_points
-    FROM s;
+    SELECT coalesce(sum(s.n), 0)::bigint + v_vested, coalesce(sum(s.pts), 0)::bigint + v_vested_points FROM s;
 END $$;
 COMMENT ON FUNCTION loyalty._job_vest(timestamptz, integer) IS 'Job handler: moves one batch of pending lots whose return window ended by as_of to available';
 
@@ -425,18 +442,14 @@ COMMENT ON FUNCTION loyalty._expired_before(bigint[]) IS 'Internal: the lots amo
 -- A job batch's accounts: those owning its lots and p_accounts, locked in
 -- one statement, in id order (locking one set, then another, could
 -- deadlock with a statement holding one of the second), which writes
--- their deferred journal lines and lots (p_vest_by and the counts: as
--- _materialize's).
-CREATE FUNCTION loyalty._lock_accounts_of_lots(p_lots bigint[], p_accounts bigint[] DEFAULT '{}',
-                                               p_vest_by timestamptz DEFAULT NULL,
-                                               OUT written bigint, OUT vested bigint, OUT vested_points bigint)
+-- their deferred journal lines and lots.
+CREATE FUNCTION loyalty._lock_accounts_of_lots(p_lots bigint[], p_accounts bigint[] DEFAULT '{}') RETURNS void
 LANGUAGE sql SET search_path = loyalty, pg_catalog, pg_temp AS $$
-    SELECT * FROM loyalty._lock_accounts(coalesce(p_accounts, '{}')
-                                         || ARRAY(SELECT l.account_id
-                                                  FROM unnest(p_lots) AS x(id) JOIN loyalty.lot l ON l.id = x.id),
-                                         p_vest_by)
+    SELECT loyalty._lock_accounts(coalesce(p_accounts, '{}')
+                                  || ARRAY(SELECT l.account_id
+                                           FROM unnest(p_lots) AS x(id) JOIN loyalty.lot l ON l.id = x.id))
 $$;
-COMMENT ON FUNCTION loyalty._lock_accounts_of_lots(bigint[], bigint[], timestamptz) IS 'Internal: locks the member accounts owning the given lots and the accounts given, in account-id order, and writes their deferred journal lines (those vesting by p_vest_by vested); returns how many it wrote and vested';
+COMMENT ON FUNCTION loyalty._lock_accounts_of_lots(bigint[], bigint[]) IS 'Internal: locks the member accounts owning the given lots and the accounts given, in account-id order, and writes their deferred journal lines';
 
 -- One expiry transfer through the posting routine (C, LedgerPost).
 CREATE FUNCTION loyalty._post_expire(program_id bigint, account_id bigint, breakage_id bigint,
