@@ -218,7 +218,10 @@ DECLARE
     v_written_by_other bigint[];
     v_vested bigint := 0;
     v_vested_points bigint := 0;
+    v_n bigint;
+    v_pts bigint;
 BEGIN
+  LOOP
     -- accounts with deferred purchases that vest by as_of (docs/accrual.md)
     v_deferred := loyalty._deferred_due(as_of, batch_size, true);
     SELECT array_agg(l.id) INTO v_lots
@@ -256,7 +259,6 @@ BEGIN
                         WHERE l.account_id = ANY (v_written_by_other) AND l.remaining OPERATOR(loyalty.>) 0
                           AND l.pending AND l.vests_at <= as_of);
     END IF;
-    RETURN QUERY
     WITH l AS (
         UPDATE loyalty.lot l SET pending = false
           FROM unnest(v_lots) AS x(id)
@@ -270,7 +272,14 @@ BEGIN
                pending = (a.pending::bigint - s.pts)::loyalty.points
           FROM s WHERE a.id = s.account_id
     )
-    SELECT coalesce(sum(s.n), 0)::bigint + v_vested, coalesce(sum(s.pts), 0)::bigint + v_vested_points FROM s;
+    SELECT coalesce(sum(s.n), 0)::bigint + v_vested, coalesce(sum(s.pts), 0)::bigint + v_vested_points
+      INTO v_n, v_pts FROM s;
+    -- A batch that only wrote lines (its deferred purchases expire before
+    -- they vest) vested nothing, and a run ends at a batch of 0 rows: the
+    -- accounts after it in the list are taken at once instead.
+    EXIT WHEN v_n > 0 OR v_deferred IS NULL;
+  END LOOP;
+    RETURN QUERY SELECT v_n, v_pts;
 END $$;
 COMMENT ON FUNCTION loyalty._job_vest(timestamptz, integer) IS 'Job handler: moves one batch of pending lots whose return window ended by as_of to available';
 
@@ -502,26 +511,37 @@ COMMENT ON FUNCTION loyalty._expire_refilled(bigint) IS 'Internal: expires at on
 -- deferred purchases expire by as_of (docs/accrual.md, "Deferred journal
 -- lines"), all locked at once (_lock_accounts_of_lots, which writes the
 -- deferred lines and lots); the newly written lots that have expired join
--- the batch. NULL: nothing to expire.
+-- the batch. NULL: nothing left to expire.
 CREATE FUNCTION loyalty._expire_batch(p_as_of timestamptz, p_limit integer)
 RETURNS bigint[] LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
-    v_deferred bigint[] := loyalty._deferred_due(p_as_of, p_limit, false);
-    v_lots bigint[] := loyalty._expire_candidates(p_as_of, p_limit);
+    v_deferred bigint[];
+    v_lots bigint[];
 BEGIN
-    IF v_lots IS NULL AND v_deferred IS NULL THEN
-        RETURN NULL;
-    END IF;
-    PERFORM loyalty._lock_accounts_of_lots(v_lots, v_deferred);
-    IF v_deferred IS NULL THEN
-        RETURN v_lots;
-    END IF;
-    RETURN nullif(ARRAY(SELECT x.id FROM unnest(v_lots) AS x(id)
-                        UNION
-                        SELECT l.id FROM loyalty.lot l
-                        WHERE l.account_id = ANY (v_deferred) AND l.remaining OPERATOR(loyalty.>) 0
-                          AND l.expires_at <= p_as_of),
-                  '{}');
+    LOOP
+        v_deferred := loyalty._deferred_due(p_as_of, p_limit, false);
+        v_lots := loyalty._expire_candidates(p_as_of, p_limit);
+        IF v_lots IS NULL AND v_deferred IS NULL THEN
+            RETURN NULL;
+        END IF;
+        PERFORM loyalty._lock_accounts_of_lots(v_lots, v_deferred);
+        IF v_deferred IS NULL THEN
+            RETURN v_lots;
+        END IF;
+        v_lots := nullif(ARRAY(SELECT x.id FROM unnest(v_lots) AS x(id)
+                               UNION
+                               SELECT l.id FROM loyalty.lot l
+                               WHERE l.account_id = ANY (v_deferred) AND l.remaining OPERATOR(loyalty.>) 0
+                                 AND l.expires_at <= p_as_of),
+                         '{}');
+        -- A batch of accounts whose deferred purchases vest by p_as_of but
+        -- none of which has expired had its lines written and nothing to
+        -- expire; NULL would end the run before the accounts after it in
+        -- the list: they are taken at once instead.
+        IF v_lots IS NOT NULL THEN
+            RETURN v_lots;
+        END IF;
+    END LOOP;
 END $$;
 COMMENT ON FUNCTION loyalty._expire_batch(timestamptz, integer) IS 'Internal: the expire job''s next lots, with those of the deferred purchases that have expired by then, their accounts locked and their deferred lines written';
 

@@ -248,4 +248,38 @@ JOIN loyalty.member m ON m.id = a.member_id WHERE m.member_ref IN ('b1', 'b2', '
 SELECT has_function_privilege('public', 'loyalty._materialize(bigint[], timestamptz)', 'EXECUTE') AS public_may_write_lines;
 SELECT has_function_privilege('public', 'loyalty._deferred_purchases(bigint[])', 'EXECUTE') AS public_may_walk;
 
+-- 13. A batch that writes an account's deferred lines but vests, or
+-- expires, none of them does not end the run: the accounts after it in
+-- the jobs' list are still done. g1's purchase expires (10 days) before
+-- it vests (30 days), so it comes first in the vest job's list and vests
+-- nothing by 2027-01-25; g2's vests on 2027-01-19. For the expire job, g3's
+-- purchase vests (2027-02-01) long before it expires (a year), and g4's
+-- expires on 2027-02-04. One account a batch, once the jobs have done
+-- everything else due by then.
+SELECT rows > 0 AS vested_others FROM loyalty.run_job('vest', '2027-01-25');
+SELECT rows > 0 AS expired_others FROM loyalty.run_job('expire', '2027-02-10');
+SELECT loyalty.create_program('gap_short', 'Short life', 'UTC', '{"expiry": {"policy": "fixed", "after": "10 days"}}') > 0 AS created;
+SELECT loyalty.create_program('gap_long', 'Long life', 'UTC', '{"expiry": {"policy": "fixed", "after": "1 year"}}') > 0 AS created;
+SELECT loyalty.set_earning_rules(p, '{"base": {"per": 1, "points": 1}, "pending_days": 30}', '2026-01-01') AS version
+FROM unnest(ARRAY['gap_short', 'gap_long']) p;
+SELECT count(loyalty.enroll(p, r, occurred_at => '2026-01-01')) AS enrolled
+FROM (VALUES ('gap_short', 'g1'), ('gap_long', 'g2'), ('gap_long', 'g3'), ('gap_short', 'g4')) v (p, r);
+UPDATE loyalty.job SET batch_size = 1 WHERE name IN ('vest', 'expire');
+SELECT loyalty.accrue('gap_short', 'g1', 11, 'g1-1', '2027-01-02') AS earned,
+       loyalty.accrue('gap_long', 'g2', 12, 'g2-1', '2026-12-20') AS earned;
+SELECT rows, points, batches FROM loyalty.run_job('vest', '2027-01-25');
+SELECT m.member_ref, l.amount, l.pending, l.vests_at, a.available, a.pending AS account_pending
+FROM loyalty.lot l JOIN loyalty.account a ON a.id = l.account_id JOIN loyalty.member m ON m.id = a.member_id
+WHERE m.member_ref IN ('g1', 'g2') ORDER BY 1;
+SELECT rows, points FROM loyalty.run_job('expire', '2027-01-25') AS g1_expires;
+SELECT loyalty.accrue('gap_long', 'g3', 13, 'g3-1', '2027-01-02') AS earned,
+       loyalty.accrue('gap_short', 'g4', 14, 'g4-1', '2027-01-25') AS earned;
+SELECT rows, points, batches FROM loyalty.run_job('expire', '2027-02-10');
+SELECT m.member_ref, l.amount, l.remaining, l.expires_at, a.available, a.pending AS account_pending
+FROM loyalty.lot l JOIN loyalty.account a ON a.id = l.account_id JOIN loyalty.member m ON m.id = a.member_id
+WHERE m.member_ref IN ('g3', 'g4') ORDER BY 1;
+SELECT (SELECT count(*) FROM loyalty.verify_chain('gap_short')) + (SELECT count(*) FROM loyalty.verify_chain('gap_long'))
+       AS chain_problems;
+UPDATE loyalty.job SET batch_size = 5000 WHERE name IN ('vest', 'expire');
+
 DROP TABLE public.orders, public.bulk_orders, public.list_orders;
