@@ -264,20 +264,25 @@ SELECT loyalty.set_earning_rules(p, '{"base": {"per": 1, "points": 1}, "pending_
 FROM unnest(ARRAY['gap_short', 'gap_long']) p;
 SELECT count(loyalty.enroll(p, r, occurred_at => '2026-01-01')) AS enrolled
 FROM (VALUES ('gap_short', 'g1'), ('gap_long', 'g2'), ('gap_long', 'g3'), ('gap_short', 'g4')) v (p, r);
+CREATE FUNCTION pg_temp.gap_lots(refs text[])
+RETURNS TABLE (member_ref text, amount bigint, remaining bigint, pending boolean, vests_at timestamptz,
+               expires_at timestamptz, available bigint, account_pending bigint)
+LANGUAGE sql AS $$
+    SELECT m.member_ref, l.amount::bigint, l.remaining::bigint, l.pending, l.vests_at, l.expires_at,
+           a.available::bigint, a.pending::bigint
+    FROM loyalty.lot l JOIN loyalty.account a ON a.id = l.account_id JOIN loyalty.member m ON m.id = a.member_id
+    WHERE m.member_ref = ANY (refs) ORDER BY 1
+$$;
 UPDATE loyalty.job SET batch_size = 1 WHERE name IN ('vest', 'expire');
 SELECT loyalty.accrue('gap_short', 'g1', 11, 'g1-1', '2027-01-02') AS earned,
        loyalty.accrue('gap_long', 'g2', 12, 'g2-1', '2026-12-20') AS earned;
 SELECT rows, points, batches FROM loyalty.run_job('vest', '2027-01-25');
-SELECT m.member_ref, l.amount, l.pending, l.vests_at, a.available, a.pending AS account_pending
-FROM loyalty.lot l JOIN loyalty.account a ON a.id = l.account_id JOIN loyalty.member m ON m.id = a.member_id
-WHERE m.member_ref IN ('g1', 'g2') ORDER BY 1;
+SELECT * FROM pg_temp.gap_lots('{g1,g2}');
 SELECT rows, points FROM loyalty.run_job('expire', '2027-01-25') AS g1_expires;
 SELECT loyalty.accrue('gap_long', 'g3', 13, 'g3-1', '2027-01-02') AS earned,
        loyalty.accrue('gap_short', 'g4', 14, 'g4-1', '2027-01-25') AS earned;
 SELECT rows, points, batches FROM loyalty.run_job('expire', '2027-02-10');
-SELECT m.member_ref, l.amount, l.remaining, l.expires_at, a.available, a.pending AS account_pending
-FROM loyalty.lot l JOIN loyalty.account a ON a.id = l.account_id JOIN loyalty.member m ON m.id = a.member_id
-WHERE m.member_ref IN ('g3', 'g4') ORDER BY 1;
+SELECT * FROM pg_temp.gap_lots('{g3,g4}');
 SELECT (SELECT count(*) FROM loyalty.verify_chain('gap_short')) + (SELECT count(*) FROM loyalty.verify_chain('gap_long'))
        AS chain_problems;
 UPDATE loyalty.job SET batch_size = 5000 WHERE name IN ('vest', 'expire');
