@@ -216,69 +216,71 @@ DECLARE
     v_deferred bigint[];
     v_write bigint[];
     v_written_by_other bigint[];
-    v_vested bigint := 0;
-    v_vested_points bigint := 0;
+    v_vested bigint;
+    v_vested_points bigint;
     v_n bigint;
     v_pts bigint;
 BEGIN
-  LOOP
-    -- accounts with deferred purchases that vest by as_of (docs/accrual.md)
-    v_deferred := loyalty._deferred_due(as_of, batch_size, true);
-    SELECT array_agg(l.id) INTO v_lots
-    FROM (SELECT l.id FROM loyalty.lot l WHERE l.pending AND l.vests_at <= as_of
-          ORDER BY l.vests_at, l.id LIMIT batch_size) l;
-    IF v_lots IS NULL AND v_deferred IS NULL THEN
-        RETURN QUERY SELECT 0::bigint, 0::bigint;
-        RETURN;
-    END IF;
-    -- Every account of the batch locked at once, in id order, as postings
-    -- lock them (locking the deferred ones first, then the others, could
-    -- deadlock with a statement holding one of the others), as
-    -- _lock_accounts_of_lots does; then their deferred lines and lots are
-    -- written, those due by as_of already vested (_materialize): one
-    -- version of each lot, not two.
-    SELECT array_agg(x.id) FILTER (WHERE x.deferred),
-           array_agg(x.id) FILTER (WHERE NOT x.deferred AND x.id = ANY (v_deferred))
-      INTO v_write, v_written_by_other
-      FROM (SELECT a.id, a.deferred_day IS NOT NULL AS deferred FROM loyalty.account a
-            WHERE a.id = ANY (coalesce(v_deferred, '{}')
-                              || ARRAY(SELECT l.account_id FROM unnest(v_lots) AS x(id) JOIN loyalty.lot l ON l.id = x.id))
-            ORDER BY a.id FOR UPDATE) x;
-    IF v_write IS NOT NULL THEN
-        SELECT m.vested, m.vested_points INTO v_vested, v_vested_points FROM loyalty._materialize(v_write, as_of) m;
-    END IF;
-    -- An account chosen for its deferred purchases whose lines another
-    -- transaction wrote while this one waited for its lock: their lots are
-    -- pending, written after the batch chose its lots, and vest with them.
-    -- (The other accounts' lots written pending before come with the
-    -- pending lots above, in this batch or a later one.)
-    IF v_written_by_other IS NOT NULL THEN
-        v_lots := ARRAY(SELECT x.id FROM unnest(v_lots) AS x(id)
-                        UNION
-                        SELECT l.id FROM loyalty.lot l
-                        WHERE l.account_id = ANY (v_written_by_other) AND l.remaining OPERATOR(loyalty.>) 0
-                          AND l.pending AND l.vests_at <= as_of);
-    END IF;
-    WITH l AS (
-        UPDATE loyalty.lot l SET pending = false
-          FROM unnest(v_lots) AS x(id)
-         WHERE l.id = x.id AND l.pending AND l.vests_at <= as_of
-        RETURNING l.account_id, l.remaining
-    ), s AS (
-        SELECT l.account_id, count(*) AS n, sum(l.remaining::bigint) AS pts FROM l GROUP BY l.account_id
-    ), a AS (
-        UPDATE loyalty.account a
-           SET available = (a.available::bigint + s.pts)::loyalty.points,
-               pending = (a.pending::bigint - s.pts)::loyalty.points
-          FROM s WHERE a.id = s.account_id
-    )
-    SELECT coalesce(sum(s.n), 0)::bigint + v_vested, coalesce(sum(s.pts), 0)::bigint + v_vested_points
-      INTO v_n, v_pts FROM s;
-    -- A batch that only wrote lines (its deferred purchases expire before
-    -- they vest) vested nothing, and a run ends at a batch of 0 rows: the
-    -- accounts after it in the list are taken at once instead.
-    EXIT WHEN v_n > 0 OR v_deferred IS NULL;
-  END LOOP;
+    LOOP
+        v_vested := 0;
+        v_vested_points := 0;
+        -- accounts with deferred purchases that vest by as_of (docs/accrual.md)
+        v_deferred := loyalty._deferred_due(as_of, batch_size, true);
+        SELECT array_agg(l.id) INTO v_lots
+        FROM (SELECT l.id FROM loyalty.lot l WHERE l.pending AND l.vests_at <= as_of
+              ORDER BY l.vests_at, l.id LIMIT batch_size) l;
+        IF v_lots IS NULL AND v_deferred IS NULL THEN
+            RETURN QUERY SELECT 0::bigint, 0::bigint;
+            RETURN;
+        END IF;
+        -- Every account of the batch locked at once, in id order, as postings
+        -- lock them (locking the deferred ones first, then the others, could
+        -- deadlock with a statement holding one of the others), as
+        -- _lock_accounts_of_lots does; then their deferred lines and lots are
+        -- written, those due by as_of already vested (_materialize): one
+        -- version of each lot, not two.
+        SELECT array_agg(x.id) FILTER (WHERE x.deferred),
+               array_agg(x.id) FILTER (WHERE NOT x.deferred AND x.id = ANY (v_deferred))
+          INTO v_write, v_written_by_other
+          FROM (SELECT a.id, a.deferred_day IS NOT NULL AS deferred FROM loyalty.account a
+                WHERE a.id = ANY (coalesce(v_deferred, '{}')
+                                  || ARRAY(SELECT l.account_id FROM unnest(v_lots) AS x(id) JOIN loyalty.lot l ON l.id = x.id))
+                ORDER BY a.id FOR UPDATE) x;
+        IF v_write IS NOT NULL THEN
+            SELECT m.vested, m.vested_points INTO v_vested, v_vested_points FROM loyalty._materialize(v_write, as_of) m;
+        END IF;
+        -- An account chosen for its deferred purchases whose lines another
+        -- transaction wrote while this one waited for its lock: their lots are
+        -- pending, written after the batch chose its lots, and vest with them.
+        -- (The other accounts' lots written pending before come with the
+        -- pending lots above, in this batch or a later one.)
+        IF v_written_by_other IS NOT NULL THEN
+            v_lots := ARRAY(SELECT x.id FROM unnest(v_lots) AS x(id)
+                            UNION
+                            SELECT l.id FROM loyalty.lot l
+                            WHERE l.account_id = ANY (v_written_by_other) AND l.remaining OPERATOR(loyalty.>) 0
+                              AND l.pending AND l.vests_at <= as_of);
+        END IF;
+        WITH l AS (
+            UPDATE loyalty.lot l SET pending = false
+              FROM unnest(v_lots) AS x(id)
+             WHERE l.id = x.id AND l.pending AND l.vests_at <= as_of
+            RETURNING l.account_id, l.remaining
+        ), s AS (
+            SELECT l.account_id, count(*) AS n, sum(l.remaining::bigint) AS pts FROM l GROUP BY l.account_id
+        ), a AS (
+            UPDATE loyalty.account a
+               SET available = (a.available::bigint + s.pts)::loyalty.points,
+                   pending = (a.pending::bigint - s.pts)::loyalty.points
+              FROM s WHERE a.id = s.account_id
+        )
+        SELECT coalesce(sum(s.n), 0)::bigint + v_vested, coalesce(sum(s.pts), 0)::bigint + v_vested_points
+          INTO v_n, v_pts FROM s;
+        -- A batch that only wrote lines (its deferred purchases expire before
+        -- they vest) vested nothing, and a run ends at a batch of 0 rows: the
+        -- accounts after it in the list are taken at once instead.
+        EXIT WHEN v_n > 0 OR v_deferred IS NULL;
+    END LOOP;
     RETURN QUERY SELECT v_n, v_pts;
 END $$;
 COMMENT ON FUNCTION loyalty._job_vest(timestamptz, integer) IS 'Job handler: moves one batch of pending lots whose return window ended by as_of to available';
