@@ -125,6 +125,7 @@ BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('loyalty'), hashtext('jobs'));
     SELECT j.* INTO v_job FROM loyalty.job_run r JOIN loyalty.job j ON j.name = r.job WHERE r.id = p_run;
     SELECT r.as_of INTO v_as_of FROM loyalty.job_run r WHERE r.id = p_run;
+    PERFORM set_config('loyalty_job.wrote', '', true);
     EXECUTE format('SELECT h.rows, h.points FROM %s($1, $2) h', loyalty._job_handler(v_job.name)::regproc)
         INTO v_rows, v_points USING v_as_of, v_job.batch_size;
     v_rows := coalesce(v_rows, 0);
@@ -132,10 +133,15 @@ BEGIN
         UPDATE loyalty.job_run r
            SET batches = r.batches + 1, rows = r.rows + v_rows, points = r.points + coalesce(v_points, 0)
          WHERE r.id = p_run;
+        RETURN v_rows;
     END IF;
-    RETURN v_rows;
+    -- A batch that wrote accounts' deferred lines but had none of them to
+    -- vest or expire (the handler says how many accounts, in
+    -- loyalty_job.wrote) did something: the run goes on, to the accounts
+    -- after them, in a batch of its own. It adds no row to the run.
+    RETURN coalesce(nullif(current_setting('loyalty_job.wrote', true), ''), '0')::bigint;
 END $$;
-COMMENT ON FUNCTION loyalty._job_step(bigint) IS 'Internal: runs one batch of a run and returns its row count (0: nothing left)';
+COMMENT ON FUNCTION loyalty._job_step(bigint) IS 'Internal: runs one batch of a run and returns its row count, or for a batch that only wrote deferred lines the number of accounts it wrote them for (0: nothing left)';
 
 -- End a run (p_run NULL: a run that failed before it started), with the
 -- error if it failed; the job's last_run_at moves either way, so a failing
@@ -216,71 +222,68 @@ DECLARE
     v_deferred bigint[];
     v_write bigint[];
     v_written_by_other bigint[];
-    v_vested bigint;
-    v_vested_points bigint;
+    v_vested bigint := 0;
+    v_vested_points bigint := 0;
     v_n bigint;
     v_pts bigint;
 BEGIN
-    LOOP
-        v_vested := 0;
-        v_vested_points := 0;
-        -- accounts with deferred purchases that vest by as_of (docs/accrual.md)
-        v_deferred := loyalty._deferred_due(as_of, batch_size, true);
-        SELECT array_agg(l.id) INTO v_lots
-        FROM (SELECT l.id FROM loyalty.lot l WHERE l.pending AND l.vests_at <= as_of
-              ORDER BY l.vests_at, l.id LIMIT batch_size) l;
-        IF v_lots IS NULL AND v_deferred IS NULL THEN
-            RETURN QUERY SELECT 0::bigint, 0::bigint;
-            RETURN;
-        END IF;
-        -- Every account of the batch locked at once, in id order, as postings
-        -- lock them (locking the deferred ones first, then the others, could
-        -- deadlock with a statement holding one of the others), as
-        -- _lock_accounts_of_lots does; then their deferred lines and lots are
-        -- written, those due by as_of already vested (_materialize): one
-        -- version of each lot, not two.
-        SELECT array_agg(x.id) FILTER (WHERE x.deferred),
-               array_agg(x.id) FILTER (WHERE NOT x.deferred AND x.id = ANY (v_deferred))
-          INTO v_write, v_written_by_other
-          FROM (SELECT a.id, a.deferred_day IS NOT NULL AS deferred FROM loyalty.account a
-                WHERE a.id = ANY (coalesce(v_deferred, '{}')
-                                  || ARRAY(SELECT l.account_id FROM unnest(v_lots) AS x(id) JOIN loyalty.lot l ON l.id = x.id))
-                ORDER BY a.id FOR UPDATE) x;
-        IF v_write IS NOT NULL THEN
-            SELECT m.vested, m.vested_points INTO v_vested, v_vested_points FROM loyalty._materialize(v_write, as_of) m;
-        END IF;
-        -- An account chosen for its deferred purchases whose lines another
-        -- transaction wrote while this one waited for its lock: their lots are
-        -- pending, written after the batch chose its lots, and vest with them.
-        -- (The other accounts' lots written pending before come with the
-        -- pending lots above, in this batch or a later one.)
-        IF v_written_by_other IS NOT NULL THEN
-            v_lots := ARRAY(SELECT x.id FROM unnest(v_lots) AS x(id)
-                            UNION
-                            SELECT l.id FROM loyalty.lot l
-                            WHERE l.account_id = ANY (v_written_by_other) AND l.remaining OPERATOR(loyalty.>) 0
-                              AND l.pending AND l.vests_at <= as_of);
-        END IF;
-        WITH l AS (
-            UPDATE loyalty.lot l SET pending = false
-              FROM unnest(v_lots) AS x(id)
-             WHERE l.id = x.id AND l.pending AND l.vests_at <= as_of
-            RETURNING l.account_id, l.remaining
-        ), s AS (
-            SELECT l.account_id, count(*) AS n, sum(l.remaining::bigint) AS pts FROM l GROUP BY l.account_id
-        ), a AS (
-            UPDATE loyalty.account a
-               SET available = (a.available::bigint + s.pts)::loyalty.points,
-                   pending = (a.pending::bigint - s.pts)::loyalty.points
-              FROM s WHERE a.id = s.account_id
-        )
-        SELECT coalesce(sum(s.n), 0)::bigint + v_vested, coalesce(sum(s.pts), 0)::bigint + v_vested_points
-          INTO v_n, v_pts FROM s;
-        -- A batch that only wrote lines (its deferred purchases expire before
-        -- they vest) vested nothing, and a run ends at a batch of 0 rows: the
-        -- accounts after it in the list are taken at once instead.
-        EXIT WHEN v_n > 0 OR v_deferred IS NULL;
-    END LOOP;
+    -- accounts with deferred purchases that vest by as_of (docs/accrual.md)
+    v_deferred := loyalty._deferred_due(as_of, batch_size, true);
+    SELECT array_agg(l.id) INTO v_lots
+    FROM (SELECT l.id FROM loyalty.lot l WHERE l.pending AND l.vests_at <= as_of
+          ORDER BY l.vests_at, l.id LIMIT batch_size) l;
+    IF v_lots IS NULL AND v_deferred IS NULL THEN
+        RETURN QUERY SELECT 0::bigint, 0::bigint;
+        RETURN;
+    END IF;
+    -- Every account of the batch locked at once, in id order, as postings
+    -- lock them (locking the deferred ones first, then the others, could
+    -- deadlock with a statement holding one of the others), as
+    -- _lock_accounts_of_lots does; then their deferred lines and lots are
+    -- written, those due by as_of already vested (_materialize): one
+    -- version of each lot, not two.
+    SELECT array_agg(x.id) FILTER (WHERE x.deferred),
+           array_agg(x.id) FILTER (WHERE NOT x.deferred AND x.id = ANY (v_deferred))
+      INTO v_write, v_written_by_other
+      FROM (SELECT a.id, a.deferred_day IS NOT NULL AS deferred FROM loyalty.account a
+            WHERE a.id = ANY (coalesce(v_deferred, '{}')
+                              || ARRAY(SELECT l.account_id FROM unnest(v_lots) AS x(id) JOIN loyalty.lot l ON l.id = x.id))
+            ORDER BY a.id FOR UPDATE) x;
+    IF v_write IS NOT NULL THEN
+        SELECT m.vested, m.vested_points INTO v_vested, v_vested_points FROM loyalty._materialize(v_write, as_of) m;
+    END IF;
+    -- An account chosen for its deferred purchases whose lines another
+    -- transaction wrote while this one waited for its lock: their lots are
+    -- pending, written after the batch chose its lots, and vest with them.
+    -- (The other accounts' lots written pending before come with the
+    -- pending lots above, in this batch or a later one.)
+    IF v_written_by_other IS NOT NULL THEN
+        v_lots := ARRAY(SELECT x.id FROM unnest(v_lots) AS x(id)
+                        UNION
+                        SELECT l.id FROM loyalty.lot l
+                        WHERE l.account_id = ANY (v_written_by_other) AND l.remaining OPERATOR(loyalty.>) 0
+                          AND l.pending AND l.vests_at <= as_of);
+    END IF;
+    WITH l AS (
+        UPDATE loyalty.lot l SET pending = false
+          FROM unnest(v_lots) AS x(id)
+         WHERE l.id = x.id AND l.pending AND l.vests_at <= as_of
+        RETURNING l.account_id, l.remaining
+    ), s AS (
+        SELECT l.account_id, count(*) AS n, sum(l.remaining::bigint) AS pts FROM l GROUP BY l.account_id
+    ), a AS (
+        UPDATE loyalty.account a
+           SET available = (a.available::bigint + s.pts)::loyalty.points,
+               pending = (a.pending::bigint - s.pts)::loyalty.points
+          FROM s WHERE a.id = s.account_id
+    )
+    SELECT coalesce(sum(s.n), 0)::bigint + v_vested, coalesce(sum(s.pts), 0)::bigint + v_vested_points
+      INTO v_n, v_pts FROM s;
+    -- A batch that only wrote lines (its deferred purchases expire before
+    -- they vest) vested nothing: not the end of the run (_job_step).
+    IF v_n = 0 AND v_deferred IS NOT NULL THEN
+        PERFORM set_config('loyalty_job.wrote', cardinality(v_deferred)::text, true);
+    END IF;
     RETURN QUERY SELECT v_n, v_pts;
 END $$;
 COMMENT ON FUNCTION loyalty._job_vest(timestamptz, integer) IS 'Job handler: moves one batch of pending lots whose return window ended by as_of to available';
@@ -517,33 +520,29 @@ COMMENT ON FUNCTION loyalty._expire_refilled(bigint) IS 'Internal: expires at on
 CREATE FUNCTION loyalty._expire_batch(p_as_of timestamptz, p_limit integer)
 RETURNS bigint[] LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
 DECLARE
-    v_deferred bigint[];
-    v_lots bigint[];
+    v_deferred bigint[] := loyalty._deferred_due(p_as_of, p_limit, false);
+    v_lots bigint[] := loyalty._expire_candidates(p_as_of, p_limit);
 BEGIN
-    LOOP
-        v_deferred := loyalty._deferred_due(p_as_of, p_limit, false);
-        v_lots := loyalty._expire_candidates(p_as_of, p_limit);
-        IF v_lots IS NULL AND v_deferred IS NULL THEN
-            RETURN NULL;
-        END IF;
-        PERFORM loyalty._lock_accounts_of_lots(v_lots, v_deferred);
-        IF v_deferred IS NULL THEN
-            RETURN v_lots;
-        END IF;
-        v_lots := nullif(ARRAY(SELECT x.id FROM unnest(v_lots) AS x(id)
-                               UNION
-                               SELECT l.id FROM loyalty.lot l
-                               WHERE l.account_id = ANY (v_deferred) AND l.remaining OPERATOR(loyalty.>) 0
-                                 AND l.expires_at <= p_as_of),
-                         '{}');
-        -- A batch of accounts whose deferred purchases vest by p_as_of but
-        -- none of which has expired had its lines written and nothing to
-        -- expire; NULL would end the run before the accounts after it in
-        -- the list: they are taken at once instead.
-        IF v_lots IS NOT NULL THEN
-            RETURN v_lots;
-        END IF;
-    END LOOP;
+    IF v_lots IS NULL AND v_deferred IS NULL THEN
+        RETURN NULL;
+    END IF;
+    PERFORM loyalty._lock_accounts_of_lots(v_lots, v_deferred);
+    IF v_deferred IS NULL THEN
+        RETURN v_lots;
+    END IF;
+    v_lots := nullif(ARRAY(SELECT x.id FROM unnest(v_lots) AS x(id)
+                           UNION
+                           SELECT l.id FROM loyalty.lot l
+                           WHERE l.account_id = ANY (v_deferred) AND l.remaining OPERATOR(loyalty.>) 0
+                             AND l.expires_at <= p_as_of),
+                     '{}');
+    -- Accounts whose deferred purchases vest by p_as_of, none of which has
+    -- expired: their lines are written and there is nothing to expire, which
+    -- is not the end of the run (_job_step).
+    IF v_lots IS NULL THEN
+        PERFORM set_config('loyalty_job.wrote', cardinality(v_deferred)::text, true);
+    END IF;
+    RETURN v_lots;
 END $$;
 COMMENT ON FUNCTION loyalty._expire_batch(timestamptz, integer) IS 'Internal: the expire job''s next lots, with those of the deferred purchases that have expired by then, their accounts locked and their deferred lines written';
 
