@@ -624,20 +624,24 @@ COMMENT ON FUNCTION loyalty._materialize(bigint[], timestamptz) IS 'Internal: wr
 
 -- Lock member accounts in id order, as every posting does, and write their
 -- deferred journal lines and lots: for writers that read or chain onto an
--- account's lots and lines next.
-CREATE FUNCTION loyalty._lock_accounts(p_accounts bigint[]) RETURNS void
+-- account's lots and lines next. written_for: the accounts that had
+-- deferred purchases when locked (NULL: none); p_vest_by, vested and
+-- vested_points: as _materialize's (the vest job's).
+CREATE FUNCTION loyalty._lock_accounts(p_accounts bigint[], p_vest_by timestamptz DEFAULT NULL,
+                                       OUT written_for bigint[], OUT vested bigint, OUT vested_points bigint)
 LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp AS $$
-DECLARE
-    v_deferred bigint[];
 BEGIN
-    SELECT array_agg(x.id) FILTER (WHERE x.deferred) INTO v_deferred
+    vested := 0;
+    vested_points := 0;
+    SELECT array_agg(x.id) FILTER (WHERE x.deferred) INTO written_for
     FROM (SELECT a.id, a.deferred_day IS NOT NULL AS deferred FROM loyalty.account a
           WHERE a.id = ANY (p_accounts) ORDER BY a.id FOR UPDATE) x;
-    IF v_deferred IS NOT NULL THEN
-        PERFORM loyalty._materialize(v_deferred);
+    IF written_for IS NOT NULL THEN
+        SELECT m.vested, m.vested_points INTO vested, vested_points
+        FROM loyalty._materialize(written_for, p_vest_by) m;
     END IF;
 END $$;
-COMMENT ON FUNCTION loyalty._lock_accounts(bigint[]) IS 'Internal: locks accounts in id order and writes their deferred journal lines and lots';
+COMMENT ON FUNCTION loyalty._lock_accounts(bigint[], timestamptz) IS 'Internal: locks accounts in id order and writes their deferred journal lines and lots (those vesting by p_vest_by vested); returns the accounts it wrote them for and how many lots it vested';
 
 -- The accounts whose deferred journal lines a job batch writes: those whose
 -- first deferred purchase vests or expires by p_as_of (account.deferred_due,

@@ -220,10 +220,10 @@ LANGUAGE plpgsql SET search_path = loyalty, pg_catalog, pg_temp SET enable_bitma
 DECLARE
     v_lots bigint[];
     v_deferred bigint[];
-    v_write bigint[];
+    v_wrote bigint[];
     v_written_by_other bigint[];
-    v_vested bigint := 0;
-    v_vested_points bigint := 0;
+    v_vested bigint;
+    v_vested_points bigint;
     v_n bigint;
     v_pts bigint;
 BEGIN
@@ -238,26 +238,18 @@ BEGIN
     END IF;
     -- Every account of the batch locked at once, in id order, as postings
     -- lock them (locking the deferred ones first, then the others, could
-    -- deadlock with a statement holding one of the others), as
-    -- _lock_accounts_of_lots does; then their deferred lines and lots are
-    -- written, those due by as_of already vested (_materialize): one
-    -- version of each lot, not two.
-    SELECT array_agg(x.id) FILTER (WHERE x.deferred),
-           array_agg(x.id) FILTER (WHERE NOT x.deferred AND x.id = ANY (v_deferred))
-      INTO v_write, v_written_by_other
-      FROM (SELECT a.id, a.deferred_day IS NOT NULL AS deferred FROM loyalty.account a
-            WHERE a.id = ANY (coalesce(v_deferred, '{}')
-                              || ARRAY(SELECT l.account_id FROM unnest(v_lots) AS x(id) JOIN loyalty.lot l ON l.id = x.id))
-            ORDER BY a.id FOR UPDATE) x;
-    IF v_write IS NOT NULL THEN
-        SELECT m.vested, m.vested_points INTO v_vested, v_vested_points FROM loyalty._materialize(v_write, as_of) m;
-    END IF;
+    -- deadlock with a statement holding one of the others), which writes
+    -- their deferred lines and lots, those due by as_of already vested
+    -- (_materialize): one version of each lot, not two.
+    SELECT k.written_for, k.vested, k.vested_points INTO v_wrote, v_vested, v_vested_points
+    FROM loyalty._lock_accounts_of_lots(v_lots, v_deferred, as_of) k;
     -- An account chosen for its deferred purchases whose lines another
     -- transaction wrote while this one waited for its lock: their lots are
     -- pending, written after the batch chose its lots, and vest with them.
     -- (The other accounts' lots written pending before come with the
     -- pending lots above, in this batch or a later one.)
-    IF v_written_by_other IS NOT NULL THEN
+    v_written_by_other := ARRAY(SELECT unnest(v_deferred) EXCEPT SELECT unnest(v_wrote));
+    IF cardinality(v_written_by_other) > 0 THEN
         v_lots := ARRAY(SELECT x.id FROM unnest(v_lots) AS x(id)
                         UNION
                         SELECT l.id FROM loyalty.lot l
@@ -456,14 +448,18 @@ COMMENT ON FUNCTION loyalty._expired_before(bigint[]) IS 'Internal: the lots amo
 -- A job batch's accounts: those owning its lots and p_accounts, locked in
 -- one statement, in id order (locking one set, then another, could
 -- deadlock with a statement holding one of the second), which writes
--- their deferred journal lines and lots.
-CREATE FUNCTION loyalty._lock_accounts_of_lots(p_lots bigint[], p_accounts bigint[] DEFAULT '{}') RETURNS void
+-- their deferred journal lines and lots (p_vest_by and what it returns: as
+-- _lock_accounts's).
+CREATE FUNCTION loyalty._lock_accounts_of_lots(p_lots bigint[], p_accounts bigint[] DEFAULT '{}',
+                                               p_vest_by timestamptz DEFAULT NULL,
+                                               OUT written_for bigint[], OUT vested bigint, OUT vested_points bigint)
 LANGUAGE sql SET search_path = loyalty, pg_catalog, pg_temp AS $$
-    SELECT loyalty._lock_accounts(coalesce(p_accounts, '{}')
-                                  || ARRAY(SELECT l.account_id
-                                           FROM unnest(p_lots) AS x(id) JOIN loyalty.lot l ON l.id = x.id))
+    SELECT * FROM loyalty._lock_accounts(coalesce(p_accounts, '{}')
+                                         || ARRAY(SELECT l.account_id
+                                                  FROM unnest(p_lots) AS x(id) JOIN loyalty.lot l ON l.id = x.id),
+                                         p_vest_by)
 $$;
-COMMENT ON FUNCTION loyalty._lock_accounts_of_lots(bigint[], bigint[]) IS 'Internal: locks the member accounts owning the given lots and the accounts given, in account-id order, and writes their deferred journal lines';
+COMMENT ON FUNCTION loyalty._lock_accounts_of_lots(bigint[], bigint[], timestamptz) IS 'Internal: locks the member accounts owning the given lots and the accounts given, in account-id order, and writes their deferred journal lines (those vesting by p_vest_by vested); returns the accounts it wrote them for and how many lots it vested';
 
 -- One expiry transfer through the posting routine (C, LedgerPost).
 CREATE FUNCTION loyalty._post_expire(program_id bigint, account_id bigint, breakage_id bigint,
