@@ -47,6 +47,9 @@ VACUUM ANALYZE;
 SQL
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.6f %s %s", a / b, a, b }'; }
+x2() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+# PASS or FAIL for a / b against the budget "<= 3" or ">= 3", on the ratio itself, not its rounding
+verdict() { awk -v a="$1" -v b="$2" -v op="$3" 'BEGIN { r = a / b; print ((op == "<=" ? r <= 3 : r >= 3) ? "PASS" : "FAIL") }'; }
 # (the upper of the middle two for an even number of trials)
 median() { printf "%s\n" "$@" | sort -g | sed -n "$(( $# / 2 + 1 ))p"; }
 # the purchases and points the attached statement posted in database $1
@@ -78,8 +81,7 @@ for t in $(seq $((1 - warmup)) "$trials"); do
     [ "$got" = "$expect" ] || { echo "INSERT posted $got, COPY $expect" >&2; exit 1; }
     [ "$db" = "$main" ] || q -d postgres -c "DROP DATABASE $db"
 
-    line="COPY bare ${cb} s, attached ${ca} s, $(awk -v a="$ca" -v b="$cb" 'BEGIN { printf "%.2f", a / b }')x;"
-    line="$line INSERT bare ${b} s, attached ${a} s, $(awk -v a="$a" -v b="$b" 'BEGIN { printf "%.2f", a / b }')x"
+    line="COPY bare ${cb} s, attached ${ca} s, $(x2 "$ca" "$cb")x; INSERT bare ${b} s, attached ${a} s, $(x2 "$a" "$b")x"
     if [ "$t" -le 0 ]; then echo "warm-up (not counted): $line" >&2; continue; fi
     pairs+=("$(ratio "$a" "$b")"); copies+=("$(ratio "$ca" "$cb")")
     echo "trial $t: $line" >&2
@@ -175,13 +177,7 @@ BEGIN
 END $$;
 SQL
 
-r1=$(awk -v a="$acc" -v b="$bare" 'BEGIN { printf "%.2f", a / b }')
-r2=$(awk -v a="$plp" -v b="$acc" 'BEGIN { printf "%.2f", a / b }')
-# verdicts on the ratios themselves, not on their rounding
-v1=$(awk -v a="$acc" -v b="$bare" 'BEGIN { print (a / b <= 3) ? "PASS" : "FAIL" }')
-v2=$(awk -v a="$plp" -v b="$acc" 'BEGIN { print (a / b >= 3) ? "PASS" : "FAIL" }')
-echo "| accrual_bulk | INSERT ... SELECT of $n purchases, accrual attached vs bare (median of $trials trials) | ${acc} s | ${bare} s | ${r1} | <= 3 | $v1 |"
-echo "| accrual_bulk | COPY of the same $n purchases from a file, accrual attached vs bare (median of $trials trials) | ${cacc} s | ${cbare} s | $(awk -v a="$cacc" -v b="$cbare" 'BEGIN { printf "%.2f", a / b }') | <= 3 | $(awk -v a="$cacc" -v b="$cbare" 'BEGIN { print (a / b <= 3) ? "PASS" : "FAIL" }') |"
-echo "| accrual_bulk | same, PL/pgSQL row trigger vs accrual attached (speed-up) | ${acc} s | ${plp} s | ${r2} | >= 3 | $v2 |"
-r3=$(awk -v a="$vest" -v b="$bare" 'BEGIN { printf "%.2f", a / b }')
-echo "| accrual_bulk | vest job writing the attached insert's deferred lines and lots and vesting them, vs the bare insert | ${vest} s | ${bare} s | ${r3} | (informational) | INFO |"
+echo "| accrual_bulk | INSERT ... SELECT of $n purchases, accrual attached vs bare (median of $trials trials) | ${acc} s | ${bare} s | $(x2 "$acc" "$bare") | <= 3 | $(verdict "$acc" "$bare" "<=") |"
+echo "| accrual_bulk | COPY of the same $n purchases from a file, accrual attached vs bare (median of $trials trials) | ${cacc} s | ${cbare} s | $(x2 "$cacc" "$cbare") | <= 3 | $(verdict "$cacc" "$cbare" "<=") |"
+echo "| accrual_bulk | same, PL/pgSQL row trigger vs accrual attached (speed-up) | ${acc} s | ${plp} s | $(x2 "$plp" "$acc") | >= 3 | $(verdict "$plp" "$acc" ">=") |"
+echo "| accrual_bulk | vest job writing the attached insert's deferred lines and lots and vesting them, vs the bare insert | ${vest} s | ${bare} s | $(x2 "$vest" "$bare") | (informational) | INFO |"
