@@ -30,17 +30,24 @@ main=$PGDATABASE
 # COPY reads the purchases from a file in the server's data directory
 file="$(q -c 'SHOW data_directory')/accrual_bulk_src.copy"
 
-# Database $1 (created unless it is the bench's own) with program $2, its
-# members and rules, and the tables orders_bare and orders_acc (accrual
-# attached), empty; with src, the purchases, when $3 is "src".
+# Program $1 with the bench's members and rules.
+program_sql() {
+    cat <<SQL
+SELECT loyalty.create_program('$1', '$1', 'UTC');
+SELECT count(loyalty.enroll('$1', 'm' || i, occurred_at => '2025-01-01')) FROM generate_series(1, $m) i;
+SELECT loyalty.set_earning_rules('$1', '$rules', '2025-01-01', 'bench');
+SQL
+}
+
+# Database $1 (created unless it is the bench's own) with program $2, and
+# the tables orders_bare and orders_acc (accrual attached), empty; with src,
+# the purchases, when $3 is "src".
 setup_trial() {
     [ "$1" = "$main" ] || { q -d postgres -c "CREATE DATABASE $1" && q -d "$1" -c "CREATE EXTENSION loyalty"; } >/dev/null
     q -d "$1" >/dev/null <<SQL
-SELECT loyalty.create_program('$2', '$2', 'UTC');
-SELECT count(loyalty.enroll('$2', 'm' || i, occurred_at => '2025-01-01')) FROM generate_series(1, $m) i;
-SELECT loyalty.set_earning_rules('$2', '$rules', '2025-01-01', 'bench');
-$(bulk_src)
-$([ "$3" = src ] || echo "DROP TABLE src;")
+$(program_sql "$2")
+$([ "$3" != src ] || bulk_purchases)
+$(bulk_bare)
 CREATE TABLE orders_acc (LIKE orders_bare INCLUDING ALL);
 SELECT loyalty.attach_accrual('orders_acc', '$2', 'customer', 'total', 'id', 'placed_at', 'category');
 VACUUM ANALYZE;
@@ -57,7 +64,7 @@ posted() { q -d "$1" -c "SELECT count(*) || ' purchases, ' || sum(points) || ' p
 
 echo "set-up: $n purchases of $m members, $warmup warm-up and $trials timed trials" >&2
 # the file COPY reads, written once from the purchases INSERT reads
-q -c "$(bulk_src)" -c "COPY src TO '$file'" -c "DROP TABLE src, orders_bare" >/dev/null
+q -c "$(bulk_purchases)" -c "COPY src TO '$file'" -c "DROP TABLE src" >/dev/null
 pairs=(); copies=(); expect=
 for t in $(seq $((1 - warmup)) "$trials"); do
     # Each trial's databases are dropped before the next statement, but for
@@ -99,9 +106,7 @@ vest=$(timed "SELECT * FROM loyalty.run_job('vest', (SELECT max(vests_at) FROM l
 echo "vest job over the last trial's purchases: ${vest} s" >&2
 
 q >/dev/null <<SQL
-SELECT loyalty.create_program('plp', 'plp', 'UTC');
-SELECT count(loyalty.enroll('plp', 'm' || i, occurred_at => '2025-01-01')) FROM generate_series(1, $m) i;
-SELECT loyalty.set_earning_rules('plp', '$rules', '2025-01-01', 'bench');
+$(program_sql plp)
 CREATE TABLE orders_plp (LIKE orders_bare INCLUDING ALL);
 
 -- The same postings, row by row, in plain PL/pgSQL.

@@ -11,10 +11,10 @@ set -euo pipefail
 . "$(dirname "$0")/oltp.bash"
 . "$(dirname "$0")/cpu.bash"
 BENCH_SCALE=0.05 . "$(dirname "$0")/bulk.bash"     # n = 50,000 purchases
-m=10000         # bulk_src spreads them over oltp_setup's 10,000 members
+m=10000         # bulk_purchases spreads them over oltp_setup's 10,000 members
 cpu_cluster
 { echo "CREATE EXTENSION loyalty;"; oltp_setup "$m"
-  bulk_src | sed '/^CREATE TABLE orders_bare/,$d'
+  bulk_purchases
   echo "VACUUM ANALYZE;"; } | cpu_psql
 cpu_stop
 cpu_as_pg cp -a "$cpu_work/data" "$cpu_work/template"

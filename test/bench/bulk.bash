@@ -4,7 +4,8 @@
 #
 #   n, m        purchases and members at BENCH_SCALE (1,000,000 and 10,000)
 #   q           psql for the bench database
-#   bulk_src    SQL creating src (the purchases) and orders_bare (the bare table)
+#   bulk_src    SQL creating src (the purchases) and orders_bare (the bare table):
+#               bulk_purchases, then bulk_bare
 #   timed SQL   seconds the statement takes, after a checkpoint (and, the first
 #               time, 2 GB of WAL written untimed: see wal_warm)
 
@@ -12,7 +13,7 @@ n=$(awk -v s="$BENCH_SCALE" 'BEGIN { printf "%d", 1000000 * s }')
 m=$(awk -v s="$BENCH_SCALE" 'BEGIN { v = int(10000 * s); if (v < 100) v = 100; printf "%d", v }')
 q() { psql -X -q -v ON_ERROR_STOP=1 -At "$@"; }
 
-bulk_src() {
+bulk_purchases() {
     cat <<SQL
 CREATE TABLE src AS
 SELECT 'o' || i AS id, 'm' || (i % $m + 1) AS customer,
@@ -20,10 +21,15 @@ SELECT 'o' || i AS id, 'm' || (i % $m + 1) AS customer,
        timestamptz '2025-03-01' + (i % 100000) * interval '1 minute' AS placed_at,
        (ARRAY['books', 'food', 'electronics', 'toys', 'gift_card'])[i % 5 + 1] AS category
 FROM generate_series(1, $n) i;
+SQL
+}
+bulk_bare() {
+    cat <<SQL
 CREATE TABLE orders_bare (id text PRIMARY KEY, customer text, total numeric(12,2),
                           placed_at timestamptz, category text);
 SQL
 }
+bulk_src() { bulk_purchases; bulk_bare; }
 
 # A fresh cluster has no WAL segment to recycle: the first statement that
 # writes a lot of WAL creates and fills new segment files as it goes, which
